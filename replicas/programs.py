@@ -1,0 +1,88 @@
+"""Prefill and decode passes composed into preemptible programs.
+
+A prefill program covers a batch of prompts: it packs them into passes of at most
+``chunk_tokens`` tokens (long prompts are split across passes, attending to the KV their earlier
+chunks wrote) and yields at every operator boundary of every pass. No scheduling decision is
+taken at chunk boundaries: the program is one unit for the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from replicas.kv_cache import PagedKVCache
+from replicas.model.batch import Segment, build_forward_batch
+from replicas.model.decoder import Boundary, DecoderModel
+
+DEFAULT_CHUNK_TOKENS = 8192
+
+Program = Generator[Boundary, None, dict[int, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    """Compute KV for ``token_ids[start:end]`` of sequence ``seq_id`` (``end`` defaults to all)."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    start: int = 0
+    end: int | None = None
+    want_logits: bool = True
+
+    @property
+    def stop(self) -> int:
+        """The position this item prefills up to."""
+        return len(self.token_ids) if self.end is None else self.end
+
+
+def plan_passes(items: Sequence[PrefillItem], chunk_tokens: int) -> Iterator[list[Segment]]:
+    """Split items into passes of at most ``chunk_tokens`` tokens, in order."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    current: list[Segment] = []
+    budget = chunk_tokens
+    for item in items:
+        if not 0 <= item.start < item.stop <= len(item.token_ids):
+            raise ValueError(
+                f"sequence {item.seq_id}: bad prefill range [{item.start}, {item.stop}) "
+                f"of {len(item.token_ids)} tokens"
+            )
+        pos = item.start
+        while pos < item.stop:
+            take = min(item.stop - pos, budget)
+            last = pos + take == item.stop
+            current.append(Segment(item.seq_id, item.token_ids[pos : pos + take], pos, last and item.want_logits))
+            pos += take
+            budget -= take
+            if budget == 0:
+                yield current
+                current, budget = [], chunk_tokens
+    if current:
+        yield current
+
+
+def prefill_program(
+    model: DecoderModel, kv: PagedKVCache, items: Sequence[PrefillItem], chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> Program:
+    """Prefill ``items``; returns the last-token logits of each item that wants them, by seq id.
+
+    KV capacity for every item's range must be allocated before the program starts.
+    """
+    logits: dict[int, torch.Tensor] = {}
+    for segments in plan_passes(items, chunk_tokens):
+        batch = build_forward_batch(segments, kv.allocator, model.device, model.config.sliding_window)
+        out = yield from model.forward(batch, kv)
+        for row, seq_id in enumerate(batch.logit_seq_ids):
+            logits[seq_id] = out[row]
+    return logits
+
+
+def decode_program(model: DecoderModel, kv: PagedKVCache, steps: Sequence[tuple[int, int, int]]) -> Program:
+    """One decode step for ``(seq_id, token_id, position)`` triples; returns next-token logits."""
+    segments = [Segment(seq_id, (token,), pos, True) for seq_id, token, pos in steps]
+    batch = build_forward_batch(segments, kv.allocator, model.device, model.config.sliding_window)
+    out = yield from model.forward(batch, kv)
+    return {seq_id: out[row] for row, seq_id in enumerate(batch.logit_seq_ids)}

@@ -1,0 +1,128 @@
+"""Operator-level preemption is exact: suspend anywhere, run other work, resume, same bits."""
+
+import pytest
+import torch
+
+from replicas.executor import Granularity, PreemptibleExecutor
+from replicas.kv_cache import PagedKVCache
+from replicas.model.decoder import DecoderModel
+from replicas.model.tiny import build_tiny_checkpoint
+from replicas.programs import PrefillItem, decode_program, prefill_program
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> DecoderModel:
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3, num_layers=3)
+    return DecoderModel.load(path)
+
+
+def _prompt(seed: int, n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def _kv_of(kv: PagedKVCache, seq_id: int, n: int) -> list[torch.Tensor]:
+    slots = kv.allocator.slots(seq_id, 0, n)
+    return [torch.cat(kv.gather(layer, slots)) for layer in range(kv.spec.num_layers)]
+
+
+def _fresh_kv(model: DecoderModel) -> PagedKVCache:
+    return PagedKVCache(model.kv_spec(block_size=8), num_blocks=256)
+
+
+def _reference(model: DecoderModel, items: list[PrefillItem], chunk: int):
+    kv = _fresh_kv(model)
+    for it in items:
+        kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
+    logits = PreemptibleExecutor("none").run_to_completion(prefill_program(model, kv, items, chunk))
+    return logits, {it.seq_id: _kv_of(kv, it.seq_id, len(it.token_ids)) for it in items}
+
+
+def _count_points(model: DecoderModel, items: list[PrefillItem], chunk: int, granularity: str) -> int:
+    kv = _fresh_kv(model)
+    for it in items:
+        kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
+    ex = PreemptibleExecutor(granularity)
+    task = ex.start(prefill_program(model, kv, items, chunk))
+    ex.run(task)
+    return task.points_passed
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block", "op"])
+def test_suspend_at_every_point_then_resume_is_bitwise_exact(model, granularity):
+    vocab = model.config.vocab_size
+    # Two prompts in one batch, the long one split into chunks, so points fall in every pass.
+    items = [PrefillItem(1, _prompt(1, 45, vocab)), PrefillItem(2, _prompt(2, 13, vocab))]
+    chunk = 24
+    ref_logits, ref_kv = _reference(model, items, chunk)
+    points = _count_points(model, items, chunk, granularity)
+    # 3 passes (24 + 24 + 10 tokens) of 3 layers; `op` also stops after each pass's embedding.
+    per_pass = {"layer": 3, "block": 2 * 3, "op": 1 + 5 * 3}[granularity]
+    assert points == 3 * per_pass
+    for stop_at in range(1, points + 1):
+        kv = _fresh_kv(model)
+        for it in items:
+            kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
+        ex = PreemptibleExecutor(granularity)
+        task = ex.start(prefill_program(model, kv, items, chunk))
+        suspended = ex.run(task, should_stop=lambda: task.points_passed >= stop_at) is False
+        assert suspended or stop_at == points
+        # Something else in between: another prefill and a decode step on the same cache.
+        other = PrefillItem(9, _prompt(9, 30, vocab))
+        kv.allocator.ensure_capacity(9, 31)
+        ex.run_to_completion(prefill_program(model, kv, [other], 16))
+        ex.run_to_completion(decode_program(model, kv, [(9, 5, 30)]))
+        assert ex.run(task) is True
+        for seq_id in (1, 2):
+            assert torch.equal(task.result[seq_id], ref_logits[seq_id]), f"logits differ after stop {stop_at}"
+            n = len(items[seq_id - 1].token_ids)
+            for layer, ref in enumerate(ref_kv[seq_id]):
+                assert torch.equal(_kv_of(kv, seq_id, n)[layer], ref), f"KV layer {layer} differs"
+
+
+def test_interleaving_two_prefills_and_a_decode_matches_running_each_alone(model):
+    vocab = model.config.vocab_size
+    a = [PrefillItem(1, _prompt(11, 37, vocab)), PrefillItem(2, _prompt(12, 5, vocab))]
+    b = [PrefillItem(3, _prompt(13, 52, vocab))]
+    ctx = PrefillItem(4, _prompt(14, 20, vocab))
+
+    def setup() -> PagedKVCache:
+        kv = _fresh_kv(model)
+        for it in [*a, *b, ctx]:
+            kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids) + 1)
+        PreemptibleExecutor("none").run_to_completion(prefill_program(model, kv, [ctx]))
+        return kv
+
+    kv = setup()
+    ex = PreemptibleExecutor("none")
+    alone = {
+        "a": ex.run_to_completion(prefill_program(model, kv, a, 16)),
+        "b": ex.run_to_completion(prefill_program(model, kv, b, 64)),
+        "d": ex.run_to_completion(decode_program(model, kv, [(4, 7, 20)])),
+    }
+    kv = setup()
+    ex = PreemptibleExecutor(Granularity.OP)
+    tasks = {
+        "a": ex.start(prefill_program(model, kv, a, 16)),
+        "b": ex.start(prefill_program(model, kv, b, 64)),
+        "d": ex.start(decode_program(model, kv, [(4, 7, 20)])),
+    }
+    pending = list(tasks)
+    while pending:  # one operator of each in turn
+        for name in list(pending):
+            task = tasks[name]
+            if ex.run(task, should_stop=lambda: True):
+                pending.remove(name)
+    for name, task in tasks.items():
+        assert task.suspensions > 0
+        for seq_id, logits in alone[name].items():
+            assert torch.equal(task.result[seq_id], logits), f"{name} differs when interleaved"
+
+
+def test_granularity_none_never_stops(model):
+    kv = _fresh_kv(model)
+    kv.allocator.ensure_capacity(1, 40)
+    ex = PreemptibleExecutor("none")
+    task = ex.start(prefill_program(model, kv, [PrefillItem(1, _prompt(3, 40, model.config.vocab_size))]))
+    assert ex.run(task, should_stop=lambda: True) is True
+    assert task.points_passed == 0 and task.suspensions == 0
