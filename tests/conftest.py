@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: tiny seeded checkpoints and the SmolLM2 default model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicas.model.tiny import build_tiny_checkpoint
+
+TinyFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyFactory:
+    """``factory(arch="llama", **kwargs) -> Path``: a tiny checkpoint, built once per argument set.
+
+    The returned directories are shared across the session: treat them as read-only.
+    """
+    built: dict[tuple[str, tuple[tuple[str, Any], ...]], Path] = {}
+
+    def factory(arch: str = "llama", **kwargs: Any) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **kwargs)
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory (about a minute the first time, then cached).
+
+    Uses ``$FLOWPREFILL_CACHE`` (default ``~/.cache/flowprefill``). Tests using it should be ``slow``.
+    """
+    from replicas.model.default_model import prepare_default_model
+
+    return prepare_default_model()
