@@ -65,7 +65,7 @@ def test_suspend_at_every_point_then_resume_is_bitwise_exact(model, granularity)
             kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
         ex = PreemptibleExecutor(granularity)
         task = ex.start(prefill_program(model, kv, items, chunk))
-        suspended = ex.run(task, should_stop=lambda: task.points_passed >= stop_at) is False
+        suspended = ex.run(task, should_stop=lambda t=task, k=stop_at: t.points_passed >= k) is False
         assert suspended or stop_at == points
         # Something else in between: another prefill and a decode step on the same cache.
         other = PrefillItem(9, _prompt(9, 30, vocab))
