@@ -1,0 +1,226 @@
+"""Sampling parameters, their validation, and batched next-token sampling.
+
+``sample_next_tokens`` picks one token per row of a ``[B, V]`` logits batch. A row's result depends
+only on its own logits, parameters and generator, never on the other rows of the batch: the
+decision whether to sort a row (for top-k / top-p) is taken from that row's parameters alone, and
+each seeded row draws from its own ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from replicas.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**63 - 1
+# Temperatures below this are treated as greedy: dividing logits by them overflows float32.
+MIN_TEMPERATURE = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _normalise_stop(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, list | tuple):
+        raise InvalidRequestError("stop", f"stop must be a string or a list of strings, got {_type_name(value)}")
+    if len(value) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("stop", f"stop allows at most {MAX_STOP_STRINGS} strings, got {len(value)}")
+    for i, s in enumerate(value):
+        if not isinstance(s, str) or not s:
+            raise InvalidRequestError("stop", f"stop[{i}] must be a non-empty string, got {s!r}")
+    return tuple(value)
+
+
+def _normalise_stop_token_ids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple):
+        raise InvalidRequestError(
+            "stop_token_ids", f"stop_token_ids must be a list of integers, got {_type_name(value)}"
+        )
+    for i, t in enumerate(value):
+        if not _is_int(t) or t < 0:
+            raise InvalidRequestError(
+                "stop_token_ids", f"stop_token_ids[{i}] must be a non-negative integer, got {t!r}"
+            )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request and when to stop.
+
+    ``temperature`` 0 means greedy; ``top_k`` 0 or -1 disables top-k (stored as 0); ``stop`` also
+    accepts a single string or a list and is stored as a tuple. Invalid values raise
+    :class:`InvalidRequestError` naming the field.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequestError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        t = self.temperature
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise InvalidRequestError("temperature", f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if not _is_number(p) or not math.isfinite(p) or not 0 < p <= 1:
+            raise InvalidRequestError("top_p", f"top_p must be in (0, 1], got {p!r}")
+        k = self.top_k
+        if not _is_int(k) or k < -1:
+            raise InvalidRequestError("top_k", f"top_k must be -1, 0 (disabled) or an integer >= 1, got {k!r}")
+        s = self.seed
+        if s is not None and (not _is_int(s) or not 0 <= s <= MAX_SEED):
+            raise InvalidRequestError("seed", f"seed must be an integer in [0, 2**63 - 1] or null, got {s!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_p", float(p))
+        object.__setattr__(self, "top_k", max(k, 0))
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> SamplingParams:
+        """Build from a request body; unknown keys are rejected, ``None`` values mean "use the default"."""
+        if not isinstance(data, Mapping):
+            raise InvalidRequestError("sampling_params", f"sampling_params must be an object, got {_type_name(data)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(key) for key in data if key not in known)
+        if unknown:
+            names = ", ".join(repr(key) for key in unknown)
+            raise InvalidRequestError(unknown[0], f"unknown sampling parameter(s): {names}")
+        return cls(**{key: value for key, value in data.items() if value is not None})
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the argmax token is always chosen (temperature ~0 or top_k == 1)."""
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def needs_filter(self) -> bool:
+        """True when sampling must restrict the vocabulary (top-k or top-p active)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+class RequestSampler:
+    """Per-request sampling state: the parameters and the request's random generator.
+
+    A seeded request gets a ``torch.Generator`` on ``device`` seeded with ``params.seed``, so the
+    same seed and logits always give the same tokens. An unseeded request has ``generator`` None
+    and draws from torch's default generator (which lets unseeded rows be sampled in one call).
+    """
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Sample one token from a ``[V]`` logits vector."""
+        return int(sample_next_tokens(logits.unsqueeze(0), [self.params], [self.generator])[0])
+
+
+def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One sample per row of non-negative ``probs`` [n, V]; returns int64 [n]."""
+    out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        idx = torch.tensor(unseeded, device=probs.device)
+        out[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:
+        picks = []
+        for i in seeded:
+            g = generators[i]
+            assert g is not None
+            row = probs[i] if g.device == probs.device else probs[i].to(g.device)
+            picks.append(torch.multinomial(row, 1, generator=g).to(probs.device))
+        out[torch.tensor(seeded, device=probs.device)] = torch.cat(picks)
+    # Guard: never return a zero-probability token (fall back to the most likely one).
+    chosen = probs.gather(1, out.unsqueeze(1)).squeeze(1)
+    return torch.where(chosen > 0, out, probs.argmax(dim=1))
+
+
+def _filtered_draw(
+    scaled: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Top-k then top-p on temperature-scaled logits [n, V], sampled in sorted order."""
+    n, vocab = scaled.shape
+    device = scaled.device
+    values, order = scaled.sort(dim=1, descending=True, stable=True)
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    if bool((ks < vocab).any()):
+        positions = torch.arange(vocab, device=device)
+        values.masked_fill_(positions.unsqueeze(0) >= ks.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(values, dim=1)
+    # Nucleus: keep position j iff the mass strictly before it is < top_p (position 0 always kept).
+    # Rows with top_p == 1 get a threshold no cumulative sum reaches, so rounding never drops tokens.
+    thresholds = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], device=device)
+    if bool((thresholds < 1.0).any()) and vocab > 1:
+        before = probs.cumsum(dim=1)[:, :-1]
+        drop = before >= thresholds.unsqueeze(1)
+        probs[:, 1:].masked_fill_(drop, 0.0)
+    picks = _draw(probs, generators)
+    return order.gather(1, picks.unsqueeze(1)).squeeze(1)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Pick the next token for each row of ``logits`` [B, V]; returns int64 [B] on the logits' device.
+
+    Greedy rows take the argmax (lowest index on ties). Other rows are scaled by their temperature
+    (in float32), restricted by top-k and then top-p (the smallest set of most likely tokens whose
+    probability reaches ``top_p``; the top token is always kept), and sampled with the row's
+    generator (``None``: torch's default generator).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    batch = logits.shape[0]
+    if len(params) != batch or len(generators) != batch:
+        raise ValueError(f"got {batch} logits rows, {len(params)} params and {len(generators)} generators")
+    device = logits.device
+    out = torch.empty(batch, dtype=torch.int64, device=device)
+    groups: dict[str, list[int]] = {"greedy": [], "plain": [], "filtered": []}
+    for i, p in enumerate(params):
+        groups["greedy" if p.is_greedy else "filtered" if p.needs_filter else "plain"].append(i)
+    for kind, rows in groups.items():
+        if not rows:
+            continue
+        idx = torch.tensor(rows, device=device)
+        if kind == "greedy":
+            out[idx] = logits[idx].argmax(dim=1)
+            continue
+        temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
+        scaled = logits[idx].float().div_(temps.unsqueeze(1))
+        row_params = [params[i] for i in rows]
+        row_gens = [generators[i] for i in rows]
+        if kind == "plain":
+            out[idx] = _draw(torch.softmax(scaled, dim=1), row_gens)
+        else:
+            out[idx] = _filtered_draw(scaled, row_params, row_gens)
+    return out
