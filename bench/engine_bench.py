@@ -1,0 +1,278 @@
+"""Engine benchmark: prefill throughput, cost of preemption points, preemption latency.
+
+``flowprefill bench engine [--quick] [--json FILE]``
+
+- ``prefill_tokens_per_s``: one prompt per length, our engine (granularity ``none`` and
+  ``block``) and ``transformers`` on the same checkpoint, dtype and threads, measured
+  interleaved and reported as the best of the repeats; ``speedup_vs_transformers`` is the ratio.
+- ``checkpoint_overhead``: ``1 - throughput(block) / throughput(none)`` per length.
+- ``preempt_latency_ms``: a background thread asks for a preemption at random moments while a
+  long prefill runs; the latency is the time from the request to the executor returning (free
+  for other work). The program is resumed at once and asked again, so one run yields many
+  samples. Chunked execution (separate programs of C tokens, checked between chunks) is
+  measured the same way for C in 256, 512 and 2048.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from replicas.executor import Granularity, PreemptibleExecutor
+from replicas.kv_cache import PagedKVCache
+from replicas.model.decoder import DecoderModel
+from replicas.programs import PrefillItem, prefill_program
+
+
+@dataclass
+class EngineBenchConfig:
+    """What to measure; ``quick`` picks smaller sizes that finish in about a minute."""
+
+    quick: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    lengths: list[int] = field(default_factory=list)
+    repeats: int = 0
+    latency_tokens: int = 0
+    latency_runs: int = 0
+    chunk_sizes: tuple[int, ...] = (256, 512, 2048)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            self.lengths = [256, 512, 1024] if self.quick else [512, 2048, 8192]
+        self.repeats = self.repeats or (2 if self.quick else 3)
+        self.latency_tokens = self.latency_tokens or (1024 if self.quick else 4096)
+        self.latency_runs = self.latency_runs or (1 if self.quick else 2)
+
+
+class _Prefiller:
+    """Our engine reduced to what the benchmark needs: prefill one prompt, free its KV."""
+
+    def __init__(self, model: DecoderModel, max_tokens: int) -> None:
+        self.model = model
+        spec = model.kv_spec()
+        self.kv = PagedKVCache(spec, -(-max_tokens // spec.block_size) + 1, model.device)
+
+    def program(self, ids: list[int], start: int = 0, end: int | None = None, chunk: int = 8192) -> Any:  # noqa: ANN401
+        self.kv.allocator.ensure_capacity(0, len(ids))
+        return prefill_program(self.model, self.kv, [PrefillItem(0, ids, start, end)], chunk)
+
+    def reset(self) -> None:
+        self.kv.allocator.free(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchConfig,
+                       bar: tqdm) -> dict[str, Any]:
+    """Tokens per second per length for ours (none, block) and transformers, interleaved."""
+    import transformers  # slow import; only the benchmark needs it
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=model.dtype, attn_implementation="sdpa"
+    ).to(model.device).eval()
+    prefiller = _Prefiller(model, max(cfg.lengths))
+    rng = random.Random(cfg.seed)
+    executors = {g: PreemptibleExecutor(g, device=model.device) for g in ("none", "block")}
+    result: dict[str, Any] = {"lengths": cfg.lengths, "ours_none": {}, "ours_block": {}, "transformers": {}}
+    with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel setup
+        hf(torch.tensor([[1] * 64], device=model.device), logits_to_keep=1)
+    executors["none"].run_to_completion(prefiller.program([1] * 64))
+    prefiller.reset()
+    for n in cfg.lengths:
+        ids = [rng.randrange(model.config.vocab_size) for _ in range(n)]
+        tensor = torch.tensor([ids], device=model.device)
+        best = {"ours_none": float("inf"), "ours_block": float("inf"), "transformers": float("inf")}
+
+        def ours(g: str, ids: list[int] = ids) -> None:
+            executors[g].run_to_completion(prefiller.program(ids))
+            prefiller.reset()
+
+        def reference(tensor: torch.Tensor = tensor) -> None:
+            with torch.inference_mode():
+                hf(tensor, logits_to_keep=1, use_cache=True)
+
+        for _ in range(cfg.repeats):
+            best["ours_none"] = min(best["ours_none"], _time(lambda: ours("none"), model.device))
+            best["ours_block"] = min(best["ours_block"], _time(lambda: ours("block"), model.device))
+            best["transformers"] = min(best["transformers"], _time(reference, model.device))
+            bar.update(1)
+        for key, seconds in best.items():
+            result[key][str(n)] = n / seconds
+    return result
+
+
+class _PreemptionProbe:
+    """A thread that asks for a preemption at random moments and timestamps each request."""
+
+    def __init__(self, mean_gap_s: float, seed: int) -> None:
+        self.mean_gap_s = mean_gap_s
+        self.rng = random.Random(seed)
+        self.flag = threading.Event()
+        self.armed = threading.Event()
+        self.stopped = threading.Event()
+        self.requested_at = 0.0
+        self.samples: list[float] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stopped.is_set():
+            self.armed.wait()
+            self.armed.clear()
+            if self.stopped.wait(self.rng.uniform(0, 2 * self.mean_gap_s)):
+                return
+            self.requested_at = time.perf_counter()
+            self.flag.set()
+
+    def __enter__(self) -> _PreemptionProbe:
+        self.thread.start()
+        self.armed.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.armed.set()
+        self.thread.join(timeout=10)
+
+    def should_stop(self) -> bool:
+        return self.flag.is_set()
+
+    def record_and_rearm(self) -> None:
+        """Called when the executor returned after a request: log the latency, ask again later."""
+        self.samples.append(time.perf_counter() - self.requested_at)
+        self.flag.clear()
+        self.armed.set()
+
+
+def _latency_stats(samples_s: list[float]) -> dict[str, float | int]:
+    ms = np.array(samples_s) * 1000 if samples_s else np.array([float("nan")])
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+            "samples": len(samples_s)}
+
+
+def _timeline_latencies(points: list[float], begin: float, end: float, draws: int, seed: int) -> list[float]:
+    """Latency a request arriving uniformly in ``[begin, end)`` sees: time to the next point."""
+    marks = np.array(sorted([*points, end]))
+    t = np.random.default_rng(seed).uniform(begin, end, draws)
+    nxt = marks[np.searchsorted(marks, t, side="left")]
+    return list(nxt - t)
+
+
+def measure_preemption(model: DecoderModel, cfg: EngineBenchConfig, bar: tqdm) -> dict[str, Any]:
+    """Preemption latency per granularity and for chunked execution (milliseconds).
+
+    Each run both serves real preemption requests from a probe thread (``measured``: request
+    to executor-free, resumed at once) and records the time of every preemption point; the
+    headline p50/p99/max come from 2000 request times drawn uniformly over the run against that
+    measured timeline (enough samples for a p99), and ``measured`` validates them.
+    """
+    n = cfg.latency_tokens
+    prefiller = _Prefiller(model, n)
+    ids = [random.Random(cfg.seed + 1).randrange(model.config.vocab_size) for _ in range(n)]
+    PreemptibleExecutor("none").run_to_completion(prefiller.program(ids[:64]))  # warm-up
+    prefiller.reset()
+    whole = _time(lambda: (PreemptibleExecutor("none").run_to_completion(prefiller.program(ids)),
+                           prefiller.reset()), model.device)
+    out: dict[str, Any] = {"prompt_tokens": n, "uninterrupted_s": whole,
+                           "method": "timeline of measured preemption points, 2000 uniform request times"}
+    configs: list[tuple[str, str, int]] = [(g.value, g.value, n) for g in Granularity]
+    configs += [(f"chunked-{c}", "none", c) for c in cfg.chunk_sizes]
+    for index, (name, granularity, chunk) in enumerate(configs):
+        executor = PreemptibleExecutor(granularity, device=model.device)
+        measured: list[float] = []
+        timeline: list[float] = []
+        for run in range(cfg.latency_runs):
+            points: list[float] = []
+            gap = whole / max(min(-(-n // chunk), 40) if granularity == "none" else 40, 2)
+            with _PreemptionProbe(gap, seed=cfg.seed + 97 * index + run) as probe:
+
+                def check(points: list[float] = points, probe: _PreemptionProbe = probe) -> bool:
+                    points.append(time.perf_counter())
+                    return probe.should_stop()
+
+                begin = time.perf_counter()
+                for start in range(0, n, chunk):
+                    task = executor.start(prefiller.program(ids, start, min(start + chunk, n), chunk))
+                    while not executor.run(task, check):
+                        probe.record_and_rearm()
+                    if start + chunk < n and check():  # a chunk boundary is a preemption point
+                        probe.record_and_rearm()
+                end = time.perf_counter()
+                if probe.should_stop():  # asked during the last stretch: served at completion
+                    probe.record_and_rearm()
+                measured += probe.samples
+            timeline += _timeline_latencies(points, begin, end, 2000 // cfg.latency_runs, cfg.seed + run)
+            prefiller.reset()
+            bar.update(1)
+        out[name] = {**_latency_stats(timeline), "measured": _latency_stats(measured)}
+    return out
+
+
+def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
+    """Run every measurement, print a table, return the JSON report."""
+    torch.manual_seed(cfg.seed)
+    model = DecoderModel.load(model_dir, dtype=cfg.dtype, device=cfg.device)
+    steps = len(cfg.lengths) * cfg.repeats + (len(Granularity) + len(cfg.chunk_sizes)) * cfg.latency_runs
+    with tqdm(total=steps, desc="bench engine", unit="run") as bar:
+        throughput = measure_throughput(model, model_dir, cfg, bar)
+        latency = measure_preemption(model, cfg, bar)
+    lengths = [str(n) for n in cfg.lengths]
+    report = {
+        "model": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
+        "threads": torch.get_num_threads(), "config": asdict(cfg),
+        "prefill_tokens_per_s": {
+            "ours": throughput["ours_none"], "ours_block": throughput["ours_block"],
+            "transformers": throughput["transformers"],
+        },
+        "speedup_vs_transformers": {
+            n: throughput["ours_block"][n] / throughput["transformers"][n] for n in lengths
+        },
+        "checkpoint_overhead": {
+            n: 1 - throughput["ours_block"][n] / throughput["ours_none"][n] for n in lengths
+        },
+        "preempt_latency_ms": latency,
+    }
+    print_report(report)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The human-readable table."""
+    tput = report["prefill_tokens_per_s"]
+    print(f"\nprefill throughput ({report['model']}, {report['dtype']}, {report['device']}, "
+          f"{report['threads']} threads)")
+    print(f"{'tokens':>8} {'ours tok/s':>11} {'ours block':>11} {'transformers':>13} {'speedup':>8} {'ckpt ovh':>9}")
+    for n in tput["ours"]:
+        print(f"{n:>8} {tput['ours'][n]:>11.1f} {tput['ours_block'][n]:>11.1f} {tput['transformers'][n]:>13.1f} "
+              f"{report['speedup_vs_transformers'][n]:>8.2f} {report['checkpoint_overhead'][n]:>9.3f}")
+    lat = report["preempt_latency_ms"]
+    print(f"\npreemption latency, {lat['prompt_tokens']}-token prefill "
+          f"(uninterrupted {lat['uninterrupted_s']:.2f} s)")
+    print(f"{'mode':>14} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'measured p50':>13} {'measured max':>13} "
+          f"{'requests':>8}")
+    for name, row in lat.items():
+        if isinstance(row, dict):
+            m = row["measured"]
+            print(f"{name:>14} {row['p50']:>9.1f} {row['p99']:>9.1f} {row['max']:>9.1f} "
+                  f"{m['p50']:>13.1f} {m['max']:>13.1f} {m['samples']:>8}")
