@@ -39,3 +39,18 @@ def default_model_dir() -> Path:
     from replicas.model.default_model import prepare_default_model
 
     return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Any:
+    """A private ``redis-server`` on 127.0.0.1 for the whole session (tests use unique namespaces).
+
+    Tests that stop, restart or password-protect a server start their own instead.
+    """
+    from cluster.redis_server import RedisServer
+
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
