@@ -1,0 +1,155 @@
+"""OpenAI response bodies and Server-Sent Events for completions and chat completions.
+
+Non-streaming bodies come from :func:`completion_body` / :func:`chat_body`. A stream is built with
+:class:`StreamEncoder`: ``start()`` (chat: the assistant-role chunk), ``delta(text)`` per piece of
+text, then ``finish(reason, usage)`` (the chunk carrying ``finish_reason``, the usage chunk when
+``stream_options.include_usage`` was set, and ``data: [DONE]``), or ``error(err)`` if the request
+fails midway: ``data: {"error": {...}}`` (the OpenAI error body) followed by ``data: [DONE]``.
+With ``include_usage``, every other chunk carries ``"usage": null`` as in the OpenAI API.
+The response ``id`` is the request's ``request_id`` (``cmpl-...`` / ``chatcmpl-...``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from router.api_errors import APIError
+from router.protocol import GenerateRequest
+
+FinishReason = Literal["stop", "length"]
+FINISH_REASONS = ("stop", "length")
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _check_reason(reason: str | None) -> None:
+    if reason is not None and reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {FINISH_REASONS} or None, got {reason!r}")
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """``{"prompt_tokens", "completion_tokens", "total_tokens"}``."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _envelope(req: GenerateRequest, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": req.request_id, "object": obj, "created": req.created, "model": req.model, "choices": choices}
+
+
+def completion_body(
+    req: GenerateRequest, text: str, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The ``text_completion`` body of a finished non-streaming completion."""
+    _check_reason(finish_reason)
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    body = _envelope(req, "text_completion", [choice])
+    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
+    return body
+
+
+def chat_body(
+    req: GenerateRequest, text: str, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The ``chat.completion`` body of a finished non-streaming chat completion."""
+    _check_reason(finish_reason)
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    body = _envelope(req, "chat.completion", [choice])
+    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
+    return body
+
+
+def response_body(
+    req: GenerateRequest, text: str, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """:func:`completion_body` or :func:`chat_body`, by the request's endpoint."""
+    build = chat_body if req.endpoint == "chat.completions" else completion_body
+    return build(req, text, finish_reason, prompt_tokens, completion_tokens)
+
+
+def completion_chunk(req: GenerateRequest, text: str, finish_reason: FinishReason | None = None) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk."""
+    _check_reason(finish_reason)
+    return _envelope(req, "text_completion", [
+        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    ])
+
+
+def chat_chunk(
+    req: GenerateRequest, content: str | None = None, finish_reason: FinishReason | None = None, *, role: bool = False
+) -> dict[str, Any]:
+    """One streamed ``chat.completion.chunk``; ``role`` adds ``"role": "assistant"`` to the delta."""
+    _check_reason(finish_reason)
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    return _envelope(req, "chat.completion.chunk", [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    ])
+
+
+def usage_chunk(req: GenerateRequest, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The final usage chunk of a stream (empty ``choices``) for ``stream_options.include_usage``."""
+    obj = "chat.completion.chunk" if req.endpoint == "chat.completions" else "text_completion"
+    body = _envelope(req, obj, [])
+    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
+    return body
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    """``data: <json>\\n\\n`` (compact JSON, UTF-8)."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + text.encode("utf-8", "replace") + b"\n\n"
+
+
+def sse_error(err: APIError) -> bytes:
+    """The events that end a stream that failed midway: the error body, then ``[DONE]``."""
+    return sse_event(err.to_body()) + SSE_DONE
+
+
+class StreamEncoder:
+    """Encodes one request's streamed output as SSE bytes (see the module docstring)."""
+
+    def __init__(self, req: GenerateRequest) -> None:
+        self.req = req
+        self.chat = req.endpoint == "chat.completions"
+        self.done = False
+
+    def _event(self, payload: dict[str, Any]) -> bytes:
+        if self.req.include_usage:
+            payload["usage"] = None
+        return sse_event(payload)
+
+    def start(self) -> bytes:
+        """The opening event: for chat the assistant-role chunk with empty content; else nothing."""
+        return self._event(chat_chunk(self.req, "", role=True)) if self.chat else b""
+
+    def delta(self, text: str) -> bytes:
+        """A chunk carrying ``text`` (nothing for empty text)."""
+        if not text:
+            return b""
+        chunk = chat_chunk(self.req, text) if self.chat else completion_chunk(self.req, text)
+        return self._event(chunk)
+
+    def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "") -> bytes:
+        """The closing events: the ``finish_reason`` chunk (with any last ``text``), usage, ``[DONE]``."""
+        if self.chat:
+            chunk = chat_chunk(self.req, text or None, finish_reason)
+        else:
+            chunk = completion_chunk(self.req, text, finish_reason)
+        out = self._event(chunk)
+        if self.req.include_usage:
+            out += sse_event(usage_chunk(self.req, prompt_tokens, completion_tokens))
+        self.done = True
+        return out + SSE_DONE
+
+    def error(self, err: APIError) -> bytes:
+        """The events for a stream that fails midway: the error body, then ``[DONE]``."""
+        self.done = True
+        return sse_error(err)
