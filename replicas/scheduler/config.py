@@ -1,0 +1,53 @@
+"""Scheduler settings (one frozen dataclass), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICY_NAMES = ("flowprefill", "chunked", "fcfs")
+GRANULARITIES = ("block", "op", "layer", "none")
+
+
+def _int_at_least(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"SchedulerConfig.{name}: expected an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Settings of the replica-local scheduler.
+
+    Defaults follow the paper's reference code: ``alpha = 0.1`` (SLO-aware batching keeps the
+    head a margin of ``alpha * ttft_slo``), short prompts are ``<= 2048`` tokens, a batch holds at
+    most 8192 prompt tokens. ``chunk_tokens`` (C) is the chunk size of the ``chunked`` baseline
+    (vLLM/Sarathi use 512). ``max_suspended_batches`` caps suspended work (memory held by
+    suspended programs); at the cap, new work does not preempt. ``admission_control`` rejects
+    sheddable requests that are predicted to miss their deadline at arrival. ``granularity``
+    (preemption points: ``block`` = two per layer, the paper's default, ``op``, ``layer``,
+    ``none``) is only carried for the engine.
+    """
+
+    policy: str = "flowprefill"
+    alpha: float = 0.1
+    short_threshold: int = 2048
+    batch_token_budget: int = 8192
+    chunk_tokens: int = 512
+    max_suspended_batches: int = 8
+    admission_control: bool = False
+    granularity: str = "block"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"SchedulerConfig.policy: unknown policy {self.policy!r}; expected one of {POLICY_NAMES}")
+        a = self.alpha
+        if not isinstance(a, int | float) or isinstance(a, bool) or not 0.0 <= a < 1.0:
+            raise ValueError(f"SchedulerConfig.alpha: expected a number in [0, 1), got {a!r}")
+        _int_at_least("short_threshold", self.short_threshold, 1)
+        _int_at_least("batch_token_budget", self.batch_token_budget, 1)
+        _int_at_least("chunk_tokens", self.chunk_tokens, 1)
+        _int_at_least("max_suspended_batches", self.max_suspended_batches, 0)
+        if not isinstance(self.admission_control, bool):
+            raise ValueError(f"SchedulerConfig.admission_control: expected a bool, got {self.admission_control!r}")
+        if self.granularity not in GRANULARITIES:
+            msg = f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}"
+            raise ValueError(f"SchedulerConfig.granularity: {msg}")

@@ -1,0 +1,263 @@
+"""The replica-local scheduler: request bookkeeping, batch ids, and event handling.
+
+Engine protocol (the simulator follows the same one):
+
+* ``on_arrival`` / ``on_prefill_complete`` / ``on_abort`` / ``on_finish`` each return a
+  :class:`~replicas.scheduler.events.Decision`; apply it (drop, preempt, run, in that order)
+  before delivering the next event. Scheduling passes run only inside these methods.
+* KV: the engine's :class:`~replicas.scheduler.view.MemoryView` (given at construction) is
+  queried live by every pass; the scheduler calls its ``release(ids)`` when a request's KV may
+  be freed (abort, finish, end of a program with aborted members), before re-planning.
+  The engine allocates KV itself when it starts a new program (the plan's ranges).
+* When the executor actually starts or resumes a planned program, call ``mark_started(plan, t)``;
+  when it actually stops one at an operator boundary, call ``mark_suspended(batch_id, t)``
+  (also usable to pause the running program, e.g. for decode steps; ``mark_started`` again to
+  continue it). ``executed_s`` accumulates from these marks only. ``mark_started`` closes any
+  other open interval, since one program runs at a time.
+
+Decisions take effect in the bookkeeping when they are made: the planned batch is the running
+one from then on, and a preempted batch is suspended. If another event arrives before the engine
+started a plan, the next decision supersedes it (a never-started new batch goes back to the queue).
+Times only move forward: a ``now`` earlier than the last one seen is treated as the last one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from replicas.scheduler.config import SchedulerConfig
+from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.events import IDLE, Abort, Arrival, BatchPlan, Decision, Event, Finish, PrefillComplete
+from replicas.scheduler.policies import SchedulingPolicy, make_policy
+from replicas.scheduler.queues import Queues
+from replicas.scheduler.request import Request, RequestState
+from replicas.scheduler.stats import admission_reject_reason, pass_summary, queue_stats
+from replicas.scheduler.view import MemoryView, SchedulerView, UnlimitedMemory
+
+S = RequestState
+
+
+class Scheduler:
+    """Event-driven scheduler of one replica; pure logic over events, timestamps and a cost model.
+
+    ``memory`` is the engine's live KV view (default: unlimited). ``perf_clock`` only measures
+    how long each scheduling pass takes (``pass_durations``); decisions never read a clock.
+    """
+
+    def __init__(
+        self,
+        cost_model: CostModel,
+        config: SchedulerConfig | None = None,
+        *,
+        memory: MemoryView | None = None,
+        policy: SchedulingPolicy | None = None,
+        perf_clock: Callable[[], float] = time.perf_counter,
+        max_pass_samples: int = 100_000,
+    ) -> None:
+        self.config = config if config is not None else SchedulerConfig()
+        self.cost_model = cost_model
+        self.memory: MemoryView = memory if memory is not None else UnlimitedMemory()
+        self.policy = policy if policy is not None else make_policy(self.config.policy, self.config)
+        self._perf_clock = perf_clock
+        self._requests: dict[str, Request] = {}  # live (not terminal)
+        self._q = Queues()
+        self._memory_blocked = False
+        self._last_now = -math.inf
+        self.scheduling_passes = 0
+        self.preemptions = 0
+        self.terminal_counts: Counter[str] = Counter()
+        self.pass_durations: deque[float] = deque(maxlen=max_pass_samples)
+
+    # ------------------------------------------------------------------ events
+    def handle(self, event: Event) -> Decision:
+        """Dispatch an event object to its ``on_*`` method (for simulators and queues)."""
+        match event:
+            case Arrival(request, now):
+                return self.on_arrival(request, now)
+            case PrefillComplete(batch_id, now):
+                return self.on_prefill_complete(batch_id, now)
+            case Abort(request_id, now):
+                return self.on_abort(request_id, now)
+            case Finish(request_id, now):
+                return self.on_finish(request_id, now)
+        raise TypeError(f"unknown event {event!r}")
+
+    def on_arrival(self, request: Request, now: float) -> Decision:
+        """Queue ``request`` (or reject it under admission control) and re-plan."""
+        now = self._tick(now)
+        rid = request.request_id
+        if rid in self._requests:
+            raise ValueError(f"request_id: {rid!r} is already queued")
+        if request.state is not S.WAITING:
+            raise ValueError(f"Request.state: a new request must be waiting, got {request.state}")
+        predicted = self.cost_model.predict(request.num_prompt_tokens)
+        if self.config.admission_control and request.sheddable:
+            reason = admission_reject_reason(self._view(now), request, predicted)
+            if reason is not None:
+                request.state, request.reject_reason, request.finish_s = S.REJECTED, reason, now
+                self.terminal_counts[S.REJECTED] += 1
+                return Decision(rejected=(rid,))
+        self._requests[rid] = self._q.waiting[rid] = request
+        self._q.predicted[rid] = predicted
+        return self._pass(now)
+
+    def on_prefill_complete(self, batch_id: int, now: float) -> Decision:
+        """The program of ``batch_id`` ended: members reaching the prompt end start decoding."""
+        now = self._tick(now)
+        batch = self._q.take(batch_id)
+        if batch is None:
+            if not 0 <= batch_id < self._q.next_batch_id:
+                raise KeyError(f"batch_id: {batch_id} was never planned")
+            return self._pass(now)  # dropped after an abort: nothing to record
+        done = self._q.complete(batch, now)
+        self._release(batch.zombies)
+        return replace(self._pass(now), prefilled=tuple(done), freed=tuple(batch.zombies))
+
+    def on_abort(self, request_id: str, now: float) -> Decision:
+        """Remove ``request_id`` in any state; unknown or already terminal ids are ignored."""
+        now = self._tick(now)
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return IDLE
+        prev = r.state
+        self._end(r, S.ABORTED, now)
+        batch, emptied = self._q.remove(r, prev)
+        freed: list[str] = [request_id]
+        dropped: tuple[int, ...] = ()
+        if batch is not None and emptied:
+            dropped, freed = (batch.batch_id,), [*batch.zombies, request_id]
+        elif batch is not None and batch.started:  # its program still writes this KV: free it when it ends
+            batch.zombies.append(request_id)
+            freed = []
+        self._release(freed)
+        return replace(self._pass(now), dropped=dropped, freed=tuple(freed))
+
+    def on_finish(self, request_id: str, now: float) -> Decision:
+        """Decoding of ``request_id`` ended; re-plans only if work waits for memory or the executor idles."""
+        now = self._tick(now)
+        r = self._requests.get(request_id)
+        if r is None:
+            return IDLE
+        if r.state is not S.DECODING:
+            raise ValueError(f"on_finish: request {request_id!r} is {r.state}, not decoding")
+        del self._requests[request_id]
+        self._end(r, S.FINISHED, now)
+        self._release([request_id])
+        idle_with_work = self._q.running is None and self._q.has_pending()
+        out = self._pass(now) if self._memory_blocked or idle_with_work else IDLE
+        return replace(out, freed=(request_id,))
+
+    # ------------------------------------------------------------------ executor marks
+    def mark_started(self, plan: BatchPlan, now: float) -> None:
+        """The executor started or resumed ``plan`` at ``now`` (closes other open intervals)."""
+        now = self._tick(now)
+        b = self._q.running
+        if b is None or b.batch_id != plan.batch_id:
+            raise ValueError(f"mark_started: batch {plan.batch_id} is not the planned running batch (stale plan?)")
+        for other in self._q.suspended.values():
+            other.stop_timer(now)
+        b.started = b.dispatched = True
+        b.start_timer(now)
+
+    def mark_suspended(self, batch_id: int, now: float) -> None:
+        """The executor stopped ``batch_id`` at an operator boundary at ``now`` (unknown ids: ignored)."""
+        now = self._tick(now)
+        b = self._q.find(batch_id)
+        if b is not None:
+            b.stop_timer(now)
+
+    # ------------------------------------------------------------------ queries
+    def get(self, request_id: str) -> Request | None:
+        """A live (not terminal) request by id."""
+        return self._requests.get(request_id)
+
+    @property
+    def running(self) -> BatchPlan | None:
+        """The running batch as a plan, for inspection (None when idle; ``resume`` = it has run before)."""
+        b = self._q.running
+        return b.plan(resume=b.started) if b is not None else None
+
+    @property
+    def suspended_batch_ids(self) -> tuple[int, ...]:
+        """Ids of suspended programs."""
+        return tuple(self._q.suspended)
+
+    @property
+    def waiting_ids(self) -> tuple[str, ...]:
+        """Waiting requests, arrival order."""
+        return tuple(self._q.waiting)
+
+    @property
+    def partial_ids(self) -> tuple[str, ...]:
+        """Partly prefilled requests without a program (``chunked``)."""
+        return tuple(self._q.partial)
+
+    def stats(self, now: float, *, per_request: bool = True) -> dict[str, Any]:
+        """Queue state for the router (JSON-ready); see :func:`~replicas.scheduler.stats.queue_stats`."""
+        out = queue_stats(self._view(now), decoding=sum(r.state is S.DECODING for r in self._requests.values()))
+        out.update(
+            policy=self.policy.name,
+            finished=self.terminal_counts[S.FINISHED],
+            aborted=self.terminal_counts[S.ABORTED],
+            rejected=self.terminal_counts[S.REJECTED],
+            scheduling_passes=self.scheduling_passes,
+            preemptions=self.preemptions,
+            memory_blocked=self._memory_blocked,
+        )
+        if not per_request:
+            for key in ("waiting", "running", "suspended"):
+                out.pop(key)
+        return out
+
+    def pass_stats(self) -> dict[str, float | int]:
+        """Count, mean, median, p99 and max of the recorded pass durations (seconds)."""
+        return pass_summary(self.pass_durations)
+
+    # ------------------------------------------------------------------ internals
+    def _tick(self, now: float) -> float:
+        if now > self._last_now:
+            self._last_now = now
+        return self._last_now
+
+    def _view(self, now: float) -> SchedulerView:
+        return self._q.view(now, self.cost_model, self.memory)
+
+    def _pass(self, now: float) -> Decision:
+        t0 = self._perf_clock()
+        decision = self.policy.decide(self._view(now), now)
+        out = self._apply(decision)
+        self._memory_blocked = decision.memory_blocked
+        self.scheduling_passes += 1
+        self.pass_durations.append(self._perf_clock() - t0)
+        return out
+
+    def _apply(self, d: Decision) -> Decision:
+        """Commit a policy decision to the bookkeeping; report a preemption only for a live program."""
+        q, plan = self._q, d.run
+        if plan is None:
+            preempted = q.displace() if d.preempt_running and q.running is not None else False
+        else:
+            batch = q.suspended.pop(plan.batch_id) if plan.resume else q.new_batch(plan)
+            preempted = False
+            if q.running is not None:
+                if not d.preempt_running:
+                    raise RuntimeError(
+                        f"policy {self.policy.name!r} planned a batch without preempting the running one"
+                    )
+                preempted = q.displace()
+            q.commit(batch)
+        self.preemptions += preempted
+        return replace(d, preempt_running=preempted)
+
+    def _release(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            self.memory.release(tuple(request_ids))
+
+    def _end(self, r: Request, state: RequestState, now: float) -> None:
+        r.state, r.finish_s = state, now
+        self.terminal_counts[state] += 1
