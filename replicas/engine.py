@@ -1,0 +1,401 @@
+"""The replica engine: one loop thread drives the scheduler, the executor and decoding.
+
+Arrivals and aborts come from any thread through an inbox. The loop advances the current
+prefill program until it finishes or a preemption point finds work in the inbox (or a decode
+step due); only then does it hand events to the scheduler, which decides what runs next. The
+scheduler never runs per operator or per iteration: it sees arrivals, completions, aborts and
+finishes, nothing else. Decode steps of decoding requests interleave at operator boundaries of
+a running prefill at the cadence their TPOT SLOs need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from replicas.detokenize import OutputStream
+from replicas.engine_config import EngineConfig
+from replicas.engine_decode import DecodeBatcher
+from replicas.executor import PreemptibleExecutor, Task
+from replicas.kv_cache import KVCacheFull, PagedKVCache
+from replicas.model.decoder import DecoderModel
+from replicas.programs import PrefillItem, prefill_program
+from replicas.sampling import RequestSampler, SamplingParams, sample_next_tokens
+from replicas.scheduler.config import SchedulerConfig
+from replicas.scheduler.core import Scheduler
+from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.events import BatchPlan, Decision
+from replicas.scheduler.request import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a request's output, as the client stream sees it."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None  # set on the first output: engine arrival to first token
+    error: str | None = None
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class LiveRequest:
+    """Engine-side state of an admitted request."""
+
+    request: Request
+    params: SamplingParams
+    sink: Sink
+    seq_id: int
+    sampler: RequestSampler
+    stream: OutputStream
+    position: int = 0  # next position to decode
+    emitted_first: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class KVMemory:
+    """The scheduler's live view of the paged KV cache, with headroom kept for decoding.
+
+    The scheduler calls :meth:`release` when a request's KV may be freed (never while a program
+    still writes it), before it re-plans, so the pass sees the memory it just got back.
+    """
+
+    def __init__(self, cache: PagedKVCache, decoding: Callable[[], int]) -> None:
+        self.cache = cache
+        self.decoding = decoding
+        self.seq_of: dict[str, int] = {}  # request id -> KV sequence id, until released
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Free the KV blocks of ``request_ids`` (unknown ids are ignored)."""
+        for rid in request_ids:
+            seq_id = self.seq_of.pop(rid, None)
+            if seq_id is not None:
+                self.cache.allocator.free(seq_id)
+
+    @property
+    def free_tokens(self) -> int:
+        """Tokens the free blocks can hold."""
+        return self.cache.allocator.free_tokens
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block."""
+        return self.cache.allocator.block_size
+
+    def can_admit(self, extra_tokens: int) -> bool:
+        """Whether ``extra_tokens`` fit while leaving two blocks per decoding sequence."""
+        alloc = self.cache.allocator
+        reserve = 2 * self.decoding()
+        return -(-extra_tokens // alloc.block_size) + reserve <= alloc.num_free_blocks
+
+
+class ReplicaEngine:
+    """Model + paged KV cache + preemptible executor + event-driven scheduler, one loop thread."""
+
+    def __init__(
+        self, config: EngineConfig, *, model: DecoderModel | None = None, cost_model: CostModel | None = None,
+        tokenizer: Any = None, clock: Callable[[], float] = time.monotonic,  # noqa: ANN401
+        on_state_change: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        from replicas.model.default_model import prepare_default_model
+        from replicas.model.tokenizer import Tokenizer
+        from replicas.profiling import load_or_profile
+
+        self.config = config
+        model_dir = config.model or str(prepare_default_model())
+        self.model = model or DecoderModel.load(model_dir, dtype=config.dtype, device=config.device)
+        self.tokenizer = tokenizer or Tokenizer.from_dir(model_dir)
+        self.cost_model = cost_model or load_or_profile(
+            self.model, config.profile, max_tokens=config.profile_max_tokens
+        )
+        self.kv = PagedKVCache.from_budget(self.model.kv_spec(config.block_size), config.kv_cache_bytes,
+                                           self.model.device)
+        self.executor = PreemptibleExecutor(config.granularity, config.max_inflight, self.model.device)
+        self.clock = clock
+        self.live: dict[str, LiveRequest] = {}
+        self.decoder = DecodeBatcher(self.model, self.kv, config.max_decoding, clock)
+        self.memory = KVMemory(self.kv, lambda: len(self.decoder.active))
+        self.scheduler = Scheduler(
+            self.cost_model,
+            SchedulerConfig(
+                policy=config.policy, alpha=config.alpha, short_threshold=config.short_threshold,
+                batch_token_budget=config.batch_token_budget, chunk_tokens=config.policy_chunk_tokens,
+                max_suspended_batches=config.max_suspended_batches, admission_control=config.admission_control,
+                granularity=config.granularity,
+            ),
+            memory=self.memory,
+        )
+        self.on_state_change = on_state_change
+        self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model.config.eos_token_ids)))
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._tasks: dict[int, Task] = {}
+        self._plans: dict[int, BatchPlan] = {}
+        self._current: int | None = None  # batch id of the program the executor runs
+        self._seq_ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0}
+        self._stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ public, thread-safe
+    def start(self) -> None:
+        """Start the loop thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="flowprefill-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop; requests still live get an ``abort`` output."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def add_request(self, request: Request, params: SamplingParams, sink: Sink) -> None:
+        """Queue ``request``; its outputs go to ``sink`` (called on the engine thread)."""
+        self._inbox.put(("add", (request, params, sink)))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request in any state; its KV blocks are freed."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    async def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Submit ``request`` and stream its outputs; closing the stream early aborts it."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.add_request(request, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:  # the consumer went away (client disconnect): free the request's KV
+                self.abort(request.request_id)
+
+    def stats(self) -> dict[str, Any]:
+        """The latest queue-state snapshot (updated after every event)."""
+        return self._stats
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                task = self._tasks.get(self._current) if self._current is not None else None
+                if task is not None:
+                    try:
+                        finished = self.executor.run(task, self._should_stop)
+                    except Exception as exc:  # a broken program must not take the replica down
+                        log.exception("prefill batch %s failed", self._current)
+                        self._fail_batch(self._current, f"prefill failed: {exc}")
+                        continue
+                    if finished:
+                        self._complete_prefill(self._current, task)
+                if self.decoder.active and (self._current is None or self._decode_due()):
+                    self._decode_step()
+                if self._current is None and not self.decoder.active and self._inbox.empty():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        finally:
+            for rid in list(self.live):
+                self._emit_final(rid, "abort", "engine shut down")
+
+    def _should_stop(self) -> bool:
+        return not self._inbox.empty() or (bool(self.decoder.active) and self._decode_due())
+
+    def _decode_due(self) -> bool:
+        return self.decoder.due(self.clock(), self._tpot_target())
+
+    def _tpot_target(self) -> float:
+        slos = [lr.request.tpot_slo_s for lr in self.decoder.active.values() if lr.request.tpot_slo_s]
+        return min(slos, default=self.config.default_tpot_slo_s)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            now = self.clock()
+            if kind == "add":
+                self._admit(*payload, now)
+            elif kind == "abort":
+                lr = self.live.get(payload)
+                if lr is not None:
+                    self.decoder.remove(payload)
+                    self._apply(self.scheduler.on_abort(payload, now), now)
+                    self.live.pop(payload, None)
+                    lr.sink(RequestOutput(payload, (), "", "abort", lr.request.num_prompt_tokens,
+                                          len(lr.stream.token_ids)))
+            self._publish(now)
+
+    def _admit(self, request: Request, params: SamplingParams, sink: Sink, now: float) -> None:
+        waiting = len(self.scheduler.waiting_ids)
+        if waiting >= self.config.max_waiting:
+            self.counters["rejected"] += 1
+            sink(RequestOutput(request.request_id, (), "", "rejected", request.num_prompt_tokens,
+                               error=f"replica queue full ({waiting} waiting)"))
+            return
+        lr = LiveRequest(request, params, sink, next(self._seq_ids), RequestSampler(params, self.model.device),
+                         OutputStream(params, self.eos_token_ids, self.tokenizer.decode),
+                         position=request.num_prompt_tokens)
+        self.live[request.request_id] = lr
+        self.memory.seq_of[request.request_id] = lr.seq_id
+        decision = self.scheduler.on_arrival(request, now)
+        for rid in decision.rejected:
+            self.counters["rejected"] += 1
+            self._emit_final(rid, "rejected", request.reject_reason or "rejected by admission control")
+        self._apply(decision, now)
+
+    def _apply(self, d: Decision, now: float) -> None:
+        """Carry out a scheduling decision, in the order :class:`Decision` documents."""
+        for batch_id in d.dropped:
+            task = self._tasks.pop(batch_id, None)
+            self._plans.pop(batch_id, None)
+            if task is not None:
+                task.program.close()
+            if self._current == batch_id:
+                self._current = None
+        self.memory.release(d.freed)  # already released by the scheduler; kept for clarity and idempotent
+        if d.preempt_running and self._current is not None:
+            self.scheduler.mark_suspended(self._current, now)
+            self.counters["preemptions"] += 1
+            self._current = None
+        if d.run is not None:
+            self._start(d.run, now)
+
+    def _start(self, plan: BatchPlan, now: float) -> None:
+        if self._current is not None and self._current != plan.batch_id:
+            self.scheduler.mark_suspended(self._current, now)
+        if not plan.resume:
+            items = []
+            try:
+                for rid, (start, end) in zip(plan.request_ids, plan.ranges):
+                    lr = self.live[rid]
+                    self.kv.allocator.ensure_capacity(lr.seq_id, end)
+                    prompt = lr.request.prompt_ids
+                    items.append(PrefillItem(lr.seq_id, prompt, start, end, want_logits=end == len(prompt)))
+            except KVCacheFull as exc:
+                self._plans[plan.batch_id] = plan
+                self._fail_batch(plan.batch_id, f"KV cache exhausted: {exc}")
+                return
+            self._tasks[plan.batch_id] = self.executor.start(
+                prefill_program(self.model, self.kv, items, self.config.chunk_tokens), label=f"batch-{plan.batch_id}"
+            )
+            self.counters["prefill_batches"] += 1
+        self._plans[plan.batch_id] = plan
+        self._current = plan.batch_id
+        self.scheduler.mark_started(plan, now)
+
+    def _complete_prefill(self, batch_id: int, task: Task) -> None:
+        now = self.clock()
+        self._tasks.pop(batch_id, None)
+        self._plans.pop(batch_id, None)
+        self._current = None
+        decision = self.scheduler.on_prefill_complete(batch_id, now)
+        self._apply(decision, now)
+        logits: dict[int, torch.Tensor] = task.result
+        done = [self.live[rid] for rid in decision.prefilled if rid in self.live]
+        if done:
+            rows = torch.stack([logits[lr.seq_id] for lr in done])
+            tokens = sample_next_tokens(rows, [lr.params for lr in done], [lr.sampler.generator for lr in done])
+            now = self.clock()
+            for lr, token in zip(done, tokens.tolist()):
+                self._emit_token(lr, token, now)
+        self._publish(now)
+
+    def _decode_step(self) -> None:
+        try:
+            results = self.decoder.step()
+        except KVCacheFull as exc:
+            victim = self.decoder.newest()
+            self._finish_request(victim, "error", f"KV cache exhausted while decoding: {exc}")
+            return
+        now = self.clock()
+        self.counters["decode_steps"] += 1
+        for lr, token in results:
+            self._emit_token(lr, token, now)
+
+    def _emit_token(self, lr: LiveRequest, token: int, now: float) -> None:
+        step = lr.stream.append(token)
+        first = not lr.emitted_first
+        lr.emitted_first = True
+        lr.sink(RequestOutput(
+            lr.request.request_id, (token,), step.text_delta, step.finish_reason, lr.request.num_prompt_tokens,
+            len(lr.stream.token_ids), ttft_s=(now - lr.request.arrival_s) if first else None,
+        ))
+        if step.finish_reason is not None:
+            self._finish_request(lr, None, None)
+        else:
+            self.decoder.add(lr.request.request_id, lr)
+
+    def _finish_request(self, lr: LiveRequest, reason: str | None, error: str | None) -> None:
+        rid = lr.request.request_id
+        self.decoder.remove(rid)
+        if reason is not None:
+            lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
+                                  error=error))
+        now = self.clock()
+        self._apply(self.scheduler.on_finish(rid, now), now)  # frees its KV
+        self.live.pop(rid, None)
+        self._publish(now)
+
+    def _emit_final(self, rid: str, reason: str, error: str | None) -> None:
+        """End a request the scheduler no longer tracks (rejected, failed, shut down): free all it held."""
+        lr = self.live.pop(rid, None)
+        if lr is None:
+            return
+        self.decoder.remove(rid)
+        self.memory.release([rid])
+        self.kv.allocator.free(lr.seq_id)
+        lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
+                              error=error))
+
+    def _fail_batch(self, batch_id: int | None, error: str) -> None:
+        self.counters["errors"] += 1
+        plan = self._plans.pop(batch_id, None) if batch_id is not None else None
+        self._tasks.pop(batch_id, None) if batch_id is not None else None
+        if self._current == batch_id:
+            self._current = None
+        for rid in plan.request_ids if plan else ():
+            now = self.clock()
+            self._apply(self.scheduler.on_abort(rid, now), now)
+            self._emit_final(rid, "error", error)
+
+    def _publish(self, now: float) -> None:
+        stats = self.scheduler.stats(now)
+        stats.update(
+            kv_free_tokens=self.kv.allocator.free_tokens, kv_total_tokens=self.kv.allocator.num_blocks
+            * self.kv.allocator.block_size, decoding=len(self.decoder.active), counters=dict(self.counters),
+            policy=self.config.policy, model=self.model.name, updated_at=now,
+        )
+        self._stats = stats
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change(stats)
+            except Exception:  # publishing is best effort; serving goes on
+                log.exception("on_state_change failed")

@@ -1,0 +1,95 @@
+"""Settings of one replica engine, validated field by field.
+
+The same dataclass is built from CLI flags, from ``ray_config.yaml`` (the replica deployment's
+``engine`` section) and from tests; an unknown or bad field is refused with its name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from replicas.executor import Granularity
+from replicas.model.weights import DTYPES
+from replicas.programs import DEFAULT_CHUNK_TOKENS
+
+
+class EngineConfigError(ValueError):
+    """A bad engine setting; ``field`` names it (dotted path from the config root)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What one replica runs and how (the paper's defaults where it has them)."""
+
+    model: str | None = None  # HF model directory; None = the prepared SmolLM2 default
+    dtype: str = "float32"
+    device: str = "cpu"
+    kv_cache_bytes: int = 1 << 30
+    block_size: int = 16
+    granularity: str = Granularity.BLOCK.value
+    max_inflight: int = 2  # CUDA launch-ahead bound K (operators in flight)
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # long prompts run in passes of this many tokens
+    policy: str = "flowprefill"  # flowprefill | chunked | fcfs
+    alpha: float = 0.1  # SLO-aware batching margin, as a fraction of the head's TTFT SLO
+    short_threshold: int = 2048  # prompts up to this length may be batched together
+    batch_token_budget: int = 8192
+    policy_chunk_tokens: int = 512  # C for the `chunked` baseline
+    max_suspended_batches: int = 8
+    admission_control: bool = False
+    default_tpot_slo_s: float = 0.2  # decode cadence target when a request names no TPOT SLO
+    max_waiting: int = 1024  # queue bound: arrivals beyond it are rejected (memory stays bounded)
+    max_decoding: int = 64  # sequences decoding at once
+    profile: str | None = None  # cost-model JSON; None = cached profile or profile at start-up
+    profile_max_tokens: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        positive_ints = ("kv_cache_bytes", "block_size", "max_inflight", "chunk_tokens", "short_threshold",
+                         "batch_token_budget", "policy_chunk_tokens", "max_suspended_batches", "max_waiting",
+                         "max_decoding", "profile_max_tokens")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise EngineConfigError(name, f"must be a positive integer, got {value!r}")
+        for name in ("alpha", "default_tpot_slo_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise EngineConfigError(name, f"must be a finite number, got {value!r}")
+        if not 0 <= self.alpha < 1:
+            raise EngineConfigError("alpha", f"must be in [0, 1), got {self.alpha}")
+        if self.default_tpot_slo_s <= 0:
+            raise EngineConfigError("default_tpot_slo_s", "must be positive")
+        if self.dtype not in DTYPES:
+            raise EngineConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise EngineConfigError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
+        valid = [g.value for g in Granularity]
+        if self.granularity not in valid:
+            raise EngineConfigError("granularity", f"must be one of {', '.join(valid)}, got {self.granularity!r}")
+        if self.policy not in ("flowprefill", "chunked", "fcfs"):
+            raise EngineConfigError("policy", f"must be flowprefill, chunked or fcfs, got {self.policy!r}")
+        if not isinstance(self.admission_control, bool):
+            raise EngineConfigError("admission_control", "must be true or false")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], prefix: str = "engine") -> EngineConfig:
+        """Build from a mapping (e.g. YAML); unknown keys are refused with their path."""
+        if not isinstance(data, Mapping):
+            raise EngineConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.name != "extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EngineConfigError(f"{prefix}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**dict(data))
+        except EngineConfigError as exc:
+            raise EngineConfigError(f"{prefix}.{exc.field}", str(exc).split(": ", 1)[1]) from None
+        except TypeError as exc:  # a wrong type slipped past the checks above
+            raise EngineConfigError(prefix, str(exc)) from None

@@ -1,0 +1,74 @@
+"""Batched decode steps for the replica engine's decoding requests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from replicas.executor import PreemptibleExecutor
+from replicas.kv_cache import PagedKVCache
+from replicas.model.decoder import DecoderModel
+from replicas.programs import decode_program
+from replicas.sampling import sample_next_tokens
+
+if TYPE_CHECKING:
+    from replicas.engine import LiveRequest
+
+#: A decode step is due once this fraction of the tightest TPOT target has passed since the last
+#: step ended, leaving the rest of the budget for the step itself and the operator in flight.
+DECODE_DUE_FRACTION = 0.5
+
+
+class DecodeBatcher:
+    """Decoding requests, stepped together one token at a time (at most ``max_batch`` per step)."""
+
+    def __init__(self, model: DecoderModel, kv: PagedKVCache, max_batch: int,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.model = model
+        self.kv = kv
+        self.max_batch = max_batch
+        self.clock = clock or time.monotonic
+        self.active: dict[str, LiveRequest] = {}
+        self.executor = PreemptibleExecutor("none", device=model.device)
+        self.last_step_end = -math.inf
+
+    def add(self, request_id: str, live: LiveRequest) -> None:
+        """Start (or keep) decoding ``request_id``."""
+        self.active.setdefault(request_id, live)
+
+    def remove(self, request_id: str) -> None:
+        """Stop decoding ``request_id`` (finished or aborted)."""
+        self.active.pop(request_id, None)
+
+    def newest(self) -> LiveRequest:
+        """The most recently added request (the one to drop when memory runs out)."""
+        return next(reversed(self.active.values()))
+
+    def due(self, now: float, tpot_target_s: float) -> bool:
+        """Whether a step should interleave with a running prefill now."""
+        return now - self.last_step_end >= DECODE_DUE_FRACTION * tpot_target_s
+
+    def step(self) -> list[tuple[LiveRequest, int]]:
+        """One decode step; returns each stepped request with its sampled token.
+
+        Raises :class:`~replicas.kv_cache.KVCacheFull` (nothing stepped) when a sequence cannot grow.
+        """
+        batch = list(self.active.values())[: self.max_batch]
+        for live in batch:
+            self.kv.allocator.ensure_capacity(live.seq_id, live.position + 1)
+        triples = [(live.seq_id, live.stream.token_ids[-1], live.position) for live in batch]
+        logits = self.executor.run_to_completion(decode_program(self.model, self.kv, triples))
+        rows = torch.stack([logits[live.seq_id] for live in batch])
+        tokens = sample_next_tokens(rows, [lr.params for lr in batch], [lr.sampler.generator for lr in batch])
+        for live in batch:
+            live.position += 1
+            # round-robin when more requests decode than fit in one step
+            rid = live.request.request_id
+            self.active[rid] = self.active.pop(rid)
+        self.last_step_end = self.clock()
+        return list(zip(batch, tokens.tolist()))

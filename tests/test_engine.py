@@ -1,0 +1,185 @@
+"""The replica engine end to end on a real (tiny) model: preemption, policies, aborts, streaming."""
+
+import asyncio
+import threading
+
+import pytest
+
+from replicas.engine import ReplicaEngine, RequestOutput
+from replicas.engine_config import EngineConfig, EngineConfigError
+from replicas.sampling import SamplingParams
+from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.request import Request
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+class Collector:
+    """Outputs per request, and an event per finished request (no sleeping to wait)."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[RequestOutput]] = {}
+        self.order: list[tuple[str, str]] = []  # (request id, "first" | "finish")
+        self.done: dict[str, threading.Event] = {}
+
+    def sink(self, rid: str):
+        self.outputs[rid] = []
+        self.done[rid] = threading.Event()
+
+        def push(out: RequestOutput) -> None:
+            if not self.outputs[rid]:
+                self.order.append((rid, "first"))
+            self.outputs[rid].append(out)
+            if out.finish_reason is not None:
+                self.order.append((rid, "finish"))
+                self.done[rid].set()
+
+        return push
+
+    def wait(self, *rids: str) -> None:
+        for rid in rids:
+            assert self.done[rid].wait(120), f"{rid} did not finish"
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for out in self.outputs[rid] for t in out.token_ids]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory("llama", seed=4, num_layers=6, hidden_size=128, intermediate_size=256)
+
+
+def _engine(model_dir, **settings) -> ReplicaEngine:
+    config = EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, **settings)
+    # 1 ms + 20 us per token: deadlines below are far apart relative to this.
+    engine = ReplicaEngine(config, cost_model=CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=8192))
+    engine.start()
+    return engine
+
+
+def _request(rid: str, n: int, slo_s: float, arrival: float, seed: int = 0) -> Request:
+    ids = [(seed * 7919 + i * 31) % 400 + 3 for i in range(n)]
+    return Request(rid, ids, arrival_s=arrival, ttft_slo_s=slo_s)
+
+
+def _run_long_then_short(engine: ReplicaEngine) -> Collector:
+    """Submit a long prompt; the moment it is running, a short urgent one arrives."""
+    got = Collector()
+    submitted = threading.Event()
+
+    def on_state(_stats) -> None:
+        running = engine.scheduler.running
+        if running is not None and running.request_ids == ("long",) and not submitted.is_set():
+            submitted.set()
+            engine.add_request(_request("short", 12, 0.5, engine.clock(), seed=2), GREEDY, got.sink("short"))
+
+    engine.on_state_change = on_state
+    engine.add_request(_request("long", 1500, 60.0, engine.clock(), seed=1), GREEDY, got.sink("long"))
+    got.wait("long")
+    assert submitted.is_set()
+    got.wait("short")
+    return got
+
+
+def test_urgent_short_request_preempts_a_long_prefill_and_long_output_is_unchanged(model_dir):
+    engine = _engine(model_dir, policy="flowprefill", granularity="block")
+    try:
+        got = _run_long_then_short(engine)
+        assert got.order.index(("short", "first")) < got.order.index(("long", "first"))
+        assert engine.counters["preemptions"] >= 1
+        assert engine.counters["prefill_batches"] == 2  # the long batch was resumed, not restarted
+        long_tokens = got.tokens("long")
+        alone = Collector()
+        engine.on_state_change = None
+        engine.add_request(_request("alone", 1500, 60.0, engine.clock(), seed=1), GREEDY, alone.sink("alone"))
+        alone.wait("alone")
+        assert alone.tokens("alone") == long_tokens
+        assert got.outputs["short"][0].ttft_s is not None
+        assert engine.kv.allocator.num_free_blocks == engine.kv.allocator.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_fcfs_makes_the_short_request_wait(model_dir):
+    engine = _engine(model_dir, policy="fcfs", granularity="block")
+    try:
+        got = _run_long_then_short(engine)
+        assert got.order.index(("long", "first")) < got.order.index(("short", "first"))
+        assert engine.counters["preemptions"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_chunked_policy_runs_the_short_request_at_the_next_chunk_boundary(model_dir):
+    engine = _engine(model_dir, policy="chunked", policy_chunk_tokens=256, granularity="none")
+    try:
+        got = _run_long_then_short(engine)
+        assert got.order.index(("short", "first")) < got.order.index(("long", "first"))
+        assert engine.counters["preemptions"] == 0  # no operator-level preemption, only chunk boundaries
+        assert engine.counters["prefill_batches"] > 1500 // 256
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("when", ["waiting", "running", "decoding"])
+def test_abort_in_any_state_frees_kv(model_dir, when):
+    engine = _engine(model_dir)
+    got = Collector()
+    aborted = threading.Event()
+
+    def on_state(_stats) -> None:
+        req = engine.scheduler.get("victim")
+        state = req.state.value if req is not None else None
+        if not aborted.is_set() and state == when:
+            aborted.set()
+            engine.abort("victim")
+
+    try:
+        if when == "waiting":  # keep the executor busy so the victim waits
+            engine.add_request(_request("busy", 1200, 60.0, engine.clock(), 1), GREEDY, got.sink("busy"))
+        engine.on_state_change = on_state
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        engine.add_request(_request("victim", 600, 120.0, engine.clock(), 3), params, got.sink("victim"))
+        got.wait("victim")
+        assert got.outputs["victim"][-1].finish_reason == "abort"
+        if when == "waiting":
+            got.wait("busy")
+        engine.on_state_change = None
+        check = Collector()
+        engine.add_request(_request("after", 20, 5.0, engine.clock(), 5), GREEDY, check.sink("after"))
+        check.wait("after")
+        assert engine.kv.allocator.num_free_blocks == engine.kv.allocator.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_async_stream_and_disconnect_abort(model_dir):
+    engine = _engine(model_dir)
+
+    async def scenario() -> tuple[list[RequestOutput], int]:
+        outs = [out async for out in engine.generate(_request("a", 30, 5.0, engine.clock()), GREEDY)]
+        stream = engine.generate(_request("b", 30, 5.0, engine.clock()), SamplingParams(max_tokens=500))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away after the first token
+        while engine.live:  # the abort is processed on the engine thread
+            await asyncio.sleep(0.01)
+        return outs, engine.kv.allocator.num_free_blocks
+
+    try:
+        outs, free = asyncio.run(scenario())
+        assert [o.finish_reason for o in outs][-1] == "length" and sum(len(o.token_ids) for o in outs) == 6
+        assert outs[0].ttft_s is not None and outs[0].prompt_tokens == 30
+        assert free == engine.kv.allocator.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(EngineConfigError, match="engine.policy"):
+        EngineConfig.from_dict({"policy": "lifo"})
+    with pytest.raises(EngineConfigError, match="engine.granularity"):
+        EngineConfig.from_dict({"granularity": "word"})
+    with pytest.raises(EngineConfigError, match="engine.kv_cache_byte"):
+        EngineConfig.from_dict({"kv_cache_byte": 5})
+    with pytest.raises(EngineConfigError, match="engine.alpha"):
+        EngineConfig.from_dict({"alpha": 1.5})
