@@ -28,9 +28,8 @@ def _model_dir(arg: str | None) -> Path:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from replicas.sampling import SamplingParams
-
     from replicas.llm import OfflineEngine
+    from replicas.sampling import SamplingParams
 
     engine = OfflineEngine(_model_dir(args.model), dtype=args.dtype, device=args.device)
     params = SamplingParams(
@@ -81,6 +80,40 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from replicas.model.decoder import DecoderModel
+    from replicas.profiling import profile_model
+
+    model = DecoderModel.load(_model_dir(args.model), dtype=args.dtype, device=args.device)
+    cost = profile_model(model, max_tokens=args.max_tokens, repeats=args.repeats)
+    cost.save(args.out)
+    err = cost.fit_error
+    print(f"wrote {args.out}: a={cost.a:.4g} b={cost.b:.4g} c={cost.c:.4g} d={cost.d:.4g}; held-out error "
+          f"median {err.get('median_rel') or 0:.1%}, p90 {err.get('p90_rel') or 0:.1%}")
+    return 0
+
+
+def _cmd_bench_policies(args: argparse.Namespace) -> int:
+    from bench.policy_bench import PolicyBenchConfig, run_policy_bench
+
+    cfg = PolicyBenchConfig(
+        trace=args.trace, window_start_s=args.window_start_s, window_s=args.window_s, quick=args.quick,
+        length_scale=args.length_scale, max_requests=args.max_requests, seed=args.seed,
+        chunk_sizes=tuple(args.chunk_sizes),
+        engine={"dtype": args.dtype, "device": args.device, **({"profile": args.profile} if args.profile else {})},
+    )
+    report = run_policy_bench(cfg, Path(args.model) if args.model else None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from bench.plots import plot_attainment
+
+        plot_attainment(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="flowprefill", description=__doc__.splitlines()[0])
@@ -112,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
     tiny.set_defaults(func=_cmd_models_tiny)
 
+    prof = sub.add_parser("profile", help="measure prefill latency over input lengths and fit the TTFT cost model")
+    _add_engine_args(prof)
+    prof.add_argument("--out", required=True, help="JSON file to write")
+    prof.add_argument("--max-tokens", type=int, default=4096)
+    prof.add_argument("--repeats", type=int, default=2)
+    prof.set_defaults(func=_cmd_profile)
+
     bench = sub.add_parser("bench", help="benchmarks (print a table, optionally write JSON)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     eng = bsub.add_parser("engine", help="prefill throughput, checkpoint overhead, preemption latency")
@@ -119,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--quick", action="store_true", help="finish within about a minute")
     eng.add_argument("--json", default=None)
     eng.set_defaults(func=_cmd_bench_engine)
+    pol = bsub.add_parser("policies", help="in-process goodput of flowprefill, chunked and fcfs on a trace")
+    _add_engine_args(pol)
+    pol.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
+    pol.add_argument("--window-start-s", type=float, default=0.0)
+    pol.add_argument("--window-s", type=float, default=None)
+    pol.add_argument("--max-requests", type=int, default=60)
+    pol.add_argument("--length-scale", type=float, default=1 / 16, help="input lengths are multiplied by this")
+    pol.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 128, 256])
+    pol.add_argument("--seed", type=int, default=0)
+    pol.add_argument("--profile", default=None, help="cost-model JSON (default: cached or profiled now)")
+    pol.add_argument("--quick", action="store_true", help="fewer requests and search steps (under 10 minutes)")
+    pol.add_argument("--json", default=None)
+    pol.add_argument("--plot", default=None, help="PNG of attainment against request rate per policy")
+    pol.set_defaults(func=_cmd_bench_policies)
     return parser
 
 
