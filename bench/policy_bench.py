@@ -52,7 +52,7 @@ class PolicyBenchConfig:
 
     def __post_init__(self) -> None:
         if self.quick:
-            self.max_requests = min(self.max_requests, 30)
+            self.max_requests = min(self.max_requests, 24)
             self.refine_steps = min(self.refine_steps, 1)
 
 
@@ -96,8 +96,11 @@ def _scaled(requests: list[ReplayRequest], rate_scale: float) -> list[ReplayRequ
 
 
 def find_goodput(engine: ReplicaEngine, requests: list[ReplayRequest], base_rate: float, cfg: PolicyBenchConfig,
-                 bar: tqdm) -> dict[str, Any]:
-    """Double the rate until attainment < 90%, then bisect; returns every point measured."""
+                 bar: tqdm, start_scale: float) -> dict[str, Any]:
+    """Step the rate by 1.5x from ``start_scale`` until attainment crosses 90%, then bisect.
+
+    Returns the goodput and every point measured.
+    """
     points: dict[float, dict[str, Any]] = {}
     span = requests[-1].arrival_s
 
@@ -110,18 +113,18 @@ def find_goodput(engine: ReplicaEngine, requests: list[ReplayRequest], base_rate
         bar.set_postfix(scale=f"{scale:.3g}", attain=f"{summary['attainment']:.2f}")
         return summary["attainment"] >= ATTAINMENT_GOAL
 
-    good, bad, scale = 0.0, None, 1.0
+    good, bad, scale = 0.0, None, start_scale
     for _ in range(8):
         if measure(scale):
             good = scale
             if bad is not None:
                 break
-            scale *= 2
+            scale *= 1.5
         else:
             bad = scale
             if good:
                 break
-            scale /= 2
+            scale /= 1.5
     for _ in range(cfg.refine_steps if bad is not None and good else 0):
         mid = (good * bad) ** 0.5
         if measure(mid):
@@ -145,6 +148,9 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
     cost = load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
     requests, trace = build_workload(cfg, tokenizer, cost.predict)
     base_rate = len(requests) / max(requests[-1].arrival_s, 1e-9)
+    # Start each search near 70% predicted utilisation so replays are neither idle nor hopeless.
+    work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)
+    start_scale = 0.7 * requests[-1].arrival_s / max(work_s, 1e-9)
     report: dict[str, Any] = {
         "trace": cfg.trace, "window_requests": len(requests), "base_rate_rps": base_rate,
         "length_scale": cfg.length_scale, "config": asdict(cfg), "cost_model_fit_error": cost.fit_error,
@@ -153,13 +159,13 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
     }
     configs = policy_configs(cfg)  # flowprefill first: its goodput is the common rate for the table
     common: float | None = None
-    with tqdm(total=len(configs) * (5 + cfg.refine_steps), desc="bench policies", unit="replay") as bar:
+    with tqdm(total=len(configs) * (3 + cfg.refine_steps), desc="bench policies", unit="replay") as bar:
         for name, settings in configs.items():
             engine = ReplicaEngine(replace(base, **settings), model=model, tokenizer=tokenizer, cost_model=cost)
             engine.start()
             try:
                 replay(engine, _scaled(requests[:3], 100.0), drain_s=60, tag="warmup")  # first-call costs
-                result = find_goodput(engine, requests, base_rate, cfg, bar)
+                result = find_goodput(engine, requests, base_rate, cfg, bar, start_scale)
                 common = common or result["goodput_scale"] or None
                 if common and f"{common:g}" not in result["points"]:
                     at = summarize(replay(engine, _scaled(requests, common), drain_s=30 + 3 * requests[-1].arrival_s

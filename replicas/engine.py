@@ -228,7 +228,18 @@ class ReplicaEngine:
         return not self._inbox.empty() or (bool(self.decoder.active) and self._decode_due())
 
     def _decode_due(self) -> bool:
-        return self.decoder.due(self.clock(), self._tpot_target())
+        now = self.clock()
+        return self.decoder.due(now, self._tpot_target(), self._prefill_urgent(now))
+
+    def _prefill_urgent(self, now: float) -> bool:
+        """Whether a decode step now would push a member of the running batch past its deadline."""
+        plan = self._plans.get(self._current) if self._current is not None else None
+        if plan is None:
+            return False
+        remaining = self.cost_model.predict_batch([end - start for start, end in plan.ranges])
+        deadline = min((self.live[rid].request.deadline for rid in plan.request_ids if rid in self.live),
+                       default=float("inf"))
+        return deadline - now - remaining < self.decoder.step_ema_s
 
     def _tpot_target(self) -> float:
         slos = [lr.request.tpot_slo_s for lr in self.decoder.active.values() if lr.request.tpot_slo_s]

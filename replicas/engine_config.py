@@ -43,7 +43,7 @@ class EngineConfig:
     policy_chunk_tokens: int = 512  # C for the `chunked` baseline
     max_suspended_batches: int = 8
     admission_control: bool = False
-    default_tpot_slo_s: float = 0.2  # decode cadence target when a request names no TPOT SLO
+    default_tpot_slo_s: float = 0.5  # decode cadence target when a request names no TPOT SLO
     max_waiting: int = 1024  # queue bound: arrivals beyond it are rejected (memory stays bounded)
     max_decoding: int = 64  # sequences decoding at once
     profile: str | None = None  # cost-model JSON; None = cached profile or profile at start-up

@@ -17,9 +17,8 @@ from replicas.sampling import sample_next_tokens
 if TYPE_CHECKING:
     from replicas.engine import LiveRequest
 
-#: A decode step is due once this fraction of the tightest TPOT target has passed since the last
-#: step ended, leaving the rest of the budget for the step itself and the operator in flight.
-DECODE_DUE_FRACTION = 0.5
+#: Decode never waits longer than this multiple of the TPOT target, however urgent prefill is.
+MAX_DECODE_GAP_FACTOR = 2.0
 
 
 class DecodeBatcher:
@@ -36,6 +35,7 @@ class DecodeBatcher:
         self.active: dict[str, LiveRequest] = {}
         self.executor = PreemptibleExecutor("none", device=model.device)
         self.last_step_end = -math.inf
+        self.step_ema_s = 0.0  # smoothed duration of a decode step
 
     def add(self, request_id: str, live: LiveRequest) -> None:
         """Start (or keep) decoding ``request_id``."""
@@ -49,15 +49,24 @@ class DecodeBatcher:
         """The most recently added request (the one to drop when memory runs out)."""
         return next(reversed(self.active.values()))
 
-    def due(self, now: float, tpot_target_s: float) -> bool:
-        """Whether a step should interleave with a running prefill now."""
-        return now - self.last_step_end >= DECODE_DUE_FRACTION * tpot_target_s
+    def due(self, now: float, tpot_target_s: float, prefill_urgent: bool) -> bool:
+        """Whether a step should interleave with a running prefill now.
+
+        As late as the TPOT target allows (the gap since the last step plus one step's time
+        reaches the target), and not while the running prefill is urgent, unless decoding has
+        already waited ``MAX_DECODE_GAP_FACTOR`` times its target: TTFT first, TPOT bounded.
+        """
+        gap = now - self.last_step_end
+        if gap >= MAX_DECODE_GAP_FACTOR * tpot_target_s:
+            return True
+        return gap + self.step_ema_s >= tpot_target_s and not prefill_urgent
 
     def step(self) -> list[tuple[LiveRequest, int]]:
         """One decode step; returns each stepped request with its sampled token.
 
         Raises :class:`~replicas.kv_cache.KVCacheFull` (nothing stepped) when a sequence cannot grow.
         """
+        started = self.clock()
         batch = list(self.active.values())[: self.max_batch]
         for live in batch:
             self.kv.allocator.ensure_capacity(live.seq_id, live.position + 1)
@@ -71,4 +80,6 @@ class DecodeBatcher:
             rid = live.request.request_id
             self.active[rid] = self.active.pop(rid)
         self.last_step_end = self.clock()
+        took = self.last_step_end - started
+        self.step_ema_s = took if self.step_ema_s == 0 else 0.8 * self.step_ema_s + 0.2 * took
         return list(zip(batch, tokens.tolist()))
