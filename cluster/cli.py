@@ -114,6 +114,28 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.launcher import DEFAULT_CONFIG, serve_main
+
+    overrides: dict[str, object] = {}
+    engine: dict[str, object] = {}
+    if args.model:
+        engine["model"] = str(Path(args.model).resolve())
+        overrides["model_name"] = Path(args.model).resolve().name
+    if args.policy:
+        engine["policy"] = args.policy
+    if engine:
+        from cluster.launcher import load_app_args
+
+        base = load_app_args(Path(args.config or DEFAULT_CONFIG)).get("engine") or {}
+        overrides["engine"] = {**base, **engine}
+    if args.replicas:
+        overrides["num_replicas"] = args.replicas
+    if args.router_policy:
+        overrides["router_policy"] = args.router_policy
+    return serve_main(Path(args.config or DEFAULT_CONFIG), overrides, args.host, args.port, args.num_cpus)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="flowprefill", description=__doc__.splitlines()[0])
@@ -129,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="start Redis, a local Ray and the OpenAI-compatible Serve app")
+    srv.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
+    srv.add_argument("--replicas", type=int, default=None)
+    srv.add_argument("--config", default=None, help="Serve config (default: ray_config.yaml)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--policy", choices=["flowprefill", "chunked", "fcfs"], default=None)
+    srv.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"], default=None)
+    srv.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
+    srv.set_defaults(func=_cmd_serve)
 
     models = sub.add_parser("models", help="prepare the default model or build test checkpoints")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -1,0 +1,116 @@
+"""``flowprefill serve``: Redis (if needed), a local Ray on loopback, and the Serve app.
+
+Everything listens on 127.0.0.1 unless ``--host`` says otherwise for the HTTP proxy. With no
+``REDIS_URL``, a private redis-server is started on a free loopback port and stopped on exit.
+Ctrl-C (SIGINT) or SIGTERM shuts Serve, Ray and Redis down cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.redis_server import RedisServer, redact_url, redis_url_from_env_or_start
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
+APP_NAME = "flowprefill"
+
+
+def load_app_args(config_path: Path) -> dict[str, Any]:
+    """The ``args`` of the FlowPrefill application in a Serve config file (validated shape)."""
+    try:
+        data = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{config_path}: cannot read the Serve config ({exc})") from exc
+    apps = data.get("applications") if isinstance(data, Mapping) else None
+    if not isinstance(apps, list) or not apps:
+        raise ValueError(f"{config_path}: field 'applications' must be a non-empty list")
+    for index, app in enumerate(apps):
+        if isinstance(app, Mapping) and app.get("name") == APP_NAME:
+            args = app.get("args") or {}
+            if not isinstance(args, Mapping):
+                raise ValueError(f"{config_path}: field 'applications[{index}].args' must be a mapping")
+            return dict(args)
+    raise ValueError(f"{config_path}: no application named {APP_NAME!r} under 'applications'")
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start a single-node Ray whose every listener is on loopback."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
+             logging_level="WARNING", log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "cluster.loopback.bind_serve_to_loopback"})
+
+
+def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
+    """Profile the replica model once here (cached) so replicas do not each profile at start-up."""
+    from replicas.engine_config import EngineConfig
+    from replicas.model.decoder import DecoderModel
+    from replicas.model.default_model import prepare_default_model
+    from replicas.profiling import load_or_profile, profile_cache_path
+
+    engine = EngineConfig.from_dict(args.get("engine") or {}, prefix="args.engine")
+    if engine.profile is not None or engine.device != "cpu":  # GPU replicas profile on their own device
+        return args
+    model_dir = engine.model or str(prepare_default_model())
+    model = DecoderModel.load(model_dir, dtype=engine.dtype, device=engine.device)
+    load_or_profile(model, max_tokens=engine.profile_max_tokens)
+    return {**args, "engine": {**(args.get("engine") or {}), "model": model_dir,
+                               "profile": str(profile_cache_path(model))}}
+
+
+def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the app; returns its URL."""
+    from ray import serve
+
+    from cluster.app import build
+
+    serve.start(http_options={"host": host, "port": port}, detached=False)
+    app_args = {**args}
+    if redis_url:
+        app_args["redis_url"] = redis_url
+    serve.run(build(app_args), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port: int,
+               num_cpus: int | None = None) -> int:
+    """Run until interrupted; returns the process exit code."""
+    args = ensure_profile({**load_app_args(config_path), **overrides})
+    redis: RedisServer | None = None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        redis_url, redis = redis_url_from_env_or_start()
+        print(f"redis: {redact_url(redis_url)}{' (private)' if redis else ''}", file=sys.stderr)
+        os.environ["REDIS_URL"] = redis_url
+        start_local_ray(num_cpus)
+        url = run_app(args, host, port, redis_url)
+        print(f"FlowPrefill is serving the OpenAI API at {url}/v1 (Ctrl-C to stop)", flush=True)
+        stop.wait()
+        print("shutting down", file=sys.stderr)
+        return 0
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort while exiting
+            pass
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if redis is not None:
+            redis.close()

@@ -1,0 +1,151 @@
+"""The Ray Serve replica deployment: one engine per replica, queue state published to Redis.
+
+On start the replica registers in Redis under its Serve replica id; on every scheduler event the
+engine hands it a queue-state snapshot, which a publisher task writes with a TTL heartbeat
+(coalescing bursts: at most one write in flight, always the newest snapshot); on shutdown it
+deregisters. Outputs stream back through Serve's streaming handles as plain dicts.
+No policy logic lives here: this is an adapter between Serve, the engine and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from cluster.state_client import ClusterState, StateUnavailable
+from cluster.state_schema import QueuedRequest, ReplicaInfo, ReplicaQueueState
+from replicas.engine import ReplicaEngine
+from replicas.engine_config import EngineConfig
+from replicas.errors import InvalidRequestError
+from replicas.sampling import SamplingParams
+from replicas.scheduler.request import Request
+
+log = logging.getLogger("flowprefill.replica")
+
+_STATUS = {"waiting": "waiting", "running": "running", "suspended": "suspended"}
+
+
+def request_from_payload(payload: dict[str, Any]) -> tuple[Request, SamplingParams]:
+    """The engine request and sampling parameters of a router payload (validated by the router)."""
+    try:
+        request = Request(
+            str(payload["request_id"]), list(payload["prompt_token_ids"]), arrival_s=float(payload["arrival_s"]),
+            ttft_slo_s=float(payload["ttft_slo_s"]), tpot_slo_s=payload.get("tpot_slo_s"),
+            priority=int(payload.get("priority", 0)), slo_class=str(payload.get("slo_class", "default")),
+            sheddable=bool(payload.get("sheddable", False)), max_tokens=int(payload["sampling"]["max_tokens"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidRequestError("payload", f"malformed replica payload: {exc}") from exc
+    return request, SamplingParams.from_dict(payload["sampling"])
+
+
+def queue_state_from_stats(replica_id: str, stats: dict[str, Any], seq: int) -> ReplicaQueueState:
+    """Convert the engine's stats snapshot into the Redis queue-state record."""
+    entries = []
+    for status in ("running", "suspended", "waiting"):
+        for row in stats.get(status, ()):
+            entries.append(QueuedRequest(row["request_id"], _STATUS[status], row["deadline"],
+                                         row["predicted_remaining_s"], row.get("remaining_tokens", 0)))
+    return ReplicaQueueState(
+        replica_id=replica_id, engine_kind="flowprefill", model=str(stats.get("model", "")),
+        updated_at=time.time(), seq=seq, requests=tuple(entries),
+        running_remaining_s=float(stats.get("running_remaining_s", 0.0)),
+        kv_free_tokens=int(stats.get("kv_free_tokens", 0)),
+    )
+
+
+class ReplicaServer:
+    """One FlowPrefill engine behind Serve (one GPU per replica on GPU nodes)."""
+
+    async def __init__(self, engine: dict[str, Any] | None = None, redis_url: str | None = None,
+                       namespace: str = "flowprefill", state_ttl_s: float = 5.0) -> None:
+        from ray import serve
+
+        self.config = EngineConfig.from_dict(engine or {})
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.loop = asyncio.get_running_loop()
+        self._dirty = asyncio.Event()
+        self._latest: dict[str, Any] | None = None
+        self._seq = 0
+        self.state_ttl_s = state_ttl_s
+        self.engine = await asyncio.to_thread(ReplicaEngine, self.config, clock=time.time,
+                                              on_state_change=self._on_state_change)
+        self.engine.start()
+        self.cluster = ClusterState(redis_url, namespace=namespace, state_ttl_s=state_ttl_s) if redis_url else None
+        self._publisher: asyncio.Task[None] | None = None
+        if self.cluster is not None:
+            info = ReplicaInfo(self.replica_id, self.engine.model.name, "flowprefill", self.config.policy,
+                               registered_at=time.time())
+            try:
+                await self.cluster.register_replica(self.replica_id, info)
+                hardware = "_".join(self.engine.cost_model.hardware.split()) or "unknown"
+                await self.cluster.save_profile(self.engine.model.name, hardware, self.engine.cost_model)
+            except StateUnavailable as exc:
+                log.warning("replica %s: Redis unavailable at start (%s); will keep publishing", self.replica_id, exc)
+            self._publisher = asyncio.create_task(self._publish_loop())
+        self._on_state_change(self.engine.scheduler.stats(time.time()) | {"model": self.engine.model.name})
+
+    def _on_state_change(self, stats: dict[str, Any]) -> None:
+        """Called on the engine thread after every event: keep the newest snapshot, wake the publisher."""
+        self._latest = stats
+        self.loop.call_soon_threadsafe(self._dirty.set)
+
+    async def _publish_loop(self) -> None:
+        assert self.cluster is not None
+        heartbeat = self.state_ttl_s / 3
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), heartbeat)
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            if self._latest is None:
+                continue
+            self._seq += 1
+            try:
+                await self.cluster.publish_replica_state(
+                    self.replica_id, queue_state_from_stats(self.replica_id, self._latest, self._seq)
+                )
+            except StateUnavailable as exc:
+                log.warning("replica %s: cannot publish queue state (%s)", self.replica_id, exc)
+                await asyncio.sleep(heartbeat)
+            except Exception:
+                log.exception("replica %s: publishing queue state failed", self.replica_id)
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream the outputs of one request (dicts of :class:`~replicas.engine.RequestOutput`)."""
+        request, params = request_from_payload(payload)
+        async for out in self.engine.generate(request, params):
+            yield {**asdict(out), "replica_id": self.replica_id}
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's latest queue-state snapshot plus this replica's id."""
+        return {"replica_id": self.replica_id, **self.engine.stats()}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What the router needs to validate prompts: context length and vocabulary size."""
+        config = self.engine.model.config
+        return {"model": self.engine.model.name, "max_model_len": config.max_position_embeddings,
+                "vocab_size": config.vocab_size}
+
+    def check_health(self) -> None:
+        """Serve's health probe: the engine loop must be alive."""
+        thread = self.engine._thread
+        if thread is None or not thread.is_alive():
+            raise RuntimeError("engine loop is not running")
+
+    async def __del__(self) -> None:
+        if getattr(self, "_publisher", None) is not None:
+            self._publisher.cancel()
+        if getattr(self, "engine", None) is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+        if getattr(self, "cluster", None) is not None:
+            try:
+                await self.cluster.deregister_replica(self.replica_id)
+                await self.cluster.close()
+            except StateUnavailable:
+                pass

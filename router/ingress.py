@@ -1,0 +1,204 @@
+"""The router ingress: the OpenAI-compatible HTTP API as a Ray Serve deployment.
+
+Per request: parse and validate (:mod:`router.protocol`), tokenize, resolve the SLO class into a
+deadline, shed sheddable requests that no replica can serve in time (429), then send the
+request through the replica deployment's handle. Placement (which replica) is decided by the
+SLO-aware ``RequestRouter`` configured on the replica deployment; ordering (when) happens in
+the replica's scheduler. Outputs stream back as SSE or are collected into one JSON body.
+"""
+
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from router.api_errors import APIError
+from router.metrics import RouterMetrics
+from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
+from router.responses import StreamEncoder, response_body
+from router.slo import SLOPolicy
+
+log = logging.getLogger("flowprefill.router")
+
+app = FastAPI(title="FlowPrefill", description="SLO-aware LLM serving (OpenAI-compatible API)")
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.to_body(), status_code=err.status, headers=err.headers or None)
+
+
+class RouterIngress:
+    """FastAPI ingress; ``replicas`` is the handle of the replica deployment."""
+
+    async def __init__(self, replicas: Any, model_name: str, model_dir: str | None = None,  # noqa: ANN401
+                       slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20,
+                       admission: bool = True) -> None:
+        from replicas.model.default_model import prepare_default_model
+        from replicas.model.tokenizer import Tokenizer
+
+        self.replicas = replicas
+        self.model_name = model_name
+        directory = model_dir or str(prepare_default_model())
+        self.tokenizer = Tokenizer.from_dir(directory)
+        info = await replicas.tokenizer_info.remote()
+        self.protocol = ProtocolConfig(
+            served_models=(model_name,), slo_policy=SLOPolicy.from_dict(slo) if slo else SLOPolicy.default(),
+            max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
+        )
+        self.metrics = RouterMetrics()
+        self.admission = admission
+
+    # ------------------------------------------------------------------ endpoints
+    async def completions(self, request: Request) -> Response:
+        """``POST /v1/completions``."""
+        return await self._handle(request, parse_completion_request, "completions")
+
+    async def chat_completions(self, request: Request) -> Response:
+        """``POST /v1/chat/completions``."""
+        return await self._handle(request, parse_chat_request, "chat.completions")
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "flowprefill",
+                                            "created": 0}]}
+
+    def health(self) -> dict[str, str]:
+        """``GET /health``: the ingress is up (replica health is Serve's job)."""
+        return {"status": "ok"}
+
+    def metrics_text(self) -> Response:
+        """``GET /metrics`` in Prometheus text format."""
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------------ request path
+    async def _handle(self, request: Request, parse: Any, endpoint: str) -> Response:  # noqa: ANN401
+        arrival = time.time()
+        try:
+            length = int(request.headers.get("content-length") or 0)
+            if length > self.protocol.max_body_bytes:
+                raise APIError.body_too_large(length, self.protocol.max_body_bytes)
+            body = await request.body()
+            req = parse(body, request.headers, self.protocol, tokenizer=self.tokenizer, now=arrival)
+        except APIError as err:
+            self.metrics.rejections.labels(str(err.status)).inc()
+            self.metrics.requests.labels(endpoint, "rejected").inc()
+            return _error_response(err)
+        payload = self._payload(req, arrival)
+        if req.stream:
+            return StreamingResponse(self._stream(req, payload, endpoint), media_type="text/event-stream",
+                                     headers={"x-flowprefill-request-id": req.request_id})
+        return await self._collect(req, payload, endpoint)
+
+    def _payload(self, req: GenerateRequest, arrival: float) -> dict[str, Any]:
+        s = req.sampling
+        return {
+            "request_id": req.request_id, "prompt_token_ids": list(req.prompt_token_ids or ()), "arrival_s": arrival,
+            "ttft_slo_s": req.slo.ttft_slo_s, "tpot_slo_s": req.slo.tpot_slo_s, "priority": req.slo.priority,
+            "slo_class": req.slo.class_name, "sheddable": req.slo.sheddable,
+            "deadline": arrival + req.slo.ttft_slo_s, "prompt_tokens": req.num_prompt_tokens or 0,
+            "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                         "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop),
+                         "stop_token_ids": list(s.stop_token_ids), "ignore_eos": s.ignore_eos},
+        }
+
+    async def _outputs(self, req: GenerateRequest, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures."""
+        first_at: float | None = None
+        tokens = 0
+        finished = False
+        stream = self.replicas.options(stream=True).generate.remote(payload)
+        try:
+            async for out in stream:
+                finished = out.get("finish_reason") is not None
+                if out.get("finish_reason") in ("rejected", "error", "abort"):
+                    status = 429 if out["finish_reason"] == "rejected" else 503
+                    raise APIError(status, out.get("error") or f"request {out['finish_reason']}",
+                                   type="rate_limit_exceeded" if status == 429 else "server_error",
+                                   headers={"Retry-After": "1"})
+                if out["token_ids"] and first_at is None:
+                    first_at = time.time()
+                    ttft = first_at - payload["arrival_s"]
+                    self.metrics.observe_ttft(req.slo.class_name, ttft, req.slo.ttft_slo_s)
+                tokens += len(out["token_ids"])
+                yield out
+        finally:
+            if not finished:  # client went away or the stream failed: the replica aborts and frees KV
+                stream.cancel()
+        if first_at is not None and tokens > 1:
+            self.metrics.tpot.labels(req.slo.class_name).observe((time.time() - first_at) / (tokens - 1))
+
+    async def _collect(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> Response:
+        text, reason, prompt_tokens, completion = [], "length", payload["prompt_tokens"], 0
+        replica = ""
+        try:
+            async for out in self._outputs(req, payload):
+                replica = out.get("replica_id", replica)
+                text.append(out["text"])
+                completion = out["completion_tokens"] or completion
+                if out["finish_reason"] is not None:
+                    reason = out["finish_reason"]
+        except APIError as err:
+            self.metrics.rejections.labels(str(err.status)).inc()
+            self.metrics.requests.labels(endpoint, "failed").inc()
+            return _error_response(err)
+        self.metrics.requests.labels(endpoint, "ok").inc()
+        return JSONResponse(response_body(req, "".join(text), reason, prompt_tokens, completion),
+                            headers={"x-flowprefill-replica": replica})
+
+    async def _stream(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> AsyncIterator[bytes]:
+        enc = StreamEncoder(req)
+        opening = enc.start()
+        if opening:
+            yield opening
+        completion = 0
+        try:
+            async for out in self._outputs(req, payload):
+                completion = out["completion_tokens"] or completion
+                if out["finish_reason"] is not None:
+                    yield enc.finish(out["finish_reason"], payload["prompt_tokens"], completion, out["text"])
+                    self.metrics.requests.labels(endpoint, "ok").inc()
+                    return
+                chunk = enc.delta(out["text"])
+                if chunk:
+                    yield chunk
+        except APIError as err:
+            self.metrics.requests.labels(endpoint, "failed").inc()
+            yield enc.error(err)
+        except Exception as exc:  # a replica died mid-stream: end the stream with a clear error event
+            log.exception("stream %s failed", req.request_id)
+            self.metrics.requests.labels(endpoint, "failed").inc()
+            yield enc.error(APIError(503, f"replica failed while streaming: {type(exc).__name__}",
+                                     type="server_error"))
+
+
+def build_ingress_class() -> type:
+    """The Serve ingress class with the FastAPI routes bound (import-time Ray not required)."""
+    from ray import serve
+
+    @serve.ingress(app)
+    class FlowPrefillRouter(RouterIngress):
+        @app.post("/v1/completions")
+        async def _completions(self, request: Request) -> Response:
+            return await self.completions(request)
+
+        @app.post("/v1/chat/completions")
+        async def _chat(self, request: Request) -> Response:
+            return await self.chat_completions(request)
+
+        @app.get("/v1/models")
+        def _models(self) -> dict[str, Any]:
+            return self.models()
+
+        @app.get("/health")
+        def _health(self) -> dict[str, str]:
+            return self.health()
+
+        @app.get("/metrics")
+        def _metrics(self) -> Response:
+            return self.metrics_text()
+
+    return FlowPrefillRouter

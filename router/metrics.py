@@ -1,0 +1,45 @@
+"""Prometheus metrics of the router ingress (served at ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class RouterMetrics:
+    """TTFT/TPOT per SLO class, SLO outcomes, rejections, queue depth, routing time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("flowprefill_ttft_seconds", "Time to first token, per SLO class", ["slo_class"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("flowprefill_tpot_seconds", "Time per output token after the first, per SLO class",
+                              ["slo_class"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.slo_met = Counter("flowprefill_ttft_slo_met_total", "Requests whose first token met the TTFT SLO",
+                               ["slo_class"], registry=r)
+        self.slo_violated = Counter("flowprefill_ttft_slo_violated_total",
+                                    "Requests whose first token missed the TTFT SLO", ["slo_class"], registry=r)
+        self.requests = Counter("flowprefill_requests_total", "Requests by endpoint and outcome",
+                                ["endpoint", "outcome"], registry=r)
+        self.rejections = Counter("flowprefill_rejections_total", "Requests refused, by HTTP status",
+                                  ["status"], registry=r)
+        self.queue_depth = Gauge("flowprefill_replica_queue_depth", "Requests queued or prefilling per replica",
+                                 ["replica"], registry=r)
+        self.preemptions = Gauge("flowprefill_replica_preemptions", "Preemptions so far per replica",
+                                 ["replica"], registry=r)
+        self.routing_ms = Histogram("flowprefill_routing_decision_ms", "Placement decision time (ms)",
+                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 50), registry=r)
+        self.redis_fallbacks = Counter("flowprefill_redis_fallbacks_total",
+                                       "Decisions made from local estimates because Redis was unavailable",
+                                       registry=r)
+
+    def observe_ttft(self, slo_class: str, ttft_s: float, slo_s: float) -> None:
+        """Record a first token and whether it met its SLO."""
+        self.ttft.labels(slo_class).observe(ttft_s)
+        (self.slo_met if ttft_s <= slo_s else self.slo_violated).labels(slo_class).inc()
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)
