@@ -89,13 +89,13 @@ def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port:
     args = ensure_profile({**load_app_args(config_path), **overrides})
     redis: RedisServer | None = None
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         redis_url, redis = redis_url_from_env_or_start()
         print(f"redis: {redact_url(redis_url)}{' (private)' if redis else ''}", file=sys.stderr)
         os.environ["REDIS_URL"] = redis_url
         start_local_ray(num_cpus)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+            signal.signal(sig, lambda *_: stop.set())
         url = run_app(args, host, port, redis_url)
         print(f"FlowPrefill is serving the OpenAI API at {url}/v1 (Ctrl-C to stop)", flush=True)
         stop.wait()
