@@ -19,6 +19,11 @@ import yaml
 
 from cluster.redis_server import RedisServer, redact_url, redis_url_from_env_or_start
 
+# Ray reads these when it is imported: keep its listeners on the node IP (loopback here) and
+# its usage reporting off. Import this module before ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
 APP_NAME = "flowprefill"
 
@@ -43,8 +48,6 @@ def load_app_args(config_path: Path) -> dict[str, Any]:
 
 def start_local_ray(num_cpus: int | None = None) -> None:
     """Start a single-node Ray whose every listener is on loopback."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,

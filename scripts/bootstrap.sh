@@ -49,3 +49,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
       "or set REDIS_URL to an existing Redis" >&2
   fi
 fi
+
+# ---------------------------------------------------------------------------------------------
+# gRPC stubs: generate router/grpc_gen/ from proto/flowprefill.proto (a no-op when up to date).
+.venv/bin/python -m router.grpc_build

@@ -1,0 +1,159 @@
+"""The serving cluster for real: Ray Serve app, two replica actors, Redis, HTTP on loopback."""
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PORT = 8765
+BASE = f"http://127.0.0.1:{PORT}"
+MODEL = "SmolLM2-135M-Instruct"
+NAMESPACE = "serving-test"
+
+
+def _post(path: str, body: object, headers: dict | None = None, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(BASE + path, data=data, headers={"content-type": "application/json",
+                                                                   **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), dict(err.headers)
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, default_model_dir, tmp_path_factory):
+    """Ray on loopback with the app deployed: two replicas, SLO-aware routing."""
+    from cluster.launcher import ensure_profile, run_app, start_local_ray  # noqa: I001 (before ray: sets its env)
+
+    import ray
+    from ray import serve
+
+    args = ensure_profile({
+        "model_name": MODEL, "num_replicas": 2, "replica_cpus": 1.0, "router_policy": "pow2",
+        "namespace": NAMESPACE,
+        "engine": {"model": str(default_model_dir), "kv_cache_bytes": 256 << 20, "admission_control": True},
+    })
+    start_local_ray(num_cpus=4)
+    try:
+        run_app(args, "127.0.0.1", PORT, redis_server.url)
+        yield {"redis_url": redis_server.url, "args": args}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_every_listener_is_on_loopback(cluster):
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ours = [line for line in out.splitlines() if any(k in line for k in ("ray", "raylet", "gcs_server", "python"))]
+    assert ours, "expected Ray listeners"
+    loopback = ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]")
+    wide = [line for line in ours if not any(f" {a}:" in line for a in loopback)]
+    assert not wide, "listeners beyond loopback:\n" + "\n".join(wide)
+
+
+def test_openai_client_completions_and_chat(cluster, default_model_dir):
+    openai = pytest.importorskip("openai")
+    from replicas.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    client = openai.OpenAI(base_url=BASE + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.prompt_tokens == len(tok.encode_chat(messages))
+    assert chat.usage.completion_tokens == chat.usage.total_tokens - chat.usage.prompt_tokens > 0
+
+    pieces = []
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+    assert "".join(pieces) == chat.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+
+    prompt = "The capital of France is"
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert done.usage.prompt_tokens == len(tok.encode(prompt))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == done.choices[0].text
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+@pytest.mark.parametrize(
+    ("body", "raw", "headers", "status", "param"),
+    [
+        (None, b"{not json", None, 400, None),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, None, None, 400, "max_tokens"),
+        ({"model": "gpt-9", "prompt": "hi"}, None, None, 404, "model"),
+        ({"model": MODEL, "prompt": "hi"}, None, {"x-slo-class": "platinum"}, 400, "x-slo-class"),
+        ({"model": MODEL, "prompt": ""}, None, None, 400, "prompt"),
+        ({"model": MODEL, "prompt": "word " * 9000}, None, None, 400, "prompt"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -1}, None, None, 400, "temperature"),
+    ],
+)
+def test_bad_http_input_gets_a_clear_4xx_and_service_keeps_serving(cluster, body, raw, headers, status, param):
+    code, err, _ = _post("/v1/completions", body, headers, raw)
+    assert code == status, err
+    assert err["error"]["message"]
+    if param is not None:
+        assert err["error"]["param"] == param
+    code, ok, _ = _post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert code == 200 and ok["usage"]["completion_tokens"] == 2
+
+
+def test_metrics_and_health(cluster):
+    with urllib.request.urlopen(BASE + "/health", timeout=30) as resp:
+        assert json.loads(resp.read()) == {"status": "ok"}
+    _post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, {"x-slo-class": "interactive"})
+    with urllib.request.urlopen(BASE + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    assert 'flowprefill_ttft_seconds_count{slo_class="interactive"}' in text
+    assert "flowprefill_rejections_total" in text
+
+
+def test_urgent_request_is_routed_away_from_a_busy_replica_and_redis_state_matches(cluster):
+    """A long prompt occupies one replica; an urgent short request goes to the other one."""
+    from cluster.state_client import ClusterState
+
+    long_result: dict = {}
+
+    def send_long() -> None:
+        long_result["resp"] = _post("/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700,
+                                                        "max_tokens": 2}, {"x-slo-class": "batch"})
+
+    async def busy_replica() -> tuple[str, dict]:
+        async with ClusterState(cluster["redis_url"], namespace=NAMESPACE) as state:
+            for _ in range(600):  # bounded: the long request shows up in Redis within seconds
+                states = await state.read_all_replica_states(skip_invalid=True)
+                for rid, st in states.items():
+                    if any(q.prompt_tokens > 1000 for q in st.requests):
+                        return rid, states
+                await asyncio.sleep(0.05)
+        raise AssertionError("the long request never appeared in any replica's Redis state")
+
+    thread = threading.Thread(target=send_long)
+    thread.start()
+    busy, states = asyncio.run(busy_replica())
+    assert len(states) == 2
+    started = time.time()
+    code, body, headers = _post("/v1/completions", {"model": MODEL, "prompt": "Hi there", "max_tokens": 2},
+                                {"x-slo-class": "interactive"})
+    assert code == 200
+    assert headers["x-flowprefill-replica"] != busy
+    thread.join()
+    assert long_result["resp"][0] == 200 and long_result["resp"][2]["x-flowprefill-replica"] == busy
+    assert time.time() - started < 60
