@@ -72,13 +72,17 @@ def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
                                "profile": str(profile_cache_path(model))}}
 
 
-def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy the app; returns its URL."""
+def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None, grpc_port: int = 9000) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and gRPC proxy on ``grpc_port``, deploy the app; returns its URL."""
     from ray import serve
+    from ray.serve.config import gRPCOptions
 
     from cluster.app import build
+    from router.grpc_build import ensure_stubs
 
-    serve.start(http_options={"host": host, "port": port}, detached=False)
+    ensure_stubs()
+    grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=["router.grpc_build.add_servicer_to_server"])
+    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc, detached=False)
     app_args = {**args}
     if redis_url:
         app_args["redis_url"] = redis_url

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.api_errors import APIError
 from router.metrics import RouterMetrics
+from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
 from router.responses import StreamEncoder, response_body
 from router.slo import SLOPolicy
@@ -74,6 +75,20 @@ class RouterIngress:
         """``GET /metrics`` in Prometheus text format."""
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
+        """gRPC ``flowprefill.v1.FlowPrefill/Generate`` (server streaming), same validation as HTTP."""
+        from router.grpc_service import generate_stream
+
+        async for chunk in generate_stream(request, config=self.protocol, tokenizer=self.tokenizer,
+                                           send=self._outputs, grpc_context=grpc_context, error_chunk=True):
+            yield chunk
+
+    def Health(self, request: Any) -> Any:  # noqa: N802, ANN401
+        """gRPC ``flowprefill.v1.FlowPrefill/Health``."""
+        from router.grpc_service import health_reply
+
+        return health_reply([self.model_name])
+
     # ------------------------------------------------------------------ request path
     async def _handle(self, request: Request, parse: Any, endpoint: str) -> Response:  # noqa: ANN401
         arrival = time.time()
@@ -87,25 +102,13 @@ class RouterIngress:
             self.metrics.rejections.labels(str(err.status)).inc()
             self.metrics.requests.labels(endpoint, "rejected").inc()
             return _error_response(err)
-        payload = self._payload(req, arrival)
+        payload = build_payload(req, arrival)
         if req.stream:
             return StreamingResponse(self._stream(req, payload, endpoint), media_type="text/event-stream",
                                      headers={"x-flowprefill-request-id": req.request_id})
         return await self._collect(req, payload, endpoint)
 
-    def _payload(self, req: GenerateRequest, arrival: float) -> dict[str, Any]:
-        s = req.sampling
-        return {
-            "request_id": req.request_id, "prompt_token_ids": list(req.prompt_token_ids or ()), "arrival_s": arrival,
-            "ttft_slo_s": req.slo.ttft_slo_s, "tpot_slo_s": req.slo.tpot_slo_s, "priority": req.slo.priority,
-            "slo_class": req.slo.class_name, "sheddable": req.slo.sheddable,
-            "deadline": arrival + req.slo.ttft_slo_s, "prompt_tokens": req.num_prompt_tokens or 0,
-            "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-                         "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop),
-                         "stop_token_ids": list(s.stop_token_ids), "ignore_eos": s.ignore_eos},
-        }
-
-    async def _outputs(self, req: GenerateRequest, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _outputs(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures."""
         first_at: float | None = None
         tokens = 0
@@ -122,20 +125,20 @@ class RouterIngress:
                 if out["token_ids"] and first_at is None:
                     first_at = time.time()
                     ttft = first_at - payload["arrival_s"]
-                    self.metrics.observe_ttft(req.slo.class_name, ttft, req.slo.ttft_slo_s)
+                    self.metrics.observe_ttft(payload["slo_class"], ttft, payload["ttft_slo_s"])
                 tokens += len(out["token_ids"])
                 yield out
         finally:
             if not finished:  # client went away or the stream failed: the replica aborts and frees KV
                 stream.cancel()
         if first_at is not None and tokens > 1:
-            self.metrics.tpot.labels(req.slo.class_name).observe((time.time() - first_at) / (tokens - 1))
+            self.metrics.tpot.labels(payload["slo_class"]).observe((time.time() - first_at) / (tokens - 1))
 
     async def _collect(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> Response:
         text, reason, prompt_tokens, completion = [], "length", payload["prompt_tokens"], 0
         replica = ""
         try:
-            async for out in self._outputs(req, payload):
+            async for out in self._outputs(payload):
                 replica = out.get("replica_id", replica)
                 text.append(out["text"])
                 completion = out["completion_tokens"] or completion
@@ -156,7 +159,7 @@ class RouterIngress:
             yield opening
         completion = 0
         try:
-            async for out in self._outputs(req, payload):
+            async for out in self._outputs(payload):
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
                     yield enc.finish(out["finish_reason"], payload["prompt_tokens"], completion, out["text"])

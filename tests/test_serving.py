@@ -13,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 PORT = 8765
+GRPC_PORT = 9765
 BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "SmolLM2-135M-Instruct"
 NAMESPACE = "serving-test"
@@ -44,7 +45,7 @@ def cluster(redis_server, default_model_dir, tmp_path_factory):
     })
     start_local_ray(num_cpus=4)
     try:
-        run_app(args, "127.0.0.1", PORT, redis_server.url)
+        run_app(args, "127.0.0.1", PORT, redis_server.url, grpc_port=GRPC_PORT)
         yield {"redis_url": redis_server.url, "args": args}
     finally:
         serve.shutdown()
@@ -157,3 +158,27 @@ def test_urgent_request_is_routed_away_from_a_busy_replica_and_redis_state_match
     thread.join()
     assert long_result["resp"][0] == 200 and long_result["resp"][2]["x-flowprefill-replica"] == busy
     assert time.time() - started < 60
+
+
+def test_grpc_client_streams_tokens_and_bad_input_is_invalid_argument(cluster):
+    import grpc
+
+    from router.grpc_build import ensure_stubs
+
+    ensure_stubs()
+    from router.grpc_gen import flowprefill_pb2 as pb
+    from router.grpc_gen import flowprefill_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        stub = pb_grpc.FlowPrefillStub(channel)
+        assert stub.Health(pb.HealthRequest(), timeout=60).status == "SERVING"
+        request = pb.GenerateRequest(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+        chunks = list(stub.Generate(request, timeout=120))
+        text = "".join(c.text for c in chunks)
+        assert sum(len(c.token_ids) for c in chunks) == 6 and text.strip()
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
+        bad = pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=-3)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(bad, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_tokens" in err.value.details()
