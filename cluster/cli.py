@@ -133,7 +133,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["num_replicas"] = args.replicas
     if args.router_policy:
         overrides["router_policy"] = args.router_policy
-    return serve_main(Path(args.config or DEFAULT_CONFIG), overrides, args.host, args.port, args.num_cpus)
+    return serve_main(Path(args.config or DEFAULT_CONFIG), overrides, args.host, args.port, args.num_cpus,
+                      args.grpc_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="Serve config (default: ray_config.yaml)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--grpc-port", type=int, default=9000)
     srv.add_argument("--policy", choices=["flowprefill", "chunked", "fcfs"], default=None)
     srv.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"], default=None)
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")

@@ -91,7 +91,7 @@ def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None
 
 
 def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port: int,
-               num_cpus: int | None = None) -> int:
+               num_cpus: int | None = None, grpc_port: int = 9000) -> int:
     """Run until interrupted; returns the process exit code."""
     args = ensure_profile({**load_app_args(config_path), **overrides})
     redis: RedisServer | None = None
@@ -103,8 +103,9 @@ def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port:
         start_local_ray(num_cpus)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
-        url = run_app(args, host, port, redis_url)
-        print(f"FlowPrefill is serving the OpenAI API at {url}/v1 (Ctrl-C to stop)", flush=True)
+        url = run_app(args, host, port, redis_url, grpc_port)
+        print(f"FlowPrefill is serving the OpenAI API at {url}/v1 and gRPC at 127.0.0.1:{grpc_port} "
+              "(Ctrl-C to stop)", flush=True)
         stop.wait()
         print("shutting down", file=sys.stderr)
         return 0
