@@ -89,12 +89,11 @@ def replay(engine: ReplicaEngine, requests: Sequence[ReplayRequest], *, drain_s:
 
     start = time.monotonic()
     for i, r in enumerate(requests):
-        delay = start + r.arrival_s - time.monotonic()
-        if delay > IDLE_SKIP_S and all(ev.is_set() for ev in done[:i]) and not engine.live:
-            start -= delay - IDLE_SKIP_S  # nothing in flight: skip the idle stretch
-            delay = IDLE_SKIP_S
-        if delay > 0:
-            time.sleep(delay)
+        while (delay := start + r.arrival_s - time.monotonic()) > 0:
+            if delay > IDLE_SKIP_S and all(ev.is_set() for ev in done[:i]) and not engine.live:
+                start -= delay - IDLE_SKIP_S  # nothing in flight: skip the idle stretch
+                continue
+            time.sleep(min(delay, 0.05))
         req = Request(f"{tag}-{i}", r.prompt_ids, arrival_s=engine.clock(), ttft_slo_s=r.ttft_slo_s,
                       priority=r.slo_class.priority, slo_class=r.slo_class.name, sheddable=r.slo_class.sheddable,
                       max_tokens=r.max_tokens)
