@@ -78,11 +78,11 @@ class ReplicaServer:
         self.cluster = ClusterState(redis_url, namespace=namespace, state_ttl_s=state_ttl_s) if redis_url else None
         self._publisher: asyncio.Task[None] | None = None
         if self.cluster is not None:
+            hardware = "_".join(self.engine.cost_model.hardware.split()) or "unknown"
             info = ReplicaInfo(self.replica_id, self.engine.model.name, "flowprefill", self.config.policy,
-                               registered_at=time.time())
+                               hardware=hardware, registered_at=time.time())
             try:
                 await self.cluster.register_replica(self.replica_id, info)
-                hardware = "_".join(self.engine.cost_model.hardware.split()) or "unknown"
                 await self.cluster.save_profile(self.engine.model.name, hardware, self.engine.cost_model)
             except StateUnavailable as exc:
                 log.warning("replica %s: Redis unavailable at start (%s); will keep publishing", self.replica_id, exc)

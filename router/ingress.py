@@ -28,6 +28,17 @@ log = logging.getLogger("flowprefill.router")
 app = FastAPI(title="FlowPrefill", description="SLO-aware LLM serving (OpenAI-compatible API)")
 
 
+async def _shed_as_429(stream: Any) -> AsyncIterator[dict[str, Any]]:  # noqa: ANN401
+    """Replica outputs; a request the router shed (no replica can meet its deadline) becomes a 429."""
+    from router.request_router import RequestShed
+
+    try:
+        async for out in stream:
+            yield out
+    except RequestShed as exc:
+        raise APIError.shed(str(exc) or "no replica can meet this request's TTFT SLO", retry_after_s=1.0) from exc
+
+
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.to_body(), status_code=err.status, headers=err.headers or None)
 
@@ -52,6 +63,16 @@ class RouterIngress:
         )
         self.metrics = RouterMetrics()
         self.admission = admission
+        from router.request_router import STATS
+
+        STATS.hooks.append(self._on_routing_event)
+
+    def _on_routing_event(self, event: str, value: float) -> None:
+        """Feed the request router's decisions (same process as this ingress) into /metrics."""
+        if event == "decision_ms":
+            self.metrics.routing_ms.observe(value)
+        elif event == "redis_fallback":
+            self.metrics.redis_fallbacks.inc()
 
     # ------------------------------------------------------------------ endpoints
     async def completions(self, request: Request) -> Response:
@@ -115,7 +136,7 @@ class RouterIngress:
         finished = False
         stream = self.replicas.options(stream=True).generate.remote(payload)
         try:
-            async for out in stream:
+            async for out in _shed_as_429(stream):
                 finished = out.get("finish_reason") is not None
                 if out.get("finish_reason") in ("rejected", "error", "abort"):
                     status = 429 if out["finish_reason"] == "rejected" else 503

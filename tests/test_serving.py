@@ -4,7 +4,6 @@ import asyncio
 import json
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -39,7 +38,7 @@ def cluster(redis_server, default_model_dir, tmp_path_factory):
     from ray import serve
 
     args = ensure_profile({
-        "model_name": MODEL, "num_replicas": 2, "replica_cpus": 1.0, "router_policy": "pow2",
+        "model_name": MODEL, "num_replicas": 2, "replica_cpus": 1.0, "router_policy": "slo_aware",
         "namespace": NAMESPACE,
         "engine": {"model": str(default_model_dir), "kv_cache_bytes": 256 << 20, "admission_control": True},
     })
@@ -126,18 +125,18 @@ def test_metrics_and_health(cluster):
     assert "flowprefill_rejections_total" in text
 
 
-def test_urgent_request_is_routed_away_from_a_busy_replica_and_redis_state_matches(cluster):
-    """A long prompt occupies one replica; an urgent short request goes to the other one."""
+def _busy_then_short(cluster, prefix: str, namespace: str, shorts: int) -> tuple[str, list[str]]:
+    """Occupy one replica with a long prompt; then send short urgent requests; return where they went."""
     from cluster.state_client import ClusterState
 
     long_result: dict = {}
 
     def send_long() -> None:
-        long_result["resp"] = _post("/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700,
-                                                        "max_tokens": 2}, {"x-slo-class": "batch"})
+        long_result["resp"] = _post(prefix + "/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700,
+                                                                 "max_tokens": 2}, {"x-slo-class": "batch"})
 
     async def busy_replica() -> tuple[str, dict]:
-        async with ClusterState(cluster["redis_url"], namespace=NAMESPACE) as state:
+        async with ClusterState(cluster["redis_url"], namespace=namespace) as state:
             for _ in range(600):  # bounded: the long request shows up in Redis within seconds
                 states = await state.read_all_replica_states(skip_invalid=True)
                 for rid, st in states.items():
@@ -150,14 +149,35 @@ def test_urgent_request_is_routed_away_from_a_busy_replica_and_redis_state_match
     thread.start()
     busy, states = asyncio.run(busy_replica())
     assert len(states) == 2
-    started = time.time()
-    code, body, headers = _post("/v1/completions", {"model": MODEL, "prompt": "Hi there", "max_tokens": 2},
-                                {"x-slo-class": "interactive"})
-    assert code == 200
-    assert headers["x-flowprefill-replica"] != busy
+    placed = []
+    for _ in range(shorts):
+        code, _, headers = _post(prefix + "/v1/completions", {"model": MODEL, "prompt": "Hi there", "max_tokens": 1},
+                                 {"x-slo-class": "interactive"})
+        assert code == 200
+        placed.append(headers["x-flowprefill-replica"])
     thread.join()
     assert long_result["resp"][0] == 200 and long_result["resp"][2]["x-flowprefill-replica"] == busy
-    assert time.time() - started < 60
+    return busy, placed
+
+
+def test_urgent_requests_avoid_the_busy_replica_with_slo_aware_routing(cluster):
+    busy, placed = _busy_then_short(cluster, "", NAMESPACE, shorts=3)
+    assert busy not in placed
+
+
+def test_round_robin_sends_urgent_requests_to_the_busy_replica_too(cluster):
+    from ray import serve
+
+    from cluster.app import build
+
+    args = {**cluster["args"], "router_policy": "round_robin", "namespace": NAMESPACE + "-rr",
+            "redis_url": cluster["redis_url"]}
+    serve.run(build(args), name="flowprefill-rr", route_prefix="/rr", blocking=False)
+    try:
+        busy, placed = _busy_then_short(cluster, "/rr", NAMESPACE + "-rr", shorts=3)
+        assert busy in placed
+    finally:
+        serve.delete("flowprefill-rr")
 
 
 def test_grpc_client_streams_tokens_and_bad_input_is_invalid_argument(cluster):

@@ -1,0 +1,353 @@
+"""Replica placement: predicted TTFT per replica and the routing policies (pure: no Ray, no Redis).
+
+TTFT model of a request ``q`` placed on replica ``r`` (seconds from ``now``)::
+
+    ttft(q, r) = max(W_ahead - age, 0) + I_r + P_r + c(q)
+
+* ``c(q) = cost_model.predict(prompt_tokens)``: the request's own prefill.
+* ``W_ahead``: predicted remaining work that the replica's scheduler runs before ``q``.  It orders
+  by ``(slack <= 0, deadline)`` (:mod:`replicas.scheduler.priority`: feasible work first, EDF,
+  then late work, EDF) and preempts the running batch for more urgent work, so only work whose
+  key is ``<=`` q's key counts (equal deadlines count: pessimistic).  The running batch counts as
+  one unit with its most urgent member's key and the batch's remaining seconds.
+* ``age = now - updated_at`` of the published state: the replica has worked that long since,
+  on the most urgent work first, i.e. on the work ahead of ``q``.
+* ``I_r``: seconds dispatched by routers but not yet in the state; deadlines unknown, assumed ahead.
+* ``P_r``: when ``q`` preempts a running batch, the operator in flight finishes first
+  (:data:`PREEMPT_LATENCY_S`).
+
+Work with later deadlines does not delay ``q`` (it is preempted), but ``q`` delays it by ``c(q)``:
+placing ``q`` *harms* ``r`` when that pushes feasible later-deadline work past its deadline.
+
+Limits: short-request batching with the head (faster), the ``max_suspended_batches`` cap (no
+preemption at the cap: slower), decode steps interleaved at operator boundaries, KV-memory stalls
+and the priority tie-break are not modelled; feasibility is classified when the index is built
+(drifts for a few ms in a cached index); the cost model's error carries over; requests placed by
+other routers after the last state/in-flight read are unseen.
+
+Policies (:func:`rank_replicas`): ``slo_aware`` (default), ``round_robin``, ``least_loaded``.
+``pow2`` is Serve's own power-of-two router: choosing it means *not* setting
+``request_router_class`` on the replica deployment, so nothing here is involved.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from cluster.state_schema import QueuedRequest, ReplicaQueueState
+from replicas.scheduler.cost_model import CostModel
+
+POLICIES = ("slo_aware", "round_robin", "least_loaded")
+PREEMPT_LATENCY_S = 0.002  # finish the operator in flight before a preemption takes effect
+
+Key = tuple[bool, float]  # the replica's priority: (late, deadline); smaller runs first
+
+
+def _key(deadline: float, remaining_s: float, now: float) -> Key:
+    return ((deadline - now) - remaining_s <= 0.0, deadline)
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """What placement needs to know about a request (``deadline``: absolute ``time.time()`` seconds)."""
+
+    request_id: str
+    prompt_tokens: int
+    deadline: float
+    ttft_slo_s: float
+    sheddable: bool = False
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class QueueIndex:
+    """A replica's reported work split by the replica's feasibility class and sorted by deadline,
+    with prefix sums (O(log n) per prediction).  ``feasible_min_slack[i]`` is
+    ``min(deadline[j] - prefix[j] for j >= i)`` (slack relative to the snapshot start)."""
+
+    feasible_deadlines: tuple[float, ...] = ()
+    feasible_prefix: tuple[float, ...] = ()
+    feasible_min_slack: tuple[float, ...] = ()
+    late_deadlines: tuple[float, ...] = ()
+    late_prefix: tuple[float, ...] = ()
+    running_key: Key | None = None
+    total_s: float = 0.0
+
+    @classmethod
+    def build(
+        cls,
+        queued: Iterable[tuple[float, float]],
+        running: Sequence[tuple[float, float]],
+        running_remaining_s: float,
+        now: float,
+    ) -> QueueIndex:
+        """Index ``(deadline, remaining_s)`` items; the ``running`` batch is one unit costing
+        ``running_remaining_s`` (or its longest member when that is 0) under its best member's key."""
+        items = [(_key(d, s, now), s) for d, s in queued]
+        running_key = None
+        if running:
+            running_key = min(_key(d, s, now) for d, s in running)
+            items.append((running_key, running_remaining_s or max(s for _, s in running)))
+        items.sort()
+        feas = [(k[1], s) for k, s in items if not k[0]]
+        late = [(k[1], s) for k, s in items if k[0]]
+        f_pre = tuple(accumulate(s for _, s in feas))
+        l_pre = tuple(accumulate(s for _, s in late))
+        min_slack, m = [0.0] * len(feas), math.inf
+        for i in range(len(feas) - 1, -1, -1):
+            m = min(m, feas[i][0] - f_pre[i])
+            min_slack[i] = m
+        total = (f_pre[-1] if f_pre else 0.0) + (l_pre[-1] if l_pre else 0.0)
+        return cls(tuple(d for d, _ in feas), f_pre, tuple(min_slack), tuple(d for d, _ in late), l_pre,
+                   running_key, total)
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What the router knows about one replica: queued (waiting/suspended) and running requests as
+    ``(deadline, predicted remaining s)``, in-flight seconds, snapshot age; ``known=False`` when the
+    replica published no state (then only ``inflight_s`` is known); stale loads are used as unknown."""
+
+    replica_id: str
+    queued: tuple[tuple[float, float], ...] = ()
+    running: tuple[tuple[float, float], ...] = ()
+    running_remaining_s: float = 0.0
+    inflight_s: float = 0.0
+    age_s: float = 0.0
+    stale: bool = False
+    known: bool = True
+    index: QueueIndex | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the queue state is trusted (known and fresh)."""
+        return self.known and not self.stale
+
+    def get_index(self, now: float) -> QueueIndex:
+        """The :class:`QueueIndex` (built on first use, classified at ``now``, then cached)."""
+        if self.index is None:
+            idx = QueueIndex.build(self.queued, self.running, self.running_remaining_s, now)
+            object.__setattr__(self, "index", idx)
+            return idx
+        return self.index
+
+    def pending_s(self, now: float) -> float:
+        """Predicted seconds of all work on the replica (age-decayed state plus in flight)."""
+        if not self.usable:
+            return self.inflight_s
+        return max(self.get_index(now).total_s - self.age_s, 0.0) + self.inflight_s
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    """Replica ids in preference order (one per Serve tier), predicted TTFTs, and the verdict."""
+
+    ranked: list[str]
+    predicted_ttft: dict[str, float]
+    shed: bool
+    reason: str
+    cost_s: float = 0.0  # the request's own predicted prefill seconds (what goes in flight)
+
+
+def load_from_state(
+    state: ReplicaQueueState, inflight_s: float, now: float, max_age_s: float, index: QueueIndex | None = None
+) -> ReplicaLoad:
+    """A :class:`ReplicaLoad` from a published state (``index``: a cached one for this state)."""
+    reqs: Sequence[QueuedRequest] = state.requests
+    age = max(now - state.updated_at, 0.0)
+    return ReplicaLoad(
+        replica_id=state.replica_id,
+        queued=tuple((q.deadline, q.predicted_remaining_s) for q in reqs if q.status != "running"),
+        running=tuple((q.deadline, q.predicted_remaining_s) for q in reqs if q.status == "running"),
+        running_remaining_s=state.running_remaining_s,
+        inflight_s=max(inflight_s, 0.0),
+        age_s=age,
+        stale=age > max_age_s,
+        index=index,
+    )
+
+
+def evaluate(
+    deadline: float, cost_s: float, load: ReplicaLoad, now: float, preempt_latency_s: float = PREEMPT_LATENCY_S
+) -> tuple[float, bool]:
+    """``(predicted TTFT, harm)`` of a request with ``deadline`` and own cost ``cost_s`` on ``load``."""
+    if not load.usable:
+        return load.inflight_s + cost_s, False
+    idx = load.get_index(now)
+    own: Key = (deadline - now - cost_s <= 0.0, deadline)
+    harm = False
+    if not own[0]:
+        k = bisect_right(idx.feasible_deadlines, deadline)
+        ahead = idx.feasible_prefix[k - 1] if k else 0.0
+        if k < len(idx.feasible_deadlines):  # feasible later-deadline work that q delays by cost_s
+            slack = idx.feasible_min_slack[k] - (now - load.age_s + load.inflight_s)
+            harm = slack >= 0.0 and slack - cost_s < 0.0
+    else:  # q is late already: every feasible request runs first, then late ones EDF
+        k = bisect_right(idx.late_deadlines, deadline)
+        ahead = (idx.feasible_prefix[-1] if idx.feasible_prefix else 0.0) + (idx.late_prefix[k - 1] if k else 0.0)
+    ttft = max(ahead - load.age_s, 0.0) + load.inflight_s + cost_s
+    if idx.running_key is not None and idx.running_key > own:
+        ttft += preempt_latency_s
+    return ttft, harm
+
+
+def predict_ttft(
+    req: PlacementRequest, load: ReplicaLoad, cost_model: CostModel, now: float,
+    preempt_latency_s: float = PREEMPT_LATENCY_S,
+) -> float:
+    """Predicted TTFT (seconds from ``now``) of ``req`` on ``load`` (model: module docstring)."""
+    return evaluate(req.deadline, cost_model.predict(req.prompt_tokens), load, now, preempt_latency_s)[0]
+
+
+def rank_replicas(
+    policy: str,
+    req: PlacementRequest | None,
+    loads: Sequence[ReplicaLoad],
+    cost_model: CostModel,
+    now: float,
+    rr_counter: int = 0,
+    *,
+    margin_s: float = 0.0,
+    allow_shed: bool = True,
+    preempt_latency_s: float = PREEMPT_LATENCY_S,
+) -> PlacementDecision:
+    """Rank ``loads`` under ``policy`` (``req=None``: no metadata, falls back to least-loaded).
+
+    ``slo_aware`` tiers: (1) replicas meeting the deadline with ``margin_s`` to spare, ones that
+    harm no later work first, then least slack (bin packing keeps idle headroom for urgent work);
+    (2) meeting it with less than ``margin_s``, most slack first; (3) replicas without a usable
+    state (no state or stale), by predicted TTFT; (4) late ones, least late first.  ``shed`` when
+    ``req`` is sheddable, ``allow_shed`` and no replica is predicted to meet the deadline.
+    """
+    if not loads:
+        return PlacementDecision([], {}, False, "no candidate replicas")
+    cost = cost_model.predict(req.prompt_tokens) if req is not None else 0.0
+    if policy == "round_robin":
+        ids = sorted(ld.replica_id for ld in loads)
+        start = rr_counter % len(ids)
+        return PlacementDecision(ids[start:] + ids[:start], {}, False, "round robin", cost)
+    if policy == "least_loaded" or req is None:
+        order = sorted(loads, key=lambda ld: (ld.pending_s(now), ld.replica_id))
+        why = "least loaded" if req is not None else "no request metadata: least loaded"
+        return PlacementDecision([ld.replica_id for ld in order], {}, False, why, cost)
+    if policy != "slo_aware":
+        raise ValueError(f"unknown placement policy {policy!r}; expected one of {POLICIES}")
+    ttfts: dict[str, float] = {}
+    ranked: list[tuple[tuple[int, float, float, float, str], str]] = []
+    budget = req.deadline - now
+    for ld in loads:
+        ttft, harm = evaluate(req.deadline, cost, ld, now, preempt_latency_s)
+        ttfts[ld.replica_id] = ttft
+        slack = budget - ttft
+        if not ld.usable:
+            key = (2, ttft, 0.0, 0.0, ld.replica_id)
+        elif slack < 0.0:
+            key = (3, -slack, 0.0, 0.0, ld.replica_id)
+        elif slack < margin_s:
+            key = (1, -slack, 0.0, 0.0, ld.replica_id)
+        else:
+            key = (0, float(harm), slack, ld.pending_s(now), ld.replica_id)
+        ranked.append((key, ld.replica_id))
+    ranked.sort()
+    best_key, best = ranked[0]
+    feasible = any(ttfts[r] <= budget for _, r in ranked)
+    shed = req.sheddable and allow_shed and not feasible
+    if shed:
+        reason = f"shed: no replica meets the deadline (best {best} late by {ttfts[best] - budget:.4f}s)"
+    elif best_key[0] == 0:
+        reason = f"packed on {best}: {best_key[2]:.4f}s to spare" + (" (harms later work)" if best_key[1] else "")
+    elif best_key[0] == 1:
+        reason = f"tight on {best}: {budget - ttfts[best]:.4f}s to spare"
+    elif best_key[0] == 2:
+        reason = f"no usable state for {best}: predicted {ttfts[best]:.4f}s"
+    else:
+        reason = f"none meets the deadline: least late {best} by {ttfts[best] - budget:.4f}s"
+    return PlacementDecision([r for _, r in ranked], ttfts, shed, reason, cost)
+
+
+class LocalLoadEstimator:
+    """Fallback while Redis is away: per replica, the work this router itself dispatched, drained at
+    1 s of work per s of wall time in EDF order (as the replica runs it), so routing still spreads
+    load.  Blind to other routers' work; a request leaves on :meth:`completed` or when drained."""
+
+    def __init__(self) -> None:
+        self._work: dict[str, dict[str, list[float]]] = {}  # replica -> request id -> [deadline, remaining s]
+        self._where: dict[str, str] = {}  # request id -> replica
+        self._drained_at: dict[str, float] = {}
+
+    def dispatched(self, replica_id: str, request_id: str, predicted_s: float, deadline: float, now: float) -> None:
+        """Record ``predicted_s`` seconds of prefill dispatched to ``replica_id`` at ``now``."""
+        self.completed(request_id)
+        self._drain(replica_id, now)
+        self._work.setdefault(replica_id, {})[request_id] = [deadline, max(predicted_s, 0.0)]
+        self._where[request_id] = replica_id
+
+    def completed(self, request_id: str) -> None:
+        """Forget a request (finished, failed or cancelled); unknown ids are ignored."""
+        rid = self._where.pop(request_id, None)
+        if rid is not None:
+            self._work.get(rid, {}).pop(request_id, None)
+
+    def loads(self, replica_ids: Iterable[str], now: float) -> list[ReplicaLoad]:
+        """Estimated loads of ``replica_ids`` at ``now`` (fresh, known: usable by every policy)."""
+        out = []
+        for rid in replica_ids:
+            self._drain(rid, now)
+            out.append(ReplicaLoad(rid, queued=tuple((d, s) for d, s in self._work.get(rid, {}).values())))
+        return out
+
+    def _drain(self, replica_id: str, now: float) -> None:
+        elapsed = now - self._drained_at.get(replica_id, now)
+        self._drained_at[replica_id] = max(now, self._drained_at.get(replica_id, now))
+        work = self._work.get(replica_id)
+        if not work or elapsed <= 0.0:
+            return
+        for req_id, item in sorted(work.items(), key=lambda kv: kv[1][0]):
+            done = min(item[1], elapsed)
+            item[1] -= done
+            elapsed -= done
+            if item[1] <= 0.0:
+                del work[req_id]
+                self._where.pop(req_id, None)
+            if elapsed <= 0.0:
+                break
+
+
+def bench_placement(n_replicas: int = 8, n_queued: int = 100, iterations: int = 2000, seed: int = 0) -> dict:
+    """Time :func:`rank_replicas` (``slo_aware``, prebuilt indices, as the router caches them per
+    state) and the index build: ``median_s``, ``p99_s``, ``build_median_s`` (one replica)."""
+    rng = random.Random(seed)
+    now = time.time()
+    cost = CostModel.from_coefficients(2e-3, 5e-5, 1e-9)
+    loads, builds = [], []
+    for r in range(n_replicas):
+        reqs = tuple(
+            QueuedRequest(f"r{r}-{i}", "running" if i == 0 else "waiting", now + rng.uniform(-0.5, 5.0),
+                          rng.uniform(0.001, 0.2), rng.randint(16, 4096))
+            for i in range(n_queued)
+        )
+        state = ReplicaQueueState(f"rep{r}", "flowprefill", "m", now - 0.01, 1, reqs, 0.05)
+        t0 = time.perf_counter()
+        load = load_from_state(state, rng.uniform(0, 0.1), now, 5.0)
+        load.get_index(now)
+        builds.append(time.perf_counter() - t0)
+        loads.append(load)
+    times = []
+    for i in range(iterations):
+        req = PlacementRequest(f"q{i}", rng.randint(16, 2048), now + rng.uniform(0.05, 3.0), 1.0, bool(i % 2))
+        t0 = time.perf_counter()
+        rank_replicas("slo_aware", req, loads, cost, now)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "n_replicas": n_replicas, "n_queued": n_queued, "iterations": iterations,
+        "median_s": statistics.median(times), "p99_s": times[min(len(times) - 1, int(0.99 * len(times)))],
+        "build_median_s": statistics.median(builds),
+    }

@@ -1,0 +1,384 @@
+"""Ray Serve request router: places each request by predicted TTFT (:mod:`router.placement`).
+
+Configured on the replica deployment (``cluster/app.py``) with ``RequestRouterConfig(
+request_router_class="router.request_router.SLOAwareRequestRouter", request_router_kwargs={...})``;
+the kwargs reach :meth:`SLOAwareRequestRouter.initialize_state`.  The caller sends
+``handle.generate.remote(payload)`` (or ``payload=...``), a dict with ``request_id``,
+``prompt_tokens``, ``deadline`` (``time.time()`` seconds), ``ttft_slo_s``, ``sheddable`` and
+``priority`` (:func:`router.payload.build_payload`).  Without usable metadata it routes least-loaded.
+
+Each decision reads every replica's queue state and in-flight totals from Redis (cached for
+``cache_ttl_s``, one read in flight at a time), ranks the candidates (the Redis replica id is
+``RunningReplica.replica_id.unique_id``) and returns one replica per tier (strict order).  When a
+replica accepts the request (``on_request_routed``) its predicted seconds are added to that
+replica's in-flight hash, fire-and-forget.  When Redis is unavailable, a
+:class:`~router.placement.LocalLoadEstimator` of this router's own dispatches stands in
+(a warning once per outage, :data:`STATS` ``redis_fallbacks`` per decision).
+
+Shedding: a sheddable request that no replica is predicted to serve in time fails its handle call
+with :class:`RequestShed` (set on the pending request's future), which the ingress answers with 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from cluster.state_client import ClusterState, StateUnavailable
+from cluster.state_schema import ReplicaQueueState
+from replicas.scheduler.cost_model import CostModel
+from router.placement import (
+    POLICIES,
+    PREEMPT_LATENCY_S,
+    LocalLoadEstimator,
+    PlacementDecision,
+    PlacementRequest,
+    ReplicaLoad,
+    load_from_state,
+    rank_replicas,
+)
+
+log = logging.getLogger("ray.serve")
+# Conservative (slow) analytic prefill model until a profile is found: no shedding while it is used.
+DEFAULT_COST_MODEL = CostModel.from_coefficients(5e-3, 2e-4, 1e-8, model="default-analytic")
+_DECISION_MS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
+_INDEX_TTL_S = 0.05  # re-classify a cached queue index after this long even if the state is unchanged
+_PROVISIONAL_TTL_S = 2.0  # forget a decision that was never routed after this long
+
+
+class RequestShed(Exception):
+    """A sheddable request that no replica is predicted to serve before its deadline (HTTP 429)."""
+
+
+class RouterStats:
+    """Process-wide routing metrics: counters, the last decision times (ms) and optional hooks
+    ``hook(event, value)`` with events ``"decision_ms"``, ``"redis_fallback"`` and ``"shed"``
+    (e.g. to feed the ingress's Prometheus metrics).  Ray Serve metrics are recorded too when Ray
+    is initialized."""
+
+    def __init__(self, history: int = 4096) -> None:
+        self.decisions = 0
+        self.redis_fallbacks = 0
+        self.sheds = 0
+        self.decision_ms: deque[float] = deque(maxlen=history)
+        self.hooks: list[Callable[[str, float], None]] = []
+        self._ray: tuple[Any, Any] | None = None
+
+    def _emit(self, event: str, value: float) -> None:
+        for hook in list(self.hooks):
+            try:
+                hook(event, value)
+            except Exception:  # a metrics hook must never break routing
+                log.exception("routing metrics hook failed")
+        if self._ray is None:
+            try:
+                import ray
+                from ray.serve.metrics import Counter, Histogram
+
+                if not ray.is_initialized():
+                    return
+                self._ray = (
+                    Histogram("flowprefill_routing_decision_ms", "Placement decision time (ms)", _DECISION_MS_BUCKETS),
+                    Counter("flowprefill_redis_fallbacks", "Routing decisions made without Redis"),
+                )
+            except Exception:
+                return
+        try:
+            if event == "decision_ms":
+                self._ray[0].observe(value)
+            elif event == "redis_fallback":
+                self._ray[1].inc()
+        except Exception:
+            log.debug("recording a Ray metric failed", exc_info=True)
+
+    def decision(self, ms: float) -> None:
+        """Record one decision's duration."""
+        self.decisions += 1
+        self.decision_ms.append(ms)
+        self._emit("decision_ms", ms)
+
+    def fallback(self) -> None:
+        """Record a decision made from local estimates because Redis was unavailable."""
+        self.redis_fallbacks += 1
+        self._emit("redis_fallback", 1.0)
+
+    def shed(self) -> None:
+        """Record a shed request."""
+        self.sheds += 1
+        self._emit("shed", 1.0)
+
+
+STATS = RouterStats()
+
+
+def payload_of(pending_request: PendingRequest | None) -> Mapping[str, Any] | None:
+    """The payload dict of a handle call: first positional argument or keyword ``payload``."""
+    if pending_request is None:
+        return None
+    if pending_request.args and isinstance(pending_request.args[0], Mapping):
+        return pending_request.args[0]
+    payload = pending_request.kwargs.get("payload")
+    return payload if isinstance(payload, Mapping) else None
+
+
+def _finite(v: object) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def placement_request(payload: Mapping[str, Any] | None, now: float, fallback_id: str = "") -> PlacementRequest | None:
+    """Parse a payload defensively; None when the size or the deadline cannot be determined.
+
+    ``deadline`` falls back to ``arrival_s + ttft_slo_s``, then ``now + ttft_slo_s``;
+    ``prompt_tokens`` to ``len(prompt_token_ids)``."""
+    if not payload:
+        return None
+    tokens = payload.get("prompt_tokens")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        ids = payload.get("prompt_token_ids")
+        tokens = len(ids) if isinstance(ids, list | tuple) else None
+    slo = _finite(payload.get("ttft_slo_s"))
+    deadline = _finite(payload.get("deadline"))
+    if deadline is None and slo is not None:
+        deadline = (_finite(payload.get("arrival_s")) or now) + slo
+    if tokens is None or deadline is None:
+        return None
+    priority = payload.get("priority", 0)
+    return PlacementRequest(
+        request_id=str(payload.get("request_id") or fallback_id),
+        prompt_tokens=tokens,
+        deadline=deadline,
+        ttft_slo_s=slo if slo is not None and slo > 0 else max(deadline - now, 0.0),
+        sheddable=payload.get("sheddable") is True,
+        priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 0,
+    )
+
+
+class SLOAwareRequestRouter(RequestRouter):
+    """Serve request router: ``slo_aware`` (default), ``round_robin`` or ``least_loaded`` placement."""
+
+    def initialize_state(
+        self,
+        redis_url: str | None = None,
+        namespace: str = "flowprefill",
+        policy: str = "slo_aware",
+        cost_model: dict | None = None,
+        max_state_age_s: float = 5.0,
+        cache_ttl_s: float = 0.005,
+        slack_margin_frac: float = 0.1,
+        shed: bool = True,
+        preempt_latency_s: float = PREEMPT_LATENCY_S,
+        redis_retry_s: float = 1.0,
+        cluster: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Set up (called by Serve with ``request_router_kwargs``).
+
+        ``cost_model``: a ``CostModel.to_dict()``; None loads a replica's profile from Redis
+        lazily (:data:`DEFAULT_COST_MODEL` until then).  ``slack_margin_frac``: a replica meeting
+        the deadline with less than this fraction of the TTFT SLO to spare ranks after roomier
+        ones.  ``cluster`` (a :class:`ClusterState`) and ``clock`` are injectable for tests.
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES} (pow2: use Serve's default router), got {policy!r}")
+        self._policy = policy
+        self._cluster = cluster if cluster is not None else (
+            ClusterState(redis_url, namespace=namespace, socket_timeout_s=0.25) if redis_url else None)
+        self._cost_model = CostModel.from_dict(cost_model, source="cost_model") if cost_model else DEFAULT_COST_MODEL
+        self._cost_from_redis = cost_model is None
+        self._profile_retry_at = 0.0
+        self._max_age_s, self._cache_ttl_s, self._margin_frac = max_state_age_s, cache_ttl_s, slack_margin_frac
+        self._shed, self._preempt_s, self._retry_s, self._clock = shed, preempt_latency_s, redis_retry_s, clock
+        self._estimator = LocalLoadEstimator()
+        self._rr = 0
+        self._snapshot: tuple[float, dict[str, ReplicaQueueState], dict[str, float]] | None = None
+        self._read: asyncio.Task | None = None
+        self._outage = False
+        self._retry_at = 0.0
+        self._bases: dict[str, tuple[int, float, float, ReplicaLoad]] = {}  # id -> (seq, updated_at, built, load)
+        self._provisional: dict[str, tuple[str, PlacementRequest, float, float]] = {}  # internal id -> decision
+        self._unconfirmed: dict[str, tuple[str, float]] = {}  # request id -> (replica, s) until add_inflight lands
+        self._req_ids: dict[str, str] = {}  # internal id -> request id
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ Serve hooks
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        """One replica per tier, best first (see :func:`router.placement.rank_replicas`)."""
+        t0 = time.perf_counter()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if not by_id:
+            return []
+        now = self._clock()
+        states, inflight = await self._cluster_view(now)
+        payload = payload_of(pending_request)
+        decision = self._decide(list(by_id), payload, states, inflight, now)
+        STATS.decision((time.perf_counter() - t0) * 1000.0)
+        if pending_request is not None:
+            req = placement_request(payload, now, pending_request.metadata.request_id)
+            if decision.shed and not pending_request.future.done():
+                STATS.shed()
+                pending_request.future.set_exception(RequestShed(f"request {req.request_id if req else ''}: "
+                                                                 f"{decision.reason}"))
+            elif req is not None and decision.ranked:
+                internal = pending_request.metadata.internal_request_id
+                self._provisional[internal] = (decision.ranked[0], req, decision.cost_s, now)
+        return [[by_id[r]] for r in decision.ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        """Record the dispatch: local estimate, and the replica's in-flight hash in Redis (async)."""
+        now, rid = self._clock(), replica_id.unique_id
+        internal = pending_request.metadata.internal_request_id
+        prov = self._provisional.pop(internal, None)
+        req = prov[1] if prov else placement_request(payload_of(pending_request), now,
+                                                      pending_request.metadata.request_id)
+        if req is None:
+            return
+        seconds = prov[2] if prov else self._cost_model.predict(req.prompt_tokens)
+        self._req_ids[internal] = req.request_id
+        self._estimator.dispatched(rid, req.request_id, seconds, req.deadline, now)
+        if self._cluster is None or self._outage:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._unconfirmed[req.request_id] = (rid, seconds)
+        self._spawn(loop, self._add_inflight(rid, req.request_id, seconds))
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Forget the request in the local estimate."""
+        self._provisional.pop(internal_request_id, None)
+        req_id = self._req_ids.pop(internal_request_id, None)
+        if req_id is not None:
+            self._estimator.completed(req_id)
+            self._unconfirmed.pop(req_id, None)
+
+    # ------------------------------------------------------------------ decision (no I/O)
+    def _decide(
+        self,
+        candidate_ids: Sequence[str],
+        payload: Mapping[str, Any] | None,
+        states: Mapping[str, ReplicaQueueState] | None,
+        inflight: Mapping[str, float] | None,
+        now: float,
+    ) -> PlacementDecision:
+        """Rank ``candidate_ids`` for ``payload``; ``states=None`` means Redis is unavailable
+        (local estimates).  Candidates without a state rank as unknown."""
+        req = placement_request(payload, now)
+        if states is None:
+            loads = self._estimator.loads(candidate_ids, now)
+        else:
+            extra: dict[str, float] = {}
+            for internal, (rid, _req, seconds, at) in list(self._provisional.items()):
+                if now - at <= _PROVISIONAL_TTL_S:
+                    extra[rid] = extra.get(rid, 0.0) + seconds
+                else:  # decided but never routed (cancelled)
+                    del self._provisional[internal]
+            for rid, seconds in self._unconfirmed.values():
+                extra[rid] = extra.get(rid, 0.0) + seconds
+            inflight = inflight or {}
+            loads = [self._load(rid, states.get(rid), inflight.get(rid, 0.0) + extra.get(rid, 0.0), now)
+                     for rid in candidate_ids]
+        margin = self._margin_frac * req.ttft_slo_s if req is not None else 0.0
+        decision = rank_replicas(self._policy, req, loads, self._cost_model, now, self._rr, margin_s=margin,
+                                 allow_shed=self._shed and self._cost_model is not DEFAULT_COST_MODEL,
+                                 preempt_latency_s=self._preempt_s)
+        self._rr += 1
+        return decision
+
+    def _load(self, rid: str, state: ReplicaQueueState | None, inflight_s: float, now: float) -> ReplicaLoad:
+        if state is None:
+            return ReplicaLoad(rid, inflight_s=inflight_s, known=False)
+        cached = self._bases.get(rid)
+        if cached and cached[:2] == (state.seq, state.updated_at) and now - cached[2] <= _INDEX_TTL_S:
+            b, age = cached[3], max(now - state.updated_at, 0.0)
+            return ReplicaLoad(rid, b.queued, b.running, b.running_remaining_s, inflight_s, age, age > self._max_age_s,
+                               True, b.index)
+        load = load_from_state(state, inflight_s, now, self._max_age_s)
+        load.get_index(now)
+        self._bases[rid] = (state.seq, state.updated_at, now, load)
+        return load
+
+    # ------------------------------------------------------------------ Redis
+    async def _cluster_view(self, now: float) -> tuple[dict[str, ReplicaQueueState] | None, dict[str, float] | None]:
+        """Cached (states, in-flight totals), or (None, None) when Redis is unavailable."""
+        if self._cluster is None:
+            return None, None
+        snap = self._snapshot
+        if snap is not None and now - snap[0] <= self._cache_ttl_s:
+            return snap[1], snap[2]
+        if self._outage:  # probe in the background; never hold a decision for a dead Redis
+            if now >= self._retry_at and (self._read is None or self._read.done()):
+                self._retry_at = now + self._retry_s
+                self._read = self._spawn(asyncio.get_running_loop(), self._refresh())
+            STATS.fallback()
+            return None, None
+        if self._read is None or self._read.done():
+            self._read = self._spawn(asyncio.get_running_loop(), self._refresh())
+        await asyncio.shield(self._read)
+        if self._outage or self._snapshot is None:
+            STATS.fallback()
+            return None, None
+        return self._snapshot[1], self._snapshot[2]
+
+    async def _refresh(self) -> None:
+        try:
+            states, inflight = await asyncio.gather(
+                self._cluster.read_all_replica_states(skip_invalid=True), self._cluster.read_inflight_totals())
+        except StateUnavailable as exc:
+            if not self._outage:
+                log.warning("SLO-aware router: %s; routing on local estimates until it returns", exc)
+            self._outage, self._retry_at = True, self._clock() + self._retry_s
+            return
+        except Exception:
+            log.exception("SLO-aware router: reading cluster state failed; using local estimates")
+            self._outage, self._retry_at = True, self._clock() + self._retry_s
+            return
+        if self._outage:
+            log.info("SLO-aware router: Redis is back; routing on cluster state again")
+        self._outage = False
+        self._snapshot = (self._clock(), states, inflight)
+        if self._cost_from_redis and states and self._clock() >= self._profile_retry_at:
+            await self._load_profile(states)
+
+    async def _load_profile(self, states: Mapping[str, ReplicaQueueState]) -> None:
+        """Adopt the cost profile a replica saved (model from its state, hardware from its info)."""
+        self._profile_retry_at = self._clock() + 30.0
+        rid = min(states)
+        try:
+            info = await self._cluster.replica_info(rid)
+            if info is None or not info.hardware:
+                return
+            profile = await self._cluster.load_profile(info.model, info.hardware)
+        except Exception as exc:  # keep the current model; try again later
+            log.warning("SLO-aware router: cannot load the cost profile of replica %s: %s", rid, exc)
+            return
+        if profile is not None:
+            self._cost_model, self._cost_from_redis = profile, False
+            log.info("SLO-aware router: using cost profile %s/%s", info.model, info.hardware)
+
+    async def _add_inflight(self, rid: str, request_id: str, seconds: float) -> None:
+        try:
+            await self._cluster.add_inflight(rid, request_id, seconds)
+        except StateUnavailable as exc:
+            log.debug("SLO-aware router: add_inflight skipped: %s", exc)
+        except Exception:
+            log.exception("SLO-aware router: add_inflight failed")
+        finally:
+            self._unconfirmed.pop(request_id, None)
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task:
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
