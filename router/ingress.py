@@ -8,6 +8,7 @@ the replica's scheduler. Outputs stream back as SSE or are collected into one JS
 """
 
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -151,7 +152,8 @@ class RouterIngress:
                 yield out
         finally:
             if not finished:  # client went away or the stream failed: the replica aborts and frees KV
-                stream.cancel()
+                with contextlib.suppress(Exception):  # a shed request's stream re-raises on cancel
+                    stream.cancel()
         if first_at is not None and tokens > 1:
             self.metrics.tpot.labels(payload["slo_class"]).observe((time.time() - first_at) / (tokens - 1))
 

@@ -186,12 +186,14 @@ def test_valid_request_matches_http_parse() -> None:
     assert chat_req == http_chat and chat_req.request_id.startswith("chatcmpl-")
 
 
-def test_build_payload_matches_http_ingress() -> None:
-    from router.ingress import RouterIngress
-
+def test_build_payload_carries_the_slo_and_sampling_the_replica_needs() -> None:
     req = parse_grpc_request(pb.GenerateRequest(model=MODEL, prompt="hey", top_k=2, tpot_slo_ms=30.0), CONFIG,
                              TOKENIZER)
-    assert build_payload(req, 12.5) == RouterIngress._payload(None, req, 12.5)  # type: ignore[arg-type]
+    payload = build_payload(req, 12.5)  # the HTTP ingress sends exactly this to the replicas
+    assert payload["deadline"] == 12.5 + req.slo.ttft_slo_s and payload["tpot_slo_s"] == 0.03
+    assert payload["prompt_token_ids"] == list(req.prompt_token_ids) and payload["prompt_tokens"] == len(
+        req.prompt_token_ids)
+    assert payload["sampling"]["top_k"] == 2 and payload["sampling"]["max_tokens"] == req.sampling.max_tokens
 
 
 MSG = [pb.ChatMessage(role="user", content="hi")]

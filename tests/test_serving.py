@@ -1,9 +1,7 @@
 """The serving cluster for real: Ray Serve app, two replica actors, Redis, HTTP on loopback."""
 
-import asyncio
 import json
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 
@@ -123,61 +121,6 @@ def test_metrics_and_health(cluster):
         text = resp.read().decode()
     assert 'flowprefill_ttft_seconds_count{slo_class="interactive"}' in text
     assert "flowprefill_rejections_total" in text
-
-
-def _busy_then_short(cluster, prefix: str, namespace: str, shorts: int) -> tuple[str, list[str]]:
-    """Occupy one replica with a long prompt; then send short urgent requests; return where they went."""
-    from cluster.state_client import ClusterState
-
-    long_result: dict = {}
-
-    def send_long() -> None:
-        long_result["resp"] = _post(prefix + "/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700,
-                                                                 "max_tokens": 2}, {"x-slo-class": "batch"})
-
-    async def busy_replica() -> tuple[str, dict]:
-        async with ClusterState(cluster["redis_url"], namespace=namespace) as state:
-            for _ in range(600):  # bounded: the long request shows up in Redis within seconds
-                states = await state.read_all_replica_states(skip_invalid=True)
-                for rid, st in states.items():
-                    if any(q.prompt_tokens > 1000 for q in st.requests):
-                        return rid, states
-                await asyncio.sleep(0.05)
-        raise AssertionError("the long request never appeared in any replica's Redis state")
-
-    thread = threading.Thread(target=send_long)
-    thread.start()
-    busy, states = asyncio.run(busy_replica())
-    assert len(states) == 2
-    placed = []
-    for _ in range(shorts):
-        code, _, headers = _post(prefix + "/v1/completions", {"model": MODEL, "prompt": "Hi there", "max_tokens": 1},
-                                 {"x-slo-class": "interactive"})
-        assert code == 200
-        placed.append(headers["x-flowprefill-replica"])
-    thread.join()
-    assert long_result["resp"][0] == 200 and long_result["resp"][2]["x-flowprefill-replica"] == busy
-    return busy, placed
-
-
-def test_urgent_requests_avoid_the_busy_replica_with_slo_aware_routing(cluster):
-    busy, placed = _busy_then_short(cluster, "", NAMESPACE, shorts=3)
-    assert busy not in placed
-
-
-def test_round_robin_sends_urgent_requests_to_the_busy_replica_too(cluster):
-    from ray import serve
-
-    from cluster.app import build
-
-    args = {**cluster["args"], "router_policy": "round_robin", "namespace": NAMESPACE + "-rr",
-            "redis_url": cluster["redis_url"]}
-    serve.run(build(args), name="flowprefill-rr", route_prefix="/rr", blocking=False)
-    try:
-        busy, placed = _busy_then_short(cluster, "/rr", NAMESPACE + "-rr", shorts=3)
-        assert busy in placed
-    finally:
-        serve.delete("flowprefill-rr")
 
 
 def test_grpc_client_streams_tokens_and_bad_input_is_invalid_argument(cluster):
