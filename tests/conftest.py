@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Ray reads its network settings when first imported, and several test modules import it (through
+# router.request_router) before the serving tests start Ray: set them before anything imports ray,
+# so every Ray listener stays on the node IP 127.0.0.1 (see cluster/launcher.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
