@@ -291,7 +291,6 @@ class ReplicaEngine:
                 task.program.close()
             if self._current == batch_id:
                 self._current = None
-        self.memory.release(d.freed)  # already released by the scheduler; kept for clarity and idempotent
         if d.preempt_running and self._current is not None:
             self.scheduler.mark_suspended(self._current, now)
             self.counters["preemptions"] += 1
@@ -389,7 +388,8 @@ class ReplicaEngine:
     def _fail_batch(self, batch_id: int | None, error: str) -> None:
         self.counters["errors"] += 1
         plan = self._plans.pop(batch_id, None) if batch_id is not None else None
-        self._tasks.pop(batch_id, None) if batch_id is not None else None
+        if batch_id is not None:
+            self._tasks.pop(batch_id, None)
         if self._current == batch_id:
             self._current = None
         for rid in plan.request_ids if plan else ():

@@ -48,8 +48,7 @@ class RouterIngress:
     """FastAPI ingress; ``replicas`` is the handle of the replica deployment."""
 
     async def __init__(self, replicas: Any, model_name: str, model_dir: str | None = None,  # noqa: ANN401
-                       slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20,
-                       admission: bool = True) -> None:
+                       slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20) -> None:
         from replicas.model.default_model import prepare_default_model
         from replicas.model.tokenizer import Tokenizer
 
@@ -63,7 +62,6 @@ class RouterIngress:
             max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
         )
         self.metrics = RouterMetrics()
-        self.admission = admission
         from router.request_router import STATS
 
         STATS.hooks.append(self._on_routing_event)
