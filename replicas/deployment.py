@@ -87,7 +87,7 @@ class ReplicaServer:
             except StateUnavailable as exc:
                 log.warning("replica %s: Redis unavailable at start (%s); will keep publishing", self.replica_id, exc)
             self._publisher = asyncio.create_task(self._publish_loop())
-        self._on_state_change(self.engine.scheduler.stats(time.time()) | {"model": self.engine.model.name})
+        self._on_state_change(self.engine.stats())
 
     def _on_state_change(self, stats: dict[str, Any]) -> None:
         """Called on the engine thread after every event: keep the newest snapshot, wake the publisher."""

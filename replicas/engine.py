@@ -155,6 +155,7 @@ class ReplicaEngine:
         self._thread: threading.Thread | None = None
         self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0}
         self._stats: dict[str, Any] = {}
+        self._publish(self.clock())  # the idle state, so a replica is routable before its first event
 
     # ------------------------------------------------------------------ public, thread-safe
     def start(self) -> None:

@@ -31,12 +31,13 @@ app = FastAPI(title="FlowPrefill", description="SLO-aware LLM serving (OpenAI-co
 
 async def _shed_as_429(stream: Any) -> AsyncIterator[dict[str, Any]]:  # noqa: ANN401
     """Replica outputs; a request the router shed (no replica can meet its deadline) becomes a 429."""
-    from router.request_router import RequestShed
-
     try:
         async for out in stream:
             yield out
-    except RequestShed as exc:
+    except Exception as exc:
+        # Matched by name: Serve may hand back a re-imported copy of the router's exception class.
+        if not any(cls.__name__ == "RequestShed" for cls in type(exc).__mro__):
+            raise
         raise APIError.shed(str(exc) or "no replica can meet this request's TTFT SLO", retry_after_s=1.0) from exc
 
 

@@ -17,7 +17,12 @@ TTFT model of a request ``q`` placed on replica ``r`` (seconds from ``now``)::
   (:data:`PREEMPT_LATENCY_S`).
 
 Work with later deadlines does not delay ``q`` (it is preempted), but ``q`` delays it by ``c(q)``:
-placing ``q`` *harms* ``r`` when that pushes feasible later-deadline work past its deadline.
+placing ``q`` *harms* ``r`` when that pushes feasible later-deadline work past its deadline, and
+*displaces* work on ``r`` whenever it jumps ahead of any (a preemption of the running batch
+included).  Displacing is legal but not free: the displaced work loses ``c(q)`` of its slack, a
+suspended batch holds its activations, and preemption waits for the operator in flight (tens of ms
+at block granularity on a CPU, more than :data:`PREEMPT_LATENCY_S`), so among replicas that meet
+the deadline the ones ``q`` displaces nothing on come first.
 
 Limits: short-request batching with the head (faster), the ``max_suspended_batches`` cap (no
 preemption at the cap: slower), decode steps interleaved at operator boundaries, KV-memory stalls
@@ -174,28 +179,41 @@ def load_from_state(
     )
 
 
+@dataclass(frozen=True)
+class Placement:
+    """How a request would fare on one replica: predicted TTFT (s from now), whether it pushes
+    feasible later work past its deadline (``harm``) and whether it jumps ahead of any reported
+    work, preempting or delaying it (``displaces``)."""
+
+    ttft: float
+    harm: bool = False
+    displaces: bool = False
+
+
 def evaluate(
     deadline: float, cost_s: float, load: ReplicaLoad, now: float, preempt_latency_s: float = PREEMPT_LATENCY_S
-) -> tuple[float, bool]:
-    """``(predicted TTFT, harm)`` of a request with ``deadline`` and own cost ``cost_s`` on ``load``."""
+) -> Placement:
+    """The :class:`Placement` of a request with ``deadline`` and own cost ``cost_s`` on ``load``."""
     if not load.usable:
-        return load.inflight_s + cost_s, False
+        return Placement(load.inflight_s + cost_s)
     idx = load.get_index(now)
     own: Key = (deadline - now - cost_s <= 0.0, deadline)
     harm = False
     if not own[0]:
         k = bisect_right(idx.feasible_deadlines, deadline)
         ahead = idx.feasible_prefix[k - 1] if k else 0.0
+        displaces = k < len(idx.feasible_deadlines) or bool(idx.late_deadlines)
         if k < len(idx.feasible_deadlines):  # feasible later-deadline work that q delays by cost_s
             slack = idx.feasible_min_slack[k] - (now - load.age_s + load.inflight_s)
             harm = slack >= 0.0 and slack - cost_s < 0.0
     else:  # q is late already: every feasible request runs first, then late ones EDF
         k = bisect_right(idx.late_deadlines, deadline)
         ahead = (idx.feasible_prefix[-1] if idx.feasible_prefix else 0.0) + (idx.late_prefix[k - 1] if k else 0.0)
+        displaces = k < len(idx.late_deadlines)
     ttft = max(ahead - load.age_s, 0.0) + load.inflight_s + cost_s
     if idx.running_key is not None and idx.running_key > own:
         ttft += preempt_latency_s
-    return ttft, harm
+    return Placement(ttft, harm, displaces)
 
 
 def predict_ttft(
@@ -203,7 +221,7 @@ def predict_ttft(
     preempt_latency_s: float = PREEMPT_LATENCY_S,
 ) -> float:
     """Predicted TTFT (seconds from ``now``) of ``req`` on ``load`` (model: module docstring)."""
-    return evaluate(req.deadline, cost_model.predict(req.prompt_tokens), load, now, preempt_latency_s)[0]
+    return evaluate(req.deadline, cost_model.predict(req.prompt_tokens), load, now, preempt_latency_s).ttft
 
 
 def rank_replicas(
@@ -221,7 +239,8 @@ def rank_replicas(
     """Rank ``loads`` under ``policy`` (``req=None``: no metadata, falls back to least-loaded).
 
     ``slo_aware`` tiers: (1) replicas meeting the deadline with ``margin_s`` to spare, ones that
-    harm no later work first, then least slack (bin packing keeps idle headroom for urgent work);
+    harm no later work first, then ones where it displaces nothing, then least slack (bin packing
+    keeps idle headroom for urgent work);
     (2) meeting it with less than ``margin_s``, most slack first; (3) replicas without a usable
     state (no state or stale), by predicted TTFT; (4) late ones, least late first.  ``shed`` when
     ``req`` is sheddable, ``allow_shed`` and no replica is predicted to meet the deadline.
@@ -240,20 +259,20 @@ def rank_replicas(
     if policy != "slo_aware":
         raise ValueError(f"unknown placement policy {policy!r}; expected one of {POLICIES}")
     ttfts: dict[str, float] = {}
-    ranked: list[tuple[tuple[int, float, float, float, str], str]] = []
+    ranked: list[tuple[tuple[int, float, float, float, float, str], str]] = []
     budget = req.deadline - now
     for ld in loads:
-        ttft, harm = evaluate(req.deadline, cost, ld, now, preempt_latency_s)
-        ttfts[ld.replica_id] = ttft
+        place = evaluate(req.deadline, cost, ld, now, preempt_latency_s)
+        ttft = ttfts[ld.replica_id] = place.ttft
         slack = budget - ttft
         if not ld.usable:
-            key = (2, ttft, 0.0, 0.0, ld.replica_id)
+            key = (2, ttft, 0.0, 0.0, 0.0, ld.replica_id)
         elif slack < 0.0:
-            key = (3, -slack, 0.0, 0.0, ld.replica_id)
+            key = (3, -slack, 0.0, 0.0, 0.0, ld.replica_id)
         elif slack < margin_s:
-            key = (1, -slack, 0.0, 0.0, ld.replica_id)
+            key = (1, -slack, 0.0, 0.0, 0.0, ld.replica_id)
         else:
-            key = (0, float(harm), slack, ld.pending_s(now), ld.replica_id)
+            key = (0, float(place.harm), float(place.displaces), slack, ld.pending_s(now), ld.replica_id)
         ranked.append((key, ld.replica_id))
     ranked.sort()
     best_key, best = ranked[0]
@@ -262,7 +281,8 @@ def rank_replicas(
     if shed:
         reason = f"shed: no replica meets the deadline (best {best} late by {ttfts[best] - budget:.4f}s)"
     elif best_key[0] == 0:
-        reason = f"packed on {best}: {best_key[2]:.4f}s to spare" + (" (harms later work)" if best_key[1] else "")
+        reason = f"packed on {best}: {best_key[3]:.4f}s to spare" + (
+            " (harms later work)" if best_key[1] else " (displaces later work)" if best_key[2] else "")
     elif best_key[0] == 1:
         reason = f"tight on {best}: {budget - ttfts[best]:.4f}s to spare"
     elif best_key[0] == 2:

@@ -61,12 +61,27 @@ def test_urgent_request_avoids_replica_with_earlier_deadline_work():
     assert rr.ranked[0] == "A"  # the baseline ignores the queue
 
 
-def test_later_deadline_running_prefill_is_preempted_so_packing_is_fine():
-    a = load(state("A", q("long", 30.0, 2.0, "running"), running_s=2.0))  # lots of slack: can wait 0.1 s
+def test_urgent_request_goes_to_an_idle_replica_rather_than_preempting_a_long_prefill():
+    a = load(state("A", q("long", 30.0, 2.0, "running"), running_s=2.0))  # lots of slack: could wait 0.1 s
     b = load(state("B"))
     d = slo(req(1000, 0.5), a, b)
     assert d.predicted_ttft["A"] == pytest.approx(0.1 + PREEMPT_LATENCY_S)
-    assert d.ranked == ["A", "B"]  # least slack to spare; B's headroom kept for urgent work
+    assert d.ranked == ["B", "A"] and d.reason.startswith("packed on B")
+
+
+def test_preempting_beats_missing_the_deadline_when_no_replica_is_idle():
+    a = load(state("A", q("long", 30.0, 2.0, "running"), running_s=2.0))  # preemptible: TTFT 0.102 s
+    b = load(state("B", q("due", 0.45, 0.45)))  # earlier-deadline work first: TTFT 0.55 s, late
+    d = slo(req(1000, 0.5), a, b)
+    assert d.ranked == ["A", "B"] and "displaces later work" in d.reason
+
+
+def test_packing_still_fills_replicas_whose_queue_runs_first():
+    # Queued work due before the new request is not displaced: the fullest replica that still meets
+    # the deadline wins, keeping the idle one free for more urgent work.
+    a = load(state("A", q("x", 0.2, 0.15)))
+    b = load(state("B"))
+    assert slo(req(1000, 0.5), a, b).ranked == ["A", "B"]
 
 
 def test_packing_avoids_pushing_later_work_past_its_deadline():

@@ -1,7 +1,9 @@
 """The serving cluster for real: Ray Serve app, two replica actors, Redis, HTTP on loopback."""
 
+import asyncio
 import json
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 
@@ -121,6 +123,96 @@ def test_metrics_and_health(cluster):
         text = resp.read().decode()
     assert 'flowprefill_ttft_seconds_count{slo_class="interactive"}' in text
     assert "flowprefill_rejections_total" in text
+
+
+async def _poll_states(redis_url: str, namespace: str, done, what: str) -> dict:
+    """Read every replica's Redis queue state until ``done(states)`` (bounded: 30 s)."""
+    from cluster.state_client import ClusterState
+
+    async with ClusterState(redis_url, namespace=namespace) as state:
+        for _ in range(600):
+            states = await state.read_all_replica_states(skip_invalid=True)
+            if done(states):
+                return states
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"Redis queue state never showed {what}: {states}")
+
+
+def _busy_then_short(redis_url: str, prefix: str, namespace: str, shorts: int) -> tuple[str, list[str], dict]:
+    """Occupy one replica with a long prompt, then send short urgent requests one by one.
+
+    Returns the busy replica, where each short request went, and the Redis states read while the
+    long prompt was running."""
+    long_result: dict = {}
+
+    def send_long() -> None:
+        long_result["resp"] = _post(prefix + "/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 300,
+                                                                 "max_tokens": 2}, {"x-slo-class": "batch"})
+
+    def long_is_running(states: dict) -> bool:
+        return len(states) == 2 and any(q.prompt_tokens > 1000 and q.status == "running"
+                                        for st in states.values() for q in st.requests)
+
+    thread = threading.Thread(target=send_long)
+    thread.start()
+    try:
+        during = asyncio.run(_poll_states(redis_url, namespace, long_is_running, "the long prompt running"))
+        busy = next(rid for rid, st in during.items() if st.requests)
+        placed = []
+        for _ in range(shorts):
+            code, _, headers = _post(prefix + "/v1/completions", {"model": MODEL, "prompt": "Hi there",
+                                                                  "max_tokens": 1}, {"x-slo-class": "interactive"})
+            assert code == 200
+            placed.append(headers["x-flowprefill-replica"])
+    finally:
+        thread.join()
+    assert long_result["resp"][0] == 200 and long_result["resp"][2]["x-flowprefill-replica"] == busy
+    return busy, placed, during
+
+
+def test_urgent_requests_avoid_the_busy_replica_and_redis_state_matches(cluster):
+    busy, placed, during = _busy_then_short(cluster["redis_url"], "", NAMESPACE, shorts=3)
+    assert busy not in placed and len(set(placed)) == 1
+    idle = placed[0]
+    # While the long prompt ran, Redis showed it (and only it) on the busy replica, with predicted
+    # work left and KV blocks held, and an empty queue with all KV free on the other one.
+    (long_req,) = during[busy].requests
+    assert long_req.status == "running" and long_req.predicted_remaining_s > 0
+    assert during[busy].running_remaining_s > 0 and during[idle].requests == ()
+    assert during[busy].kv_free_tokens < during[idle].kv_free_tokens
+    # Once everything finished, both replicas report empty queues and every KV block free again.
+    after = asyncio.run(_poll_states(cluster["redis_url"], NAMESPACE,
+                                     lambda st: len(st) == 2 and all(not s.requests for s in st.values()),
+                                     "both queues empty"))
+    assert after[busy].kv_free_tokens == after[idle].kv_free_tokens == during[idle].kv_free_tokens
+    assert after[busy].running_remaining_s == 0
+
+
+def test_sheddable_request_no_replica_can_serve_in_time_gets_429_with_retry_after(cluster):
+    # ~2800 tokens take ~14 s on one CPU, past the batch class's 10 s TTFT SLO: refused at once.
+    code, err, headers = _post("/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700, "max_tokens": 2},
+                               {"x-slo-class": "batch"})
+    assert code == 429 and headers["retry-after"] == "1"
+    assert "no replica meets the deadline" in err["error"]["message"]
+    code, ok, _ = _post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert code == 200 and ok["usage"]["completion_tokens"] == 2
+
+
+def test_round_robin_sends_urgent_requests_to_the_busy_replica_too(cluster):
+    """The baseline ignores queue state: alternating, one of two short requests lands behind the long one."""
+    from ray import serve
+
+    from cluster.app import build
+
+    namespace = NAMESPACE + "-rr"
+    args = {**cluster["args"], "router_policy": "round_robin", "namespace": namespace, "replica_cpus": 0.5,
+            "redis_url": cluster["redis_url"]}
+    serve.run(build(args), name="flowprefill-rr", route_prefix="/rr", blocking=False)
+    try:
+        busy, placed, _ = _busy_then_short(cluster["redis_url"], "/rr", namespace, shorts=2)
+        assert busy in placed and len(set(placed)) == 2
+    finally:
+        serve.delete("flowprefill-rr")
 
 
 def test_grpc_client_streams_tokens_and_bad_input_is_invalid_argument(cluster):
