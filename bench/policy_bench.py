@@ -181,6 +181,9 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
             finally:
                 engine.shutdown()
             report["policies"].append(result)
+    from replicas.scheduler.microbench import bench_scheduling_pass
+
+    report["scheduling_pass_1000_waiting"] = bench_scheduling_pass(1000)  # the scheduler alone, at depth
     print_report(report)
     return report
 
@@ -203,3 +206,7 @@ def print_report(report: dict[str, Any]) -> None:
         p99 = at["ttft_p99_s"] if at["ttft_p99_s"] is not None else float("nan")
         print(f"{r['policy']:>14} {r['goodput']:>12.3f} {p50:>11.3f} {p99:>11.3f} {r['preemptions']:>8} "
               f"{sched:>13.3f}  {per_class}")
+    deep = report.get("scheduling_pass_1000_waiting")
+    if deep:
+        print(f"scheduling pass with {deep['n_waiting']} waiting ({deep['policy']}): median "
+              f"{deep['median_s'] * 1000:.3f} ms, p99 {deep['p99_s'] * 1000:.3f} ms over {deep['passes']} passes")
