@@ -166,22 +166,26 @@ class ClusterState:
 
     async def publish_replica_state(
         self, replica_id: str, state: ReplicaQueueState, reported_ids: Iterable[str] | None = None
-    ) -> None:
+    ) -> bool:
         """Write the state with the heartbeat TTL and, atomically, drop the in-flight fields of
-        ``reported_ids`` (default: every request the state lists; pass also ids that finished)."""
+        ``reported_ids`` (default: every request the state lists; pass also ids that finished) and
+        keep the replica in the registry.  True when it was missing from the registry (Redis lost
+        its data, e.g. a restart without persistence): the caller should register its info again."""
         if state.replica_id != replica_id:
             raise ValueError(f"state.replica_id {state.replica_id!r} != {replica_id!r}")
         ids = list(state.request_ids if reported_ids is None else reported_ids)
         payload, ttl_ms = state.to_json(), max(1, round(self.state_ttl_s * 1000))
 
-        async def op() -> None:
+        async def op() -> bool:
             async with self._redis.pipeline(transaction=True) as p:
                 p.set(self.keys.replica_state(replica_id), payload, px=ttl_ms)
+                p.sadd(self.keys.replicas(), replica_id)
                 if ids:
                     p.hdel(self.keys.replica_inflight(replica_id), *ids)
-                await p.execute()
+                results = await p.execute()
+            return bool(results[1])
 
-        await self._call("publish_replica_state", op)
+        return await self._call("publish_replica_state", op)
 
     async def read_replica_state(self, replica_id: str) -> ReplicaQueueState | None:
         """One replica's state, or None when it expired or was never published."""

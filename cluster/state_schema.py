@@ -239,6 +239,7 @@ class ReplicaQueueState:
     requests: tuple[QueuedRequest, ...] = ()
     running_remaining_s: float = 0.0
     kv_free_tokens: int = 0
+    preemptions: int = 0  # running total since the replica started
 
     @property
     def request_ids(self) -> tuple[str, ...]:
@@ -279,6 +280,7 @@ class ReplicaQueueState:
             requests=tuple(requests),
             running_remaining_s=r.number("running_remaining_s", 0.0, minimum=0.0),
             kv_free_tokens=r.integer("kv_free_tokens", 0, minimum=0),
+            preemptions=r.integer("preemptions", 0, minimum=0),
         )
 
 

@@ -158,6 +158,32 @@ class ReplicaEngine:
         self._publish(self.clock())  # the idle state, so a replica is routable before its first event
 
     # ------------------------------------------------------------------ public, thread-safe
+    kind = "flowprefill"
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name (its directory name)."""
+        return self.model.name
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus output the model's positions allow."""
+        return self.model.config.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size (prompt token ids must be below it)."""
+        return self.model.config.vocab_size
+
+    @property
+    def policy_name(self) -> str:
+        """The scheduling policy: flowprefill, chunked or fcfs."""
+        return self.config.policy
+
+    def is_alive(self) -> bool:
+        """Whether the loop thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         """Start the loop thread (idempotent)."""
         if self._thread is None:

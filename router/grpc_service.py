@@ -51,6 +51,8 @@ log = logging.getLogger("flowprefill.router.grpc")
 
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -235,6 +237,8 @@ async def generate_stream(
     send: Send,
     grpc_context: StatusContext,
     error_chunk: bool = False,
+    authenticate: Callable[[], object] | None = None,
+    authorize: Callable[[object, str], None] | None = None,
 ) -> AsyncIterator[pb.GenerateChunk]:
     """The body of ``Generate``: validate, ``send(payload)`` to the replicas, yield chunks.
 
@@ -243,11 +247,15 @@ async def generate_stream(
     ``send``'s stream, a crashed replica) the code and details are set on ``grpc_context`` and the
     stream ends; with ``error_chunk`` one last chunk with ``error`` set follows, which Ray Serve's
     gRPC proxy needs to carry the code to the client (it copies the context along with messages).
-    An unfinished replica stream is cancelled when the client goes away.
+    An unfinished replica stream is cancelled when the client goes away.  ``authenticate()`` runs
+    before validation and ``authorize(key, slo_class)`` after it (API keys, :mod:`router.auth`).
     """
     arrival = time.time()
     try:
+        key = authenticate() if authenticate is not None else None
         req = parse_grpc_request(msg, config, tokenizer, now=arrival)
+        if authorize is not None:
+            authorize(key, req.slo.class_name)
     except APIError as err:
         for chunk in _failed(grpc_context, err, error_chunk, msg.request_id):
             yield chunk

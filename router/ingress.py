@@ -8,7 +8,6 @@ the replica's scheduler. Outputs stream back as SSE or are collected into one JS
 """
 
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.api_errors import APIError
+from router.auth import AccessPolicy
+from router.dispatch import replica_outputs
 from router.metrics import RouterMetrics
 from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
@@ -29,18 +30,6 @@ log = logging.getLogger("flowprefill.router")
 app = FastAPI(title="FlowPrefill", description="SLO-aware LLM serving (OpenAI-compatible API)")
 
 
-async def _shed_as_429(stream: Any) -> AsyncIterator[dict[str, Any]]:  # noqa: ANN401
-    """Replica outputs; a request the router shed (no replica can meet its deadline) becomes a 429."""
-    try:
-        async for out in stream:
-            yield out
-    except Exception as exc:
-        # Matched by name: Serve may hand back a re-imported copy of the router's exception class.
-        if not any(cls.__name__ == "RequestShed" for cls in type(exc).__mro__):
-            raise
-        raise APIError.shed(str(exc) or "no replica can meet this request's TTFT SLO", retry_after_s=1.0) from exc
-
-
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.to_body(), status_code=err.status, headers=err.headers or None)
 
@@ -49,7 +38,8 @@ class RouterIngress:
     """FastAPI ingress; ``replicas`` is the handle of the replica deployment."""
 
     async def __init__(self, replicas: Any, model_name: str, model_dir: str | None = None,  # noqa: ANN401
-                       slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20) -> None:
+                       slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20,
+                       access: dict[str, Any] | None = None) -> None:
         from replicas.model.default_model import prepare_default_model
         from replicas.model.tokenizer import Tokenizer
 
@@ -63,9 +53,17 @@ class RouterIngress:
             max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
         )
         self.metrics = RouterMetrics()
-        from router.request_router import STATS
+        self.access = AccessPolicy.from_sources(**(access or {}))
+        if self.access.enabled:
+            log.info("API keys required: %d configured (metrics %s)", len(self.access.keys),
+                     "protected" if self.access.protect_metrics else "open")
+        from router.routing_stats import STATS
 
         STATS.hooks.append(self._on_routing_event)
+
+    def _on_retry(self, attempt: int, exc: BaseException) -> None:
+        """A replica failed before a request's first output; it is being sent again."""
+        self.metrics.retries.labels(type(exc).__name__).inc()
 
     def _on_routing_event(self, event: str, value: float) -> None:
         """Feed the request router's decisions (same process as this ingress) into /metrics."""
@@ -73,6 +71,10 @@ class RouterIngress:
             self.metrics.routing_ms.observe(value)
         elif event == "redis_fallback":
             self.metrics.redis_fallbacks.inc()
+        elif event == "replicas":
+            from router.routing_stats import STATS
+
+            self.metrics.set_replicas(STATS.replicas)
 
     # ------------------------------------------------------------------ endpoints
     async def completions(self, request: Request) -> Response:
@@ -92,16 +94,32 @@ class RouterIngress:
         """``GET /health``: the ingress is up (replica health is Serve's job)."""
         return {"status": "ok"}
 
-    def metrics_text(self) -> Response:
-        """``GET /metrics`` in Prometheus text format."""
+    def router_stats(self) -> dict[str, Any]:
+        """``GET /v1/router/stats``: this ingress's routing counters and recent decision times (ms)."""
+        from router.routing_stats import STATS
+
+        return STATS.summary()
+
+    def metrics_text(self, authorization: str | None = None) -> Response:
+        """``GET /metrics`` in Prometheus text format (a key is needed when ``protect_metrics``)."""
+        if self.access.protect_metrics:
+            try:
+                self.access.authenticate(authorization)
+            except APIError as err:
+                return _error_response(err)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def Generate(self, request: Any, grpc_context: Any) -> AsyncIterator[Any]:  # noqa: N802, ANN401
         """gRPC ``flowprefill.v1.FlowPrefill/Generate`` (server streaming), same validation as HTTP."""
         from router.grpc_service import generate_stream
 
+        def authenticate() -> object:
+            metadata = dict(grpc_context.invocation_metadata() or ()) if self.access.enabled else {}
+            return self.access.authenticate(metadata.get("authorization"))
+
         async for chunk in generate_stream(request, config=self.protocol, tokenizer=self.tokenizer,
-                                           send=self._outputs, grpc_context=grpc_context, error_chunk=True):
+                                           send=self._outputs, grpc_context=grpc_context, error_chunk=True,
+                                           authenticate=authenticate, authorize=self.access.authorize):
             yield chunk
 
     def Health(self, request: Any) -> Any:  # noqa: N802, ANN401
@@ -114,11 +132,16 @@ class RouterIngress:
     async def _handle(self, request: Request, parse: Any, endpoint: str) -> Response:  # noqa: ANN401
         arrival = time.time()
         try:
-            length = int(request.headers.get("content-length") or 0)
+            key = self.access.authenticate(request.headers.get("authorization"))
+            try:
+                length = int(request.headers.get("content-length") or 0)
+            except ValueError:
+                raise APIError(400, "content-length must be an integer", param="content-length") from None
             if length > self.protocol.max_body_bytes:
                 raise APIError.body_too_large(length, self.protocol.max_body_bytes)
             body = await request.body()
             req = parse(body, request.headers, self.protocol, tokenizer=self.tokenizer, now=arrival)
+            self.access.authorize(key, req.slo.class_name)
         except APIError as err:
             self.metrics.rejections.labels(str(err.status)).inc()
             self.metrics.requests.labels(endpoint, "rejected").inc()
@@ -133,35 +156,29 @@ class RouterIngress:
         """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures."""
         first_at: float | None = None
         tokens = 0
-        finished = False
-        stream = self.replicas.options(stream=True).generate.remote(payload)
-        try:
-            async for out in _shed_as_429(stream):
-                finished = out.get("finish_reason") is not None
-                if out.get("finish_reason") in ("rejected", "error", "abort"):
-                    status = 429 if out["finish_reason"] == "rejected" else 503
-                    raise APIError(status, out.get("error") or f"request {out['finish_reason']}",
-                                   type="rate_limit_exceeded" if status == 429 else "server_error",
-                                   headers={"Retry-After": "1"})
-                if out["token_ids"] and first_at is None:
-                    first_at = time.time()
-                    ttft = first_at - payload["arrival_s"]
-                    self.metrics.observe_ttft(payload["slo_class"], ttft, payload["ttft_slo_s"])
-                tokens += len(out["token_ids"])
-                yield out
-        finally:
-            if not finished:  # client went away or the stream failed: the replica aborts and frees KV
-                with contextlib.suppress(Exception):  # a shed request's stream re-raises on cancel
-                    stream.cancel()
+        async for out in replica_outputs(self.replicas, payload, on_retry=self._on_retry):
+            if out.get("finish_reason") in ("rejected", "error", "abort"):
+                status = 429 if out["finish_reason"] == "rejected" else 503
+                raise APIError(status, out.get("error") or f"request {out['finish_reason']}",
+                               type="rate_limit_exceeded" if status == 429 else "server_error",
+                               headers={"Retry-After": "1"})
+            if out["token_ids"] and first_at is None:
+                first_at = time.time()
+                ttft = first_at - payload["arrival_s"]
+                self.metrics.observe_ttft(payload["slo_class"], ttft, payload["ttft_slo_s"])
+            tokens += len(out["token_ids"])
+            yield out
         if first_at is not None and tokens > 1:
             self.metrics.tpot.labels(payload["slo_class"]).observe((time.time() - first_at) / (tokens - 1))
 
     async def _collect(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> Response:
         text, reason, prompt_tokens, completion = [], "length", payload["prompt_tokens"], 0
-        replica = ""
+        replica, headers = "", {}
         try:
             async for out in self._outputs(payload):
                 replica = out.get("replica_id", replica)
+                if out.get("replica_ttft_s") is not None:  # lets clients split TTFT into router and engine
+                    headers["x-flowprefill-replica-ttft-ms"] = f"{out['replica_ttft_s'] * 1000:.3f}"
                 text.append(out["text"])
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
@@ -172,7 +189,7 @@ class RouterIngress:
             return _error_response(err)
         self.metrics.requests.labels(endpoint, "ok").inc()
         return JSONResponse(response_body(req, "".join(text), reason, prompt_tokens, completion),
-                            headers={"x-flowprefill-replica": replica})
+                            headers={"x-flowprefill-replica": replica, **headers})
 
     async def _stream(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> AsyncIterator[bytes]:
         enc = StreamEncoder(req)
@@ -222,8 +239,12 @@ def build_ingress_class() -> type:
         def _health(self) -> dict[str, str]:
             return self.health()
 
+        @app.get("/v1/router/stats")
+        def _router_stats(self) -> dict[str, Any]:
+            return self.router_stats()
+
         @app.get("/metrics")
-        def _metrics(self) -> Response:
-            return self.metrics_text()
+        def _metrics(self, request: Request) -> Response:
+            return self.metrics_text(request.headers.get("authorization"))
 
     return FlowPrefillRouter

@@ -12,6 +12,7 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._replicas: set[str] = set()
         r = self.registry
         self.ttft = Histogram("flowprefill_ttft_seconds", "Time to first token, per SLO class", ["slo_class"],
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -34,6 +35,19 @@ class RouterMetrics:
         self.redis_fallbacks = Counter("flowprefill_redis_fallbacks_total",
                                        "Decisions made from local estimates because Redis was unavailable",
                                        registry=r)
+        self.retries = Counter("flowprefill_replica_retries_total",
+                               "Requests sent again because their replica failed before the first output",
+                               ["error"], registry=r)
+
+    def set_replicas(self, depth_and_preemptions: dict[str, tuple[int, int]]) -> None:
+        """Per-replica gauges from the latest queue states; replicas that left are dropped."""
+        for rid in self._replicas - set(depth_and_preemptions):
+            self.queue_depth.remove(rid)
+            self.preemptions.remove(rid)
+        for rid, (depth, preemptions) in depth_and_preemptions.items():
+            self.queue_depth.labels(rid).set(depth)
+            self.preemptions.labels(rid).set(preemptions)
+        self._replicas = set(depth_and_preemptions)
 
     def observe_ttft(self, slo_class: str, ttft_s: float, slo_s: float) -> None:
         """Record a first token and whether it met its SLO."""

@@ -13,7 +13,9 @@ Each decision reads every replica's queue state and in-flight totals from Redis 
 replica accepts the request (``on_request_routed``) its predicted seconds are added to that
 replica's in-flight hash, fire-and-forget.  When Redis is unavailable, a
 :class:`~router.placement.LocalLoadEstimator` of this router's own dispatches stands in
-(a warning once per outage, :data:`STATS` ``redis_fallbacks`` per decision).
+(a warning once per outage, ``routing_stats.STATS.redis_fallbacks`` per decision).  The counters
+are read through the module at call time: Serve pickles this module by value, so a global object
+here would be a private copy that the ingress never sees.
 
 Shedding: a sheddable request that no replica is predicted to serve in time fails its handle call
 with :class:`RequestShed` (set on the pending request's future), which the ingress answers with 429.
@@ -25,7 +27,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from cluster.state_client import ClusterState, StateUnavailable
 from cluster.state_schema import ReplicaQueueState
 from replicas.scheduler.cost_model import CostModel
+from router import routing_stats
 from router.placement import (
     POLICIES,
     PREEMPT_LATENCY_S,
@@ -44,78 +46,13 @@ from router.placement import (
     load_from_state,
     rank_replicas,
 )
+from router.routing_stats import STATS, RequestShed, RouterStats  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ray.serve")
-# Conservative (slow) analytic prefill model until a profile is found: no shedding while it is used.
-DEFAULT_COST_MODEL = CostModel.from_coefficients(5e-3, 2e-4, 1e-8, model="default-analytic")
-_DECISION_MS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
 _INDEX_TTL_S = 0.05  # re-classify a cached queue index after this long even if the state is unchanged
 _PROVISIONAL_TTL_S = 2.0  # forget a decision that was never routed after this long
-
-
-class RequestShed(Exception):
-    """A sheddable request that no replica is predicted to serve before its deadline (HTTP 429)."""
-
-
-class RouterStats:
-    """Process-wide routing metrics: counters, the last decision times (ms) and optional hooks
-    ``hook(event, value)`` with events ``"decision_ms"``, ``"redis_fallback"`` and ``"shed"``
-    (e.g. to feed the ingress's Prometheus metrics).  Ray Serve metrics are recorded too when Ray
-    is initialized."""
-
-    def __init__(self, history: int = 4096) -> None:
-        self.decisions = 0
-        self.redis_fallbacks = 0
-        self.sheds = 0
-        self.decision_ms: deque[float] = deque(maxlen=history)
-        self.hooks: list[Callable[[str, float], None]] = []
-        self._ray: tuple[Any, Any] | None = None
-
-    def _emit(self, event: str, value: float) -> None:
-        for hook in list(self.hooks):
-            try:
-                hook(event, value)
-            except Exception:  # a metrics hook must never break routing
-                log.exception("routing metrics hook failed")
-        if self._ray is None:
-            try:
-                import ray
-                from ray.serve.metrics import Counter, Histogram
-
-                if not ray.is_initialized():
-                    return
-                self._ray = (
-                    Histogram("flowprefill_routing_decision_ms", "Placement decision time (ms)", _DECISION_MS_BUCKETS),
-                    Counter("flowprefill_redis_fallbacks", "Routing decisions made without Redis"),
-                )
-            except Exception:
-                return
-        try:
-            if event == "decision_ms":
-                self._ray[0].observe(value)
-            elif event == "redis_fallback":
-                self._ray[1].inc()
-        except Exception:
-            log.debug("recording a Ray metric failed", exc_info=True)
-
-    def decision(self, ms: float) -> None:
-        """Record one decision's duration."""
-        self.decisions += 1
-        self.decision_ms.append(ms)
-        self._emit("decision_ms", ms)
-
-    def fallback(self) -> None:
-        """Record a decision made from local estimates because Redis was unavailable."""
-        self.redis_fallbacks += 1
-        self._emit("redis_fallback", 1.0)
-
-    def shed(self) -> None:
-        """Record a shed request."""
-        self.sheds += 1
-        self._emit("shed", 1.0)
-
-
-STATS = RouterStats()
+# Conservative (slow) analytic prefill model until a profile is found: no shedding while it is used.
+DEFAULT_COST_MODEL = CostModel.from_coefficients(5e-3, 2e-4, 1e-8, model="default-analytic")
 
 
 def payload_of(pending_request: PendingRequest | None) -> Mapping[str, Any] | None:
@@ -222,11 +159,11 @@ class SLOAwareRequestRouter(RequestRouter):
         states, inflight = await self._cluster_view(now)
         payload = payload_of(pending_request)
         decision = self._decide(list(by_id), payload, states, inflight, now)
-        STATS.decision((time.perf_counter() - t0) * 1000.0)
+        routing_stats.STATS.decision((time.perf_counter() - t0) * 1000.0)
         if pending_request is not None:
             req = placement_request(payload, now, pending_request.metadata.request_id)
             if decision.shed and not pending_request.future.done():
-                STATS.shed()
+                routing_stats.STATS.shed()
                 pending_request.future.set_exception(RequestShed(f"request {req.request_id if req else ''}: "
                                                                  f"{decision.reason}"))
             elif req is not None and decision.ranked:
@@ -321,13 +258,13 @@ class SLOAwareRequestRouter(RequestRouter):
             if now >= self._retry_at and (self._read is None or self._read.done()):
                 self._retry_at = now + self._retry_s
                 self._read = self._spawn(asyncio.get_running_loop(), self._refresh())
-            STATS.fallback()
+            routing_stats.STATS.fallback()
             return None, None
         if self._read is None or self._read.done():
             self._read = self._spawn(asyncio.get_running_loop(), self._refresh())
         await asyncio.shield(self._read)
         if self._outage or self._snapshot is None:
-            STATS.fallback()
+            routing_stats.STATS.fallback()
             return None, None
         return self._snapshot[1], self._snapshot[2]
 
@@ -348,6 +285,7 @@ class SLOAwareRequestRouter(RequestRouter):
             log.info("SLO-aware router: Redis is back; routing on cluster state again")
         self._outage = False
         self._snapshot = (self._clock(), states, inflight)
+        routing_stats.STATS.replica_states({rid: (len(st.requests), st.preemptions) for rid, st in states.items()})
         if self._cost_from_redis and states and self._clock() >= self._profile_retry_at:
             await self._load_profile(states)
 

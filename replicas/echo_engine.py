@@ -1,0 +1,148 @@
+"""A model-free replica engine: streams the prompt's tokens back, for router benchmarks.
+
+It implements :class:`~replicas.engine_api.ReplicaEngineAPI` exactly like the native engine
+(queue state, cost model, abort on close), so the router, Redis publishing and the HTTP path run
+unchanged while no forward pass costs anything.  ``prefill_s_per_1k_tokens`` and ``decode_step_s``
+make it take time (an ``asyncio`` sleep, no CPU) when a benchmark wants a queue to form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from replicas.engine import RequestOutput
+from replicas.engine_config import EngineConfigError
+from replicas.sampling import SamplingParams
+from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.request import Request
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """Settings of the echo engine (``model``: the directory whose tokenizer decodes the echo)."""
+
+    model: str | None = None
+    prefill_s_per_1k_tokens: float = 0.0
+    decode_step_s: float = 0.0
+    max_model_len: int = 8192
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], prefix: str = "engine") -> EchoConfig:
+        """Validate a mapping; unknown keys and bad values are refused with their path."""
+        if not isinstance(data, Mapping):
+            raise EngineConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EngineConfigError(f"{prefix}.{unknown[0]}",
+                                    f"unknown echo setting (known: {', '.join(sorted(known))})")
+        for name in ("prefill_s_per_1k_tokens", "decode_step_s"):
+            value = data.get(name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise EngineConfigError(f"{prefix}.{name}", f"must be a non-negative number, got {value!r}")
+        length = data.get("max_model_len", 8192)
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise EngineConfigError(f"{prefix}.max_model_len", f"must be a positive integer, got {length!r}")
+        return cls(**dict(data))
+
+
+class EchoEngine:
+    """Echoes each prompt (up to ``max_tokens``), one output per token."""
+
+    kind = "echo"
+
+    def __init__(self, config: EchoConfig, *, clock: Callable[[], float] = time.time,
+                 on_state_change: Callable[[dict[str, Any]], None] | None = None) -> None:
+        from replicas.model.default_model import prepare_default_model
+        from replicas.model.tokenizer import Tokenizer
+
+        self.config = config
+        self.model_dir = config.model or str(prepare_default_model())
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.cost_model = CostModel.from_coefficients(0.0, config.prefill_s_per_1k_tokens / 1000.0, model="echo",
+                                                      hardware="echo")
+        self.clock = clock
+        self.on_state_change = on_state_change
+        self._live: dict[str, tuple[Request, float]] = {}  # request id -> (request, predicted end of prefill)
+        self._alive = False
+        self._stats: dict[str, Any] = {}
+        self._publish()
+
+    @property
+    def model_name(self) -> str:
+        """The served model's directory name (its tokenizer is the echo's)."""
+        return f"echo-{self.model_dir.rstrip('/').rsplit('/', 1)[-1]}"
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus output accepted."""
+        return self.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def policy_name(self) -> str:
+        """No scheduling policy: requests run concurrently."""
+        return "echo"
+
+    def start(self) -> None:
+        """Mark the engine alive (there is no loop thread)."""
+        self._alive = True
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Mark the engine stopped."""
+        self._alive = False
+
+    def is_alive(self) -> bool:
+        """Whether :meth:`start` ran and :meth:`shutdown` did not."""
+        return self._alive
+
+    def stats(self) -> dict[str, Any]:
+        """The latest queue-state snapshot (every live request counts as running)."""
+        return self._stats
+
+    async def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream the first ``max_tokens`` prompt tokens back, one per output."""
+        prefill_s = self.config.prefill_s_per_1k_tokens * request.num_prompt_tokens / 1000.0
+        self._live[request.request_id] = (request, self.clock() + prefill_s)
+        self._publish()
+        try:
+            if prefill_s > 0:
+                await asyncio.sleep(prefill_s)
+            echo = request.prompt_ids[: params.max_tokens]
+            first_at: float | None = None
+            for i, token in enumerate(echo):
+                if i and self.config.decode_step_s > 0:
+                    await asyncio.sleep(self.config.decode_step_s)
+                last = i == len(echo) - 1
+                if first_at is None:
+                    first_at = self.clock()
+                    self._live.pop(request.request_id, None)
+                    self._publish()
+                yield RequestOutput(
+                    request.request_id, (token,), self.tokenizer.decode([token]), "length" if last else None,
+                    request.num_prompt_tokens, i + 1,
+                    ttft_s=(first_at - request.arrival_s) if i == 0 else None,
+                )
+        finally:
+            if self._live.pop(request.request_id, None) is not None:
+                self._publish()
+
+    def _publish(self) -> None:
+        now = self.clock()
+        running = [{"request_id": rid, "deadline": req.deadline, "predicted_remaining_s": max(end - now, 0.0),
+                    "remaining_tokens": req.num_prompt_tokens} for rid, (req, end) in self._live.items()]
+        remaining = max((r["predicted_remaining_s"] for r in running), default=0.0)
+        self._stats = {"now": now, "waiting": [], "suspended": [], "running": running,
+                       "running_remaining_s": remaining, "pending_work_s": remaining,
+                       "kv_free_tokens": self.config.max_model_len * 64, "model": self.model_name}
+        if self.on_state_change is not None:
+            self.on_state_change(self._stats)

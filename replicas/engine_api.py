@@ -1,0 +1,85 @@
+"""The replica-engine interface: what a Serve replica needs from the engine inside it.
+
+:class:`~replicas.deployment.ReplicaServer` talks to its engine only through
+:class:`ReplicaEngineAPI`, so the same deployment (Redis registration, queue-state publishing,
+streaming, health) serves every engine kind:
+
+* ``flowprefill``: the native engine (:class:`replicas.engine.ReplicaEngine`): operator-level
+  preemptive prefill under the event-driven scheduler.
+* ``echo``: a model-free engine (:class:`replicas.echo_engine.EchoEngine`) that streams the prompt
+  back at a configured speed; it isolates the router and the HTTP path in benchmarks.
+
+An engine is built by :func:`make_engine` from its kind and its settings mapping (validated,
+errors name the field under ``prefix``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+from replicas.engine import RequestOutput
+from replicas.sampling import SamplingParams
+from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.request import Request
+
+ENGINE_KINDS = ("flowprefill", "echo")
+
+StateCallback = Callable[[dict[str, Any]], None]
+
+
+class ReplicaEngineAPI(Protocol):
+    """One replica's engine.
+
+    ``stats()`` returns the latest queue-state snapshot: ``waiting``/``running``/``suspended``
+    lists of ``{request_id, deadline, predicted_remaining_s, remaining_tokens}``,
+    ``running_remaining_s``, ``pending_work_s``, ``kv_free_tokens`` and ``model``; the engine
+    calls ``on_state_change(stats)`` after every event (from any thread).  ``generate`` streams a
+    request's outputs; closing the stream early aborts the request and frees its memory.
+    """
+
+    kind: str
+    cost_model: CostModel
+    on_state_change: StateCallback | None
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def policy_name(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout_s: float = 10.0) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def make_engine(
+    kind: str, settings: Mapping[str, Any], *, clock: Callable[[], float], on_state_change: StateCallback | None,
+    prefix: str = "engine",
+) -> ReplicaEngineAPI:
+    """Build the ``kind`` engine from ``settings`` (raises ``EngineConfigError`` naming the field)."""
+    from replicas.engine_config import EngineConfigError
+
+    if kind == "flowprefill":
+        from replicas.engine import ReplicaEngine
+        from replicas.engine_config import EngineConfig
+
+        return ReplicaEngine(EngineConfig.from_dict(settings, prefix=prefix), clock=clock,
+                             on_state_change=on_state_change)
+    if kind == "echo":
+        from replicas.echo_engine import EchoConfig, EchoEngine
+
+        return EchoEngine(EchoConfig.from_dict(settings, prefix=prefix), clock=clock, on_state_change=on_state_change)
+    raise EngineConfigError("engine_kind", f"must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")

@@ -1,0 +1,102 @@
+"""Routing counters and the shed exception, in a module of their own.
+
+Serve pickles the request router's module *by value* into every process that routes
+(``RequestRouterConfig`` registers it with ``cloudpickle.register_pickle_by_value``), so a global
+defined there would be a private copy per deserialization: the ingress would never see the
+router's decisions.  This module is pickled by reference; the router reads
+``routing_stats.STATS`` through it at call time (an object imported by name would be copied with
+the router's globals), so the router and the ingress in one process share the same counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+_DECISION_MS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
+
+
+class RequestShed(Exception):
+    """A sheddable request that no replica is predicted to serve before its deadline (HTTP 429)."""
+
+
+class RouterStats:
+    """Process-wide routing metrics: counters, the last decision times (ms) and optional hooks
+    ``hook(event, value)`` with events ``"decision_ms"``, ``"redis_fallback"`` and ``"shed"``
+    (e.g. to feed the ingress's Prometheus metrics).  Ray Serve metrics are recorded too when Ray
+    is initialized."""
+
+    def __init__(self, history: int = 4096) -> None:
+        self.decisions = 0
+        self.redis_fallbacks = 0
+        self.sheds = 0
+        self.decision_ms: deque[float] = deque(maxlen=history)
+        self.replicas: dict[str, tuple[int, int]] = {}  # replica id -> (queue depth, preemptions)
+        self.hooks: list[Callable[[str, float], None]] = []
+        self._ray: tuple[Any, Any] | None = None
+
+    def _emit(self, event: str, value: float) -> None:
+        for hook in list(self.hooks):
+            try:
+                hook(event, value)
+            except Exception:  # a metrics hook must never break routing
+                log.exception("routing metrics hook failed")
+        if self._ray is None:
+            try:
+                import ray
+                from ray.serve.metrics import Counter, Histogram
+
+                if not ray.is_initialized():
+                    return
+                self._ray = (
+                    Histogram("flowprefill_routing_decision_ms", "Placement decision time (ms)", _DECISION_MS_BUCKETS),
+                    Counter("flowprefill_redis_fallbacks", "Routing decisions made without Redis"),
+                )
+            except Exception:
+                return
+        try:
+            if event == "decision_ms":
+                self._ray[0].observe(value)
+            elif event == "redis_fallback":
+                self._ray[1].inc()
+        except Exception:
+            log.debug("recording a Ray metric failed", exc_info=True)
+
+    def summary(self) -> dict[str, Any]:
+        """Counters and the recent decision times' percentiles (ms), for ``GET /v1/router/stats``."""
+        times = sorted(self.decision_ms)
+
+        def pct(q: float) -> float | None:
+            return times[min(len(times) - 1, int(q * len(times)))] if times else None
+
+        return {"decisions": self.decisions, "redis_fallbacks": self.redis_fallbacks, "sheds": self.sheds,
+                "decision_ms": {"n": len(times), "p50": pct(0.5), "p99": pct(0.99),
+                                "max": times[-1] if times else None}}
+
+    def replica_states(self, depth_and_preemptions: dict[str, tuple[int, int]]) -> None:
+        """The replicas' queue depth and preemption totals from the latest Redis read (hooks get
+        ``("replicas", 0.0)`` and read :attr:`replicas`)."""
+        self.replicas = dict(depth_and_preemptions)
+        self._emit("replicas", 0.0)
+
+    def decision(self, ms: float) -> None:
+        """Record one decision's duration."""
+        self.decisions += 1
+        self.decision_ms.append(ms)
+        self._emit("decision_ms", ms)
+
+    def fallback(self) -> None:
+        """Record a decision made from local estimates because Redis was unavailable."""
+        self.redis_fallbacks += 1
+        self._emit("redis_fallback", 1.0)
+
+    def shed(self) -> None:
+        """Record a shed request."""
+        self.sheds += 1
+        self._emit("shed", 1.0)
+
+
+STATS = RouterStats()
