@@ -193,12 +193,19 @@ class SLOAwareRequestRouter(RequestRouter):
         self._spawn(loop, self._add_inflight(rid, req.request_id, seconds))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        """Forget the request in the local estimate."""
+        """Forget the request in the local estimate and in the replica's in-flight hash: a request
+        that finished before its replica published a state listing it is never cleared there."""
         self._provisional.pop(internal_request_id, None)
         req_id = self._req_ids.pop(internal_request_id, None)
         if req_id is not None:
             self._estimator.completed(req_id)
             self._unconfirmed.pop(req_id, None)
+            if self._cluster is not None and not self._outage:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return
+                self._spawn(loop, self._clear_inflight(replica_id.unique_id, req_id))
 
     # ------------------------------------------------------------------ decision (no I/O)
     def _decide(
@@ -314,6 +321,14 @@ class SLOAwareRequestRouter(RequestRouter):
             log.exception("SLO-aware router: add_inflight failed")
         finally:
             self._unconfirmed.pop(request_id, None)
+
+    async def _clear_inflight(self, rid: str, request_id: str) -> None:
+        try:
+            await self._cluster.clear_inflight(rid, request_id)
+        except StateUnavailable as exc:
+            log.debug("SLO-aware router: clear_inflight skipped: %s", exc)
+        except Exception:
+            log.exception("SLO-aware router: clear_inflight failed")
 
     def _spawn(self, loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Task:
         task = loop.create_task(coro)

@@ -189,6 +189,7 @@ class FakeCluster:
 
     def __init__(self, states: dict[str, ReplicaQueueState], inflight: dict[str, float] | None = None) -> None:
         self.states, self.inflight, self.added, self.down = states, inflight or {}, [], False
+        self.cleared: list[tuple[str, str]] = []
 
     async def read_all_replica_states(self, *, skip_invalid: bool = False) -> dict[str, ReplicaQueueState]:
         if self.down:
@@ -203,6 +204,9 @@ class FakeCluster:
     async def add_inflight(self, replica_id: str, request_id: str, predicted_s: float) -> float:
         self.added.append((replica_id, request_id, predicted_s))
         return predicted_s
+
+    async def clear_inflight(self, replica_id: str, request_id: str) -> None:
+        self.cleared.append((replica_id, request_id))
 
 
 def make_router(cluster: FakeCluster | None, clock: list[float], **kw: object):
@@ -243,6 +247,8 @@ def test_router_ranks_from_redis_and_records_inflight():
         await asyncio.sleep(0)
         assert cluster.added == [("B", "rq", pytest.approx(0.1))]
         router.on_request_completed(reps["B"].replica_id, "i1")
+        await asyncio.sleep(0)
+        assert cluster.cleared == [("B", "rq")]  # a request done before B listed it leaves no phantom work
 
     asyncio.run(run())
 
