@@ -16,6 +16,7 @@ from typing import Any
 from replicas.engine_config import EngineConfig, EngineConfigError
 
 ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "pow2")
+REQUEST_ROUTER_CLASS = "router.request_router.SLOAwareRequestRouter"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class AppConfig:
     """The application's settings, validated (errors name the field under ``args``)."""
 
     model_name: str = "SmolLM2-135M-Instruct"
+    engine_kind: str = "flowprefill"  # replicas.engine_api.ENGINE_KINDS
     engine: dict[str, Any] = field(default_factory=dict)
     num_replicas: int = 1
     replica_cpus: float = 1.0
@@ -32,6 +34,8 @@ class AppConfig:
     redis_url: str | None = None
     namespace: str = "flowprefill"
     max_body_bytes: int = 1 << 20
+    api_keys_file: str | None = None  # API keys (router/auth.py); FLOWPREFILL_API_KEYS adds more
+    protect_metrics: bool = False  # /metrics needs an API key too
     autoscaling: dict[str, Any] | None = None
 
     @classmethod
@@ -46,46 +50,83 @@ class AppConfig:
         values = dict(args)
         values.setdefault("redis_url", os.environ.get("REDIS_URL"))
         config = cls(**values)
-        EngineConfig.from_dict(config.engine, prefix="args.engine")  # validate early, with the path
+        config.engine_limits()  # validate the engine settings early, with their path
         if config.router_policy not in ROUTER_POLICIES:
             raise EngineConfigError("args.router_policy", f"must be one of {', '.join(ROUTER_POLICIES)}")
         if not isinstance(config.num_replicas, int) or config.num_replicas < 1:
             raise EngineConfigError("args.num_replicas", "must be a positive integer")
+        if not isinstance(config.protect_metrics, bool):
+            raise EngineConfigError("args.protect_metrics", "must be true or false")
+        if config.api_keys_file is not None:  # refuse a bad key file at start, naming its field
+            from router.auth import AccessConfigError, AccessPolicy
+
+            try:
+                AccessPolicy.from_sources(keys_file=str(config.api_keys_file))
+            except AccessConfigError as exc:
+                raise EngineConfigError("args.api_keys_file", str(exc)) from None
         if config.slo is not None:
             from router.slo import SLOPolicy
 
             SLOPolicy.from_dict(config.slo, path="args.slo")
+        if config.autoscaling is not None:  # SLO-driven autoscaling (cluster/autoscaling.py)
+            from cluster.autoscaling import serve_autoscaling_config
+
+            serve_autoscaling_config(config.autoscaling, path="args.autoscaling")
         return config
+
+    def engine_limits(self) -> tuple[str | None, int]:
+        """The engine's model directory (None: the default) and its bound on requests in progress."""
+        if self.engine_kind == "flowprefill":
+            engine = EngineConfig.from_dict(self.engine, prefix="args.engine")
+            return engine.model, engine.max_waiting + engine.max_decoding
+        if self.engine_kind == "echo":
+            from replicas.echo_engine import EchoConfig
+
+            return EchoConfig.from_dict(self.engine, prefix="args.engine").model, 4096
+        from replicas.engine_api import ENGINE_KINDS
+
+        raise EngineConfigError("args.engine_kind",
+                                f"must be one of {', '.join(ENGINE_KINDS)}, got {self.engine_kind!r}")
 
 
 def build(args: Mapping[str, Any]) -> Any:  # noqa: ANN401 (a Serve Application)
     """The Serve application: the router ingress bound to the replica deployment."""
+    from replicas.deployment import ReplicaServer
+
+    return build_app(AppConfig.from_args(args), ReplicaServer)
+
+
+def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a Serve Application)
+    """The router ingress bound to a ``replica_cls`` deployment (the engine, or a model-free echo
+    replica for router benchmarks: any class with the same ``generate``/``tokenizer_info`` methods)."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    from replicas.deployment import ReplicaServer
     from router.ingress import build_ingress_class
 
-    config = AppConfig.from_args(args)
-    engine = EngineConfig.from_dict(config.engine, prefix="args.engine")
+    model_dir, max_ongoing = config.engine_limits()
     options: dict[str, Any] = {
         "name": "FlowPrefillReplica",
         "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
-        "max_ongoing_requests": engine.max_waiting + engine.max_decoding,
+        "max_ongoing_requests": max_ongoing,
         "health_check_period_s": 5,
     }
     if config.autoscaling:
-        options["autoscaling_config"] = config.autoscaling
+        from cluster.autoscaling import serve_autoscaling_config
+
+        options["autoscaling_config"] = serve_autoscaling_config(config.autoscaling)  # FlowPrefill's policy by default
     else:
         options["num_replicas"] = config.num_replicas
     if config.router_policy != "pow2":  # pow2 is Serve's own default router, the baseline
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class="router.request_router.SLOAwareRequestRouter",
+            request_router_class=REQUEST_ROUTER_CLASS,
             request_router_kwargs={"redis_url": config.redis_url, "namespace": config.namespace,
                                    "policy": config.router_policy},
         )
-    replica = serve.deployment(ReplicaServer).options(**options)
-    replicas = replica.bind(engine=config.engine, redis_url=config.redis_url, namespace=config.namespace)
+    replica = serve.deployment(replica_cls).options(**options)
+    replicas = replica.bind(engine=config.engine, redis_url=config.redis_url, namespace=config.namespace,
+                            engine_kind=config.engine_kind)
     ingress = serve.deployment(build_ingress_class()).options(name="FlowPrefillRouter", num_replicas=1,
                                                                ray_actor_options={"num_cpus": 0.25})
-    return ingress.bind(replicas, config.model_name, engine.model, config.slo, config.max_body_bytes)
+    access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}
+    return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access)

@@ -114,6 +114,29 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_router(args: argparse.Namespace) -> int:
+    from bench.router_bench import RouterBenchConfig, print_report, run_router_bench
+
+    cfg = RouterBenchConfig(engine=args.engine, replicas=args.replicas, router_policy=args.router_policy,
+                            port=args.port, grpc_port=args.grpc_port, sequential=args.requests,
+                            step_s=args.step_s, **({"rates": tuple(args.rates)} if args.rates else {}))
+    report = run_router_bench(cfg)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_autoscale(args: argparse.Namespace) -> int:
+    from bench.autoscale_demo import AutoscaleDemoConfig, run_autoscale_demo, summary, write_outputs
+
+    report = run_autoscale_demo(AutoscaleDemoConfig(minutes=args.minutes, max_replicas=args.max_replicas))
+    print(summary(report))
+    write_outputs(report, args.json, args.plot)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cluster.launcher import DEFAULT_CONFIG, serve_main
 
@@ -208,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--json", default=None)
     pol.add_argument("--plot", default=None, help="PNG of attainment against request rate per policy")
     pol.set_defaults(func=_cmd_bench_policies)
+    auto = bsub.add_parser("autoscale", help="SLO-driven autoscaling under a load step, on a local cluster")
+    auto.add_argument("--minutes", type=float, default=4.5, help="duration of the offered load")
+    auto.add_argument("--max-replicas", type=int, default=2)
+    auto.add_argument("--json", default=None)
+    auto.add_argument("--plot", default=None, help="PNG of replica count, offered load and TTFT attainment")
+    auto.set_defaults(func=_cmd_bench_autoscale)
+    rtr = bsub.add_parser("router", help="router overhead, routing decision time and max request rate (echo engine)")
+    rtr.add_argument("--engine", choices=["echo", "flowprefill"], default="echo",
+                     help="echo: model-free replicas (default); flowprefill: the real engine")
+    rtr.add_argument("--replicas", type=int, default=2)
+    rtr.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"],
+                     default="slo_aware")
+    rtr.add_argument("--requests", type=int, default=200, help="sequential requests for the overhead")
+    rtr.add_argument("--rates", type=float, nargs="+", default=None, help="open-loop rates to try, ascending")
+    rtr.add_argument("--step-s", type=float, default=8.0, help="seconds of load per rate")
+    rtr.add_argument("--port", type=int, default=8790)
+    rtr.add_argument("--grpc-port", type=int, default=9790)
+    rtr.add_argument("--json", default=None)
+    rtr.set_defaults(func=_cmd_bench_router)
     return parser
 
 

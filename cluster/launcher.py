@@ -62,6 +62,8 @@ def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
     from replicas.model.default_model import prepare_default_model
     from replicas.profiling import load_or_profile, profile_cache_path
 
+    if args.get("engine_kind", "flowprefill") != "flowprefill":  # only the native engine has a cost profile here
+        return args
     engine = EngineConfig.from_dict(args.get("engine") or {}, prefix="args.engine")
     if engine.profile is not None or engine.device != "cpu":  # GPU replicas profile on their own device
         return args

@@ -18,8 +18,8 @@ from typing import Any
 
 from cluster.state_client import ClusterState, StateUnavailable
 from cluster.state_schema import QueuedRequest, ReplicaInfo, ReplicaQueueState
-from replicas.engine import ReplicaEngine
-from replicas.engine_config import EngineConfig
+from replicas.autoscaling_stats import AutoscalingStats
+from replicas.engine_api import ReplicaEngineAPI, make_engine
 from replicas.errors import InvalidRequestError
 from replicas.sampling import SamplingParams
 from replicas.scheduler.request import Request
@@ -43,7 +43,8 @@ def request_from_payload(payload: dict[str, Any]) -> tuple[Request, SamplingPara
     return request, SamplingParams.from_dict(payload["sampling"])
 
 
-def queue_state_from_stats(replica_id: str, stats: dict[str, Any], seq: int) -> ReplicaQueueState:
+def queue_state_from_stats(replica_id: str, stats: dict[str, Any], seq: int,
+                           engine_kind: str = "flowprefill") -> ReplicaQueueState:
     """Convert the engine's stats snapshot into the Redis queue-state record."""
     entries = []
     for status in ("running", "suspended", "waiting"):
@@ -51,43 +52,51 @@ def queue_state_from_stats(replica_id: str, stats: dict[str, Any], seq: int) -> 
             entries.append(QueuedRequest(row["request_id"], _STATUS[status], row["deadline"],
                                          row["predicted_remaining_s"], row.get("remaining_tokens", 0)))
     return ReplicaQueueState(
-        replica_id=replica_id, engine_kind="flowprefill", model=str(stats.get("model", "")),
+        replica_id=replica_id, engine_kind=engine_kind, model=str(stats.get("model", "")),
         updated_at=time.time(), seq=seq, requests=tuple(entries),
         running_remaining_s=float(stats.get("running_remaining_s", 0.0)),
         kv_free_tokens=int(stats.get("kv_free_tokens", 0)),
+        preemptions=int((stats.get("counters") or {}).get("preemptions", stats.get("preemptions", 0))),
     )
 
 
 class ReplicaServer:
-    """One FlowPrefill engine behind Serve (one GPU per replica on GPU nodes)."""
+    """One engine behind Serve (one GPU per replica on GPU nodes); ``engine_kind`` picks it
+    (:data:`replicas.engine_api.ENGINE_KINDS`) and ``engine`` holds its settings."""
 
     async def __init__(self, engine: dict[str, Any] | None = None, redis_url: str | None = None,
-                       namespace: str = "flowprefill", state_ttl_s: float = 5.0) -> None:
+                       namespace: str = "flowprefill", state_ttl_s: float = 5.0,
+                       engine_kind: str = "flowprefill") -> None:
         from ray import serve
 
-        self.config = EngineConfig.from_dict(engine or {})
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.loop = asyncio.get_running_loop()
         self._dirty = asyncio.Event()
         self._latest: dict[str, Any] | None = None
         self._seq = 0
         self.state_ttl_s = state_ttl_s
-        self.engine = await asyncio.to_thread(ReplicaEngine, self.config, clock=time.time,
-                                              on_state_change=self._on_state_change)
+        self.engine: ReplicaEngineAPI = await asyncio.to_thread(
+            make_engine, engine_kind, engine or {}, clock=time.time, on_state_change=self._on_state_change)
         self.engine.start()
+        self.autoscaling = AutoscalingStats(self.engine.cost_model.predict, clock=time.time)
         self.cluster = ClusterState(redis_url, namespace=namespace, state_ttl_s=state_ttl_s) if redis_url else None
         self._publisher: asyncio.Task[None] | None = None
         if self.cluster is not None:
-            hardware = "_".join(self.engine.cost_model.hardware.split()) or "unknown"
-            info = ReplicaInfo(self.replica_id, self.engine.model.name, "flowprefill", self.config.policy,
-                               hardware=hardware, registered_at=time.time())
             try:
-                await self.cluster.register_replica(self.replica_id, info)
-                await self.cluster.save_profile(self.engine.model.name, hardware, self.engine.cost_model)
+                await self._register()
             except StateUnavailable as exc:
                 log.warning("replica %s: Redis unavailable at start (%s); will keep publishing", self.replica_id, exc)
             self._publisher = asyncio.create_task(self._publish_loop())
         self._on_state_change(self.engine.stats())
+
+    async def _register(self) -> None:
+        """Register this replica's info and cost profile in Redis (again after Redis lost them)."""
+        assert self.cluster is not None
+        hardware = "_".join(self.engine.cost_model.hardware.split()) or "unknown"
+        info = ReplicaInfo(self.replica_id, self.engine.model_name, self.engine.kind, self.engine.policy_name,
+                           hardware=hardware, registered_at=time.time())
+        await self.cluster.register_replica(self.replica_id, info)
+        await self.cluster.save_profile(self.engine.model_name, hardware, self.engine.cost_model)
 
     def _on_state_change(self, stats: dict[str, Any]) -> None:
         """Called on the engine thread after every event: keep the newest snapshot, wake the publisher."""
@@ -107,9 +116,11 @@ class ReplicaServer:
                 continue
             self._seq += 1
             try:
-                await self.cluster.publish_replica_state(
-                    self.replica_id, queue_state_from_stats(self.replica_id, self._latest, self._seq)
-                )
+                state = queue_state_from_stats(self.replica_id, self._latest, self._seq, self.engine.kind)
+                if await self.cluster.publish_replica_state(self.replica_id, state):
+                    log.info("replica %s: not in Redis's registry (Redis restarted?); registering again",
+                             self.replica_id)
+                    await self._register()
             except StateUnavailable as exc:
                 log.warning("replica %s: cannot publish queue state (%s)", self.replica_id, exc)
                 await asyncio.sleep(heartbeat)
@@ -118,24 +129,32 @@ class ReplicaServer:
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream the outputs of one request (dicts of :class:`~replicas.engine.RequestOutput`)."""
+        received = time.time()
         request, params = request_from_payload(payload)
-        async for out in self.engine.generate(request, params):
-            yield {**asdict(out), "replica_id": self.replica_id}
+        first = True
+        async for out in self.autoscaling.observe(request, self.engine.generate(request, params)):
+            row = {**asdict(out), "replica_id": self.replica_id}
+            if first and out.token_ids:  # the replica's own TTFT: receipt to first token, no router
+                row["replica_ttft_s"], first = time.time() - received, False
+            yield row
 
     def stats(self) -> dict[str, Any]:
         """The engine's latest queue-state snapshot plus this replica's id."""
         return {"replica_id": self.replica_id, **self.engine.stats()}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: predicted prefill load and recent TTFT attainment
+        (see :mod:`replicas.autoscaling_stats`; the policy is :mod:`cluster.autoscaling`)."""
+        return self.autoscaling.snapshot(float(self.engine.stats().get("pending_work_s", 0.0)))
+
     def tokenizer_info(self) -> dict[str, Any]:
         """What the router needs to validate prompts: context length and vocabulary size."""
-        config = self.engine.model.config
-        return {"model": self.engine.model.name, "max_model_len": config.max_position_embeddings,
-                "vocab_size": config.vocab_size}
+        return {"model": self.engine.model_name, "max_model_len": self.engine.max_model_len,
+                "vocab_size": self.engine.vocab_size}
 
     def check_health(self) -> None:
         """Serve's health probe: the engine loop must be alive."""
-        thread = self.engine._thread
-        if thread is None or not thread.is_alive():
+        if not self.engine.is_alive():
             raise RuntimeError("engine loop is not running")
 
     async def __del__(self) -> None:

@@ -118,11 +118,25 @@ def test_bad_http_input_gets_a_clear_4xx_and_service_keeps_serving(cluster, body
 def test_metrics_and_health(cluster):
     with urllib.request.urlopen(BASE + "/health", timeout=30) as resp:
         assert json.loads(resp.read()) == {"status": "ok"}
-    _post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, {"x-slo-class": "interactive"})
+    with urllib.request.urlopen(BASE + "/v1/router/stats", timeout=30) as resp:
+        before = json.loads(resp.read())
+    code, _, headers = _post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                             {"x-slo-class": "interactive"})
+    assert code == 200 and 0 < float(headers["x-flowprefill-replica-ttft-ms"]) < 30_000
     with urllib.request.urlopen(BASE + "/metrics", timeout=30) as resp:
         text = resp.read().decode()
     assert 'flowprefill_ttft_seconds_count{slo_class="interactive"}' in text
     assert "flowprefill_rejections_total" in text
+    # The request router (pickled by value into the ingress process) shares its counters with the
+    # ingress: the decision shows up in /v1/router/stats and in the routing-time histogram.
+    with urllib.request.urlopen(BASE + "/v1/router/stats", timeout=30) as resp:
+        after = json.loads(resp.read())
+    assert after["decisions"] >= before["decisions"] + 1 and after["decision_ms"]["p99"] > 0
+    count = next(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("flowprefill_routing_decision_ms_count"))
+    assert count >= 1
+    depth = [line for line in text.splitlines() if line.startswith("flowprefill_replica_queue_depth{")]
+    assert len(depth) == 2  # one gauge per replica, from the Redis queue states the router read
 
 
 async def _poll_states(redis_url: str, namespace: str, done, what: str) -> dict:
@@ -237,3 +251,32 @@ def test_grpc_client_streams_tokens_and_bad_input_is_invalid_argument(cluster):
             list(stub.Generate(bad, timeout=60))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_tokens" in err.value.details()
+
+
+def test_client_disconnect_aborts_the_request_and_frees_its_kv(cluster):
+    import http.client
+
+    def all_idle(states: dict) -> bool:
+        return len(states) == 2 and all(not s.requests for s in states.values())
+
+    idle = asyncio.run(_poll_states(cluster["redis_url"], NAMESPACE, all_idle, "both queues empty"))
+    full = {rid: st.kv_free_tokens for rid, st in idle.items()}
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+    body = json.dumps({"model": MODEL, "prompt": "Tell me a very long story about the sea.", "max_tokens": 2000,
+                       "stream": True, "ignore_eos": True})
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    first = resp.readline()
+    assert first.startswith(b"data: ")
+    # The request is decoding and holds KV blocks on one replica ...
+    busy = asyncio.run(_poll_states(cluster["redis_url"], NAMESPACE,
+                                    lambda st: any(s.kv_free_tokens < full[r] for r, s in st.items()),
+                                    "KV held by the streaming request"))
+    assert any(s.kv_free_tokens < full[r] for r, s in busy.items())
+    conn.close()  # ... until the client goes away: the replica aborts it and frees every block.
+    after = asyncio.run(_poll_states(cluster["redis_url"], NAMESPACE,
+                                     lambda st: all_idle(st) and all(s.kv_free_tokens == full[r]
+                                                                     for r, s in st.items()),
+                                     "all KV free after the disconnect"))
+    assert {r: s.kv_free_tokens for r, s in after.items()} == full
