@@ -114,6 +114,12 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sim(args: argparse.Namespace) -> int:
+    from bench.sim.cli import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_bench_router(args: argparse.Namespace) -> int:
     from bench.router_bench import RouterBenchConfig, print_report, run_router_bench
 
@@ -250,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--grpc-port", type=int, default=9790)
     rtr.add_argument("--json", default=None)
     rtr.set_defaults(func=_cmd_bench_router)
+    sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
+    from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
+
+    add_sim_args(sim)
+    sim.set_defaults(func=_cmd_bench_sim)
     return parser
 
 

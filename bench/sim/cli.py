@@ -1,0 +1,91 @@
+"""Arguments and entry point of ``flowprefill bench sim`` (argparse only at import: ``--help`` stays instant)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _csv(kind: type) -> object:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``bench sim``."""
+    p.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
+    p.add_argument("--replicas", type=_csv(int), default=(1, 4, 16, 64, 256), help="comma-separated replica counts")
+    p.add_argument("--router-policies", type=_csv(str), default=("slo_aware", "round_robin", "pow2"),
+                   help="comma-separated: slo_aware, round_robin, least_loaded, pow2")
+    p.add_argument("--policy", choices=["flowprefill", "chunked", "fcfs"], default="flowprefill")
+    p.add_argument("--profile", default=None, help="cost-model JSON, CPU or GPU (default: the cached CPU profile)")
+    p.add_argument("--length-scale", type=float, default=1 / 16,
+                   help="input lengths are multiplied by this (as bench policies; use 1 with a GPU profile)")
+    p.add_argument("--max-output-tokens", type=int, default=4)
+    p.add_argument("--window-start-s", type=float, default=0.0)
+    p.add_argument("--window-s", type=float, default=None, help="trace window per replica (default: the span of "
+                   "--requests-per-replica requests)")
+    p.add_argument("--requests-per-replica", type=int, default=60)
+    p.add_argument("--max-requests", type=int, default=16000, help="cap per simulated run (a shorter horizon)")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="chunk of the chunked baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine-steps", type=int, default=4, help="bisection steps after the 90%% crossing")
+    p.add_argument("--staleness-s", type=float, default=0.0, help="delay of the queue state the router sees")
+    p.add_argument("--boundary-delay-s", type=float, default=0.002,
+                   help="wait for the next operator boundary (preemption latency)")
+    p.add_argument("--decode-step-s", type=float, default=None, help="fixed decode step time (default: cost model)")
+    p.add_argument("--exec-time-scale", type=float, default=1.0,
+                   help="execution this many times slower than the profile (e.g. a --validate fit)")
+    p.add_argument("--seq-overhead-s", type=float, default=0.0,
+                   help="seconds per extra sequence in a prefill batch or decode step (e.g. a --validate fit)")
+    p.add_argument("--no-early-stop", action="store_true", help="simulate every request even past a sure miss")
+    p.add_argument("--no-shed", action="store_true", help="slo_aware never sheds sheddable requests")
+    p.add_argument("--validate", action="store_true",
+                   help="instead: one real in-process replay of a short window against the simulation")
+    p.add_argument("--validate-requests", type=int, default=60, help="requests of the validation replay")
+    p.add_argument("--validate-utilization", type=float, default=0.6,
+                   help="predicted prefill utilisation of the validation replay")
+    p.add_argument("--model", default=None, help="HF model directory for --validate (default: SmolLM2-135M)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of goodput per replica against the replica count")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the sweep (or ``--validate``) and write ``--json`` / ``--plot``."""
+    if args.validate:
+        from bench.sim.validate import run_validation
+
+        report = run_validation(
+            args.trace, profile=args.profile, model_dir=Path(args.model) if args.model else None,
+            window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.validate_requests,
+            length_scale=args.length_scale, utilization=args.validate_utilization, seed=args.seed,
+            boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s,
+        )
+    else:
+        from bench.sim.sweep import SimBenchConfig, plot_goodput, run_sweep
+
+        cfg = SimBenchConfig(
+            trace=args.trace, replicas=tuple(args.replicas), router_policies=tuple(args.router_policies),
+            policy=args.policy, profile=args.profile, length_scale=args.length_scale,
+            max_output_tokens=args.max_output_tokens, window_start_s=args.window_start_s, window_s=args.window_s,
+            requests_per_replica=args.requests_per_replica, max_requests=args.max_requests,
+            chunk_tokens=args.chunk_tokens, seed=args.seed, refine_steps=args.refine_steps,
+            staleness_s=args.staleness_s, boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s,
+            exec_time_scale=args.exec_time_scale, seq_overhead_s=args.seq_overhead_s,
+            early_stop=not args.no_early_stop, shed=not args.no_shed,
+        )
+        report = run_sweep(cfg)
+        if args.plot:
+            plot_goodput(report, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

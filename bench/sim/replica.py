@@ -1,0 +1,395 @@
+"""One simulated replica: the real :class:`~replicas.scheduler.core.Scheduler` driven in virtual time.
+
+The replica mirrors :class:`replicas.engine.ReplicaEngine`'s loop with the model replaced by the
+TTFT cost model:
+
+* **Prefill programs.** A :class:`~replicas.scheduler.events.BatchPlan` runs for
+  :func:`program_seconds` (``predict_batch`` of its slices; a slice starting at ``s > 0`` pays
+  only its own tokens' share, the way ``chunked`` continues a prompt). A suspended program keeps
+  its remaining seconds and resumes where it stopped.
+* **Events, as the engine feeds them.** Arrivals go to an inbox that is drained when the running
+  program reaches an operator boundary (``boundary_delay_s`` after the arrival; with granularity
+  ``none`` only when the program ends; immediately when the replica is idle), then
+  ``on_arrival``; the end of a program gives ``on_prefill_complete``; the last decode token gives
+  ``on_finish``. Decisions are applied like ``ReplicaEngine._apply``: ``mark_suspended`` for a
+  preempted program, ``mark_started`` for a started or resumed one, at the same virtual time.
+* **Decode.** Decoding requests step together, one token per step, costing
+  ``a + sum(marginal cost of one token at the prompt length)`` from the cost model (or a fixed
+  ``decode_step_s``). As in :class:`~replicas.engine_decode.DecodeBatcher`, steps run back to
+  back when no prefill runs, and interleave at an operator boundary of a running prefill as late
+  as the TPOT target allows, not while that prefill is urgent, at the latest after twice the
+  target. A decode step is not preemptible: arrivals wait for its end.
+
+Not modelled: KV memory (unlimited), the engine's ``max_waiting`` queue bound, sampling and
+publishing overheads beyond the cost model, and context growth during decode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from replicas.scheduler.config import SchedulerConfig
+from replicas.scheduler.core import Scheduler
+from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.events import BatchPlan, Decision
+from replicas.scheduler.request import Request
+from replicas.scheduler.stats import batch_remaining_s
+
+INF = math.inf
+IDLE, PREFILL, DECODE = 0, 1, 2
+MAX_DECODE_GAP_FACTOR = 2.0  # replicas.engine_decode.MAX_DECODE_GAP_FACTOR (not imported: that module needs torch)
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """How the simulated executor behaves (the engine's settings that the scheduler does not see).
+
+    ``boundary_delay_s``: mean wait from an arrival (or a due decode step) to the running
+    program's next preemption point, i.e. the operator-boundary preemption latency.
+    ``decode_step_s``: a fixed decode step time; None derives it from the cost model.
+    ``exec_time_scale``: execution runs this many times slower than the cost model predicts (the
+    scheduler still plans with the cost model, as the engine does), e.g. a machine under load.
+    ``seq_overhead_s``: extra seconds per sequence beyond the first in a prefill program or decode
+    step (per-sequence operator launches that ``predict_batch`` does not charge).
+    """
+
+    boundary_delay_s: float = 0.002
+    default_tpot_slo_s: float = 0.5
+    max_decoding: int = 64
+    decode_step_s: float | None = None
+    exec_time_scale: float = 1.0
+    seq_overhead_s: float = 0.0
+
+
+def _span(cost: CostModel) -> int:
+    return min(cost.chunk_tokens, cost.max_profiled_tokens)
+
+
+def _variable(cost: CostModel, n: int, span: int) -> float:
+    """``predict(n)`` without its per-pass launch overhead (see ``CostModel.predict_batch``)."""
+    return cost.predict(n) - cost.a * -(-n // span) if n > 0 else 0.0
+
+
+def program_seconds(cost: CostModel, ranges: tuple[tuple[int, int], ...]) -> float:
+    """Execution time of a prefill program computing these prompt slices (one pass per span of tokens)."""
+    if all(start == 0 for start, _ in ranges):
+        return cost.predict_batch([end for _, end in ranges])
+    span = _span(cost)
+    total = sum(end - start for start, end in ranges)
+    var = sum(_variable(cost, end, span) - _variable(cost, start, span) for start, end in ranges)
+    return max(cost.floor_s, cost.a * -(-total // span) + var)
+
+
+def decode_token_seconds(cost: CostModel, context: int) -> float:
+    """Marginal cost of one more token at ``context`` tokens (what a decode step adds per sequence)."""
+    span = _span(cost)
+    return max(_variable(cost, context + 1, span) - _variable(cost, context, span), 0.0)
+
+
+class SimRequest:
+    """A request in flight in the simulation: the scheduler's :class:`Request` plus decode state."""
+
+    __slots__ = ("idx", "request", "cost_s", "tokens_left", "token_s", "tpot_s")
+
+    def __init__(self, idx: int, request: Request, cost_s: float) -> None:
+        self.idx = idx
+        self.request = request
+        self.cost_s = cost_s  # predicted isolated prefill seconds (what the router puts in flight)
+        self.tokens_left = 0
+        self.token_s = 0.0
+        self.tpot_s = request.tpot_slo_s
+
+
+Recorder = Callable[[int, float | None], None]  # (request index, TTFT or None for rejected)
+
+
+class SimReplica:
+    """A replica engine in virtual time; ``schedule(replica, t)`` asks the loop to call :meth:`wake` at ``t``."""
+
+    def __init__(self, index: int, replica_id: str, cost: CostModel, sched_config: SchedulerConfig,
+                 exec_config: ExecConfig, schedule: Callable[[SimReplica, float], None], record: Recorder) -> None:
+        self.index, self.replica_id = index, replica_id
+        self.cost, self.cfg = cost, exec_config
+        self.sched = Scheduler(cost, sched_config, perf_clock=float, max_pass_samples=1)
+        self.preemptible = sched_config.granularity != "none"
+        self._schedule, self._record = schedule, record
+        self.live: dict[str, SimRequest] = {}  # admitted or in the inbox, until finished
+        self.inbox: list[SimRequest] = []
+        self.inbox_cost_s = 0.0  # predicted seconds in the inbox (dispatched, not yet in the published state)
+        self.inbox_at = INF
+        self.plans: dict[int, BatchPlan] = {}
+        self.work: dict[int, float] = {}  # started program -> remaining seconds
+        self.cur: int | None = None
+        self.since: float | None = None  # when the current program last started progressing
+        self.mode = IDLE
+        self.step_start = self.step_end = 0.0
+        self.step_batch: list[SimRequest] | None = None  # None: every decoding request
+        self.decoding: dict[str, SimRequest] = {}
+        self.decode_token_s = 0.0  # sum of the decoding requests' per-token seconds
+        self.tpot_decoding = 0  # decoding requests with their own TPOT SLO
+        self.last_step_end = -INF
+        self.step_ema = 0.0
+        self._due: float | None = None  # cached decode-due time of the current program
+        self._urgency: tuple[float, float] | None = None  # (predicted batch s, min deadline) of the current plan
+        self.wake_at = INF
+        self.ver = 0
+        self.event_at = 0.0  # time of the last published state (after every scheduler event; 0: at start)
+        self.seq = 0  # published states so far
+        self.publish_hook: Callable[[SimReplica, float], None] | None = None  # after every published state
+        self.deliver_hook: Callable[[SimReplica, float], None] | None = None  # after every dispatch
+        self.preemptions = 0
+        self.prefill_batches = 0
+        self.decode_steps = 0
+
+    # ------------------------------------------------------------------ inputs
+    def deliver(self, t: float, sr: SimRequest) -> None:
+        """The router dispatched ``sr`` at ``t``."""
+        self.live[sr.request.request_id] = sr
+        if self.mode == IDLE:
+            self._admit(t, sr)
+            self._settle(t)
+        else:
+            self.inbox.append(sr)
+            self.inbox_cost_s += sr.cost_s
+            if self.mode == PREFILL and self.preemptible and self.inbox_at == INF:
+                self.inbox_at = t + self.cfg.boundary_delay_s
+        self._reschedule()
+        if self.deliver_hook is not None:
+            self.deliver_hook(self, t)
+
+    def wake(self, t: float) -> None:
+        """Whatever was due at ``t`` (program end, inbox drain at a boundary, decode step start or end)."""
+        if self.mode == DECODE:
+            self._end_step(t)
+        elif self.mode == PREFILL:
+            cur = self.cur
+            assert cur is not None and self.since is not None
+            if t >= self.since + self.work[cur] - 1e-12:
+                self._complete(t, cur)
+            else:
+                self._pause(t)
+                if self.inbox and t >= self.inbox_at:
+                    if self.decoding and self._decode_due(t):
+                        self._start_step(t)  # the engine steps decode before draining its inbox
+                    else:
+                        self._drain(t)
+                        self._settle(t)
+                elif self.decoding:
+                    self._start_step(t)
+        self._reschedule()
+
+    # ------------------------------------------------------------------ the engine's steps
+    def _publish(self, t: float) -> None:
+        """The engine publishes its queue state after every event (``ReplicaEngine._publish``)."""
+        self.event_at = t
+        self.seq += 1
+        if self.publish_hook is not None:
+            self.publish_hook(self, t)
+
+    def _admit(self, t: float, sr: SimRequest) -> None:
+        d = self.sched.on_arrival(sr.request, t)
+        if d.rejected:
+            self.live.pop(sr.request.request_id, None)
+            self._record(sr.idx, None)
+        self._apply(d, t)
+        self._publish(t)
+
+    def _drain(self, t: float) -> None:
+        if not self.inbox:
+            return
+        inbox, self.inbox = self.inbox, []
+        self.inbox_cost_s, self.inbox_at = 0.0, INF
+        for sr in inbox:
+            self._admit(t, sr)
+
+    def _apply(self, d: Decision, t: float) -> None:
+        """``ReplicaEngine._apply``: drop, preempt, run, in that order."""
+        for bid in d.dropped:
+            self.work.pop(bid, None)
+            self.plans.pop(bid, None)
+            if self.cur == bid:
+                self.cur = self.since = None
+        if d.preempt_running and self.cur is not None:
+            self._pause(t)
+            self.sched.mark_suspended(self.cur, t)
+            self.preemptions += 1
+            self.cur = self.since = None
+        if d.run is not None:
+            self._start(d.run, t)
+
+    def _start(self, plan: BatchPlan, t: float) -> None:
+        bid = plan.batch_id
+        if self.cur is not None and self.cur != bid:
+            self._pause(t)
+            self.sched.mark_suspended(self.cur, t)
+        if not plan.resume:
+            extra = self.cfg.seq_overhead_s * (len(plan.ranges) - 1)
+            self.work[bid] = program_seconds(self.cost, plan.ranges) * self.cfg.exec_time_scale + extra
+            self.prefill_batches += 1
+        self.plans[bid] = plan
+        self.cur, self.since = bid, t
+        self._due = self._urgency = None
+        self.sched.mark_started(plan, t)
+
+    def _pause(self, t: float) -> None:
+        """Credit the current program's progress up to ``t`` (it goes on from ``t`` unless stopped)."""
+        if self.cur is not None and self.since is not None:
+            self.work[self.cur] -= t - self.since
+            self.since = t
+
+    def _complete(self, t: float, bid: int) -> None:
+        self.work.pop(bid, None)
+        self.plans.pop(bid, None)
+        self.cur = self.since = None
+        d = self.sched.on_prefill_complete(bid, t)
+        self._apply(d, t)
+        for rid in d.prefilled:
+            sr = self.live.get(rid)
+            if sr is None:
+                continue
+            self._record(sr.idx, t - sr.request.arrival_s)
+            max_tokens = sr.request.max_tokens
+            if max_tokens <= 1:
+                self._finish(t, sr)
+            else:
+                sr.tokens_left = max_tokens - 1
+                sr.token_s = decode_token_seconds(self.cost, sr.request.num_prompt_tokens)
+                self.decoding[rid] = sr
+                self.decode_token_s += sr.token_s
+                self.tpot_decoding += sr.tpot_s is not None
+                self._due = None
+        self._publish(t)
+        if self.decoding and (self.cur is None or self._decode_due(t)):
+            self._start_step(t)
+        else:
+            self._drain(t)
+            self._settle(t)
+
+    def _finish(self, t: float, sr: SimRequest) -> None:
+        rid = sr.request.request_id
+        self.live.pop(rid, None)
+        if self.decoding.pop(rid, None) is not None:
+            self.tpot_decoding -= sr.tpot_s is not None
+            self.decode_token_s -= sr.token_s
+        self._apply(self.sched.on_finish(rid, t), t)
+        self._publish(t)
+
+    def _settle(self, t: float) -> None:
+        """After the inbox is drained: run the current program, else decode back to back, else idle."""
+        if self.cur is not None:
+            self.mode = PREFILL
+            if self.since is None:
+                self.since = t
+                self._due = None
+        elif self.decoding:
+            self._start_step(t)
+        else:
+            self.mode = IDLE
+
+    # ------------------------------------------------------------------ decode
+    def _start_step(self, t: float) -> None:
+        self._pause(t)
+        self.since = None  # the program (if any) waits for the step
+        cap, decoding = self.cfg.max_decoding, self.decoding
+        batch: list[SimRequest] | None = None
+        if len(decoding) > cap:
+            batch = list(decoding.values())[:cap]
+            for sr in batch:  # round robin when more decode than fit in one step
+                rid = sr.request.request_id
+                decoding[rid] = decoding.pop(rid)
+        if self.cfg.decode_step_s is not None:
+            took = self.cfg.decode_step_s
+        else:
+            token_s = self.decode_token_s if batch is None else sum(sr.token_s for sr in batch)
+            k = len(decoding) if batch is None else len(batch)
+            took = (self.cost.a + token_s) * self.cfg.exec_time_scale + self.cfg.seq_overhead_s * (k - 1)
+        self.mode, self.step_batch = DECODE, batch
+        self.step_start, self.step_end = t, t + took
+
+    def _end_step(self, t: float) -> None:
+        took = t - self.step_start
+        self.last_step_end = t
+        self.step_ema = took if self.step_ema == 0 else 0.8 * self.step_ema + 0.2 * took
+        self.decode_steps += 1
+        self._due = None
+        batch = self.step_batch if self.step_batch is not None else self.decoding.values()
+        self.mode = IDLE
+        finished = []
+        for sr in batch:  # nothing joins or leaves decoding during a step
+            sr.tokens_left -= 1
+            if sr.tokens_left <= 0:
+                finished.append(sr)
+        for sr in finished:
+            self._finish(t, sr)
+        self._drain(t)
+        self._settle(t)
+
+    def _decode_due(self, t: float) -> bool:
+        return t >= self._due_raw()
+
+    def _due_raw(self) -> float:
+        """When ``DecodeBatcher.due`` turns true for the current program (engine semantics)."""
+        if self._due is not None:
+            return self._due
+        tpot = self.cfg.default_tpot_slo_s
+        if self.tpot_decoding:
+            tpot = min(sr.tpot_s for sr in self.decoding.values() if sr.tpot_s)  # type: ignore[type-var]
+        last = self.last_step_end
+        latest = last + MAX_DECODE_GAP_FACTOR * tpot
+        early = last + tpot - self.step_ema
+        due = latest
+        if early < latest:
+            if self._urgency is None and self.cur is not None:
+                plan = self.plans[self.cur]
+                deadlines = [self.live[r].request.deadline for r in plan.request_ids if r in self.live]
+                self._urgency = (self.cost.predict_batch([e - s for s, e in plan.ranges]), min(deadlines, default=INF))
+            if self._urgency is None:
+                due = early
+            else:
+                remaining, deadline = self._urgency
+                # urgent at `now` iff deadline - now - remaining < ema: not urgent until this time
+                due = early if early <= deadline - remaining - self.step_ema else latest
+        self._due = due
+        return due
+
+    # ------------------------------------------------------------------ timing
+    def _reschedule(self) -> None:
+        if self.mode == DECODE:
+            at = self.step_end
+        elif self.mode == PREFILL:
+            assert self.cur is not None and self.since is not None
+            at = self.since + self.work[self.cur]
+            if self.inbox and self.inbox_at < at:
+                at = self.inbox_at
+            if self.decoding and self.preemptible:
+                due = max(self._due_raw(), self.since) + self.cfg.boundary_delay_s
+                if due < at:
+                    at = due
+        else:
+            at = INF
+        if at != self.wake_at:
+            self.wake_at = at
+            self._schedule(self, at)
+
+    # ------------------------------------------------------------------ what the router sees
+    def queue_snapshot(self) -> tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...], float]:
+        """``(queued, running, running_remaining_s)`` as of the last event, in the shape
+        :func:`router.placement.load_from_state` makes of the published queue state: ``(deadline,
+        predicted_remaining_s)`` of waiting and suspended requests, and of the running batch's members."""
+        view = self.sched._view(self.event_at)  # noqa: SLF001 - the fields Scheduler.stats() publishes
+        rem = view.predicted_remaining
+        queued = [(r.deadline, rem(r)) for r in view.waiting]
+        queued.extend((r.deadline, rem(r)) for r in view.partial)
+        for b in view.suspended.values():
+            queued.extend((r.deadline, rem(r)) for r in b.requests)
+        running = view.running
+        if running is None:
+            return tuple(queued), (), 0.0
+        return tuple(queued), tuple((r.deadline, rem(r)) for r in running.requests), batch_remaining_s(view, running)
+
+    @property
+    def has_prefill_work(self) -> bool:
+        """Whether the published queue state lists any request (decoding ones are not listed)."""
+        return len(self.live) > len(self.decoding) + len(self.inbox)

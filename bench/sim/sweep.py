@@ -1,0 +1,257 @@
+"""``flowprefill bench sim``: goodput per replica for each replica count and router policy.
+
+For each replica count ``N`` the trace is tiled ``N`` times (:func:`bench.sim.workload.cluster_workload`),
+so that load grows with ``N``; for each router policy the rate scale is searched as ``bench
+policies`` does (steps of 1.5x until attainment crosses 90%, then geometric bisection) and
+goodput is the highest rate with at least 90% TTFT attainment. The search for the next ``N``
+starts from the previous goodput per replica.
+
+``simulated_requests_per_s`` is every simulated request (early-stopped runs count only the
+arrivals they reached) divided by the wall time of the whole sweep, workload building and search
+included; the CPU time and the machine's load average are reported next to it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.sim.cluster import ROUTER_POLICIES, ClusterSim, RouterConfig, RunResult, SimSetup
+from bench.sim.replica import ExecConfig
+from bench.sim.workload import SimWorkload, cluster_workload
+from bench.traces import load_trace
+from replicas.scheduler.config import SchedulerConfig
+from replicas.scheduler.cost_model import CostModel, detect_hardware
+
+ATTAINMENT_GOAL = 0.9
+
+
+@dataclass
+class SimBenchConfig:
+    """What to simulate (CLI flags of ``flowprefill bench sim``)."""
+
+    trace: str
+    replicas: tuple[int, ...] = (1, 4, 16, 64, 256)
+    router_policies: tuple[str, ...] = ("slo_aware", "round_robin", "pow2")
+    policy: str = "flowprefill"
+    profile: str | None = None
+    length_scale: float = 1 / 16
+    max_output_tokens: int = 4
+    window_start_s: float = 0.0
+    window_s: float | None = None
+    requests_per_replica: int = 60
+    max_requests: int = 16000
+    chunk_tokens: int = 128
+    seed: int = 0
+    refine_steps: int = 4
+    max_steps: int = 12
+    staleness_s: float = 0.0
+    boundary_delay_s: float = 0.002
+    decode_step_s: float | None = None
+    exec_time_scale: float = 1.0
+    seq_overhead_s: float = 0.0
+    early_stop: bool = True
+    shed: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.router_policies if p not in ROUTER_POLICIES]
+        if bad or not self.router_policies:
+            raise ValueError(f"--router-policies: unknown {bad}; expected some of {ROUTER_POLICIES}")
+        if not self.replicas or min(self.replicas) < 1:
+            raise ValueError(f"--replicas: need positive counts, got {self.replicas}")
+
+
+def default_profile_path() -> Path:
+    """The cached CPU profile of the default model on this machine (what ``serve`` would use)."""
+    from replicas.model.default_model import MODEL_NAME
+
+    root = Path(os.environ.get("FLOWPREFILL_CACHE", Path.home() / ".cache" / "flowprefill"))
+    key = f"{MODEL_NAME}-float32-cpu-{detect_hardware('cpu')}"
+    return root / "profiles" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json")
+
+
+def load_profile(path: str | None) -> tuple[CostModel, str]:
+    """``--profile FILE`` (any saved cost model, CPU or GPU), else the cached default, else profile now."""
+    if path is not None:
+        return CostModel.load(path), str(path)
+    cached = default_profile_path()
+    if cached.is_file():
+        return CostModel.load(cached), str(cached)
+    from replicas.model.decoder import DecoderModel
+    from replicas.model.default_model import prepare_default_model
+    from replicas.profiling import load_or_profile, profile_cache_path
+
+    model = DecoderModel.load(prepare_default_model())
+    return load_or_profile(model), str(profile_cache_path(model))
+
+
+def sched_config(policy: str, length_scale: float, chunk_tokens: int) -> SchedulerConfig:
+    """Scheduler settings as ``bench.policy_bench.policy_configs`` sets them for the engine (lengths scaled)."""
+    f = length_scale
+    return SchedulerConfig(policy=policy, short_threshold=max(int(2048 * f), 1),
+                           batch_token_budget=max(int(8192 * f), 1), chunk_tokens=chunk_tokens,
+                           granularity="block" if policy == "flowprefill" else "none")
+
+
+def summarize_run(wl: SimWorkload, run: RunResult, scale: float) -> dict[str, Any]:
+    """One measured point (JSON-ready)."""
+    finite = np.array([v for v in run.ttft_s if v is not None], dtype=np.float64)
+    p50, p90 = (np.percentile(finite, [50, 90]) if finite.size else (np.nan, np.nan))
+    return {
+        "scale": scale, "rate_rps": scale * wl.rate_rps, "rate_per_replica": scale * wl.rate_rps / wl.copies,
+        "attainment": run.attainment, "stopped_early": run.stopped_early, "requests": len(wl),
+        "simulated": run.simulated, "ttft_p50_s": None if np.isnan(p50) else float(p50),
+        "ttft_p90_s": None if np.isnan(p90) else float(p90), "shed": run.shed, "preemptions": run.preemptions,
+        "decode_steps": run.decode_steps, "wall_s": run.wall_s,
+    }
+
+
+def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchConfig,
+                 bar: tqdm | None = None) -> dict[str, Any]:
+    """Search the rate scale (see the module docstring); returns goodput and every point."""
+    points: dict[float, dict[str, Any]] = {}
+
+    def measure(scale: float) -> bool:
+        run = sim.run(wl, scale, stop_below=ATTAINMENT_GOAL if cfg.early_stop else None)
+        points[scale] = summarize_run(wl, run, scale)
+        if bar is not None:
+            bar.set_postfix(scale=f"{scale:.3g}", attain=f"{run.attainment:.3f}")
+        return run.attainment >= ATTAINMENT_GOAL
+
+    good, bad, scale = 0.0, None, start
+    for _ in range(cfg.max_steps):
+        if measure(scale):
+            good = scale
+            if bad is not None:
+                break
+            scale *= 1.5
+        else:
+            bad = scale
+            if good:
+                break
+            scale /= 1.5 if points[scale]["attainment"] >= 0.75 else 3.0
+    for _ in range(cfg.refine_steps if bad is not None and good else 0):
+        mid = (good * bad) ** 0.5
+        if measure(mid):
+            good = mid
+        else:
+            bad = mid
+    goodput = good * wl.rate_rps
+    return {"replicas": wl.copies, "goodput_scale": good, "goodput": goodput,
+            "goodput_per_replica": goodput / wl.copies, "requests": len(wl), "window_s": wl.span_s,
+            "points": [points[k] for k in sorted(points)]}
+
+
+def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
+    """Every (replica count, router policy) pair; returns the JSON report."""
+    t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    cost, profile_src = load_profile(cfg.profile)
+    trace = load_trace(cfg.trace)
+    setup_base = dict(cost=cost, sched=sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens),
+                      exec=ExecConfig(boundary_delay_s=cfg.boundary_delay_s, decode_step_s=cfg.decode_step_s,
+                                      exec_time_scale=cfg.exec_time_scale, seq_overhead_s=cfg.seq_overhead_s))
+    results: list[dict[str, Any]] = []
+    prev_scale: dict[str, float] = {}  # router policy -> last goodput scale (per-replica load carries over)
+    gc_was = gc.isenabled()
+    gc.disable()  # the simulation allocates many short-lived objects and no cycles worth collecting mid-run
+    try:
+        with tqdm(total=len(cfg.replicas) * len(cfg.router_policies), desc="bench sim", unit="search") as bar:
+            for n in cfg.replicas:
+                wl = cluster_workload(trace, cost.predict, n, window_start_s=cfg.window_start_s, window_s=cfg.window_s,
+                                      requests_per_copy=cfg.requests_per_replica, max_requests=cfg.max_requests,
+                                      length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens,
+                                      seed=cfg.seed)
+                util_at_1 = wl.work_s / (n * wl.span_s)
+                for rp in cfg.router_policies:
+                    bar.set_description(f"bench sim N={n} {rp}")
+                    router = RouterConfig(policy=rp, staleness_s=cfg.staleness_s, shed=cfg.shed, seed=cfg.seed)
+                    sim = ClusterSim(SimSetup(router=router, **setup_base), n)  # type: ignore[arg-type]
+                    start = prev_scale.get(rp) or 0.5 / max(util_at_1, 1e-12)
+                    res = find_goodput(sim, wl, start, cfg, bar)
+                    res["router_policy"] = rp
+                    if res["goodput_scale"]:
+                        prev_scale[rp] = res["goodput_scale"]
+                    results.append(res)
+                    bar.update(1)
+                    gc.collect()
+    finally:
+        if gc_was:
+            gc.enable()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    simulated = sum(p["simulated"] for r in results for p in r["points"])
+    report = {
+        "trace": cfg.trace, "profile": profile_src, "cost_model": {"model": cost.model, "device": cost.device,
+                                                                   "hardware": cost.hardware},
+        "config": asdict(cfg), "results": results, "simulated_requests": simulated, "wall_s": wall, "cpu_s": cpu,
+        "simulated_requests_per_s": simulated / wall, "simulated_requests_per_cpu_s": simulated / max(cpu, 1e-9),
+        "load_average": [load0, os.getloadavg()[0]], "speed_by_router_policy": _speeds(results),
+    }
+    print_table(report)
+    return report
+
+
+def _speeds(results: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for r in results:
+        acc = out.setdefault(r["router_policy"], [0.0, 0.0])
+        acc[0] += sum(p["simulated"] for p in r["points"])
+        acc[1] += sum(p["wall_s"] for p in r["points"])
+    return {k: n / max(s, 1e-9) for k, (n, s) in out.items()}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """Goodput per replica (req/s) per replica count and router policy, then the simulator's speed."""
+    rows = report["results"]
+    policies = list(dict.fromkeys(r["router_policy"] for r in rows))
+    counts = list(dict.fromkeys(r["replicas"] for r in rows))
+    cell = {(r["replicas"], r["router_policy"]): r for r in rows}
+    cfg = report["config"]
+    print(f"\n{Path(report['trace']).name}: policy {cfg['policy']}, lengths x{cfg['length_scale']:g}, "
+          f"profile {report['cost_model']['model']} on {report['cost_model']['hardware']}")
+    print("goodput per replica, req/s (cluster goodput in parentheses)")
+    print(f"{'replicas':>8} {'requests':>9} " + " ".join(f"{p:>22}" for p in policies))
+    for n in counts:
+        reqs = next(cell[(n, p)]["requests"] for p in policies if (n, p) in cell)
+        vals = []
+        for p in policies:
+            r = cell.get((n, p))
+            vals.append(f"{r['goodput_per_replica']:>9.3f} ({r['goodput']:>9.2f})" if r else f"{'-':>22}")
+        print(f"{n:>8} {reqs:>9} " + " ".join(f"{v:>22}" for v in vals))
+    speeds = " ".join(f"{k}={v:,.0f}" for k, v in report["speed_by_router_policy"].items())
+    print(f"simulated {report['simulated_requests']:,} requests in {report['wall_s']:.1f} s wall "
+          f"({report['cpu_s']:.1f} s CPU): {report['simulated_requests_per_s']:,.0f} req/s "
+          f"({report['simulated_requests_per_cpu_s']:,.0f} per CPU s); per router policy (runs only): {speeds}; "
+          f"load average {report['load_average'][0]:.1f} -> {report['load_average'][1]:.1f}")
+
+
+def plot_goodput(report: dict[str, Any], path: str | Path) -> None:
+    """Goodput per replica against the replica count, one line per router policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_policy: dict[str, list[tuple[int, float]]] = {}
+    for r in report["results"]:
+        by_policy.setdefault(r["router_policy"], []).append((r["replicas"], r["goodput_per_replica"]))
+    for name, pts in by_policy.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("replicas")
+    ax.set_ylabel("goodput per replica (req/s, >= 90% TTFT attainment)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{Path(report['trace']).name}: simulated, policy {report['config']['policy']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,225 @@
+"""Validate the simulator against a real in-process replay of the same requests at the same rate.
+
+``flowprefill bench sim --validate --trace PATH`` builds the workload exactly as ``bench policies``
+does (window, lengths scaled by 1/16, seeded SLO classes, prompts of real tokens), replays it once
+open loop on a real :class:`~replicas.engine.ReplicaEngine` running ``flowprefill`` with the
+default model and the cost profile the engine loads, at the rate that puts the predicted prefill
+utilisation at ``utilization``, then simulates the same requests on one simulated replica with the
+same scheduler settings and cost model, and reports the relative errors of the TTFT p50 and p90.
+
+The real run's execution is timed as it happens (prefill programs against their predicted
+seconds, decode steps), because on a shared CPU other processes slow the engine down unevenly
+(a 2-thread torch on 2 shared cores runs 1.3-2x slower than its profile when the load average
+is 3). A second simulation, ``sim_calibrated``, uses execution times fitted to the replay
+(``measured = scale * predicted + overhead * (sequences - 1)`` over every prefill program and
+decode step: the machine's slowdown, and a per-sequence launch overhead that ``predict_batch``
+does not charge), so its error is the simulator's own (queueing, preemption, batching, decode
+interleaving), separated from the cost model's error on a busy machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.sim.cluster import ClusterSim, RouterConfig, SimSetup
+from bench.sim.replica import ExecConfig, decode_token_seconds, program_seconds
+from bench.sim.workload import explicit_workload
+from replicas.scheduler.config import SchedulerConfig
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    p50, p90 = np.percentile(np.asarray(values, dtype=np.float64), [50, 90])
+    return float(p50), float(p90)
+
+
+def _rel(sim: float | None, real: float | None) -> float | None:
+    return None if sim is None or not real else abs(sim - real) / real
+
+
+class ExecutionTimer:
+    """Times one engine's prefill programs and decode steps against the simulator's execution model."""
+
+    def __init__(self, engine: Any, cost: Any) -> None:  # noqa: ANN401 - a ReplicaEngine and its CostModel
+        self.measured: dict[str, float] = {}
+        self.programs: dict[str, tuple[int, float]] = {}  # label -> (sequences, predicted s)
+        self.steps: list[tuple[int, float, float]] = []  # (sequences, predicted s, measured s)
+        run, step, decoder = engine.executor.run, engine.decoder.step, engine.decoder
+
+        def timed_run(task: Any, should_stop: Any = None) -> bool:  # noqa: ANN401
+            if task.label not in self.programs:
+                plan = engine._plans.get(int(task.label.split("-")[1]))  # noqa: SLF001 - diagnostics only
+                self.programs[task.label] = (len(plan.ranges), program_seconds(cost, plan.ranges)) if plan else (0, 0)
+            t0 = time.perf_counter()
+            try:
+                return run(task, should_stop)
+            finally:
+                self.measured[task.label] = self.measured.get(task.label, 0.0) + time.perf_counter() - t0
+
+        def timed_step() -> Any:  # noqa: ANN401
+            batch = list(decoder.active.values())[: decoder.max_batch]
+            pred = cost.a + sum(decode_token_seconds(cost, lr.request.num_prompt_tokens) for lr in batch)
+            t0 = time.perf_counter()
+            try:
+                return step()
+            finally:
+                self.steps.append((len(batch), pred, time.perf_counter() - t0))
+
+        engine.executor.run, engine.decoder.step = timed_run, timed_step  # this instance only
+
+    def reset(self) -> None:
+        """Forget what was timed so far (the warm-up)."""
+        self.measured.clear()
+        self.programs.clear()
+        self.steps.clear()
+
+    def program_samples(self) -> list[tuple[int, float, float]]:
+        """``(sequences, predicted s, measured s)`` of every timed prefill program."""
+        return [(*self.programs[k], self.measured[k]) for k in self.measured if self.programs.get(k, (0, 0))[1]]
+
+    def summary(self) -> dict[str, Any]:
+        """Measured against predicted seconds, and the fit ``measured = scale * predicted + overhead * (seqs - 1)``."""
+        progs = self.program_samples()
+        meas, pred = sum(x[2] for x in progs), sum(x[1] for x in progs)
+        ratios = [x[2] / x[1] for x in progs]
+        steps = [x[2] for x in self.steps]
+        scale, overhead = fit_execution(progs + self.steps)
+        return {"prefill_measured_s": meas, "prefill_predicted_s": pred, "slowdown": meas / pred if pred else None,
+                "slowdown_p10_p50_p90": [float(x) for x in np.percentile(ratios, [10, 50, 90])] if ratios else None,
+                "decode_steps": len(steps), "decode_step_mean_s": float(np.mean(steps)) if steps else None,
+                "decode_step_predicted_mean_s": float(np.mean([x[1] for x in self.steps])) if steps else None,
+                "fit_exec_time_scale": scale, "fit_seq_overhead_s": overhead,
+                "programs": [list(x) for x in progs]}
+
+
+def fit_execution(samples: list[tuple[int, float, float]]) -> tuple[float, float]:
+    """Least squares ``measured = scale * predicted + overhead * (sequences - 1)`` with both ``>= 0``."""
+    if not samples:
+        return 1.0, 0.0
+    a = np.array([[p, k - 1] for k, p, _ in samples], dtype=np.float64)
+    y = np.array([m for _, _, m in samples], dtype=np.float64)
+    (scale, overhead), *_ = np.linalg.lstsq(a, y, rcond=None)
+    if overhead < 0 or scale <= 0:
+        scale, overhead = float(a[:, 0] @ y / max(a[:, 0] @ a[:, 0], 1e-12)), 0.0
+    return float(scale), float(overhead)
+
+
+def _compare(real_ttft: list[float | None], sim_ttft: list[float | None], attainment: float) -> dict[str, Any]:
+    both = [i for i, (a, b) in enumerate(zip(real_ttft, sim_ttft)) if a is not None and b is not None]
+    real_p50, real_p90 = _percentiles([real_ttft[i] for i in both])  # type: ignore[misc]
+    sim_p50, sim_p90 = _percentiles([sim_ttft[i] for i in both])  # type: ignore[misc]
+    per_req = [abs(sim_ttft[i] - real_ttft[i]) / real_ttft[i] for i in both]  # type: ignore[operator]
+    return {"ttft_p50_s": sim_p50, "ttft_p90_s": sim_p90, "attainment": attainment,
+            "rel_error_p50": _rel(sim_p50, real_p50), "rel_error_p90": _rel(sim_p90, real_p90),
+            "per_request_median_rel_error": float(np.median(per_req)) if per_req else None, "compared": len(both)}
+
+
+def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | None = None,
+                   window_start_s: float = 0.0, window_s: float | None = None, max_requests: int = 60,
+                   length_scale: float = 1 / 16, utilization: float = 0.6, seed: int = 0,
+                   boundary_delay_s: float = 0.002, decode_step_s: float | None = None) -> dict[str, Any]:
+    """One real replay plus the simulation of the same requests; returns the comparison (JSON-ready)."""
+    from bench.policy_bench import PolicyBenchConfig, build_workload, policy_configs
+    from bench.replay import replay, summarize
+    from replicas.engine import ReplicaEngine
+    from replicas.engine_config import EngineConfig
+    from replicas.model.decoder import DecoderModel
+    from replicas.model.default_model import prepare_default_model
+    from replicas.model.tokenizer import Tokenizer
+    from replicas.profiling import load_or_profile
+
+    model_dir = model_dir or prepare_default_model()
+    base = EngineConfig(model=str(model_dir), profile=profile)
+    model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    cost = load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
+    pcfg = PolicyBenchConfig(trace=trace, window_start_s=window_start_s, window_s=window_s,
+                             max_requests=max_requests, length_scale=length_scale, seed=seed)
+    requests, _ = build_workload(pcfg, tokenizer, cost.predict)
+    work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)
+    scale = utilization * requests[-1].arrival_s / max(work_s, 1e-9)
+    scaled = [replace(r, arrival_s=r.arrival_s / scale) for r in requests]
+    ecfg = replace(base, **policy_configs(pcfg)["flowprefill"])
+
+    engine = ReplicaEngine(ecfg, model=model, tokenizer=tokenizer, cost_model=cost)
+    timer = ExecutionTimer(engine, cost)
+    engine.start()
+    try:
+        replay(engine, [replace(r, arrival_s=i * 0.01) for i, r in enumerate(scaled[:3])], drain_s=60, tag="warmup")
+        timer.reset()
+        counters0 = dict(engine.counters)
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        results = replay(engine, scaled, drain_s=30 + 3 * scaled[-1].arrival_s, tag="validate")
+        real_wall = time.perf_counter() - t0
+        load1 = os.getloadavg()[0]
+        counters = {k: v - counters0.get(k, 0) for k, v in engine.counters.items()}
+    finally:
+        engine.shutdown()
+    measured = timer.summary()
+
+    classes = [r.slo_class for r in scaled]
+    wl = explicit_workload([r.arrival_s for r in scaled], [len(r.prompt_ids) for r in scaled],
+                           [r.ttft_slo_s for r in scaled], cost.predict, max_tokens=[r.max_tokens for r in scaled],
+                           priority=[c.priority for c in classes], slo_class=[c.name for c in classes],
+                           sheddable=[c.sheddable for c in classes])
+    sched = SchedulerConfig(policy=ecfg.policy, alpha=ecfg.alpha, short_threshold=ecfg.short_threshold,
+                            batch_token_budget=ecfg.batch_token_budget, chunk_tokens=ecfg.policy_chunk_tokens,
+                            max_suspended_batches=ecfg.max_suspended_batches,
+                            admission_control=ecfg.admission_control, granularity=ecfg.granularity)
+    execution = ExecConfig(boundary_delay_s=boundary_delay_s, default_tpot_slo_s=ecfg.default_tpot_slo_s,
+                           max_decoding=ecfg.max_decoding, decode_step_s=decode_step_s)
+    calibrated = replace(execution, exec_time_scale=measured["fit_exec_time_scale"],
+                         seq_overhead_s=measured["fit_seq_overhead_s"])
+    real_ttft = [r.ttft_s for r in results]  # explicit_workload keeps this (arrival) order
+    sims = {}
+    for name, ex in (("sim", execution), ("sim_calibrated", calibrated)):
+        # one replica, no router in the real replay: round robin never sheds
+        run = ClusterSim(SimSetup(cost, sched, ex, RouterConfig(policy="round_robin")), 1).run(wl, 1.0)
+        sims[name] = {**_compare(real_ttft, run.ttft_s, run.attainment), "preemptions": run.preemptions,
+                      "prefill_batches": run.prefill_batches, "decode_steps": run.decode_steps}
+    real_p50, real_p90 = _percentiles([v for v in real_ttft if v is not None])
+    real_summary = summarize(results)
+    report = {
+        "trace": trace, "requests": len(scaled), "rate_scale": scale, "rate_rps": len(scaled) / scaled[-1].arrival_s,
+        "utilization": utilization, "profile": {"model": cost.model, "hardware": cost.hardware,
+                                                "fit_error": cost.fit_error},
+        "real": {"ttft_p50_s": real_p50, "ttft_p90_s": real_p90, "attainment": real_summary["attainment"],
+                 "unfinished": real_summary["unfinished"], "wall_s": real_wall, "counters": counters,
+                 "execution": measured},
+        **sims,
+        "rel_error_p50": sims["sim"]["rel_error_p50"], "rel_error_p90": sims["sim"]["rel_error_p90"],
+        "boundary_delay_s": boundary_delay_s, "decode_step_s": decode_step_s, "load_average": [load0, load1],
+    }
+    print_validation(report)
+    return report
+
+
+def print_validation(report: dict[str, Any]) -> None:
+    """Real against simulated TTFT percentiles."""
+    real, ex = report["real"], report["real"]["execution"]
+
+    def fmt(v: float | None, pct: bool = False) -> str:
+        return "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")
+
+    print(f"\nvalidation: {report['requests']} requests at {report['rate_rps']:.2f} req/s "
+          f"(predicted prefill utilisation {report['utilization']:.0%}), real replay {real['wall_s']:.0f} s, "
+          f"load average {report['load_average'][0]:.1f} -> {report['load_average'][1]:.1f}")
+    print(f"real execution: prefill {fmt(ex['slowdown'])}x the cost model (per program p10/p50/p90 "
+          f"{[round(x, 2) for x in ex['slowdown_p10_p50_p90'] or []]}), decode step {fmt(ex['decode_step_mean_s'])} s "
+          f"(model {fmt(ex['decode_step_predicted_mean_s'])} s); fit: x{ex['fit_exec_time_scale']:.3f} + "
+          f"{ex['fit_seq_overhead_s'] * 1000:.1f} ms per extra sequence; counters {real['counters']}")
+    print(f"{'':>15} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'attainment':>11} {'err p50':>8} {'err p90':>8}")
+    print(f"{'real':>15} {fmt(real['ttft_p50_s']):>11} {fmt(real['ttft_p90_s']):>11} {real['attainment']:>11.3f}")
+    for name in ("sim", "sim_calibrated"):
+        r = report[name]
+        print(f"{name:>15} {fmt(r['ttft_p50_s']):>11} {fmt(r['ttft_p90_s']):>11} {r['attainment']:>11.3f} "
+              f"{fmt(r['rel_error_p50'], True):>8} {fmt(r['rel_error_p90'], True):>8}  (preemptions "
+              f"{r['preemptions']}, prefill batches {r['prefill_batches']}, decode steps {r['decode_steps']})")
