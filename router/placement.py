@@ -241,9 +241,11 @@ def rank_replicas(
     ``slo_aware`` tiers: (1) replicas meeting the deadline with ``margin_s`` to spare, ones that
     harm no later work first, then ones where it displaces nothing, then least slack (bin packing
     keeps idle headroom for urgent work);
-    (2) meeting it with less than ``margin_s``, most slack first; (3) replicas without a usable
-    state (no state or stale), by predicted TTFT; (4) late ones, least late first.  ``shed`` when
-    ``req`` is sheddable, ``allow_shed`` and no replica is predicted to meet the deadline.
+    (2) meeting it with less than ``margin_s``, ones that harm no later work first, then most
+    slack (spreading: a ``margin_s`` of the whole TTFT SLO puts every feasible replica here);
+    (3) replicas without a usable state (no state or stale), by predicted TTFT; (4) late ones,
+    least late first.  ``shed`` when ``req`` is sheddable, ``allow_shed`` and no replica is
+    predicted to meet the deadline.
     """
     if not loads:
         return PlacementDecision([], {}, False, "no candidate replicas")
@@ -270,7 +272,7 @@ def rank_replicas(
         elif slack < 0.0:
             key = (3, -slack, 0.0, 0.0, 0.0, ld.replica_id)
         elif slack < margin_s:
-            key = (1, -slack, 0.0, 0.0, 0.0, ld.replica_id)
+            key = (1, float(place.harm), -slack, 0.0, 0.0, ld.replica_id)
         else:
             key = (0, float(place.harm), float(place.displaces), slack, ld.pending_s(now), ld.replica_id)
         ranked.append((key, ld.replica_id))
@@ -284,7 +286,8 @@ def rank_replicas(
         reason = f"packed on {best}: {best_key[3]:.4f}s to spare" + (
             " (harms later work)" if best_key[1] else " (displaces later work)" if best_key[2] else "")
     elif best_key[0] == 1:
-        reason = f"tight on {best}: {budget - ttfts[best]:.4f}s to spare"
+        reason = f"spread to {best}: {budget - ttfts[best]:.4f}s to spare" + (
+            " (harms later work)" if best_key[1] else "")
     elif best_key[0] == 2:
         reason = f"no usable state for {best}: predicted {ttfts[best]:.4f}s"
     else:

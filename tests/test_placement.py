@@ -305,3 +305,33 @@ def test_decide_parses_payload_defensively():
     no_deadline = {"prompt_token_ids": [1] * 1000, "arrival_s": NOW - 0.1, "ttft_slo_s": 0.5}
     d = router._decide(["A"], no_deadline, {}, {}, NOW)  # A unknown: own cost only
     assert d.predicted_ttft["A"] == pytest.approx(0.1) and d.cost_s == pytest.approx(0.1)
+
+
+def test_router_decides_from_a_stale_snapshot_while_a_refresh_runs_in_the_background():
+    """Redis round trips stay off the decision path: a snapshot older than the cache TTL but within
+    max_stale_s is used at once; a dispatch that landed after the snapshot still counts."""
+    cluster, clock = FakeCluster({"A": state("A"), "B": state("B")}), [NOW]
+    router = make_router(cluster, clock, cache_ttl_s=0.005, max_stale_s=0.25)
+    reps = {"A": replica("A"), "B": replica("B")}
+    gate = asyncio.Event()
+    reads = []
+
+    async def slow_read(*, skip_invalid: bool = False) -> dict:
+        reads.append(clock[0])
+        await gate.wait()
+        return {"A": state("A"), "B": state("B")}
+
+    async def run() -> None:
+        first = pending(payload(deadline_in=5.0), internal="i1")
+        await router.choose_replicas(list(reps.values()), first)  # the first read is awaited (no snapshot yet)
+        router.on_request_routed(first, reps["A"].replica_id, None)
+        await asyncio.sleep(0)  # add_inflight lands in Redis (after the snapshot was taken)
+        cluster.read_all_replica_states = slow_read
+        clock[0] = NOW + 0.1  # stale, but within max_stale_s
+        second = pending(payload(deadline_in=5.0), internal="i2")
+        tiers = await asyncio.wait_for(router.choose_replicas(list(reps.values()), second), 1.0)
+        assert len(reads) == 1 and not gate.is_set()  # a refresh started and did not block the decision
+        assert [t[0].replica_id.unique_id for t in tiers] == ["B", "A"]  # A's unreported 0.1 s still counts
+        gate.set()
+
+    asyncio.run(run())

@@ -135,7 +135,7 @@ def test_idle_replicas_collapse_to_the_same_choice_as_ranking_all():
         assert len(loads) < len(reps)
         full = [ReplicaLoad(r.replica_id, *r.queue_snapshot(), age_s=now, known=True) for r in reps]
         preq = PlacementRequest(req.request_id, req.num_prompt_tokens, req.deadline, req.ttft_slo_s)
-        margin = 0.1 * req.ttft_slo_s
+        margin = RouterConfig().slack_margin_frac * req.ttft_slo_s
         want = rank_replicas("slo_aware", preq, full, cost, now, margin_s=margin).ranked[0]
         assert router.choose(SimRequest(k, req, 0.0), now).replica_id == want
     assert rank_replicas("round_robin", None, full, cost, 0.0, rr_counter=7).ranked[0] == reps[7].replica_id

@@ -48,7 +48,7 @@ class RouterConfig:
     staleness_s: float = 0.0  # a published state reaches the router this much later
     heartbeat_s: float = 5.0 / 3.0  # the replica republishes its last state this often (state_ttl_s / 3)
     max_state_age_s: float = 5.0
-    slack_margin_frac: float = 0.1
+    slack_margin_frac: float = 1.0
     shed: bool = True
     preempt_latency_s: float = PREEMPT_LATENCY_S
     seed: int = 0
