@@ -114,6 +114,32 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import ServeBenchConfig, run_serve_bench
+
+    cfg = ServeBenchConfig(
+        trace=args.trace, systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), quick=args.quick,
+        window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.max_requests,
+        length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
+        prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_tokens=args.chunk_tokens,
+        config=args.config, log_dir=args.log_dir,
+    )
+
+    def save(report: dict[str, object]) -> None:  # after each system, and at the end
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+
+    report = run_serve_bench(cfg, Path(args.model) if args.model else None, checkpoint=save)
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot_dir:
+        from bench.serve_plots import write_plots
+
+        for path in write_plots(report, args.plot_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench_sim(args: argparse.Namespace) -> int:
     from bench.sim.cli import run_from_args
 
@@ -153,15 +179,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["model_name"] = Path(args.model).resolve().name
     if args.policy:
         engine["policy"] = args.policy
-    if engine:
+    if engine or args.engine:
         from cluster.launcher import load_app_args
 
-        base = load_app_args(Path(args.config or DEFAULT_CONFIG)).get("engine") or {}
+        app = load_app_args(Path(args.config or DEFAULT_CONFIG))
+        base = app.get("engine") or {}
+        if args.engine and args.engine != app.get("engine_kind", "flowprefill"):  # settings of another kind
+            base = {k: v for k, v in base.items() if k == "model"}
         overrides["engine"] = {**base, **engine}
     if args.replicas:
         overrides["num_replicas"] = args.replicas
     if args.router_policy:
         overrides["router_policy"] = args.router_policy
+    if args.engine:
+        overrides["engine_kind"] = args.engine
     return serve_main(Path(args.config or DEFAULT_CONFIG), overrides, args.host, args.port, args.num_cpus,
                       args.grpc_port)
 
@@ -192,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--policy", choices=["flowprefill", "chunked", "fcfs"], default=None)
     srv.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"], default=None)
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
+    srv.add_argument("--engine", choices=["flowprefill", "echo", "vllm"], default=None,
+                     help="replica engine kind (default: the config's engine_kind); vllm runs vLLM's server from "
+                          ".venv-vllm (scripts/vllm_env.sh) with the config's engine settings")
     srv.set_defaults(func=_cmd_serve)
 
     models = sub.add_parser("models", help="prepare the default model or build test checkpoints")
@@ -261,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sim_args(sim)
     sim.set_defaults(func=_cmd_bench_sim)
+    bsrv = bsub.add_parser("serve", help="HTTP goodput of FlowPrefill's policies and vLLM, each as a server")
+    bsrv.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
+    bsrv.add_argument("--systems", default="flowprefill,chunked,fcfs,vllm", help="comma-separated, in run order")
+    bsrv.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
+    bsrv.add_argument("--window-start-s", type=float, default=29.0)
+    bsrv.add_argument("--window-s", type=float, default=None)
+    bsrv.add_argument("--max-requests", type=int, default=80)
+    bsrv.add_argument("--length-scale", type=float, default=1 / 16, help="input lengths are multiplied by this")
+    bsrv.add_argument("--max-output-tokens", type=int, default=16, help="cap on each request's max_tokens")
+    bsrv.add_argument("--seed", type=int, default=0)
+    bsrv.add_argument("--prompt-format", choices=["text", "ids"], default="text")
+    bsrv.add_argument("--start-scale", type=float, default=None, help="first rate scale (default: probed)")
+    bsrv.add_argument("--chunk-tokens", type=int, default=256, help="chunk of the chunked baseline")
+    bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
+    bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
+    bsrv.add_argument("--quick", action="store_true", help="fewer requests and runs (all systems in ~25 minutes)")
+    bsrv.add_argument("--json", default=None)
+    bsrv.add_argument("--plot-dir", default=None, help="directory for attainment / TTFT CDF / timeline PNGs")
+    bsrv.set_defaults(func=_cmd_bench_serve)
     return parser
 
 

@@ -1,0 +1,353 @@
+"""End-to-end goodput of whole serving systems over HTTP: FlowPrefill's policies and vLLM.
+
+``flowprefill bench serve --trace PATH --systems flowprefill,chunked,fcfs,vllm [--quick]
+[--json FILE] [--plot-dir DIR]``
+
+For each system in turn: start its server (:mod:`bench.servers`), send a few warm-up requests,
+find its goodput, stop it. A window of the trace is replayed open loop over the OpenAI API
+(:mod:`bench.loadgen`) at rate scales on a common geometric grid (``start_scale * 1.5**k``):
+up while attainment stays >= 90%, down (by 3x when far below) until it passes, then geometric
+bisection. The best passing scale is re-run ``repeats`` times and kept only if the mean
+attainment of all its runs still reaches 90%; otherwise the next passing scale below is checked.
+Goodput is that scale times the window's base rate (requests/s). Rates at which sending the
+window would take longer than ``max_run_s`` (60 s with ``--quick``) are not tried: a system that
+fails there is reported as below that rate (goodput 0 in the JSON, with ``min_rate_rps``).
+
+Every system is judged by the same per-class TTFT SLOs, those FlowPrefill's server applies (the
+``slo`` section of ``ray_config.yaml``: interactive 1 s, standard 5 s, batch 60 s). Classes are
+assigned by :data:`bench.slo_classes.THREE_TIER_RULE`, its thresholds scaled with the lengths.
+Each request carries its class as ``x-slo-class`` and its priority as ``priority``.
+
+Lengths are scaled (``length_scale``, 1/16 by default) because production prompts are too slow
+to prefill on a CPU; FlowPrefill's length-valued engine settings are scaled alike, as in
+:mod:`bench.policy_bench`. The ``chunked`` baseline uses chunks of ``chunk_tokens`` (default 256,
+vLLM's long-prefill threshold here); vLLM runs with BASELINES.md's best settings.
+
+Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
+from bench.prompts import PromptBuilder, max_tokens_for
+from bench.servers import FLOWPREFILL_SYSTEMS, SYSTEMS, ManagedServer, ServerStartError, server_spec, vllm_available
+from bench.slo_classes import THREE_TIER_RULE, SLOClass, assign_classes
+from bench.traces import load_trace
+
+STEP = 1.5
+
+
+@dataclass
+class ServeBenchConfig:
+    """What to replay, against which systems, and how hard to search."""
+
+    trace: str
+    systems: tuple[str, ...] = SYSTEMS
+    window_start_s: float = 29.0  # the code trace's first dense stretch starts here
+    window_s: float | None = None
+    max_requests: int = 80
+    length_scale: float = 1 / 16
+    max_output_tokens: int = 16
+    seed: int = 0
+    prompt_format: str = "text"  # text | ids
+    start_scale: float | None = None  # None: from a probe of the first system
+    max_runs: int = 6  # search runs per system before refinement
+    refine_steps: int = 2
+    repeats: int = 1  # extra runs at the goodput boundary
+    max_run_s: float = 300.0  # no rate so low that sending the window takes longer (goodput reported below it)
+    drain_s: float = 65.0
+    chunk_tokens: int = 256
+    vllm_budget: int = 512
+    vllm_long_prefill: int | None = 256
+    config: str | None = None  # Serve config with the SLO classes (default ray_config.yaml)
+    log_dir: str = "out/serve-bench"
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"--systems: unknown {unknown}; expected some of {', '.join(SYSTEMS)}")
+        if self.prompt_format not in ("text", "ids"):
+            raise ValueError(f"prompt_format must be text or ids, got {self.prompt_format!r}")
+        if self.quick:  # all four systems in about 25 minutes on 2 cores
+            self.max_requests = min(self.max_requests, 32)
+            self.max_output_tokens = min(self.max_output_tokens, 8)
+            self.max_runs, self.refine_steps, self.repeats = min(self.max_runs, 4), min(self.refine_steps, 1), 0
+            self.max_run_s = min(self.max_run_s, 60.0)
+
+
+def slo_classes(config: str | None = None) -> tuple[SLOClass, ...]:
+    """The SLO classes FlowPrefill's server applies, from its Serve config."""
+    from cluster.launcher import DEFAULT_CONFIG, load_app_args
+    from router.slo import SLOPolicy
+
+    args = load_app_args(Path(config) if config else DEFAULT_CONFIG)
+    return SLOPolicy.from_dict(args.get("slo") or SLOPolicy.default().to_dict()).to_slo_classes()
+
+
+def build_requests(cfg: ServeBenchConfig, tokenizer: Any, classes: tuple[SLOClass, ...]) -> list[LoadRequest]:  # noqa: ANN401
+    """The trace window at rate scale 1: scaled lengths, unique prompts, classes and SLOs."""
+    trace = load_trace(cfg.trace)
+    if cfg.window_start_s or cfg.window_s is not None:
+        span = cfg.window_s if cfg.window_s is not None else math.inf
+        trace = trace.window(cfg.window_start_s, span if math.isfinite(span) else 1e12)
+    trace = trace.head(cfg.max_requests).scale_lengths(cfg.length_scale)
+    if len(trace) < 2:
+        raise ValueError(f"the trace window holds {len(trace)} requests; move or widen it")
+    names = assign_classes(trace, classes, seed=cfg.seed, rule=THREE_TIER_RULE.scaled(cfg.length_scale))
+    by_name = {c.name: c for c in classes}
+    builder = PromptBuilder(tokenizer, cfg.seed)
+    first = trace.requests[0].arrival_s
+    out = []
+    for i, (r, name) in enumerate(zip(trace.requests, names)):
+        p = builder.build(i, max(r.input_tokens, builder.special + 1))
+        prompt: str | tuple[int, ...] = p.text if cfg.prompt_format == "text" else p.token_ids
+        c = by_name[name]
+        out.append(LoadRequest(r.arrival_s - first, prompt, p.num_tokens, max_tokens_for(r.output_tokens,
+                                                                                            cfg.max_output_tokens),
+                               c.name, c.priority, c.ttft_slo_s))
+    return out
+
+
+def at_scale(requests: list[LoadRequest], scale: float) -> list[LoadRequest]:
+    """The same requests with every arrival divided by ``scale`` (``scale=2``: twice the rate)."""
+    return [replace(r, arrival_s=r.arrival_s / scale) for r in requests]
+
+
+def engine_overrides(length_scale: float) -> dict[str, int]:
+    """FlowPrefill's length-valued engine settings scaled like the trace (as in bench.policy_bench)."""
+    return {"short_threshold": max(int(2048 * length_scale), 1),
+            "batch_token_budget": max(int(8192 * length_scale), 1),
+            "chunk_tokens": max(int(8192 * length_scale), 1)}
+
+
+def grid(start: float, k: int) -> float:
+    """The ``k``-th scale of the common grid (rounded, so systems share keys exactly)."""
+    return float(f"{start * STEP ** k:.6g}")
+
+
+def find_goodput(measure: Callable[[float], float], start: float, *, max_runs: int = 6, refine_steps: int = 2,
+                 repeats: int = 1, goal: float = ATTAINMENT_GOAL,
+                 min_scale: float = 0.0) -> tuple[float, dict[float, list[float]]]:
+    """Search the highest scale whose mean attainment reaches ``goal``; ``measure(scale)`` runs once
+    and returns the attainment. No scale below ``min_scale`` is tried (runs there would take too
+    long); if ``min_scale`` itself fails, the goodput is reported as 0.0 (below the floor).
+    Returns the goodput scale (0.0 if none passed) and all runs per scale."""
+    runs: dict[float, list[float]] = {}
+
+    def mean(s: float) -> float:
+        return sum(runs[s]) / len(runs[s])
+
+    def run(s: float) -> bool:
+        runs.setdefault(s, []).append(measure(s))
+        return mean(s) >= goal
+
+    start = max(start, min_scale)  # the same for every system, so they still share one grid
+    good, bad, k = None, None, 0
+    s = grid(start, 0)
+    for _ in range(max_runs):
+        if run(s):
+            good = s
+            if bad is not None:
+                break
+            k += 1
+        else:
+            bad = s
+            if good is not None or s <= min_scale:
+                break
+            k -= 1 if runs[s][-1] >= 0.75 else 2  # far below the goal: step down faster
+        s = max(grid(start, k), min_scale)
+    for _ in range(refine_steps if good is not None and bad is not None else 0):
+        mid = float(f"{math.sqrt(good * bad):.6g}")
+        if mid in runs:
+            break
+        if run(mid):
+            good = mid
+        else:
+            bad = mid
+    while good is not None and repeats > 0:  # confirm the boundary; fall back to the next passing scale
+        for _ in range(repeats):
+            run(good)
+        if mean(good) >= goal:
+            break
+        lower = [s for s in runs if s < good and mean(s) >= goal]
+        good = max(lower) if lower else None
+    return (good or 0.0), runs
+
+
+def _probe_scale(base: str, model: str, requests: list[LoadRequest]) -> float:
+    """A start scale near 60% prefill utilisation, from the TTFT of a few requests sent one at a time.
+
+    Decode time is left out: servers batch decode steps (and may pace them to a TPOT target), so
+    the sequential end-to-end time would overstate the cost of a request under load.
+    """
+    sample = sorted(requests, key=lambda r: r.input_tokens)[:: max(len(requests) // 5, 1)][:5]
+    cfg = LoadConfig(base, model, drain_s=120.0, cancel_missed=False)
+    busy = 0.0
+    for r in sample:
+        res = run_load_sync(cfg, [replace(r, arrival_s=0.0, ttft_slo_s=1e9, max_tokens=1)])[0]
+        busy += res.ttft_s if res.ttft_s is not None else 10.0
+    work = busy / sum(r.input_tokens for r in sample) * sum(r.input_tokens for r in requests)
+    return float(f"{0.6 * requests[-1].arrival_s / max(work, 1e-9):.3g}")
+
+
+def _warm_up(base: str, model: str, requests: list[LoadRequest]) -> None:
+    """Three unscored requests so first-call costs (compilation, caches) do not hit the first run."""
+    cfg = LoadConfig(base, model, drain_s=180.0, cancel_missed=False)
+    for i, r in enumerate(requests[:3]):
+        run_load_sync(cfg, [replace(r, arrival_s=0.0, ttft_slo_s=1e9, prompt=_warm_prompt(r.prompt, i))])
+
+
+def _warm_prompt(prompt: str | tuple[int, ...], i: int) -> str | tuple[int, ...]:
+    # A different first token from the scored prompts', so no prefix cache entry is shared with them.
+    return f" warm{i}{prompt}" if isinstance(prompt, str) else (prompt[-1], *prompt[:-1])
+
+
+def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest], model_dir: Path, model_name: str,
+                 start: float | None, bar: tqdm) -> dict[str, Any]:
+    """Start ``system``, search its goodput, stop it; the report entry (``error`` set on failure)."""
+    entry: dict[str, Any] = {"system": system, "goodput": None, "goodput_scale": None, "points": [], "error": None}
+    if system == "vllm":
+        ok, why = vllm_available()
+        if not ok:
+            print(f"\n*** bench serve: SKIPPING vllm: {why} ***\n", file=sys.stderr, flush=True)
+            entry["error"] = f"skipped: {why}"
+            return entry
+    log_dir = Path(cfg.log_dir)
+    engine = engine_overrides(cfg.length_scale) if system in FLOWPREFILL_SYSTEMS else None
+    spec = server_spec(system, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=cfg.chunk_tokens,
+                       vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill)
+    entry["command"] = spec.argv
+    results: dict[float, list[list[RequestResult]]] = {}
+    base_rate = len(requests) / requests[-1].arrival_s
+    bar.set_description(f"{system}: starting")
+    try:
+        with ManagedServer(spec, log_dir / f"{system}.log") as server:
+            entry["startup_s"] = server.startup_s
+            bar.set_description(f"{system}: warm-up")
+            _warm_up(spec.base_url, server.model_name, requests)
+            if start is None:
+                start = _probe_scale(spec.base_url, server.model_name, requests)
+            entry["start_scale"] = start
+            load = LoadConfig(spec.base_url, server.model_name, drain_s=cfg.drain_s)
+
+            def measure(scale: float) -> float:
+                bar.set_description(f"{system}: {scale * base_rate:.2f} req/s")
+                res = run_load_sync(load, at_scale(requests, scale))
+                results.setdefault(scale, []).append(res)
+                att = summarize(res)["attainment"]
+                bar.update(1)
+                bar.set_postfix(attain=f"{att:.2f}")
+                time.sleep(1.0)  # let cancelled requests leave the server before the next run
+                return att
+
+            floor = float(f"{requests[-1].arrival_s / cfg.max_run_s:.3g}")
+            entry["min_rate_rps"] = floor * base_rate
+            good, runs = find_goodput(measure, start, max_runs=cfg.max_runs, refine_steps=cfg.refine_steps,
+                                      repeats=cfg.repeats, min_scale=floor)
+    except ServerStartError as exc:
+        print(f"\n*** bench serve: {system} failed to start: {exc} ***\n", file=sys.stderr, flush=True)
+        entry["error"] = str(exc)
+        return entry
+    entry.update(goodput=good * base_rate, goodput_scale=good)
+    for scale in sorted(results):
+        summaries = [summarize(r) for r in results[scale]]
+        entry["points"].append({
+            "scale": scale, "rate_rps": scale * base_rate, "attainment": sum(runs[scale]) / len(runs[scale]),
+            "runs": summaries, "results": [[x.to_dict() for x in r] for r in results[scale]],
+        })
+    return entry
+
+
+def common_scale(entries: list[dict[str, Any]]) -> float | None:
+    """The highest scale every measured system ran at (the start scale at least)."""
+    sets = [{p["scale"] for p in e["points"]} for e in entries if e["points"]]
+    shared = set.intersection(*sets) if sets else set()
+    return max(shared) if shared else None
+
+
+def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
+                    checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Bench every system in ``cfg.systems`` in turn; returns the JSON report (and prints the table).
+
+    ``checkpoint(report)`` is called after each system, so a long run interrupted later keeps what it measured.
+    """
+    from replicas.model.default_model import prepare_default_model
+    from replicas.model.tokenizer import Tokenizer
+
+    model_dir = Path(model_dir or prepare_default_model()).resolve()
+    classes = slo_classes(cfg.config)
+    requests = build_requests(cfg, Tokenizer.from_dir(model_dir), classes)
+    base_rate = len(requests) / requests[-1].arrival_s
+    report: dict[str, Any] = {
+        "trace": cfg.trace, "requests": len(requests), "base_rate_rps": base_rate,
+        "length_scale": cfg.length_scale, "config": asdict(cfg), "goal": ATTAINMENT_GOAL,
+        "slo_classes": [asdict(c) for c in classes],
+        "requests_per_class": {c.name: sum(r.slo_class == c.name for r in requests) for c in classes},
+        "systems": [],
+    }
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # so `timeout` or a kill still stops the servers
+    try:
+        _bench_all(cfg, requests, model_dir, report, checkpoint)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_report(report)
+    return report
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _bench_all(cfg: ServeBenchConfig, requests: list[LoadRequest], model_dir: Path, report: dict[str, Any],
+               checkpoint: Callable[[dict[str, Any]], None] | None) -> None:
+    start = cfg.start_scale
+    per_system = cfg.max_runs + cfg.refine_steps + cfg.repeats
+    with tqdm(total=per_system * len(cfg.systems), desc="bench serve", unit="run") as bar:
+        for system in cfg.systems:
+            before = bar.n
+            entry = bench_system(system, cfg, requests, model_dir, model_dir.name, start, bar)
+            start = start or entry.get("start_scale")
+            bar.update(max(per_system - (bar.n - before), 0))  # searches that ended early
+            report["systems"].append(entry)
+            report["start_scale"] = start
+            report["common_scale"] = common_scale(report["systems"])
+            if checkpoint is not None:
+                checkpoint(report)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Goodput per system, with attainment per class and TTFT at the common scale."""
+    common = report.get("common_scale")
+    print(f"\n{report['trace']}: {report['requests']} requests, base rate {report['base_rate_rps']:.2f} req/s, "
+          f"lengths x{report['length_scale']:g}, classes {report['requests_per_class']}")
+    rate = "-" if common is None else f"{common * report['base_rate_rps']:.2f} req/s"
+    print(f"{'system':>12} {'goodput r/s':>12} {'startup s':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} "
+          f"{'errors':>7} {'cancel':>7}  attainment per class at {rate}")
+    for e in report["systems"]:
+        if e["error"] and not e["points"]:
+            print(f"{e['system']:>12} {'-':>12}  {e['error'].splitlines()[0][:100]}")
+            continue
+        at = next((p for p in e["points"] if p["scale"] == common), None)
+        summary = at["runs"][0] if at else {}
+
+        def num(v: float | None, w: int) -> str:
+            return f"{v:>{w}.3f}" if isinstance(v, int | float) else f"{'-':>{w}}"
+
+        per_class = " ".join(f"{k}={v:.2f}" for k, v in (summary.get("attainment_per_class") or {}).items())
+        goodput = num(e["goodput"], 12) if e["goodput"] or not e.get("min_rate_rps") \
+            else f"{'<' + format(e['min_rate_rps'], '.3f'):>12}"
+        print(f"{e['system']:>12} {goodput} {num(e.get('startup_s'), 10)} "
+              f"{num(summary.get('ttft_p50_s'), 11)} {num(summary.get('ttft_p99_s'), 11)} "
+              f"{summary.get('errors', '-'):>7} {summary.get('cancelled', '-'):>7}  {per_class}")

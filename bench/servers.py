@@ -1,0 +1,232 @@
+"""Start and stop the serving systems under test as subprocesses, on 127.0.0.1 only.
+
+:class:`ManagedServer` runs one server command in its own process group (session), logs its
+output to a file, waits until ``GET /v1/models`` lists the served model, and stops it by
+signalling the main process (SIGTERM, which ``flowprefill serve`` and vLLM handle by shutting
+down cleanly), then killing whatever remains of the group.
+
+Systems (:func:`server_spec`):
+
+* ``flowprefill``, ``chunked``, ``fcfs``: ``python -m cluster.cli serve --policy P --port P
+  --grpc-port G --config TMP.yaml``, where the temporary config is ``ray_config.yaml`` with engine
+  overrides (the chunk size of the ``chunked`` baseline is the engine's ``policy_chunk_tokens``,
+  for which ``serve`` has no flag);
+* ``vllm``: vLLM's OpenAI server from ``.venv-vllm`` (``scripts/vllm_env.sh``) with the flags of
+  ``shared/BASELINES.md``: chunked prefill, priority scheduling, no prefix caching, float32, both
+  cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``), chunk budget 512 and long-prefill threshold 256.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+FLOWPREFILL_SYSTEMS = ("flowprefill", "chunked", "fcfs")
+SYSTEMS = (*FLOWPREFILL_SYSTEMS, "vllm")
+HOST = "127.0.0.1"
+
+
+class ServerStartError(RuntimeError):
+    """A server exited or did not become ready in time; the message ends with its log tail."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerSpec:
+    """How to run one system: command, environment additions, port and the model name it serves."""
+
+    name: str
+    argv: list[str]
+    port: int
+    model_name: str
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 300.0
+    cleanup: list[Path] = field(default_factory=list)  # temporary files to remove after stopping
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT`` (without ``/v1``)."""
+        return f"http://{HOST}:{self.port}"
+
+
+def vllm_available() -> tuple[bool, str]:
+    """Whether ``.venv-vllm`` holds vLLM; the reason when it does not."""
+    if not VLLM_PYTHON.exists():
+        return False, f"{VLLM_PYTHON} is missing: run scripts/vllm_env.sh to install vLLM (CPU)"
+    if not any((REPO / ".venv-vllm").glob(".installed-*")):
+        return False, f"{REPO / '.venv-vllm'} is incomplete (no stamp file): re-run scripts/vllm_env.sh"
+    return True, ""
+
+
+def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], base: Path | None = None) -> Path:
+    """Write ``ray_config.yaml`` (or ``base``) with ``engine`` merged into the app's engine settings
+    and the given policy; returns the path of the new file in ``out_dir``."""
+    base = base or REPO / "ray_config.yaml"
+    data = yaml.safe_load(base.read_text())
+    app = next((a for a in data.get("applications") or [] if a.get("name") == "flowprefill"), None)
+    if app is None:
+        raise ValueError(f"{base}: no application named 'flowprefill' under 'applications'")
+    args = app.setdefault("args", {}) or {}
+    app["args"] = args
+    args["engine"] = {**(args.get("engine") or {}), **dict(engine), "policy": policy}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"serve-{policy}-", suffix=".yaml", dir=out_dir)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return Path(name)
+
+
+def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path,
+                engine: Mapping[str, Any] | None = None, chunk_tokens: int = 256,
+                vllm_budget: int = 512, vllm_long_prefill: int | None = 256, threads_bind: str = "0-1",
+                port: int | None = None) -> ServerSpec:
+    """The command line of ``system`` (one of :data:`SYSTEMS`) serving ``model_dir`` as ``model_name``.
+
+    ``engine`` holds FlowPrefill engine overrides (all three FlowPrefill systems get them);
+    ``chunk_tokens`` is the chunk of the ``chunked`` baseline; ``vllm_budget`` and
+    ``vllm_long_prefill`` are vLLM's ``--max-num-batched-tokens`` and
+    ``--long-prefill-token-threshold`` (None: not passed).
+    """
+    port = port or free_port()
+    if system in FLOWPREFILL_SYSTEMS:
+        settings = dict(engine or {})
+        settings["model"] = str(model_dir)
+        if system == "chunked":
+            settings["policy_chunk_tokens"] = chunk_tokens
+        config = flowprefill_config(work_dir, system, settings)
+        grpc_port = free_port()
+        argv = [sys.executable, "-m", "cluster.cli", "serve", "--policy", system, "--host", HOST,
+                "--port", str(port), "--grpc-port", str(grpc_port), "--config", str(config),
+                "--model", str(model_dir)]
+        # --model renames the served model after the directory; the bench reads the name from /v1/models.
+        return ServerSpec(system, argv, port, Path(model_dir).resolve().name, cleanup=[config])
+    if system == "vllm":
+        ok, why = vllm_available()
+        if not ok:
+            raise ServerStartError(why)
+        argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--served-model-name", model_name, "--host", HOST, "--port", str(port),
+                "--max-model-len", "8192", "--dtype", "float32", "--enable-chunked-prefill",
+                "--max-num-batched-tokens", str(vllm_budget), "--scheduling-policy", "priority",
+                "--no-enable-prefix-caching"]
+        if vllm_long_prefill is not None:
+            argv += ["--long-prefill-token-threshold", str(vllm_long_prefill)]
+        env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": threads_bind,
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        return ServerSpec(system, argv, port, model_name, env=env, ready_timeout_s=420.0)
+    raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
+
+
+def served_models(base_url: str, timeout_s: float = 2.0) -> list[str] | None:
+    """The model ids ``GET /v1/models`` lists, or None when the server does not answer (yet)."""
+    import json
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=timeout_s) as resp:  # noqa: S310 - loopback
+            if resp.status != 200:
+                return None
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
+
+
+class ManagedServer:
+    """One running system; use as a context manager (start and wait on enter, stop on exit)."""
+
+    def __init__(self, spec: ServerSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s: float | None = None
+        self.model_name = spec.model_name
+
+    def start(self) -> None:
+        """Launch the command in a new session, output to the log file."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child, closed after it exits
+        env = {**os.environ, **self.spec.env}
+        self.proc = subprocess.Popen(self.spec.argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last lines of the server's output."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self) -> float:
+        """Poll ``/v1/models`` until it lists a model; returns the seconds since :meth:`start`."""
+        assert self.proc is not None, "start() first"
+        t0 = time.monotonic()
+        deadline = t0 + self.spec.ready_timeout_s
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerStartError(f"{self.spec.name} exited with status {code} before it was ready; "
+                                       f"log {self.log_path}:\n{self.log_tail()}")
+            models = served_models(self.spec.base_url)
+            if models:
+                self.model_name = self.spec.model_name if self.spec.model_name in models else str(models[0])
+                self.startup_s = time.monotonic() - t0
+                return self.startup_s
+            time.sleep(0.5)
+        raise ServerStartError(f"{self.spec.name} not ready after {self.spec.ready_timeout_s:.0f} s; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM the server, wait up to ``grace_s``, then SIGKILL its whole process group."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers: Ray workers, vLLM engine core
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for path in self.spec.cleanup:
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ManagedServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop(grace_s=5.0)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
