@@ -126,7 +126,12 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     replica = serve.deployment(replica_cls).options(**options)
     replicas = replica.bind(engine=config.engine, redis_url=config.redis_url, namespace=config.namespace,
                             engine_kind=config.engine_kind)
-    ingress = serve.deployment(build_ingress_class()).options(name="FlowPrefillRouter", num_replicas=1,
-                                                               ray_actor_options={"num_cpus": 0.25})
+    # The ingress only awaits replica streams: its concurrency bound must not be where requests
+    # queue (Serve's default is 5 ongoing requests, which queued everything else FIFO in the proxy,
+    # out of the replicas' EDF schedulers' sight). Replicas bound their own queues (max_waiting).
+    replica_slots = max_ongoing * max(config.num_replicas, int((config.autoscaling or {}).get("max_replicas", 1)))
+    ingress = serve.deployment(build_ingress_class()).options(
+        name="FlowPrefillRouter", num_replicas=1, ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=max(4096, replica_slots))
     access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}
     return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access)

@@ -377,3 +377,20 @@ def test_fuzzed_bad_grpc_requests_are_invalid_argument(echo_cluster, max_tokens,
         good = list(stub.Generate(pb.GenerateRequest(model=MODEL, prompt="hello", max_tokens=2),
                                   metadata=[("application", APP)], timeout=60))
         assert good[-1].finish_reason == "length"
+
+
+def test_the_ingress_does_not_cap_concurrency_below_the_replicas_queues(echo_cluster):
+    """Serve's default (5 ongoing requests per ingress replica) would queue the rest FIFO in the
+    proxy, out of the replicas' schedulers' sight: all 12 concurrent requests must reach replicas."""
+    redis_url = echo_cluster["redis"].url
+    words = "lorem ipsum dolor sit amet consectetur " * 8  # >= 1 s of echo "prefill" each
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        _post({"model": MODEL, "prompt": f"{i} {words}", "max_tokens": 1}, timeout=120)[0])) for i in range(12)]
+    for t in threads:
+        t.start()
+    seen = _wait_for(lambda: (n := sum(len(s.requests) for s in asyncio.run(_registered(redis_url)).values())) >= 12
+                     and n, "12 requests queued at the replicas at once", timeout_s=30)
+    for t in threads:
+        t.join(timeout=120)
+    assert seen >= 12 and results == [200] * 12
