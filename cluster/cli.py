@@ -169,6 +169,18 @@ def _cmd_bench_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from bench.soak import SoakConfig, print_soak, run_soak
+
+    report = run_soak(SoakConfig(trace=args.trace, goodput_rps=args.goodput_rps, minutes=args.minutes,
+                                 fraction=args.fraction), Path(args.model) if args.model else None)
+    print_soak(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if report["errors"] == 0 else 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cluster.launcher import DEFAULT_CONFIG, serve_main
 
@@ -290,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     rtr.add_argument("--grpc-port", type=int, default=9790)
     rtr.add_argument("--json", default=None)
     rtr.set_defaults(func=_cmd_bench_router)
+    soak = bsub.add_parser("soak", help="the trace at a fraction of goodput for minutes: errors, attainment, memory")
+    soak.add_argument("--trace", required=True)
+    soak.add_argument("--goodput-rps", type=float, required=True, help="FlowPrefill's goodput from bench serve")
+    soak.add_argument("--fraction", type=float, default=0.8)
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--model", default=None)
+    soak.add_argument("--json", default=None)
+    soak.set_defaults(func=_cmd_bench_soak)
     sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
     from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
 

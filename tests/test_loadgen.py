@@ -393,3 +393,13 @@ def test_goodput_search_never_goes_below_the_floor():
     good, runs = find_goodput(lambda s: tried.append(s) or (1.0 if s <= 0.3 else 0.0), 0.1, max_runs=6,
                               refine_steps=0, repeats=0, min_scale=0.3)
     assert good == 0.3 and tried == [0.3, 0.45]  # a start below the floor starts at the floor
+
+
+def test_soak_tiles_the_window_at_the_requested_mean_rate():
+    from bench.soak import tiled
+
+    window = [LoadRequest(t, "x", 1, 1, "standard", 1, 5.0) for t in (0.0, 0.5, 3.0, 4.0)]  # 3 gaps in 4 s
+    out = tiled(window, rate_rps=3.0, duration_s=20.0)
+    assert abs(len(out) - 60) <= 2 and all(b.arrival_s >= a.arrival_s for a, b in zip(out, out[1:]))
+    assert out[4].arrival_s - out[3].arrival_s == pytest.approx(1 / 3.0)  # the gap between copies: one mean gap
+    assert out[-1].arrival_s < 20.0
