@@ -83,6 +83,10 @@ class AppConfig:
             from replicas.echo_engine import EchoConfig
 
             return EchoConfig.from_dict(self.engine, prefix="args.engine").model, 4096
+        if self.engine_kind == "vllm":
+            from replicas.vllm_engine import MAX_ONGOING, VLLMConfig
+
+            return VLLMConfig.from_dict(self.engine, prefix="args.engine").model, MAX_ONGOING
         from replicas.engine_api import ENGINE_KINDS
 
         raise EngineConfigError("args.engine_kind",

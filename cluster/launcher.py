@@ -62,6 +62,11 @@ def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
     from replicas.model.default_model import prepare_default_model
     from replicas.profiling import load_or_profile, profile_cache_path
 
+    if args.get("engine_kind") == "vllm":  # profiled through vLLM by the replica itself (cached on disk)
+        from replicas.vllm_engine import VLLMConfig
+
+        VLLMConfig.from_dict(args.get("engine") or {}, prefix="args.engine").check_environment("args.engine")
+        return args
     if args.get("engine_kind", "flowprefill") != "flowprefill":  # only the native engine has a cost profile here
         return args
     engine = EngineConfig.from_dict(args.get("engine") or {}, prefix="args.engine")

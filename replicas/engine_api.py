@@ -8,6 +8,8 @@ streaming, health) serves every engine kind:
   preemptive prefill under the event-driven scheduler.
 * ``echo``: a model-free engine (:class:`replicas.echo_engine.EchoEngine`) that streams the prompt
   back at a configured speed; it isolates the router and the HTTP path in benchmarks.
+* ``vllm``: vLLM's OpenAI server as a child process in its own environment
+  (:class:`replicas.vllm_engine.VLLMEngine`), priorities from deadlines.
 
 An engine is built by :func:`make_engine` from its kind and its settings mapping (validated,
 errors name the field under ``prefix``).
@@ -23,7 +25,7 @@ from replicas.sampling import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 
-ENGINE_KINDS = ("flowprefill", "echo")
+ENGINE_KINDS = ("flowprefill", "echo", "vllm")
 
 StateCallback = Callable[[dict[str, Any]], None]
 
@@ -82,4 +84,10 @@ def make_engine(
         from replicas.echo_engine import EchoConfig, EchoEngine
 
         return EchoEngine(EchoConfig.from_dict(settings, prefix=prefix), clock=clock, on_state_change=on_state_change)
+    if kind == "vllm":
+        from replicas.vllm_engine import VLLMConfig, VLLMEngine
+
+        config = VLLMConfig.from_dict(settings, prefix=prefix)
+        config.check_environment(prefix)
+        return VLLMEngine(config, clock=clock, on_state_change=on_state_change)
     raise EngineConfigError("engine_kind", f"must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
