@@ -50,6 +50,7 @@ from cluster.state_schema import QueuedRequest, ReplicaQueueState
 from replicas.scheduler.cost_model import CostModel
 
 POLICIES = ("slo_aware", "round_robin", "least_loaded")
+NON_PREEMPTIVE_ENGINES = frozenset({"vllm"})  # engine kinds whose running prefill is never preempted
 PREEMPT_LATENCY_S = 0.002  # finish the operator in flight before a preemption takes effect
 
 Key = tuple[bool, float]  # the replica's priority: (late, deadline); smaller runs first
@@ -129,6 +130,7 @@ class ReplicaLoad:
     stale: bool = False
     known: bool = True
     index: QueueIndex | None = field(default=None, compare=False, repr=False)
+    preemptive: bool = True  # False (vLLM): a running prefill finishes first, the queue is plain EDF
 
     @property
     def usable(self) -> bool:
@@ -176,6 +178,7 @@ def load_from_state(
         age_s=age,
         stale=age > max_age_s,
         index=index,
+        preemptive=state.engine_kind not in NON_PREEMPTIVE_ENGINES,
     )
 
 
@@ -196,6 +199,8 @@ def evaluate(
     """The :class:`Placement` of a request with ``deadline`` and own cost ``cost_s`` on ``load``."""
     if not load.usable:
         return Placement(load.inflight_s + cost_s)
+    if not load.preemptive:
+        return _evaluate_non_preemptive(deadline, cost_s, load, now)
     idx = load.get_index(now)
     own: Key = (deadline - now - cost_s <= 0.0, deadline)
     harm = False
@@ -213,6 +218,26 @@ def evaluate(
     ttft = max(ahead - load.age_s, 0.0) + load.inflight_s + cost_s
     if idx.running_key is not None and idx.running_key > own:
         ttft += preempt_latency_s
+    return Placement(ttft, harm, displaces)
+
+
+def _evaluate_non_preemptive(deadline: float, cost_s: float, load: ReplicaLoad, now: float) -> Placement:
+    """An engine that never preempts a running prefill and orders its waiting queue by deadline
+    (vLLM with deadline-derived priorities): everything running and every waiting request due no
+    later than ``deadline`` comes first; ``q`` displaces the waiting requests due after it, and
+    harms one that would meet its deadline without ``q`` but not with it."""
+    running = load.running_remaining_s or max((s for _, s in load.running), default=0.0)
+    queued = sorted(load.queued)
+    ahead = running + sum(s for d, s in queued if d <= deadline)
+    ttft = max(ahead - load.age_s, 0.0) + load.inflight_s + cost_s
+    harm, finish, displaces = False, ttft, False
+    for d, s in queued:
+        if d <= deadline:
+            continue
+        displaces, finish = True, finish + s
+        if finish - cost_s <= d - now < finish:
+            harm = True
+            break
     return Placement(ttft, harm, displaces)
 
 

@@ -17,6 +17,7 @@ from router.placement import (
     PlacementRequest,
     ReplicaLoad,
     bench_placement,
+    evaluate,
     load_from_state,
     predict_ttft,
     rank_replicas,
@@ -335,3 +336,20 @@ def test_router_decides_from_a_stale_snapshot_while_a_refresh_runs_in_the_backgr
         gate.set()
 
     asyncio.run(run())
+
+
+def test_a_vllm_replica_runs_its_prefill_to_the_end_so_urgent_work_waits_there():
+    """vLLM never preempts a running prefill: a busy vLLM replica is not free for urgent work."""
+    busy = ReplicaQueueState("V", "vllm", "m", NOW, 1, (q("long", 30.0, 2.0, "running"), q("later", 9.0, 0.5)), 2.0)
+    native = ReplicaQueueState("N", "flowprefill", "m", NOW, 1, (q("long", 30.0, 2.0, "running"),), 2.0)
+    v, n = load(busy), load(native)
+    assert not v.preemptive and n.preemptive
+    r = req(1000, 0.5)
+    assert predict_ttft(r, v, COST, NOW) == pytest.approx(2.0 + 0.1)  # behind the whole running prefill
+    assert predict_ttft(r, n, COST, NOW) == pytest.approx(0.1 + PREEMPT_LATENCY_S)  # preempts it
+    assert slo(r, v, n).ranked == ["N", "V"]
+    # Waiting work is plain EDF: due earlier runs first, due later is displaced (harmed if pushed late).
+    tight = ReplicaQueueState("T", "vllm", "m", NOW, 1, (q("due", 0.65, 0.6),), 0.0)
+    place = evaluate(NOW + 0.5, 0.1, load(tight), NOW)
+    assert place.ttft == pytest.approx(0.1) and place.displaces and place.harm  # 0.6 s fits 0.65 s, 0.7 s not
+    assert not evaluate(NOW + 0.5, 0.01, load(tight), NOW).harm
