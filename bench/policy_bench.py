@@ -25,13 +25,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench.rate_search import search_rate_scale
 from bench.replay import ReplayRequest, make_prompts, replay, summarize
 from bench.slo_classes import DEFAULT_REF_TOKENS, LengthRule, assign_classes, classes_for_predictor, ttft_slo_for
 from bench.traces import Trace, load_trace
 from replicas.engine import ReplicaEngine
 from replicas.engine_config import EngineConfig
-
-ATTAINMENT_GOAL = 0.9
 
 
 @dataclass
@@ -106,34 +105,16 @@ def find_goodput(engine: ReplicaEngine, requests: list[ReplayRequest], base_rate
     points: dict[float, dict[str, Any]] = {}
     span = requests[-1].arrival_s
 
-    def measure(scale: float) -> bool:
+    def measure(scale: float) -> float:
         results = replay(engine, _scaled(requests, scale), drain_s=30 + 3 * span / scale, tag=f"s{scale:g}")
         summary = summarize(results)
         summary["rate_rps"] = scale * base_rate
         points[scale] = summary
         bar.update(1)
         bar.set_postfix(scale=f"{scale:.3g}", attain=f"{summary['attainment']:.2f}")
-        return summary["attainment"] >= ATTAINMENT_GOAL
+        return summary["attainment"]
 
-    good, bad, scale = 0.0, None, start_scale
-    for _ in range(8):
-        if measure(scale):
-            good = scale
-            if bad is not None:
-                break
-            scale *= 1.5
-        else:
-            bad = scale
-            if good:
-                break
-            # far below the goal: take bigger steps down (bad policies would otherwise cost many replays)
-            scale /= 1.5 if points[scale]["attainment"] >= 0.75 else 3.0
-    for _ in range(cfg.refine_steps if bad is not None and good else 0):
-        mid = (good * bad) ** 0.5
-        if measure(mid):
-            good = mid
-        else:
-            bad = mid
+    good, _ = search_rate_scale(measure, start_scale, max_steps=8, refine_steps=cfg.refine_steps)
     return {"goodput": good * base_rate, "goodput_scale": good, "points": {f"{k:g}": v for k, v in points.items()}}
 
 

@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.polling import wait_for
+
 pytestmark = pytest.mark.slow
 
 PORT = 8766
@@ -91,22 +93,13 @@ async def _registered(redis_url: str) -> dict:
         return await state.read_all_replica_states(skip_invalid=True)
 
 
-def _wait_for(predicate, what: str, timeout_s: float = 60.0):
-    """Poll ``predicate()`` until truthy (bounded): for external processes, not for scheduler state."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_replica_loses_no_request(echo_cluster):
     import ray
 
     redis_url = echo_cluster["redis"].url
-    states = _wait_for(lambda: (s := asyncio.run(_registered(redis_url))) and len(s) == 2 and s, "two replicas")
+    states = wait_for(lambda: (s := asyncio.run(_registered(redis_url))) and len(s) == 2 and s, "two replicas")
     from replicas.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(echo_cluster["model_dir"])
@@ -154,7 +147,7 @@ def test_killed_replica_loses_no_request(echo_cluster):
     assert all(name.startswith("early") for name in failed_clearly) and len(completed) >= 4
 
     # Serve replaces the replica; it registers in Redis, the dead one's state expires.
-    fresh = _wait_for(lambda: (s := asyncio.run(_registered(redis_url))) and len(s) == 2 and victim not in s and s,
+    fresh = wait_for(lambda: (s := asyncio.run(_registered(redis_url))) and len(s) == 2 and victim not in s and s,
                       "a replacement replica in Redis", timeout_s=90)
     assert victim not in fresh
     for i in range(6):
@@ -164,7 +157,7 @@ def test_killed_replica_loses_no_request(echo_cluster):
 
 def test_redis_outage_falls_back_to_local_estimates_and_recovers(echo_cluster):
     redis = echo_cluster["redis"]
-    _wait_for(lambda: len(asyncio.run(_registered(redis.url))) == 2, "two replicas")
+    wait_for(lambda: len(asyncio.run(_registered(redis.url))) == 2, "two replicas")
     before = _router_stats()["redis_fallbacks"]
     redis.stop()
     try:
@@ -181,7 +174,7 @@ def test_redis_outage_falls_back_to_local_estimates_and_recovers(echo_cluster):
     finally:
         redis.start()  # same port and password, empty: replicas must register again
     # State is rebuilt: both replicas re-register and publish; routing reads Redis again.
-    _wait_for(lambda: len(asyncio.run(_registered(redis.url))) == 2, "replicas registered again", timeout_s=30)
+    wait_for(lambda: len(asyncio.run(_registered(redis.url))) == 2, "replicas registered again", timeout_s=30)
     time.sleep(1.5)  # the router probes Redis at most once a second (its own timer), in the background
     status, _ = _post({"model": MODEL, "prompt": "the probe", "max_tokens": 2})  # triggers the probe
     assert status == 200
@@ -389,7 +382,7 @@ def test_the_ingress_does_not_cap_concurrency_below_the_replicas_queues(echo_clu
         _post({"model": MODEL, "prompt": f"{i} {words}", "max_tokens": 1}, timeout=120)[0])) for i in range(12)]
     for t in threads:
         t.start()
-    seen = _wait_for(lambda: (n := sum(len(s.requests) for s in asyncio.run(_registered(redis_url)).values())) >= 12
+    seen = wait_for(lambda: (n := sum(len(s.requests) for s in asyncio.run(_registered(redis_url)).values())) >= 12
                      and n, "12 requests queued at the replicas at once", timeout_s=30)
     for t in threads:
         t.join(timeout=120)

@@ -30,6 +30,7 @@ from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 from replicas.vllm_engine import VLLMConfig, VLLMEngine, deadline_priority
 from replicas.vllm_process import VLLMStartError, cpu_list, parse_cpu_list, parse_vllm_metrics
+from tests.polling import wait_for
 
 FAKE_SERVER = Path(__file__).with_name("fake_vllm_server.py")
 
@@ -197,12 +198,12 @@ def test_engine_against_a_stand_in_server(fake_venv, tiny_checkpoint_factory):
             await gen.aclose()
 
         asyncio.run(first_then_close())
-        _wait_for(lambda: any("aborted" in r for r in _requests(fake_venv["log"])), "the server to see the abort")
+        wait_for(lambda: any("aborted" in r for r in _requests(fake_venv["log"])), "the server to see the abort")
         aborted = next(r["aborted"] for r in _requests(fake_venv["log"]) if "aborted" in r)
         assert aborted < 100
         assert engine.counters["aborted"] == 1 and engine.stats()["decoding"] == 0
         # vLLM's own numbers come from /metrics.
-        _wait_for(lambda: engine.stats()["kv_total_tokens"] == 16000, "a metrics poll")
+        wait_for(lambda: engine.stats()["kv_total_tokens"] == 16000, "a metrics poll")
         assert engine.stats()["kv_free_tokens"] == 12000
         groups = [engine.server.pgid, engine.server.watchdog.pid]
     finally:
@@ -217,15 +218,6 @@ async def _collect(gen) -> list:
     return [out async for out in gen]
 
 
-def _wait_for(predicate, what: str, timeout_s: float = 30.0):
-    """Poll ``predicate()`` until truthy (bounded): for other processes, not for local state."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class _StubServer:
@@ -293,7 +285,7 @@ def test_the_server_does_not_outlive_a_killed_replica(tmp_path):
     os.killpg(pgid, 0)  # the server runs
     parent.kill()
     parent.wait()
-    _wait_for(lambda: not _group_alive(pgid), "the watchdog to stop the server", timeout_s=15.0)
+    wait_for(lambda: not _group_alive(pgid), "the watchdog to stop the server", timeout_s=15.0)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -389,7 +381,7 @@ def apps(redis_server, default_model_dir):
         ray.shutdown()
         if group is not None:  # the replica stopped its vLLM server (or the watchdog did)
             try:
-                _wait_for(lambda: not _group_alive(group), "the vLLM server to stop", timeout_s=60.0)
+                wait_for(lambda: not _group_alive(group), "the vLLM server to stop", timeout_s=60.0)
             finally:
                 if _group_alive(group):
                     os.killpg(group, 9)
@@ -448,7 +440,7 @@ def test_client_disconnect_aborts_the_request_in_vllm(apps):
             events += 1
     conn.sock.shutdown(2)
     conn.close()
-    _wait_for(lambda: _vllm_metrics(url).get("vllm:num_requests_running", 1) == 0, "vLLM to drop the request")
+    wait_for(lambda: _vllm_metrics(url).get("vllm:num_requests_running", 1) == 0, "vLLM to drop the request")
     stats = apps["handle"].stats.remote().result()
     assert stats["counters"]["aborted"] >= 1 and stats["decoding"] == 0 and not stats["running"]
     generated = _vllm_metrics(url).get("vllm:generation_tokens_total", 0.0) - before
@@ -496,7 +488,7 @@ def test_queue_state_in_redis_and_placement_by_predicted_ttft(apps):
         got = asyncio.run(read(NS_VLLM))[0].get(vllm_id)
         return got if got is not None and got.requests and got.requests[0].predicted_remaining_s > 1.0 else None
 
-    busy = _wait_for(busy_state, "the vLLM replica to publish the long prompt", timeout_s=30.0)
+    busy = wait_for(busy_state, "the vLLM replica to publish the long prompt", timeout_s=30.0)
     thread.join(timeout=300)
     assert done.is_set()
     entry = busy.requests[0]

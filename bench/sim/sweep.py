@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from bench.rate_search import ATTAINMENT_GOAL, search_rate_scale
 from bench.sim.cluster import ROUTER_POLICIES, ClusterSim, RouterConfig, RunResult, SimSetup
 from bench.sim.replica import ExecConfig
 from bench.sim.workload import SimWorkload, cluster_workload
 from bench.traces import load_trace
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel, detect_hardware
-
-ATTAINMENT_GOAL = 0.9
 
 
 @dataclass
@@ -119,31 +118,14 @@ def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchCo
     """Search the rate scale (see the module docstring); returns goodput and every point."""
     points: dict[float, dict[str, Any]] = {}
 
-    def measure(scale: float) -> bool:
+    def measure(scale: float) -> float:
         run = sim.run(wl, scale, stop_below=ATTAINMENT_GOAL if cfg.early_stop else None)
         points[scale] = summarize_run(wl, run, scale)
         if bar is not None:
             bar.set_postfix(scale=f"{scale:.3g}", attain=f"{run.attainment:.3f}")
-        return run.attainment >= ATTAINMENT_GOAL
+        return run.attainment
 
-    good, bad, scale = 0.0, None, start
-    for _ in range(cfg.max_steps):
-        if measure(scale):
-            good = scale
-            if bad is not None:
-                break
-            scale *= 1.5
-        else:
-            bad = scale
-            if good:
-                break
-            scale /= 1.5 if points[scale]["attainment"] >= 0.75 else 3.0
-    for _ in range(cfg.refine_steps if bad is not None and good else 0):
-        mid = (good * bad) ** 0.5
-        if measure(mid):
-            good = mid
-        else:
-            bad = mid
+    good, _ = search_rate_scale(measure, start, max_steps=cfg.max_steps, refine_steps=cfg.refine_steps)
     goodput = good * wl.rate_rps
     return {"replicas": wl.copies, "goodput_scale": good, "goodput": goodput,
             "goodput_per_replica": goodput / wl.copies, "requests": len(wl), "window_s": wl.span_s,
