@@ -218,10 +218,10 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
                  start: float | None, bar: tqdm) -> dict[str, Any]:
     """Start ``system``, search its goodput, stop it; the report entry (``error`` set on failure)."""
     entry: dict[str, Any] = {"system": system, "goodput": None, "goodput_scale": None, "points": [], "error": None}
-    if system == "vllm":
+    if system in ("vllm", "flowprefill-vllm"):
         ok, why = vllm_available()
         if not ok:
-            print(f"\n*** bench serve: SKIPPING vllm: {why} ***\n", file=sys.stderr, flush=True)
+            print(f"\n*** bench serve: SKIPPING {system}: {why} ***\n", file=sys.stderr, flush=True)
             entry["error"] = f"skipped: {why}"
             return entry
     log_dir = Path(cfg.log_dir)

@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 FLOWPREFILL_SYSTEMS = ("flowprefill", "chunked", "fcfs")
-SYSTEMS = (*FLOWPREFILL_SYSTEMS, "vllm")
+SYSTEMS = (*FLOWPREFILL_SYSTEMS, "vllm", "flowprefill-vllm")  # the last: vLLM engine behind our router
 HOST = "127.0.0.1"
 
 
@@ -79,9 +79,11 @@ def vllm_available() -> tuple[bool, str]:
     return True, ""
 
 
-def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], base: Path | None = None) -> Path:
+def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], base: Path | None = None,
+                       engine_kind: str = "flowprefill") -> Path:
     """Write ``ray_config.yaml`` (or ``base``) with ``engine`` merged into the app's engine settings
-    and the given policy; returns the path of the new file in ``out_dir``."""
+    and the given policy; returns the path of the new file in ``out_dir``.  With ``engine_kind``
+    ``vllm`` the engine settings are replaced by ``engine`` (vLLM's own) and no policy is set."""
     base = base or REPO / "ray_config.yaml"
     data = yaml.safe_load(base.read_text())
     app = next((a for a in data.get("applications") or [] if a.get("name") == "flowprefill"), None)
@@ -89,7 +91,10 @@ def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], ba
         raise ValueError(f"{base}: no application named 'flowprefill' under 'applications'")
     args = app.setdefault("args", {}) or {}
     app["args"] = args
-    args["engine"] = {**(args.get("engine") or {}), **dict(engine), "policy": policy}
+    if engine_kind == "flowprefill":
+        args["engine"] = {**(args.get("engine") or {}), **dict(engine), "policy": policy}
+    else:
+        args["engine_kind"], args["engine"] = engine_kind, dict(engine)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f"serve-{policy}-", suffix=".yaml", dir=out_dir)
     with os.fdopen(fd, "w") as f:
@@ -135,6 +140,19 @@ def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path
         env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": threads_bind,
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         return ServerSpec(system, argv, port, model_name, env=env, ready_timeout_s=420.0)
+    if system == "flowprefill-vllm":  # the same vLLM settings as "vllm", inside FlowPrefill's replica
+        ok, why = vllm_available()
+        if not ok:
+            raise ServerStartError(why)
+        settings: dict[str, Any] = {"model": str(model_dir), "dtype": "float32", "max_num_batched_tokens": vllm_budget,
+                                    "kv_cache_gib": 4, "omp_threads_bind": threads_bind}
+        if vllm_long_prefill is not None:
+            settings["long_prefill_token_threshold"] = vllm_long_prefill
+        config = flowprefill_config(work_dir, "vllm", settings, engine_kind="vllm")
+        argv = [sys.executable, "-m", "cluster.cli", "serve", "--engine", "vllm", "--host", HOST, "--port", str(port),
+                "--grpc-port", str(free_port()), "--config", str(config), "--model", str(model_dir)]
+        return ServerSpec(system, argv, port, Path(model_dir).resolve().name, cleanup=[config],
+                          ready_timeout_s=900.0)
     raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
 
 

@@ -325,6 +325,14 @@ def test_server_specs_carry_the_fair_settings(tmp_path, monkeypatch):
                  "--host 127.0.0.1"):
         assert flag in args
     assert v.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    fv = servers.server_spec("flowprefill-vllm", tmp_path / "m", "m", work_dir=tmp_path)
+    fv_args = yaml.safe_load(fv.cleanup[0].read_text())["applications"][0]["args"]
+    assert fv.argv[fv.argv.index("--engine") + 1] == "vllm" and fv_args["engine_kind"] == "vllm"
+    assert fv_args["engine"]["max_num_batched_tokens"] == 512
+    assert fv_args["engine"]["long_prefill_token_threshold"] == 256
+    from replicas.vllm_process import VLLMConfig
+
+    VLLMConfig.from_dict(fv_args["engine"])  # the settings the vLLM engine accepts (same as the vllm system's)
     monkeypatch.setattr(servers, "vllm_available", lambda: (False, "run scripts/vllm_env.sh"))
     with pytest.raises(servers.ServerStartError, match="vllm_env"):
         servers.server_spec("vllm", tmp_path / "m", "m", work_dir=tmp_path)
