@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.serve_floor import deploy_floor_app, measure_floor
 from cluster.launcher import run_app, start_local_ray  # noqa: I001 (sets Ray's loopback env before ray)
 
 MODEL = "bench-model"
@@ -156,6 +157,9 @@ def run_router_bench(cfg: RouterBenchConfig) -> dict[str, Any]:
             client, replica = _sequential(cfg, cfg.sequential)
             overhead = [c - r for c, r in zip(client, replica, strict=True)]
             decisions_idle = _router_stats(cfg)
+            deploy_floor_app()
+            measure_floor(cfg.port, _body(cfg), cfg.warmup)
+            floor = measure_floor(cfg.port, _body(cfg), cfg.sequential)
             steps = []
             for rate in tqdm(cfg.rates, desc="open-loop rates", unit="rate"):
                 step = asyncio.run(_open_loop(cfg, rate))
@@ -173,6 +177,9 @@ def run_router_bench(cfg: RouterBenchConfig) -> dict[str, Any]:
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra_engine"},
         "router_overhead_ms": _summary(overhead),
         "client_ttft_ms": _summary(client),
+        # Serve alone with the same hops (proxy -> ingress -> streaming handle -> back)
+        "serve_floor_ms": _summary(floor),
+        "router_added_ms_p50": statistics.median(client) - statistics.median(floor),
         "replica_ttft_ms": _summary(replica),
         "routing_decision_ms": decisions_idle["decision_ms"],
         "routing_decision_under_load_ms": decisions_load["decision_ms"],
@@ -203,6 +210,9 @@ def print_report(report: dict[str, Any]) -> None:
     head.add_row("routing decision (all)", ms(report["routing_decision_under_load_ms"]["p50"]),
                  ms(report["routing_decision_under_load_ms"]["p99"]), "")
     head.add_row("client TTFT", ms(report["client_ttft_ms"]["p50"]), ms(report["client_ttft_ms"]["p99"]), "")
+    head.add_row("Serve floor (same hops, no router code)", ms(report["serve_floor_ms"]["p50"]),
+                 ms(report["serve_floor_ms"]["p99"]), "")
+    head.add_row("router code on top of the floor", ms(report["router_added_ms_p50"]), "", "")
     steps = Table(title=f"open loop: max_rps = {report['max_rps']:g}")
     for col in ("offered rps", "achieved rps", "ok/sent", "p50 ms", "p99 ms", "errors", "sustained"):
         steps.add_column(col)

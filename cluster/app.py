@@ -114,6 +114,8 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
         "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         "max_ongoing_requests": max_ongoing,
         "health_check_period_s": 5,
+        # Serve's per-request access log costs CPU on the request path; /metrics counts requests.
+        "logging_config": {"enable_access_log": False},
     }
     if config.autoscaling:
         from cluster.autoscaling import serve_autoscaling_config
@@ -136,6 +138,6 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     replica_slots = max_ongoing * max(config.num_replicas, int((config.autoscaling or {}).get("max_replicas", 1)))
     ingress = serve.deployment(build_ingress_class()).options(
         name="FlowPrefillRouter", num_replicas=1, ray_actor_options={"num_cpus": 0.25},
-        max_ongoing_requests=max(4096, replica_slots))
+        max_ongoing_requests=max(4096, replica_slots), logging_config={"enable_access_log": False})
     access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}
     return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access)

@@ -23,6 +23,16 @@ from cluster.redis_server import RedisServer, redact_url, redis_url_from_env_or_
 # its usage reporting off. Import this module before ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve runs user code and each handle's request router on event loops of their own threads by
+# default; every request then crosses threads twice per hop. Our deployments never block their
+# loop (the engine computes on its own thread), so one loop per process is safe and took the
+# router's overhead p50 from about 21 ms to about 15 ms on the 2-core bench machine.
+SERVE_LATENCY_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+for _name, _value in SERVE_LATENCY_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
 APP_NAME = "flowprefill"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.launcher import SERVE_LATENCY_ENV
 from tests.manifest_checks import (
     OBJECT_META,
     K8sValidator,
@@ -255,6 +256,8 @@ def test_ray_pods_read_redis_url_from_the_secret_and_images_are_pinned(rendered)
             for container in template["spec"]["containers"]:
                 env = {e["name"]: e for e in container["env"]}
                 assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": "REDIS_URL"}
+                for flag, value in SERVE_LATENCY_ENV.items():  # the same Serve loop settings as `serve`
+                    assert env[flag]["value"] == value, f"{name}: {flag}"
                 assert container["image"].endswith("-" + name.split("-")[0]), f"{name}: {container['image']}"
         images = [c["image"] for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]
                   ["containers"]] + [c["image"] for t in templates for c in t["spec"]["containers"]]
