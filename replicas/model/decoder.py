@@ -92,13 +92,28 @@ class DecoderModel:
             hidden = residual + F.linear(attn, layer.o_proj, layer.o_bias)
             yield Boundary.BLOCK
             residual = hidden
-            gate_up = F.linear(rms_norm(hidden, layer.post_norm, eps), layer.gate_up, layer.gate_up_bias)
+            act = self._gate_up(rms_norm(hidden, layer.post_norm, eps), layer)
             yield Boundary.OP
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = residual + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            hidden = residual + F.linear(act, layer.down, layer.down_bias)
             yield Boundary.LAYER
         rows = hidden.index_select(0, batch.logit_rows)
         return F.linear(rms_norm(rows, w.final_norm, eps), w.lm_head).float()
+
+    def _gate_up(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        """``silu(x W_gate) * (x W_up)``, activation in place.
+
+        On CPU the fused weight runs as two GEMMs over its row halves (contiguous views, no copy):
+        MKL multiplies the two ``[I, h]`` halves 2-4% faster than one ``[2I, h]`` matrix, and the
+        halves come out contiguous for the activation. On accelerators one fused GEMM is better.
+        """
+        size = self.config.intermediate_size
+        if self.device.type == "cpu":
+            bias = layer.gate_up_bias
+            gate = F.linear(x, layer.gate_up[:size], None if bias is None else bias[:size])
+            up = F.linear(x, layer.gate_up[size:], None if bias is None else bias[size:])
+        else:
+            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        return F.silu(gate, inplace=True).mul_(up)
 
     def _attention(
         self, index: int, layer: LayerWeights, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
