@@ -140,4 +140,5 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
         name="FlowPrefillRouter", num_replicas=1, ray_actor_options={"num_cpus": 0.25},
         max_ongoing_requests=max(4096, replica_slots), logging_config={"enable_access_log": False})
     access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}
-    return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access)
+    return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access,
+                        redis_url=config.redis_url, namespace=config.namespace)

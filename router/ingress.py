@@ -16,9 +16,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.state_schema import DEFAULT_NAMESPACE
 from router.api_errors import APIError
 from router.auth import AccessPolicy
 from router.dispatch import replica_outputs
+from router.journal import RequestJournal
 from router.metrics import RouterMetrics
 from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
@@ -39,7 +41,8 @@ class RouterIngress:
 
     async def __init__(self, replicas: Any, model_name: str, model_dir: str | None = None,  # noqa: ANN401
                        slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20,
-                       access: dict[str, Any] | None = None) -> None:
+                       access: dict[str, Any] | None = None, redis_url: str | None = None,
+                       namespace: str = DEFAULT_NAMESPACE) -> None:
         from replicas.model.default_model import prepare_default_model
         from replicas.model.tokenizer import Tokenizer
 
@@ -53,6 +56,7 @@ class RouterIngress:
             max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
         )
         self.metrics = RouterMetrics()
+        self.journal = RequestJournal.from_url(redis_url, namespace)
         self.access = AccessPolicy.from_sources(**(access or {}))
         if self.access.enabled:
             log.info("API keys required: %d configured (metrics %s)", len(self.access.keys),
@@ -98,7 +102,7 @@ class RouterIngress:
         """``GET /v1/router/stats``: this ingress's routing counters and recent decision times (ms)."""
         from router.routing_stats import STATS
 
-        return STATS.summary()
+        return {**STATS.summary(), "journal": self.journal.stats()}
 
     def metrics_text(self, authorization: str | None = None) -> Response:
         """``GET /metrics`` in Prometheus text format (a key is needed when ``protect_metrics``)."""
@@ -152,11 +156,26 @@ class RouterIngress:
                                      headers={"x-flowprefill-request-id": req.request_id})
         return await self._collect(req, payload, endpoint)
 
+    async def _journalled(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The replica's raw outputs, with the request's journal entry kept (router/journal.py)."""
+        record = self.journal.open(payload)
+
+        def on_retry(attempt: int, exc: BaseException) -> None:
+            self._on_retry(attempt, exc)
+            record.retrying()
+
+        try:
+            async for out in replica_outputs(self.replicas, payload, on_retry=on_retry):
+                record.assigned(out.get("replica_id", ""))
+                yield out  # refusals and errors are mapped by _outputs
+        finally:  # answered, failed, or the client went away: the entry leaves the journal
+            record.close()
+
     async def _outputs(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures."""
         first_at: float | None = None
         tokens = 0
-        async for out in replica_outputs(self.replicas, payload, on_retry=self._on_retry):
+        async for out in self._journalled(payload):
             if out.get("finish_reason") in ("rejected", "error", "abort"):
                 status = 429 if out["finish_reason"] == "rejected" else 503
                 raise APIError(status, out.get("error") or f"request {out['finish_reason']}",

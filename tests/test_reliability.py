@@ -94,6 +94,16 @@ async def _registered(redis_url: str) -> dict:
         return await state.read_all_replica_states(skip_invalid=True)
 
 
+async def _journal(redis_url: str, replica_id: str | None = None) -> list:
+    """The ingress's journal of accepted, unanswered requests (all, or those on ``replica_id``)."""
+    from cluster.state_client import ClusterState
+
+    async with ClusterState(redis_url, namespace=NAMESPACE) as state:
+        if replica_id is not None:
+            return await state.journal_for_replica(replica_id)
+        return list(await state._redis.hkeys(state.keys.journal()))
+
+
 
 
 def test_killed_replica_loses_no_request(echo_cluster):
@@ -124,6 +134,10 @@ def test_killed_replica_loses_no_request(echo_cluster):
         t.start()
     time.sleep(0.3)
     victim = sorted(states)[0]
+    # The journal holds every accepted, unanswered request; the streaming ones under their replica.
+    on_victim = wait_for(lambda: asyncio.run(_journal(redis_url, victim)), "journal entries on the victim")
+    assert all(e.status == "running" and e.prompt_token_ids for e in on_victim)
+    assert len(asyncio.run(_journal(redis_url))) == 8
     actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(victim))
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
@@ -146,6 +160,8 @@ def test_killed_replica_loses_no_request(echo_cluster):
     # had not produced output yet (the late ones) was sent again and completed.
     assert len(completed) + len(failed_clearly) == 8
     assert all(name.startswith("early") for name in failed_clearly) and len(completed) >= 4
+    # Every accepted request reached a terminal answer: the journal drains to empty.
+    wait_for(lambda: asyncio.run(_journal(redis_url)) == [], "an empty journal")
 
     # Serve replaces the replica; it registers in Redis, the dead one's state expires.
     fresh = wait_for(lambda: (s := asyncio.run(_registered(redis_url))) and len(s) == 2 and victim not in s and s,
@@ -160,6 +176,7 @@ def test_redis_outage_falls_back_to_local_estimates_and_recovers(echo_cluster):
     redis = echo_cluster["redis"]
     wait_for(lambda: len(asyncio.run(_registered(redis.url))) == 2, "two replicas")
     before = _router_stats()["redis_fallbacks"]
+    journal_failures = _router_stats()["journal"]["write_failures"]
     redis.stop()
     try:
         for i in range(8):  # no request fails because Redis is away
@@ -184,6 +201,11 @@ def test_redis_outage_falls_back_to_local_estimates_and_recovers(echo_cluster):
         status, _ = _post({"model": MODEL, "prompt": f"after the outage {i}", "max_tokens": 2})
         assert status == 200
     assert _router_stats()["redis_fallbacks"] == settled
+    # Journal writes failed during the outage without failing a request; nothing is left behind.
+    stats = _router_stats()["journal"]
+    assert stats["write_failures"] > journal_failures and stats["open_requests"] == 0
+    wait_for(lambda: _router_stats()["journal"]["removal_backlog"] == 0, "journal removals retried")
+    assert asyncio.run(_journal(redis.url)) == []
 
 
 def test_no_secret_in_logs(echo_cluster):
