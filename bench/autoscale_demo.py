@@ -45,6 +45,7 @@ class AutoscaleDemoConfig:
     low_rate: float = 0.3  # requests per second
     high_rate: float = 1.6
     max_tokens: int = 2
+    prompt_repeats: int = 1  # the prompt text this many times (longer prompts: more prefill per request)
     ttft_slo_ms: float = 2500.0
     max_replicas: int = 2
     num_cpus: int = 4  # logical CPUs for Ray: replicas take 1 each, the router 0.25
@@ -99,7 +100,8 @@ async def _send(session: Any, url: str, index: int, t0: float, config: Autoscale
     import aiohttp
 
     record = Sent(index, time.time() - t0)
-    body = {"model": model, "prompt": f"[{index}] {_TEXT}", "max_tokens": config.max_tokens, "stream": True,
+    prompt = f"[{index}] " + " ".join([_TEXT] * config.prompt_repeats)
+    body = {"model": model, "prompt": prompt, "max_tokens": config.max_tokens, "stream": True,
             "temperature": 0.0}
     headers = {"x-slo-ttft-ms": str(config.ttft_slo_ms)}
     start = time.time()

@@ -65,6 +65,8 @@ class RequestResult:
     e2e_s: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    status: int | None = None  # HTTP status of the response (None: no response)
+    retry_after: str | None = None  # the Retry-After header of a refusal
 
     @property
     def tpot_s(self) -> float | None:
@@ -158,7 +160,9 @@ async def _send(session: aiohttp.ClientSession, cfg: LoadConfig, index: int, req
     try:
         async with session.post(f"{cfg.base_url.rstrip('/')}/v1/completions", json=request_body(cfg, req),
                                 headers=headers) as resp:
+            res.status = resp.status
             if resp.status != 200:
+                res.retry_after = resp.headers.get("Retry-After")
                 text = (await resp.text())[:200]
                 res.error = f"HTTP {resp.status}: {text}"
                 return

@@ -58,7 +58,7 @@ def tiled(requests: list[LoadRequest], rate_rps: float, duration_s: float) -> li
         offset += span * scale + scale * span / max(len(requests) - 1, 1)
 
 
-def _process_tree_rss_mib(root_pid: int) -> float:
+def process_tree_rss_mib(root_pid: int) -> float:
     """Resident memory of ``root_pid`` and all its descendants (Linux /proc), in MiB."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -106,7 +106,7 @@ async def _soak(cfg: SoakConfig, base_url: str, model: str, requests: list[LoadR
         window, seen = done[seen:], len(done)
         met = sum(r.met for r in window)
         errors = sum(r.error is not None and not r.error.startswith("cancelled") for r in window)
-        samples.append({"t_s": time.perf_counter() - t0, "rss_mib": _process_tree_rss_mib(root_pid),
+        samples.append({"t_s": time.perf_counter() - t0, "rss_mib": process_tree_rss_mib(root_pid),
                         "finished": len(window), "errors": errors,
                         "attainment": met / len(window) if window else None})
         bar.update(len(window))

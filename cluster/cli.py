@@ -163,7 +163,9 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
 def _cmd_bench_autoscale(args: argparse.Namespace) -> int:
     from bench.autoscale_demo import AutoscaleDemoConfig, run_autoscale_demo, summary, write_outputs
 
-    report = run_autoscale_demo(AutoscaleDemoConfig(minutes=args.minutes, max_replicas=args.max_replicas))
+    report = run_autoscale_demo(AutoscaleDemoConfig(minutes=args.minutes, max_replicas=args.max_replicas,
+                                                    low_rate=args.low_rate, high_rate=args.high_rate,
+                                                    prompt_repeats=args.prompt_repeats))
     print(summary(report))
     write_outputs(report, args.json, args.plot)
     return 0
@@ -179,6 +181,19 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0 if report["errors"] == 0 else 1
+
+
+def _cmd_bench_overload(args: argparse.Namespace) -> int:
+    from bench.overload import OverloadConfig, print_overload, run_overload
+
+    report = run_overload(OverloadConfig(trace=args.trace, goodput_rps=args.goodput_rps, factor=args.factor,
+                                         overload_s=args.overload_s), Path(args.model) if args.model else None)
+    print_overload(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    lost = report["journal_after"].get("open_requests", 0)
+    return 0 if report["healthy_after"] and report["health_failures"] == 0 and lost == 0 else 1
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -286,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     auto = bsub.add_parser("autoscale", help="SLO-driven autoscaling under a load step, on a local cluster")
     auto.add_argument("--minutes", type=float, default=4.5, help="duration of the offered load")
     auto.add_argument("--max-replicas", type=int, default=2)
+    auto.add_argument("--low-rate", type=float, default=0.3, help="requests/s before and after the step")
+    auto.add_argument("--high-rate", type=float, default=1.6, help="requests/s during the step")
+    auto.add_argument("--prompt-repeats", type=int, default=1, help="prompt length, in repeats of the demo text")
     auto.add_argument("--json", default=None)
     auto.add_argument("--plot", default=None, help="PNG of replica count, offered load and TTFT attainment")
     auto.set_defaults(func=_cmd_bench_autoscale)
@@ -310,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--model", default=None)
     soak.add_argument("--json", default=None)
     soak.set_defaults(func=_cmd_bench_soak)
+    over = bsub.add_parser("overload", help="a bounded burst at 10x goodput: refusals, attainment, memory, recovery")
+    over.add_argument("--trace", required=True)
+    over.add_argument("--goodput-rps", type=float, required=True, help="FlowPrefill's goodput from bench serve")
+    over.add_argument("--factor", type=float, default=10.0, help="overload rate as a multiple of the goodput")
+    over.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload")
+    over.add_argument("--model", default=None)
+    over.add_argument("--json", default=None)
+    over.set_defaults(func=_cmd_bench_overload)
     sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
     from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
 

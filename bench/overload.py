@@ -1,0 +1,178 @@
+"""``flowprefill bench overload``: a bounded burst at many times the goodput rate, then back to normal.
+
+A FlowPrefill server (``flowprefill serve`` as a subprocess, as in ``bench serve``) receives the
+trace window open loop in three phases: ``base_fraction x goodput`` for ``before_s`` seconds,
+``factor x goodput`` (10x by default) for ``overload_s`` seconds, and the base rate again for
+``after_s`` seconds. Every ``sample_s`` the bench records the server's resident memory (every
+process of its tree) and probes ``GET /health``. The report, per phase and SLO class: requests,
+completed, TTFT attainment, refusals with 429 and whether each carried ``Retry-After``, other
+errors; plus the memory peak, failed health probes, and the router's journal of accepted but
+unanswered requests after the run (``/v1/router/stats``), which must be empty: nothing lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
+from bench.serve_bench import ServeBenchConfig, build_requests, engine_overrides, slo_classes
+from bench.servers import ManagedServer, server_spec
+from bench.soak import process_tree_rss_mib, tiled
+
+PHASES = ("before", "overload", "after")
+
+
+@dataclass(frozen=True)
+class OverloadConfig:
+    """What to run: ``goodput_rps`` from ``bench serve`` (FlowPrefill's)."""
+
+    trace: str
+    goodput_rps: float
+    factor: float = 10.0
+    base_fraction: float = 0.5
+    before_s: float = 30.0
+    overload_s: float = 60.0
+    after_s: float = 90.0
+    sample_s: float = 5.0
+    max_requests: int = 80
+    length_scale: float = 1 / 16
+    max_output_tokens: int = 8
+    seed: int = 0
+    log_dir: str = "out/overload"
+
+    def __post_init__(self) -> None:
+        if not self.goodput_rps > 0 or not self.factor >= 1 or not 0 < self.base_fraction <= 1:
+            raise ValueError("--goodput-rps must be positive, --factor >= 1, --base-fraction in (0, 1]")
+        if min(self.before_s, self.overload_s, self.after_s) <= 0:
+            raise ValueError("every phase must last a positive number of seconds")
+
+    def bounds(self) -> tuple[float, float, float]:
+        """End of each phase, in seconds from the start of the load."""
+        return self.before_s, self.before_s + self.overload_s, self.before_s + self.overload_s + self.after_s
+
+
+def schedule(cfg: OverloadConfig, base: list[LoadRequest]) -> list[LoadRequest]:
+    """The three phases' arrivals, back to back."""
+    rates = (cfg.base_fraction * cfg.goodput_rps, cfg.factor * cfg.goodput_rps, cfg.base_fraction * cfg.goodput_rps)
+    out: list[LoadRequest] = []
+    start = 0.0
+    for rate, end in zip(rates, cfg.bounds(), strict=True):
+        out += [replace(r, arrival_s=r.arrival_s + start) for r in tiled(base, rate, end - start)]
+        start = end
+    return out
+
+
+def phase_of(cfg: OverloadConfig, arrival_s: float) -> str:
+    """Which phase a request sent at ``arrival_s`` belongs to."""
+    first, second, _ = cfg.bounds()
+    return PHASES[0] if arrival_s < first else PHASES[1] if arrival_s < second else PHASES[2]
+
+
+def summarize_phases(cfg: OverloadConfig, results: list[RequestResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per phase, per class (and ``all``): outcomes of the requests that arrived in it."""
+    table: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in PHASES}
+    for r in results:
+        for key in (r.slo_class, "all"):
+            row = table[phase_of(cfg, r.arrival_s)].setdefault(key, {
+                "requests": 0, "completed": 0, "met": 0, "rejected_429": 0, "retry_after": 0,
+                "other_errors": 0, "cancelled": 0})
+            row["requests"] += 1
+            row["met"] += r.met
+            if r.error is None:
+                row["completed"] += 1
+            elif r.status == 429:
+                row["rejected_429"] += 1
+                row["retry_after"] += r.retry_after is not None
+            elif r.error.startswith("cancelled"):
+                row["cancelled"] += 1
+            else:
+                row["other_errors"] += 1
+    for rows in table.values():
+        for row in rows.values():
+            row["attainment"] = round(row["met"] / row["requests"], 3) if row["requests"] else None
+    return table
+
+
+def _health_ok(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _journal(base_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{base_url}/v1/router/stats", timeout=30) as resp:
+        return json.loads(resp.read()).get("journal", {})
+
+
+async def _run(cfg: OverloadConfig, base_url: str, model: str, requests: list[LoadRequest], root_pid: int,
+               bar: Any) -> tuple[list[RequestResult], list[dict[str, Any]]]:  # noqa: ANN401
+    done: list[RequestResult] = []
+    samples: list[dict[str, Any]] = []
+    load = asyncio.create_task(run_load(LoadConfig(base_url, model, drain_s=60.0), requests, on_done=done.append))
+    t0, seen = time.perf_counter(), 0
+    while not load.done():
+        await asyncio.wait({load}, timeout=cfg.sample_s)
+        healthy = await asyncio.to_thread(_health_ok, base_url)
+        window, seen = done[seen:], len(done)
+        t = time.perf_counter() - t0
+        samples.append({"t_s": t, "phase": phase_of(cfg, t), "rss_mib": process_tree_rss_mib(root_pid),
+                        "healthy": healthy, "finished": len(window),
+                        "refused": sum(r.status == 429 for r in window),
+                        "attainment": sum(r.met for r in window) / len(window) if window else None})
+        bar.update(len(window))
+    return await load, samples
+
+
+def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str, Any]:
+    """Start the server, run the three phases, stop it; returns the JSON report."""
+    from tqdm import tqdm
+
+    from replicas.model.default_model import prepare_default_model
+    from replicas.model.tokenizer import Tokenizer
+
+    model_dir = model_dir or prepare_default_model()
+    bench_cfg = ServeBenchConfig(trace=cfg.trace, systems=("flowprefill",), max_requests=cfg.max_requests,
+                                 length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens,
+                                 seed=cfg.seed, window_start_s=29.0)
+    base = build_requests(bench_cfg, Tokenizer.from_dir(model_dir), slo_classes(None))
+    requests = schedule(cfg, base)
+    work = Path(cfg.log_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    spec = server_spec("flowprefill", model_dir, model_dir.name, work_dir=work,
+                       engine=engine_overrides(cfg.length_scale))
+    with ManagedServer(spec, work / "server.log") as server:
+        assert server.proc is not None
+        with tqdm(total=len(requests), desc=f"overload {cfg.factor:g}x for {cfg.overload_s:g} s", unit="req") as bar:
+            results, samples = asyncio.run(_run(cfg, spec.base_url, server.model_name, requests,
+                                                server.proc.pid, bar))
+        journal = _journal(spec.base_url)
+        healthy_after = _health_ok(spec.base_url)
+    phases = summarize_phases(cfg, results)
+    rss = {p: max((s["rss_mib"] for s in samples if s["phase"] == p), default=None) for p in PHASES}
+    return {
+        "config": asdict(cfg), "requests": len(results), "phases": phases, "rss_mib_peak": rss,
+        "health_failures": sum(not s["healthy"] for s in samples), "healthy_after": healthy_after,
+        "journal_after": journal, "samples": samples,
+    }
+
+
+def print_overload(report: dict[str, Any]) -> None:
+    """Per phase and class: requests, completed, attainment, 429s (with Retry-After), errors."""
+    print(f"{'phase':<9} {'class':<12} {'req':>5} {'done':>5} {'attain':>7} {'429':>5} {'w/RA':>5} "
+          f"{'err':>4} {'cancel':>6} {'RSS MiB':>8}")
+    for phase, rows in report["phases"].items():
+        for name, row in sorted(rows.items()):
+            att = "-" if row["attainment"] is None else f"{row['attainment']:.2f}"
+            rss = report["rss_mib_peak"][phase]
+            print(f"{phase:<9} {name:<12} {row['requests']:>5} {row['completed']:>5} {att:>7} "
+                  f"{row['rejected_429']:>5} {row['retry_after']:>5} {row['other_errors']:>4} {row['cancelled']:>6} "
+                  f"{'-' if rss is None else f'{rss:.0f}':>8}")
+    print(json.dumps({k: report[k] for k in ("requests", "health_failures", "healthy_after", "journal_after")}))

@@ -1,0 +1,43 @@
+"""bench/overload.py without a server: the three-phase schedule and the per-phase accounting."""
+
+from __future__ import annotations
+
+from bench.loadgen import LoadRequest, RequestResult
+from bench.overload import OverloadConfig, phase_of, schedule, summarize_phases
+
+
+def _base(n: int = 20) -> list[LoadRequest]:
+    return [LoadRequest(arrival_s=i * 0.5, prompt=(1, 2), input_tokens=2, max_tokens=4,
+                        slo_class="batch" if i % 2 else "interactive", priority=i % 2, ttft_slo_s=1.0)
+            for i in range(n)]
+
+
+def test_schedule_runs_each_phase_at_its_rate() -> None:
+    cfg = OverloadConfig(trace="t", goodput_rps=2.0, factor=10, base_fraction=0.5,
+                         before_s=20, overload_s=30, after_s=40)
+    arrivals = [r.arrival_s for r in schedule(cfg, _base())]
+    assert arrivals == sorted(arrivals) and arrivals[-1] < 90
+    counts = {p: sum(phase_of(cfg, t) == p for t in arrivals) for p in ("before", "overload", "after")}
+    assert abs(counts["before"] / 20 - 1.0) < 0.15  # 0.5 x 2 req/s
+    assert abs(counts["overload"] / 30 - 20.0) < 2.0  # 10 x 2 req/s
+    assert abs(counts["after"] / 40 - 1.0) < 0.15
+
+
+def test_phase_summary_counts_refusals_with_retry_after_and_attainment() -> None:
+    cfg = OverloadConfig(trace="t", goodput_rps=1.0, before_s=10, overload_s=10, after_s=10)
+    results = [
+        RequestResult(0, "interactive", 2, 1.0, arrival_s=1, ttft_s=0.5, e2e_s=1.0, output_tokens=4, status=200),
+        RequestResult(1, "batch", 2, 60.0, arrival_s=12, error="HTTP 429: shed", status=429, retry_after="1"),
+        RequestResult(2, "batch", 2, 60.0, arrival_s=13, error="HTTP 429: full", status=429),
+        RequestResult(3, "interactive", 2, 1.0, arrival_s=14, ttft_s=2.0, e2e_s=3.0, output_tokens=4, status=200),
+        RequestResult(4, "interactive", 2, 1.0, arrival_s=15, error="cancelled: no first token within the TTFT SLO"),
+        RequestResult(5, "interactive", 2, 1.0, arrival_s=25, error="HTTP 503: replica failed", status=503),
+    ]
+    table = summarize_phases(cfg, results)
+    assert table["before"]["all"] == {"requests": 1, "completed": 1, "met": 1, "rejected_429": 0, "retry_after": 0,
+                                      "other_errors": 0, "cancelled": 0, "attainment": 1.0}
+    over = table["overload"]
+    assert over["batch"]["rejected_429"] == 2 and over["batch"]["retry_after"] == 1
+    assert over["interactive"]["completed"] == 1 and over["interactive"]["cancelled"] == 1
+    assert over["interactive"]["attainment"] == 0.0 and over["all"]["requests"] == 4
+    assert table["after"]["all"]["other_errors"] == 1
