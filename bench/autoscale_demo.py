@@ -40,12 +40,13 @@ class AutoscaleDemoConfig:
 
     minutes: float = 4.5  # the load (start-up and shutdown come on top)
     phases: tuple[float, float, float] = (0.2, 0.45, 0.35)  # low, high, low: fractions of the load time
-    # Calibrated on a 2-core CPU with the 135M default model: one replica serves about 1 request/s of
-    # these prompts within the SLO; the high rate overloads it, two replicas carry it.
+    # Calibrated on a 2-core CPU with the 135M default model, one core per replica: with prompts of
+    # about 140 tokens (3 repeats) 2 requests/s overload one replica and two carry them (2.4 is too
+    # much for two on 2 cores).
     low_rate: float = 0.3  # requests per second
-    high_rate: float = 1.6
+    high_rate: float = 2.0
     max_tokens: int = 2
-    prompt_repeats: int = 1  # the prompt text this many times (longer prompts: more prefill per request)
+    prompt_repeats: int = 3  # the prompt text this many times (longer prompts: more prefill per request)
     ttft_slo_ms: float = 2500.0
     max_replicas: int = 2
     num_cpus: int = 4  # logical CPUs for Ray: replicas take 1 each, the router 0.25
