@@ -26,13 +26,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Serve runs user code and each handle's request router on event loops of their own threads by
 # default; every request then crosses threads twice per hop. Our deployments never block their
 # loop (the engine computes on its own thread), so one loop per process is safe and took the
-# router's overhead p50 from about 21 ms to about 15 ms on the 2-core bench machine.
+# router's overhead p50 from about 21 ms to about 15 ms on the 2-core bench machine. Set for Ray's
+# workers only (start_local_ray's runtime_env): a driver keeps Serve's defaults, because a handle
+# without its own router loop cannot be called from synchronous code (``handle.m.remote().result()``).
 SERVE_LATENCY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
-for _name, _value in SERVE_LATENCY_ENV.items():
-    os.environ.setdefault(_name, _value)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
 APP_NAME = "flowprefill"
@@ -62,7 +62,8 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              logging_level="WARNING", log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "cluster.loopback.bind_serve_to_loopback"})
+             runtime_env={"worker_process_setup_hook": "cluster.loopback.bind_serve_to_loopback",
+                          "env_vars": {k: os.environ.get(k, v) for k, v in SERVE_LATENCY_ENV.items()}})
 
 
 def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:

@@ -299,6 +299,30 @@ class ClusterState:
                 return new
         raise StateUnavailable(f"journal entry {request_id!r} kept changing under concurrent writers")
 
+    async def journal_apply(self, puts: list[tuple[JournalEntry, str | None]], deletes: list[tuple[str, str]]) -> None:
+        """One round trip for a single writer's batch (the ingress owns its entries: no compare-and-set).
+
+        ``puts``: ``(entry, previous replica id or None)``: the entry is written and its id moved
+        from the previous replica's set to ``entry.replica_id``'s. ``deletes``: ``(request id,
+        replica id)``: the entry and its set membership are removed.
+        """
+        k = self.keys
+
+        async def op() -> None:
+            async with self._redis.pipeline(transaction=False) as p:
+                for entry, previous in puts:
+                    if previous is not None and previous != entry.replica_id:
+                        p.srem(k.journal_replica(previous), entry.request_id)
+                    p.hset(k.journal(), entry.request_id, entry.to_json())
+                    p.sadd(k.journal_replica(entry.replica_id), entry.request_id)
+                for request_id, replica_id in deletes:
+                    p.hdel(k.journal(), request_id)
+                    p.srem(k.journal_replica(replica_id), request_id)
+                await p.execute()
+
+        if puts or deletes:
+            await self._call("journal_apply", op)
+
     async def journal_for_replica(self, replica_id: str) -> list[JournalEntry]:
         """Entries journalled on ``replica_id`` (dangling ids in its set are removed)."""
         set_key, journal = self.keys.journal_replica(replica_id), self.keys.journal()

@@ -5,23 +5,26 @@ Every request the ingress accepts (it passed validation and access checks) is wr
 the placeholder replica ``unassigned``; when the first output names the replica serving it, the
 entry moves to that replica's set (status ``running``); when a replica fails before the first
 output and the dispatcher sends the request again, it moves back (``accepted``); when the client
-has its answer, its error, or has gone away, the entry is removed. So at any moment the hash holds
-exactly the accepted requests without a terminal answer, and after load stops it must be empty:
+has its answer, its error, or has gone away, the entry is removed. So the hash holds the accepted
+requests without a terminal answer, and after load stops it must be empty:
 ``tests/test_reliability.py`` checks that after killing replicas and restarting Redis.
 
-Writes never delay or fail a request. They run as background tasks chained per request (accept,
-then assign, then remove, in order). While Redis is away they fail fast (the client's socket
-timeout); a removal that failed is kept in a backlog and retried after the next successful write,
-so entries written before an outage do not outlive it. Each failure is counted
-(``journal_write_failures``), logged once per outage, and shown by ``GET /v1/router/stats``.
+The journal is write-behind, off the request path: each change only updates this ingress's
+pending batch, and a background task writes the batch in one pipelined round trip every
+``flush_interval_s`` (50 ms). A request accepted and answered within one interval never reaches
+Redis at all (its put and delete cancel out), so short requests cost nothing; the ledger lags the
+ingress by at most one interval (requests accepted in the last 50 ms before an ingress crash are
+not in it). The ingress is the only writer of its entries, so no read or compare-and-set is
+needed. While Redis is away the batch stays pending and is retried every interval (bounded by
+``max_pending``; beyond it new entries are not journalled and are counted); every failed flush is
+counted in ``write_failures`` and logged once per outage; ``GET /v1/router/stats`` shows it all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.state_client import ClusterState, StateUnavailable
@@ -29,18 +32,33 @@ from cluster.state_schema import JournalEntry, SchemaError
 
 log = logging.getLogger("ray.serve")
 UNASSIGNED = "unassigned"  # replica id of an entry the request router has not placed yet
-_MAX_BACKLOG = 100_000  # removals kept for retry while Redis is away (ids only)
+FLUSH_INTERVAL_S = 0.05
+
+
+@dataclass
+class _Slot:
+    """One request's entry: what Redis should hold (``entry``, or nothing once ``deleted``) and
+    which replica set holds it there now (``written``; None: not in Redis)."""
+
+    entry: JournalEntry
+    written: str | None = None
+    deleted: bool = False
 
 
 class RequestJournal:
-    """Background journal writes for one ingress; a no-op without a Redis URL."""
+    """Write-behind journal for one ingress; a no-op without a Redis URL."""
 
-    def __init__(self, state: ClusterState | None) -> None:
+    def __init__(self, state: ClusterState | None, flush_interval_s: float = FLUSH_INTERVAL_S,
+                 max_pending: int = 100_000) -> None:
         self.state = state
+        self.flush_interval_s = flush_interval_s
+        self.max_pending = max_pending
         self.write_failures = 0
+        self.not_journalled = 0
         self.open_requests = 0
-        self._backlog: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._dirty: dict[str, _Slot] = {}  # slots Redis does not reflect yet, in change order
+        self._wake: asyncio.Event | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._down = False
 
     @classmethod
@@ -55,52 +73,50 @@ class RequestJournal:
     def stats(self) -> dict[str, Any]:
         """Counters for ``/v1/router/stats``."""
         return {"enabled": self.state is not None, "open_requests": self.open_requests,
-                "write_failures": self.write_failures, "removal_backlog": len(self._backlog)}
+                "pending_writes": len(self._dirty), "write_failures": self.write_failures,
+                "not_journalled": self.not_journalled}
 
-    async def drain(self) -> None:
-        """Wait for the writes scheduled so far (tests and shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    # ------------------------------------------------------------------ internals
-    def _schedule(self, after: asyncio.Task[None] | None, write: Callable[[], Awaitable[object]],
-                  request_id: str, removal: bool = False) -> asyncio.Task[None]:
-        async def run() -> None:
-            if after is not None:
-                with contextlib.suppress(Exception):
-                    await after
-            ok = await self._write(write)
-            if removal and not ok and len(self._backlog) < _MAX_BACKLOG:
-                self._backlog.add(request_id)
-            if ok and self._backlog and not removal:
-                await self._flush_backlog()
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _write(self, write: Callable[[], Awaitable[object]]) -> bool:
+    async def flush(self) -> bool:
+        """Write the pending batch now in one round trip; False (batch kept) if Redis failed."""
+        if self.state is None or not self._dirty:
+            return True
+        batch = [(rid, slot, slot.entry, slot.deleted) for rid, slot in self._dirty.items()]
+        self._dirty.clear()
+        puts = [(entry, slot.written) for _, slot, entry, deleted in batch if not deleted]
+        deletes = [(rid, slot.written) for rid, slot, _, deleted in batch if deleted and slot.written is not None]
         try:
-            await write()
+            await self.state.journal_apply(puts, deletes)
         except (StateUnavailable, SchemaError) as exc:
             self.write_failures += 1
             if not self._down:
-                log.warning("request journal: write failed (%s); requests keep flowing, removals retry later", exc)
+                log.warning("request journal: write failed (%s); requests keep flowing, writes retry", exc)
             self._down = True
+            for rid, slot, _, _ in batch:  # keep what changed meanwhile (newer) in front of the retry
+                self._dirty.setdefault(rid, slot)
             return False
         if self._down:
             log.warning("request journal: Redis writes succeed again")
         self._down = False
+        for _, slot, entry, deleted in batch:
+            slot.written = None if deleted else entry.replica_id
         return True
 
-    async def _flush_backlog(self) -> None:
-        assert self.state is not None
-        state = self.state
-        for request_id in list(self._backlog):
-            if not await self._write(lambda rid=request_id: state.journal_remove(rid)):
-                return
-            self._backlog.discard(request_id)
+    def _changed(self, request_id: str, slot: _Slot) -> None:
+        self._dirty[request_id] = slot
+        if self._flusher is None or self._flusher.done():
+            self._wake = asyncio.Event()
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.flush_interval_s)  # gather a batch
+            self._wake.clear()
+            if not await self.flush() or self._dirty:
+                self._wake.set()  # retry, or write what changed during the flush, next interval
 
 
 class JournalRecord:
@@ -109,37 +125,33 @@ class JournalRecord:
     def __init__(self, journal: RequestJournal, payload: dict[str, Any]) -> None:
         self.journal = journal
         self.request_id = str(payload["request_id"])
-        self.replica_id = UNASSIGNED
         self.closed = False
-        self._last: asyncio.Task[None] | None = None
+        self.slot: _Slot | None = None
         journal.open_requests += 1
-        state = journal.state
-        if state is None:
+        if journal.state is None:
+            return
+        if len(journal._dirty) >= journal.max_pending:
+            journal.not_journalled += 1
             return
         params = {"sampling": payload.get("sampling", {}), "ttft_slo_s": payload.get("ttft_slo_s"),
                   "tpot_slo_s": payload.get("tpot_slo_s"), "priority": payload.get("priority"),
                   "sheddable": payload.get("sheddable")}
-        entry = JournalEntry(
+        self.slot = _Slot(JournalEntry(
             request_id=self.request_id, replica_id=UNASSIGNED, slo_class=str(payload["slo_class"]),
             deadline=float(payload["deadline"]), arrival=float(payload["arrival_s"]), params=params,
             prompt_token_ids=tuple(payload["prompt_token_ids"]), status="accepted",
             updated_at=float(payload["arrival_s"]),
-        )
-        self._last = journal._schedule(None, lambda: state.journal_accept(entry), self.request_id)
+        ))
+        journal._changed(self.request_id, self.slot)
 
     def assigned(self, replica_id: str) -> None:
         """The replica ``replica_id`` produced this request's first output."""
-        if self.closed or not replica_id or replica_id == self.replica_id:
-            return
-        self.replica_id = replica_id
-        self._update("running", replica_id)
+        if replica_id:
+            self._move(replica_id, "running")
 
     def retrying(self) -> None:
         """The replica failed before the first output; the dispatcher sends the request again."""
-        if self.closed:
-            return
-        self.replica_id = UNASSIGNED
-        self._update("accepted", UNASSIGNED)
+        self._move(UNASSIGNED, "accepted")
 
     def close(self) -> None:
         """The client has its answer or error, or went away: drop the entry (idempotent)."""
@@ -147,14 +159,19 @@ class JournalRecord:
             return
         self.closed = True
         self.journal.open_requests -= 1
-        state = self.journal.state
-        if state is not None:
-            self._last = self.journal._schedule(self._last, lambda: state.journal_remove(self.request_id),
-                                                self.request_id, removal=True)
+        slot = self.slot
+        if slot is None:
+            return
+        slot.deleted = True
+        if slot.written is None and self.request_id in self.journal._dirty:
+            del self.journal._dirty[self.request_id]  # never reached Redis: nothing to write at all
+        else:
+            self.journal._changed(self.request_id, slot)
 
-    def _update(self, status: str, replica_id: str) -> None:
-        state = self.journal.state
-        if state is not None:
-            self._last = self.journal._schedule(
-                self._last, lambda: state.journal_update_status(self.request_id, status, replica_id=replica_id),
-                self.request_id)
+    def _move(self, replica_id: str, status: str) -> None:
+        slot = self.slot
+        if self.closed or slot is None or slot.entry.replica_id == replica_id:
+            return
+        slot.entry = replace(slot.entry, replica_id=replica_id, status=status,
+                             attempts=slot.entry.attempts + int(replica_id == UNASSIGNED))
+        self.journal._changed(self.request_id, slot)

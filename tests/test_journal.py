@@ -25,55 +25,97 @@ def test_entries_follow_accept_assign_retry_and_close(redis_server: RedisServer)
         journal = RequestJournal.from_url(redis_server.url, ns)
         async with ClusterState(redis_server.url, namespace=ns) as state:
             a, b = journal.open(_payload("a")), journal.open(_payload("b"))
-            await journal.drain()
+            assert await state.journal_get("a") is None  # write-behind: nothing before a flush
+            assert await journal.flush()
             entry = await state.journal_get("a")
             assert entry is not None and entry.replica_id == UNASSIGNED and entry.status == "accepted"
             assert entry.prompt_token_ids == (1, 2, 3) and entry.params["sampling"]["max_tokens"] == 4
             a.assigned("r1")
             b.assigned("r1")
-            await journal.drain()
+            assert await journal.flush()
             assert [e.request_id for e in await state.journal_for_replica("r1")] == ["a", "b"]
+            assert await state.journal_for_replica(UNASSIGNED) == []
             b.retrying()  # r1 failed before b's first output: b waits for a new replica
             b.assigned("r2")
-            await journal.drain()
+            assert await journal.flush()
             moved = await state.journal_get("b")
             assert moved is not None and moved.replica_id == "r2" and moved.status == "running"
+            assert moved.attempts == 2
             assert [e.request_id for e in await state.journal_for_replica("r1")] == ["a"]
             a.close()
             b.close()
             b.close()  # idempotent
-            await journal.drain()
+            assert await journal.flush()
             assert await state.journal_for_replica("r2") == [] and await state.journal_get("a") is None
-            assert journal.stats() == {"enabled": True, "open_requests": 0, "write_failures": 0,
-                                       "removal_backlog": 0}
+            assert journal.stats() == {"enabled": True, "open_requests": 0, "pending_writes": 0,
+                                       "write_failures": 0, "not_journalled": 0}
 
     asyncio.run(scenario())
 
 
-def test_an_outage_counts_failures_and_removals_are_retried_when_redis_returns() -> None:
+def test_a_request_answered_within_one_interval_never_reaches_redis(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        ns = f"j{uuid.uuid4().hex[:8]}"
+        journal = RequestJournal.from_url(redis_server.url, ns)
+        async with ClusterState(redis_server.url, namespace=ns) as state:
+            record = journal.open(_payload("quick"))
+            record.assigned("r1")
+            record.close()
+            assert journal.stats()["pending_writes"] == 0
+            await asyncio.sleep(2 * journal.flush_interval_s)
+            assert await state._redis.hlen(state.keys.journal()) == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_background_flush_writes_within_an_interval(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        ns = f"j{uuid.uuid4().hex[:8]}"
+        journal = RequestJournal.from_url(redis_server.url, ns)
+        async with ClusterState(redis_server.url, namespace=ns) as state:
+            record = journal.open(_payload("slow"))
+            for _ in range(100):  # the flusher's own timer (no explicit flush here)
+                if await state.journal_get("slow") is not None:
+                    break
+                await asyncio.sleep(journal.flush_interval_s)
+            assert await state.journal_get("slow") is not None
+            record.close()
+            for _ in range(100):
+                if await state.journal_get("slow") is None:
+                    break
+                await asyncio.sleep(journal.flush_interval_s)
+            assert await state.journal_get("slow") is None
+
+    asyncio.run(scenario())
+
+
+def test_an_outage_counts_failures_and_keeps_writes_until_redis_returns() -> None:
     server = RedisServer()
     server.start()
     try:
         async def scenario() -> None:
-            journal = RequestJournal.from_url(server.url, "outage")
+            journal = RequestJournal(ClusterState(server.url, namespace="outage"), flush_interval_s=3600)
+            # (explicit flushes only: the background flusher's timer never fires in this test)
             async with ClusterState(server.url, namespace="outage") as state:
                 early = journal.open(_payload("early"))
-                await journal.drain()
+                assert await journal.flush()
                 assert await state.journal_get("early") is not None
                 server.stop()
                 try:
                     during = journal.open(_payload("during"))  # accepted while Redis is away
-                    early.close()  # its removal fails now
-                    during.close()
-                    await journal.drain()
-                    assert journal.stats()["write_failures"] >= 2 and journal.stats()["removal_backlog"] >= 1
+                    assert not await journal.flush()
+                    early.close()  # its removal waits for Redis
+                    assert not await journal.flush()
+                    assert journal.stats()["write_failures"] == 2 and journal.stats()["pending_writes"] == 2
                 finally:
                     server.start()  # empty (no persistence): put back what a persistent Redis would hold
                 await state.journal_accept(_entry("early"))
-                journal.open(_payload("next")).close()  # a successful write flushes the backlog
-                await journal.drain()
-                assert journal.stats()["removal_backlog"] == 0
-                assert await state.journal_get("early") is None and await state.journal_get("next") is None
+                assert await journal.flush()
+                assert await state.journal_get("early") is None
+                assert await state.journal_get("during") is not None  # still open: journalled late
+                during.close()
+                assert await journal.flush()
+                assert await state._redis.hlen(state.keys.journal()) == 0
 
         asyncio.run(scenario())
     finally:

@@ -204,7 +204,7 @@ def test_redis_outage_falls_back_to_local_estimates_and_recovers(echo_cluster):
     # Journal writes failed during the outage without failing a request; nothing is left behind.
     stats = _router_stats()["journal"]
     assert stats["write_failures"] > journal_failures and stats["open_requests"] == 0
-    wait_for(lambda: _router_stats()["journal"]["removal_backlog"] == 0, "journal removals retried")
+    wait_for(lambda: _router_stats()["journal"]["pending_writes"] == 0, "journal writes retried")
     assert asyncio.run(_journal(redis.url)) == []
 
 
