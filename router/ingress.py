@@ -152,7 +152,20 @@ class RouterIngress:
             return _error_response(err)
         payload = build_payload(req, arrival)
         if req.stream:
-            return StreamingResponse(self._stream(req, payload, endpoint), media_type="text/event-stream",
+            # The status line waits for the first output, so a refusal (shed, replica queue full, no
+            # replica) is an HTTP 429/503 with Retry-After that clients retry on, not a 200 whose
+            # stream holds an error. Failures after the first output end the stream with an error event.
+            outputs = self._outputs(payload)
+            try:
+                first = await anext(outputs)
+            except APIError as err:
+                self.metrics.rejections.labels(str(err.status)).inc()
+                self.metrics.requests.labels(endpoint, "failed").inc()
+                return _error_response(err)
+            except StopAsyncIteration:
+                first = None
+            return StreamingResponse(self._stream(req, payload, endpoint, first, outputs),
+                                     media_type="text/event-stream",
                                      headers={"x-flowprefill-request-id": req.request_id})
         return await self._collect(req, payload, endpoint)
 
@@ -210,14 +223,22 @@ class RouterIngress:
         return JSONResponse(response_body(req, "".join(text), reason, prompt_tokens, completion),
                             headers={"x-flowprefill-replica": replica, **headers})
 
-    async def _stream(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> AsyncIterator[bytes]:
+    async def _stream(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str,
+                      first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         enc = StreamEncoder(req)
         opening = enc.start()
         if opening:
             yield opening
         completion = 0
+
+        async def outputs() -> AsyncIterator[dict[str, Any]]:
+            if first is not None:
+                yield first
+            async for out in rest:
+                yield out
+
         try:
-            async for out in self._outputs(payload):
+            async for out in outputs():
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
                     yield enc.finish(out["finish_reason"], payload["prompt_tokens"], completion, out["text"])
@@ -234,6 +255,8 @@ class RouterIngress:
             self.metrics.requests.labels(endpoint, "failed").inc()
             yield enc.error(APIError(503, f"replica failed while streaming: {type(exc).__name__}",
                                      type="server_error"))
+        finally:  # finished, failed or the client went away: the replica call and journal entry end now
+            await rest.aclose()
 
 
 def build_ingress_class() -> type:

@@ -208,6 +208,11 @@ def test_sheddable_request_no_replica_can_serve_in_time_gets_429_with_retry_afte
                                {"x-slo-class": "batch"})
     assert code == 429 and headers["retry-after"] == "1"
     assert "no replica meets the deadline" in err["error"]["message"]
+    # Streaming too: the refusal is the HTTP status (clients retry on 429), not an error event in a 200.
+    code, err, headers = _post("/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700, "max_tokens": 2,
+                                                   "stream": True}, {"x-slo-class": "batch"})
+    assert code == 429 and headers["retry-after"] == "1"
+    assert "no replica meets the deadline" in err["error"]["message"]
     code, ok, _ = _post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
     assert code == 200 and ok["usage"]["completion_tokens"] == 2
 
