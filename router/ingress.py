@@ -164,6 +164,11 @@ class RouterIngress:
                 return _error_response(err)
             except StopAsyncIteration:
                 first = None
+            except Exception as exc:  # a failure that is not a refusal, before any output
+                log.exception("request %s failed before its first output", req.request_id)
+                self.metrics.requests.labels(endpoint, "failed").inc()
+                return _error_response(APIError(503, f"request failed: {type(exc).__name__}", type="server_error",
+                                                headers={"Retry-After": "1"}))
             return StreamingResponse(self._stream(req, payload, endpoint, first, outputs),
                                      media_type="text/event-stream",
                                      headers={"x-flowprefill-request-id": req.request_id})
