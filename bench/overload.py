@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
-from bench.serve_bench import ServeBenchConfig, build_requests, engine_overrides, slo_classes
+from bench.serve_bench import engine_overrides
 from bench.servers import ManagedServer, server_spec
-from bench.soak import process_tree_rss_mib, tiled
+from bench.soak import process_tree_rss_mib, tiled, window_requests
 
 PHASES = ("before", "overload", "after")
 
@@ -136,13 +136,9 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
     from tqdm import tqdm
 
     from replicas.model.default_model import prepare_default_model
-    from replicas.model.tokenizer import Tokenizer
 
     model_dir = model_dir or prepare_default_model()
-    bench_cfg = ServeBenchConfig(trace=cfg.trace, systems=("flowprefill",), max_requests=cfg.max_requests,
-                                 length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens,
-                                 seed=cfg.seed, window_start_s=29.0)
-    base = build_requests(bench_cfg, Tokenizer.from_dir(model_dir), slo_classes(None))
+    base = window_requests(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens, cfg.seed)
     requests = schedule(cfg, base)
     work = Path(cfg.log_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,17 @@ class SoakConfig:
             raise ValueError("--goodput-rps and --minutes must be positive, --fraction in (0, 10]")
 
 
+def window_requests(trace: str, model_dir: Path, max_requests: int, length_scale: float, max_output_tokens: int,
+                    seed: int) -> list[LoadRequest]:
+    """The trace window ``bench serve`` measures goodput on (from 29 s), as requests at rate scale 1."""
+    from replicas.model.tokenizer import Tokenizer
+
+    cfg = ServeBenchConfig(trace=trace, systems=("flowprefill",), max_requests=max_requests,
+                           length_scale=length_scale, max_output_tokens=max_output_tokens, seed=seed,
+                           window_start_s=29.0)
+    return build_requests(cfg, Tokenizer.from_dir(model_dir), slo_classes(None))
+
+
 def tiled(requests: list[LoadRequest], rate_rps: float, duration_s: float) -> list[LoadRequest]:
     """``requests`` repeated back to back at ``rate_rps`` on average until ``duration_s``."""
     span = max(requests[-1].arrival_s, 1e-9)
@@ -118,14 +129,9 @@ def run_soak(cfg: SoakConfig, model_dir: Path | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from replicas.model.default_model import prepare_default_model
-    from replicas.model.tokenizer import Tokenizer
 
     model_dir = model_dir or prepare_default_model()
-    bench_cfg = ServeBenchConfig(trace=cfg.trace, systems=("flowprefill",), max_requests=cfg.max_requests,
-                                 length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens,
-                                 seed=cfg.seed, window_start_s=29.0)
-    classes = slo_classes(None)
-    base = build_requests(bench_cfg, Tokenizer.from_dir(model_dir), classes)
+    base = window_requests(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens, cfg.seed)
     rate = cfg.fraction * cfg.goodput_rps
     requests = tiled(base, rate, cfg.minutes * 60.0)
     work = Path(cfg.log_dir)

@@ -27,6 +27,13 @@ def _model_dir(arg: str | None) -> Path:
     return prepare_default_model()
 
 
+def _write_json(path: str | None, report: object) -> None:
+    """Write a benchmark's JSON report where ``--json`` asked (and say so on stderr)."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from replicas.llm import OfflineEngine
     from replicas.sampling import SamplingParams
@@ -74,9 +81,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 
     config = EngineBenchConfig(quick=args.quick, dtype=args.dtype, device=args.device)
     report = run_engine_bench(_model_dir(args.model), config)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    _write_json(args.json, report)
     return 0
 
 
@@ -103,9 +108,7 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
         engine={"dtype": args.dtype, "device": args.device, **({"profile": args.profile} if args.profile else {})},
     )
     report = run_policy_bench(cfg, Path(args.model) if args.model else None)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    _write_json(args.json, report)
     if args.plot:
         from bench.plots import plot_attainment
 
@@ -154,9 +157,7 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
                             step_s=args.step_s, **({"rates": tuple(args.rates)} if args.rates else {}))
     report = run_router_bench(cfg)
     print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    _write_json(args.json, report)
     return 0
 
 
@@ -177,9 +178,7 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
     report = run_soak(SoakConfig(trace=args.trace, goodput_rps=args.goodput_rps, minutes=args.minutes,
                                  fraction=args.fraction), Path(args.model) if args.model else None)
     print_soak(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    _write_json(args.json, report)
     return 0 if report["errors"] == 0 else 1
 
 
@@ -189,9 +188,7 @@ def _cmd_bench_overload(args: argparse.Namespace) -> int:
     report = run_overload(OverloadConfig(trace=args.trace, goodput_rps=args.goodput_rps, factor=args.factor,
                                          overload_s=args.overload_s), Path(args.model) if args.model else None)
     print_overload(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+    _write_json(args.json, report)
     lost = report["journal_after"].get("open_requests", 0)
     return 0 if report["healthy_after"] and report["health_failures"] == 0 and lost == 0 else 1
 
