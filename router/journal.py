@@ -97,8 +97,10 @@ class RequestJournal:
         if self._down:
             log.warning("request journal: Redis writes succeed again")
         self._down = False
-        for _, slot, entry, deleted in batch:
+        for rid, slot, entry, deleted in batch:
             slot.written = None if deleted else entry.replica_id
+            if (slot.deleted != deleted or slot.entry is not entry) and rid not in self._dirty:
+                self._dirty[rid] = slot  # changed while the write was in flight (and dropped as unwritten)
         return True
 
     def _changed(self, request_id: str, slot: _Slot) -> None:

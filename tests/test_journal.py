@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cluster.redis_server import RedisServer
@@ -68,23 +69,49 @@ def test_a_request_answered_within_one_interval_never_reaches_redis(redis_server
     asyncio.run(scenario())
 
 
+def test_a_request_closed_while_its_first_write_is_in_flight_leaves_no_entry(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        ns = f"j{uuid.uuid4().hex[:8]}"
+        journal = RequestJournal(ClusterState(redis_server.url, namespace=ns), flush_interval_s=3600)
+        async with ClusterState(redis_server.url, namespace=ns) as state:
+            record = journal.open(_payload("racy"))
+            in_flight = asyncio.create_task(journal.flush())
+            await asyncio.sleep(0)  # the flush has taken its batch and awaits Redis
+            record.assigned("r1")
+            record.close()  # Redis does not hold the entry yet, but it will once the write lands
+            assert await in_flight
+            assert await journal.flush()
+            assert await state._redis.hlen(state.keys.journal()) == 0
+            assert await state.journal_for_replica(UNASSIGNED) == []
+
+    asyncio.run(scenario())
+
+
+async def _until(check: Callable[[], Awaitable[bool]], interval_s: float) -> bool:
+    """Poll ``check`` every ``interval_s`` (the journal's own timer drives the writes), up to 100 times."""
+    for _ in range(100):
+        if await check():
+            return True
+        await asyncio.sleep(interval_s)
+    return False
+
+
 def test_the_background_flush_writes_within_an_interval(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         ns = f"j{uuid.uuid4().hex[:8]}"
         journal = RequestJournal.from_url(redis_server.url, ns)
         async with ClusterState(redis_server.url, namespace=ns) as state:
             record = journal.open(_payload("slow"))
-            for _ in range(100):  # the flusher's own timer (no explicit flush here)
-                if await state.journal_get("slow") is not None:
-                    break
-                await asyncio.sleep(journal.flush_interval_s)
-            assert await state.journal_get("slow") is not None
+
+            async def written() -> bool:
+                return await state.journal_get("slow") is not None
+
+            async def removed() -> bool:
+                return not await written()
+
+            assert await _until(written, journal.flush_interval_s)  # no explicit flush here
             record.close()
-            for _ in range(100):
-                if await state.journal_get("slow") is None:
-                    break
-                await asyncio.sleep(journal.flush_interval_s)
-            assert await state.journal_get("slow") is None
+            assert await _until(removed, journal.flush_interval_s)
 
     asyncio.run(scenario())
 
