@@ -51,6 +51,7 @@ class RequestOutput:
     completion_tokens: int = 0
     ttft_s: float | None = None  # set on the first output: engine arrival to first token
     error: str | None = None
+    retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
 
 
 Sink = Callable[[RequestOutput], None]
@@ -139,6 +140,7 @@ class ReplicaEngine:
                 policy=config.policy, alpha=config.alpha, short_threshold=config.short_threshold,
                 batch_token_budget=config.batch_token_budget, chunk_tokens=config.policy_chunk_tokens,
                 max_suspended_batches=config.max_suspended_batches, admission_control=config.admission_control,
+                late_reject_factor=config.late_reject_factor, max_queued_work_s=config.max_queued_work_s,
                 granularity=config.granularity,
             ),
             memory=self.memory,
@@ -306,7 +308,8 @@ class ReplicaEngine:
         decision = self.scheduler.on_arrival(request, now)
         for rid in decision.rejected:
             self.counters["rejected"] += 1
-            self._emit_final(rid, "rejected", request.reject_reason or "rejected by admission control")
+            self._emit_final(rid, "rejected", request.reject_reason or "rejected by admission control",
+                             retry_after_s=request.retry_after_s)
         self._apply(decision, now)
 
     def _apply(self, d: Decision, now: float) -> None:
@@ -401,7 +404,7 @@ class ReplicaEngine:
         self.live.pop(rid, None)
         self._publish(now)
 
-    def _emit_final(self, rid: str, reason: str, error: str | None) -> None:
+    def _emit_final(self, rid: str, reason: str, error: str | None, retry_after_s: float | None = None) -> None:
         """End a request the scheduler no longer tracks (rejected, failed, shut down): free all it held."""
         lr = self.live.pop(rid, None)
         if lr is None:
@@ -410,7 +413,7 @@ class ReplicaEngine:
         self.memory.release([rid])
         self.kv.allocator.free(lr.seq_id)
         lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
-                              error=error))
+                              error=error, retry_after_s=retry_after_s))
 
     def _fail_batch(self, batch_id: int | None, error: str) -> None:
         self.counters["errors"] += 1

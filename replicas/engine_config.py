@@ -43,6 +43,8 @@ class EngineConfig:
     policy_chunk_tokens: int = 512  # C for the `chunked` baseline
     max_suspended_batches: int = 8
     admission_control: bool = False
+    late_reject_factor: float | None = None  # refuse requests predicted this many times past their TTFT SLO
+    max_queued_work_s: float | None = None  # refuse arrivals beyond this much predicted prefill work
     default_tpot_slo_s: float = 0.5  # decode cadence target when a request names no TPOT SLO
     max_waiting: int = 1024  # queue bound: arrivals beyond it are rejected (memory stays bounded)
     max_decoding: int = 64  # sequences decoding at once
@@ -77,6 +79,13 @@ class EngineConfig:
             raise EngineConfigError("policy", f"must be flowprefill, chunked or fcfs, got {self.policy!r}")
         if not isinstance(self.admission_control, bool):
             raise EngineConfigError("admission_control", "must be true or false")
+        for name, low in (("late_reject_factor", 1.0), ("max_queued_work_s", 0.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value < math.inf \
+                    or value == 0:
+                raise EngineConfigError(name, f"must be null or a finite number >= {low:g} (and > 0), got {value!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], prefix: str = "engine") -> EngineConfig:

@@ -27,6 +27,8 @@ from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request,
 from router.responses import StreamEncoder, response_body
 from router.slo import SLOPolicy
 
+MAX_RETRY_AFTER_S = 60.0  # a replica's retry hint is clamped to [1, this] seconds
+
 log = logging.getLogger("flowprefill.router")
 
 app = FastAPI(title="FlowPrefill", description="SLO-aware LLM serving (OpenAI-compatible API)")
@@ -195,10 +197,11 @@ class RouterIngress:
         tokens = 0
         async for out in self._journalled(payload):
             if out.get("finish_reason") in ("rejected", "error", "abort"):
-                status = 429 if out["finish_reason"] == "rejected" else 503
-                raise APIError(status, out.get("error") or f"request {out['finish_reason']}",
-                               type="rate_limit_exceeded" if status == 429 else "server_error",
-                               headers={"Retry-After": "1"})
+                message = out.get("error") or f"request {out['finish_reason']}"
+                retry_s = min(max(out.get("retry_after_s") or 1.0, 1.0), MAX_RETRY_AFTER_S)
+                if out["finish_reason"] == "rejected":
+                    raise APIError.shed(message, retry_after_s=retry_s)
+                raise APIError(503, message, type="server_error", headers={"Retry-After": "1"})
             if out["token_ids"] and first_at is None:
                 first_at = time.time()
                 ttft = first_at - payload["arrival_s"]

@@ -183,3 +183,35 @@ def test_bad_settings_name_the_field():
         EngineConfig.from_dict({"kv_cache_byte": 5})
     with pytest.raises(EngineConfigError, match="engine.alpha"):
         EngineConfig.from_dict({"alpha": 1.5})
+    with pytest.raises(EngineConfigError, match="engine.late_reject_factor"):
+        EngineConfig.from_dict({"late_reject_factor": 0.9})
+    with pytest.raises(EngineConfigError, match="engine.max_queued_work_s"):
+        EngineConfig.from_dict({"max_queued_work_s": -1})
+
+
+def test_overload_admission_refuses_a_hopeless_request_with_a_retry_hint(model_dir):
+    """Behind predicted work with earlier deadlines, a non-sheddable request that could only be served
+    far past its SLO is refused at once (``rejected`` with ``retry_after_s``) and holds no KV; one with
+    room in its SLO is served.  All arrive before the loop starts: one inbox drain, in order."""
+    config = EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, late_reject_factor=1.5)
+    # predicted 1 ms + 1 ms per token (the model runs far faster: only admission reads this)
+    engine = ReplicaEngine(config, cost_model=CostModel.from_coefficients(1e-3, 1e-3, max_profiled_tokens=8192))
+    try:
+        got = Collector()
+        free = engine.kv.allocator.num_free_blocks
+        now = engine.clock()
+        for i in range(4):  # arrived 8 s ago, due in 2 s: predicted TTFTs 9.5, 11, 12.5, 14 s <= 1.5 x 10
+            engine.add_request(_request(f"q{i}", 1500, 10.0, now - 8.0, seed=i), GREEDY, got.sink(f"q{i}"))
+        engine.add_request(_request("hopeless", 40, 2.5, now, seed=9), GREEDY, got.sink("hopeless"))
+        engine.add_request(_request("roomy", 40, 60.0, now, seed=8), GREEDY, got.sink("roomy"))
+        engine.start()
+        got.wait("hopeless", "roomy", "q0", "q1", "q2", "q3")
+        (final,) = got.outputs["hopeless"]  # 6 s ahead + 0.041 s > 1.5 x 2.5 s
+        assert final.finish_reason == "rejected" and final.token_ids == ()
+        assert final.error is not None and "1.5 x the 2.500s TTFT SLO" in final.error
+        assert final.retry_after_s == pytest.approx(6.041 - 3.75, abs=0.05)
+        assert all(got.outputs[r][-1].finish_reason == "length" for r in ("roomy", "q0", "q1", "q2", "q3"))
+        assert engine.counters["rejected"] == 1
+        assert engine.kv.allocator.num_free_blocks == free
+    finally:
+        engine.shutdown()

@@ -316,6 +316,41 @@ def test_admission_control(enabled):
     assert s.on_arrival(ok, 0.0).rejected == ()
 
 
+def test_overload_admission_refuses_any_class_predicted_far_past_its_slo():
+    """late_reject_factor applies to every class; the refusal carries the excess as a retry hint."""
+    s = make(late_reject_factor=1.5)
+    start(s, s.on_arrival(req("E", 3000, 0.0, 4.0), 0.0), 0.0)  # 3 s of work due at 4
+    within = req("W", 2000, 0.0, 4.0)  # E ahead (equal deadlines count): 3 + 2 = 5 <= 1.5 x 4
+    assert s.on_arrival(within, 0.0).rejected == () and within.state is S.WAITING
+    late = req("LATE", 2000, 0.0, 4.5)  # E 3 + W 2 + 2 = 7 > 1.5 x 4.5 = 6.75; not sheddable
+    d = s.on_arrival(late, 0.0)
+    assert d.rejected == ("LATE",) and late.state is S.REJECTED and s.get("LATE") is None
+    assert late.reject_reason is not None and "1.5 x the 4.500s TTFT SLO" in late.reject_reason
+    assert late.retry_after_s == pytest.approx(0.25)
+    urgent = req("U", 500, 0.0, 1.0)  # earliest deadline: nothing ahead of it
+    assert s.on_arrival(urgent, 0.0).rejected == ()
+    assert s.terminal_counts[S.REJECTED] == 1
+
+
+def test_queue_bound_in_predicted_seconds_refuses_arrivals_until_work_drains():
+    s = make(max_queued_work_s=5.0)
+    start(s, s.on_arrival(req("A", 3000, 0.0, 100.0), 0.0), 0.0)
+    assert s.on_arrival(req("B", 1500, 0.0, 100.0), 0.0).rejected == ()  # 4.5 s queued
+    c = req("C", 1000, 0.0, 100.0)
+    assert s.on_arrival(c, 0.0).rejected == ("C",)  # 4.5 + 1 > 5
+    assert c.reject_reason is not None and "max_queued_work_s 5" in c.reject_reason
+    assert c.retry_after_s == pytest.approx(0.5)
+    # two seconds later A has run for 2 s: 2.5 s queued, so the same prompt fits
+    assert s.on_arrival(req("C2", 1000, 2.0, 100.0), 2.0).rejected == ()
+
+
+@pytest.mark.parametrize(("field", "value"), [("late_reject_factor", 0.5), ("late_reject_factor", True),
+                                               ("max_queued_work_s", 0), ("max_queued_work_s", float("inf"))])
+def test_overload_admission_settings_are_validated(field, value):
+    with pytest.raises(ValueError, match=f"SchedulerConfig.{field}"):
+        SchedulerConfig(**{field: value})
+
+
 # ---------------------------------------------------------------------- stats and bookkeeping
 def test_stats_for_constructed_state():
     s = make()

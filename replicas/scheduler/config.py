@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 POLICY_NAMES = ("flowprefill", "chunked", "fcfs")
@@ -22,7 +23,12 @@ class SchedulerConfig:
     most 8192 prompt tokens. ``chunk_tokens`` (C) is the chunk size of the ``chunked`` baseline
     (vLLM/Sarathi use 512). ``max_suspended_batches`` caps suspended work (memory held by
     suspended programs); at the cap, new work does not preempt. ``admission_control`` rejects
-    sheddable requests that are predicted to miss their deadline at arrival. ``granularity``
+    sheddable requests that are predicted to miss their deadline at arrival. Overload admission
+    (any class): ``late_reject_factor`` refuses a request predicted to reach its first token
+    later than this multiple of its TTFT SLO (it could only be served uselessly late, taking
+    capacity from requests that can still make it), and ``max_queued_work_s`` refuses arrivals
+    while the replica holds more than this many predicted seconds of prefill work (a queue bound
+    in time rather than count); None turns either off. ``granularity``
     (preemption points: ``block`` = two per layer, the paper's default, ``op``, ``layer``,
     ``none``) is only carried for the engine.
     """
@@ -34,6 +40,8 @@ class SchedulerConfig:
     chunk_tokens: int = 512
     max_suspended_batches: int = 8
     admission_control: bool = False
+    late_reject_factor: float | None = None
+    max_queued_work_s: float | None = None
     granularity: str = "block"
 
     def __post_init__(self) -> None:
@@ -48,6 +56,13 @@ class SchedulerConfig:
         _int_at_least("max_suspended_batches", self.max_suspended_batches, 0)
         if not isinstance(self.admission_control, bool):
             raise ValueError(f"SchedulerConfig.admission_control: expected a bool, got {self.admission_control!r}")
+        for name in ("late_reject_factor", "max_queued_work_s"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < math.inf):
+                raise ValueError(f"SchedulerConfig.{name}: expected a positive number or None, got {v!r}")
+        if self.late_reject_factor is not None and self.late_reject_factor < 1.0:
+            msg = f"expected >= 1 (1 refuses every predicted miss), got {self.late_reject_factor!r}"
+            raise ValueError(f"SchedulerConfig.late_reject_factor: {msg}")
         if self.granularity not in GRANULARITIES:
             msg = f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}"
             raise ValueError(f"SchedulerConfig.granularity: {msg}")

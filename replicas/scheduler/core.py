@@ -36,7 +36,7 @@ from replicas.scheduler.events import IDLE, Abort, Arrival, BatchPlan, Decision,
 from replicas.scheduler.policies import SchedulingPolicy, make_policy
 from replicas.scheduler.queues import Queues
 from replicas.scheduler.request import Request, RequestState
-from replicas.scheduler.stats import admission_reject_reason, pass_summary, queue_stats
+from replicas.scheduler.stats import Refusal, late_refusal, pass_summary, pending_work_s, queue_stats
 from replicas.scheduler.view import MemoryView, SchedulerView, UnlimitedMemory
 
 S = RequestState
@@ -96,15 +96,30 @@ class Scheduler:
         if request.state is not S.WAITING:
             raise ValueError(f"Request.state: a new request must be waiting, got {request.state}")
         predicted = self.cost_model.predict(request.num_prompt_tokens)
-        if self.config.admission_control and request.sheddable:
-            reason = admission_reject_reason(self._view(now), request, predicted)
-            if reason is not None:
-                request.state, request.reject_reason, request.finish_s = S.REJECTED, reason, now
-                self.terminal_counts[S.REJECTED] += 1
-                return Decision(rejected=(rid,))
+        refusal = self._admission_refusal(request, predicted, now)
+        if refusal is not None:
+            request.state, request.reject_reason, request.finish_s = S.REJECTED, refusal.reason, now
+            request.retry_after_s = refusal.retry_after_s
+            self.terminal_counts[S.REJECTED] += 1
+            return Decision(rejected=(rid,))
         self._requests[rid] = self._q.waiting[rid] = request
         self._q.predicted[rid] = predicted
         return self._pass(now)
+
+    def _admission_refusal(self, request: Request, predicted: float, now: float) -> Refusal | None:
+        """Why admission refuses ``request`` (see :class:`SchedulerConfig`), or None."""
+        cfg = self.config
+        if cfg.max_queued_work_s is not None:
+            pending = pending_work_s(self._view(now))
+            if pending + predicted > cfg.max_queued_work_s:
+                return Refusal(f"replica overloaded: {pending:.3f}s of predicted prefill work queued "
+                               f"(max_queued_work_s {cfg.max_queued_work_s:g})",
+                               pending + predicted - cfg.max_queued_work_s)
+        if cfg.admission_control and request.sheddable:
+            return late_refusal(self._view(now), request, predicted)
+        if cfg.late_reject_factor is not None:
+            return late_refusal(self._view(now), request, predicted, cfg.late_reject_factor)
+        return None
 
     def on_prefill_complete(self, batch_id: int, now: float) -> Decision:
         """The program of ``batch_id`` ended: members reaching the prompt end start decoding."""

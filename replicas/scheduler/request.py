@@ -63,6 +63,7 @@ class Request:
     first_token_s: float | None = None
     finish_s: float | None = None
     reject_reason: str | None = None
+    retry_after_s: float | None = None  # with reject_reason: when a retry may be admitted
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:

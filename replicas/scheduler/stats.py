@@ -4,27 +4,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from replicas.scheduler.request import Request
 from replicas.scheduler.view import Batch, SchedulerView
 
 
-def admission_reject_reason(view: SchedulerView, request: Request, predicted_s: float) -> str | None:
-    """Why ``request`` would miss its deadline, or None if it is predicted to make it.
+class Refusal(NamedTuple):
+    """An admission refusal: the reason (for the client) and when a retry may succeed (seconds)."""
+
+    reason: str
+    retry_after_s: float
+
+
+def late_refusal(view: SchedulerView, request: Request, predicted_s: float, late_factor: float = 1.0) -> Refusal | None:
+    """The :class:`Refusal` of a ``request`` predicted to miss its TTFT SLO by more than ``late_factor``.
 
     Work ahead of it: the predicted remaining prefill time of every queued, running or suspended
-    request whose deadline is not later than its own (EDF serves those first).
+    request whose deadline is not later than its own (EDF serves those first).  It is refused when
+    ``now + ahead + predicted_s`` exceeds ``arrival + late_factor * ttft_slo`` (1.0: its deadline);
+    a retry may succeed once the excess has drained.
     """
-    deadline = request.deadline
-    ahead = sum(view.predicted_remaining(r) for r in view.prefill_requests() if r.deadline <= deadline)
+    ahead = sum(view.predicted_remaining(r) for r in view.prefill_requests() if r.deadline <= request.deadline)
     finish = view.now + ahead + predicted_s
-    if finish <= deadline:
+    excess = finish - request.arrival_s - late_factor * request.ttft_slo_s
+    if excess <= 0.0:
         return None
-    return (
-        f"predicted TTFT {finish - request.arrival_s:.3f}s exceeds the {request.ttft_slo_s:.3f}s TTFT SLO "
-        f"({ahead:.3f}s of earlier-deadline prefill work ahead, {predicted_s:.3f}s for this prompt)"
+    limit = f"{late_factor:g} x " if late_factor != 1.0 else ""
+    return Refusal(
+        f"predicted TTFT {finish - request.arrival_s:.3f}s exceeds {limit}the {request.ttft_slo_s:.3f}s TTFT SLO "
+        f"({ahead:.3f}s of earlier-deadline prefill work ahead, {predicted_s:.3f}s for this prompt)",
+        excess,
     )
+
+
+def pending_work_s(view: SchedulerView) -> float:
+    """Predicted seconds of all prefill work on the replica: running and suspended programs, queue."""
+    running = batch_remaining_s(view, view.running) if view.running is not None else 0.0
+    suspended = sum(batch_remaining_s(view, b) for b in view.suspended.values())
+    return running + suspended + sum(view.predicted_remaining(r) for r in view.queued())
 
 
 def batch_remaining_s(view: SchedulerView, batch: Batch) -> float:
@@ -54,9 +72,6 @@ def queue_stats(view: SchedulerView, *, decoding: int) -> dict[str, Any]:
     """
     running = view.running
     running_rem = batch_remaining_s(view, running) if running is not None else 0.0
-    suspended_rem = sum(batch_remaining_s(view, b) for b in view.suspended.values())
-    queued = view.queued()
-    queued_rem = sum(view.predicted_remaining(r) for r in queued)
     suspended_reqs = [*view.partial, *(r for b in view.suspended.values() for r in b.requests)]
     running_reqs = running.requests if running is not None else []
     return {
@@ -79,7 +94,7 @@ def queue_stats(view: SchedulerView, *, decoding: int) -> dict[str, Any]:
         },
         "running_remaining_s": running_rem,
         "suspended_batches": len(view.suspended),
-        "pending_work_s": running_rem + suspended_rem + queued_rem,
+        "pending_work_s": pending_work_s(view),
     }
 
 
