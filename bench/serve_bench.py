@@ -44,6 +44,7 @@ from bench.prompts import PromptBuilder, max_tokens_for
 from bench.servers import FLOWPREFILL_SYSTEMS, SYSTEMS, ManagedServer, ServerStartError, server_spec, vllm_available
 from bench.slo_classes import THREE_TIER_RULE, SLOClass, assign_classes
 from bench.traces import load_trace
+from replicas.vllm_process import CPU_LIST
 
 STEP = 1.5
 
@@ -70,6 +71,7 @@ class ServeBenchConfig:
     chunk_tokens: int = 256
     vllm_budget: int = 512
     vllm_long_prefill: int | None = 256
+    vllm_threads_bind: str = "0-1"  # cores of vLLM's OpenMP threads (both vLLM systems)
     config: str | None = None  # Serve config with the SLO classes (default ray_config.yaml)
     log_dir: str = "out/serve-bench"
     quick: bool = False
@@ -80,6 +82,8 @@ class ServeBenchConfig:
             raise ValueError(f"--systems: unknown {unknown}; expected some of {', '.join(SYSTEMS)}")
         if self.prompt_format not in ("text", "ids"):
             raise ValueError(f"prompt_format must be text or ids, got {self.prompt_format!r}")
+        if not CPU_LIST.match(self.vllm_threads_bind):
+            raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
         if self.quick:  # all four systems in about 25 minutes on 2 cores
             self.max_requests = min(self.max_requests, 32)
             self.max_output_tokens = min(self.max_output_tokens, 8)
@@ -227,7 +231,8 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
     log_dir = Path(cfg.log_dir)
     engine = engine_overrides(cfg.length_scale) if system in FLOWPREFILL_SYSTEMS else None
     spec = server_spec(system, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=cfg.chunk_tokens,
-                       vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill)
+                       vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill,
+                       threads_bind=cfg.vllm_threads_bind)
     entry["command"] = spec.argv
     results: dict[float, list[list[RequestResult]]] = {}
     base_rate = len(requests) / requests[-1].arrival_s

@@ -125,7 +125,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.max_requests,
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_tokens=args.chunk_tokens,
-        config=args.config, log_dir=args.log_dir,
+        vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
     )
 
     def save(report: dict[str, object]) -> None:  # after each system, and at the end
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsrv.add_argument("--prompt-format", choices=["text", "ids"], default="text")
     bsrv.add_argument("--start-scale", type=float, default=None, help="first rate scale (default: probed)")
     bsrv.add_argument("--chunk-tokens", type=int, default=256, help="chunk of the chunked baseline")
+    bsrv.add_argument("--vllm-threads-bind", default="0-1",
+                      help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
     bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
     bsrv.add_argument("--quick", action="store_true", help="fewer requests and runs (all systems in ~25 minutes)")
