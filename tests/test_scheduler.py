@@ -332,6 +332,17 @@ def test_overload_admission_refuses_any_class_predicted_far_past_its_slo():
     assert s.terminal_counts[S.REJECTED] == 1
 
 
+def test_admission_does_not_count_work_already_past_hope_as_ahead():
+    """The scheduler runs late work after feasible work, so admission must not count it ahead: after
+    an overload a backlog of late requests must not turn every new feasible request away."""
+    s = make(late_reject_factor=1.0, max_suspended_batches=8)
+    start(s, s.on_arrival(req("old", 5000, 0.0, 1.0), 0.0), 0.0)  # 5 s of work due at 1 s: late at once
+    fresh = req("F", 500, 2.0, 1.0)  # due at 3 s; old's deadline (1 s) is earlier but old is late
+    d = s.on_arrival(fresh, 2.0)
+    assert d.rejected == () and fresh.state is not S.REJECTED
+    assert d.run is not None and d.run.request_ids == ("F",)  # and the scheduler runs it first
+
+
 def test_queue_bound_in_predicted_seconds_refuses_arrivals_until_work_drains():
     s = make(max_queued_work_s=5.0)
     start(s, s.on_arrival(req("A", 3000, 0.0, 100.0), 0.0), 0.0)

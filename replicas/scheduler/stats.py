@@ -21,11 +21,18 @@ def late_refusal(view: SchedulerView, request: Request, predicted_s: float, late
     """The :class:`Refusal` of a ``request`` predicted to miss its TTFT SLO by more than ``late_factor``.
 
     Work ahead of it: the predicted remaining prefill time of every queued, running or suspended
-    request whose deadline is not later than its own (EDF serves those first).  It is refused when
-    ``now + ahead + predicted_s`` exceeds ``arrival + late_factor * ttft_slo`` (1.0: its deadline);
-    a retry may succeed once the excess has drained.
+    request that the scheduler's slack-gated EDF order runs first: feasible work with a deadline not
+    later than its own (and, if it is itself infeasible, all feasible work and earlier late work);
+    work already past hope runs after it.  It is refused when ``now + ahead + predicted_s`` exceeds
+    ``arrival + late_factor * ttft_slo`` (1.0: its deadline); a retry may succeed once the excess
+    has drained.
     """
-    ahead = sum(view.predicted_remaining(r) for r in view.prefill_requests() if r.deadline <= request.deadline)
+    own = (request.deadline - view.now - predicted_s <= 0.0, request.deadline)
+    ahead = 0.0
+    for r in view.prefill_requests():
+        late, deadline = view.key(r)[:2]
+        if (late, deadline) <= own:
+            ahead += view.predicted_remaining(r)
     finish = view.now + ahead + predicted_s
     excess = finish - request.arrival_s - late_factor * request.ttft_slo_s
     if excess <= 0.0:
