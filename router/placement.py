@@ -96,14 +96,16 @@ class QueueIndex:
     ) -> QueueIndex:
         """Index ``(deadline, remaining_s)`` items; the ``running`` batch is one unit costing
         ``running_remaining_s`` (or its longest member when that is 0) under its best member's key."""
-        items = [(_key(d, s, now), s) for d, s in queued]
-        running_key = None
-        if running:
-            running_key = min(_key(d, s, now) for d, s in running)
-            items.append((running_key, running_remaining_s or max(s for _, s in running)))
-        items.sort()
-        feas = [(k[1], s) for k, s in items if not k[0]]
-        late = [(k[1], s) for k, s in items if k[0]]
+        feas: list[tuple[float, float]] = []  # (deadline, s) of the feasible items, and of the late ones
+        late: list[tuple[float, float]] = []
+        for d, s in queued:
+            (late if (d - now) - s <= 0.0 else feas).append((d, s))  # by _key(d, s, now)[0]
+        running_key = min((_key(d, s, now) for d, s in running), default=None)
+        if running_key is not None:  # one unit: the batch's remaining s (or its longest member) under its best key
+            unit = (running_key[1], running_remaining_s or max(s for _, s in running))
+            (late if running_key[0] else feas).append(unit)
+        feas.sort()  # as sorting ((late, deadline), s) items and splitting them by class
+        late.sort()
         f_pre = tuple(accumulate(s for _, s in feas))
         l_pre = tuple(accumulate(s for _, s in late))
         min_slack, m = [0.0] * len(feas), math.inf

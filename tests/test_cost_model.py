@@ -106,6 +106,17 @@ def test_predict_batch() -> None:
     assert max(m.predict(x) for x in lens) <= m.predict_batch(lens) <= m.predict(600)
 
 
+def test_predict_memo_returns_what_it_computes() -> None:
+    model = analytic_cost_model(*TRUE, max_profiled_tokens=4096, chunk_tokens=2048)
+    fresh = analytic_cost_model(*TRUE, max_profiled_tokens=4096, chunk_tokens=2048)
+    lengths = [-3, 0, 1, 7, 2048, 2049, 4096, 9000, 7, 9000, 1]
+    first = [model.predict(n) for n in lengths]
+    again = [model.predict(n) for n in lengths]
+    assert first == again == [fresh._predict(n) for n in lengths]  # bit for bit, cached or not
+    assert model == fresh and "_memo" not in model.to_dict() and "_memo" not in repr(model)
+    assert CostModel.from_dict(model.to_dict()).predict(9000) == first[-2]
+
+
 def test_predict_remaining() -> None:
     m = analytic_cost_model(*TRUE)
     assert m.predict_remaining(1000, 0.0) == m.predict(1000)

@@ -127,7 +127,9 @@ def test_idle_replicas_collapse_to_the_same_choice_as_ranking_all():
             for j in range(rng.randint(1, 4)):
                 rep.deliver(0.0, SimRequest(j, Request(f"{i}-{j}", [0] * rng.randint(50, 500), arrival_s=0.0,
                                                        ttft_slo_s=rng.uniform(0.2, 2.0)), 0.0))
-    router = Router(reps, cost, RouterConfig(policy="slo_aware"))
+    router = Router(reps, cost, RouterConfig(policy="slo_aware", vectorized=False))
+    table_router = Router(reps, cost, RouterConfig(policy="slo_aware"))  # nothing happens on the replicas now
+    assert table_router.fresh is not None and router.fresh is None
     for k in range(50):
         now = 0.01
         req = Request(f"q{k}", [0] * rng.randint(10, 600), arrival_s=now, ttft_slo_s=rng.uniform(0.05, 2.0))
@@ -138,6 +140,7 @@ def test_idle_replicas_collapse_to_the_same_choice_as_ranking_all():
         margin = RouterConfig().slack_margin_frac * req.ttft_slo_s
         want = rank_replicas("slo_aware", preq, full, cost, now, margin_s=margin).ranked[0]
         assert router.choose(SimRequest(k, req, 0.0), now).replica_id == want
+        assert table_router.choose(SimRequest(k, req, 0.0), now).replica_id == want
     assert rank_replicas("round_robin", None, full, cost, 0.0, rr_counter=7).ranked[0] == reps[7].replica_id
 
 
@@ -258,3 +261,35 @@ def test_execution_calibration_scales_programs_and_charges_extra_sequences():
     points = [(rng.randint(1, 8), rng.uniform(0.1, 1.0)) for _ in range(40)]
     samples = [(k, p, 1.3 * p + 0.008 * (k - 1)) for k, p in points]
     assert fit_execution(samples) == pytest.approx((1.3, 0.008))
+
+
+def mixed_workload(n: int, seed: int) -> SimWorkload:
+    """Bursty arrivals of short (tight SLO, often sheddable) and long prompts: queues, sheds, late work."""
+    rng = random.Random(seed)
+    t, rows, shed = 0.0, [], []
+    for _ in range(n):
+        t += rng.expovariate(40.0 if rng.random() < 0.7 else 4.0)
+        tokens = rng.choice([10, 30, 60, 200, 700])
+        rows.append((t, tokens, rng.uniform(0.03, 0.2) if tokens < 100 else rng.uniform(0.5, 3.0)))
+        shed.append(tokens < 100 and rng.random() < 0.5)
+    return workload(rows, sheddable=shed, max_tokens=[rng.randint(1, 4) for _ in rows])
+
+
+@pytest.mark.parametrize("router", ["slo_aware", "least_loaded"])
+@pytest.mark.parametrize("kw", [{}, {"slack_margin_frac": 0.3, "heartbeat_s": 0.25}, {"shed": False}])
+def test_vectorized_router_reproduces_the_per_decision_ranking(router, kw):
+    """The PlacementTable path (incremental rows, heartbeats, lazy re-classification) makes the same choices
+    as rank_replicas over ReplicaLoads rebuilt per decision: identical runs, bit for bit."""
+    wl = mixed_workload(700, seed=11)
+    runs, reclassified = [], 0
+    for vectorized in (False, True):
+        s = setup(router=router)
+        s.router = RouterConfig(policy=router, vectorized=vectorized, **kw)
+        sim = ClusterSim(s, 5)
+        runs.append(sim.run(wl, 1.0))
+        reclassified = sim.last_router.fresh.reclassified if vectorized else 0
+    slow, fast = runs
+    assert fast.ttft_s == slow.ttft_s
+    assert (fast.shed, fast.preemptions, fast.events) == (slow.shed, slow.preemptions, slow.events)
+    assert slow.shed > 0 or router != "slo_aware" or kw.get("shed") is False
+    assert reclassified > 0  # the lazy 50 ms / heartbeat re-classification was exercised

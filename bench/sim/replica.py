@@ -30,12 +30,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.sim.snapshot import queue_snapshot
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
-from replicas.scheduler.stats import batch_remaining_s
 
 INF = math.inf
 IDLE, PREFILL, DECODE = 0, 1, 2
@@ -378,16 +378,7 @@ class SimReplica:
         """``(queued, running, running_remaining_s)`` as of the last event, in the shape
         :func:`router.placement.load_from_state` makes of the published queue state: ``(deadline,
         predicted_remaining_s)`` of waiting and suspended requests, and of the running batch's members."""
-        view = self.sched._view(self.event_at)  # noqa: SLF001 - the fields Scheduler.stats() publishes
-        rem = view.predicted_remaining
-        queued = [(r.deadline, rem(r)) for r in view.waiting]
-        queued.extend((r.deadline, rem(r)) for r in view.partial)
-        for b in view.suspended.values():
-            queued.extend((r.deadline, rem(r)) for r in b.requests)
-        running = view.running
-        if running is None:
-            return tuple(queued), (), 0.0
-        return tuple(queued), tuple((r.deadline, rem(r)) for r in running.requests), batch_remaining_s(view, running)
+        return queue_snapshot(self.sched, self.event_at)
 
     @property
     def has_prefill_work(self) -> bool:

@@ -27,7 +27,6 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from replicas.scheduler.config import SchedulerConfig
@@ -131,7 +130,9 @@ class Scheduler:
             return self._pass(now)  # dropped after an abort: nothing to record
         done = self._q.complete(batch, now)
         self._release(batch.zombies)
-        return replace(self._pass(now), prefilled=tuple(done), freed=tuple(batch.zombies))
+        d = self._pass(now)
+        return Decision(run=d.run, preempt_running=d.preempt_running, dropped=d.dropped, freed=tuple(batch.zombies),
+                        prefilled=tuple(done), rejected=d.rejected, memory_blocked=d.memory_blocked)
 
     def on_abort(self, request_id: str, now: float) -> Decision:
         """Remove ``request_id`` in any state; unknown or already terminal ids are ignored."""
@@ -150,7 +151,9 @@ class Scheduler:
             batch.zombies.append(request_id)
             freed = []
         self._release(freed)
-        return replace(self._pass(now), dropped=dropped, freed=tuple(freed))
+        d = self._pass(now)
+        return Decision(run=d.run, preempt_running=d.preempt_running, dropped=dropped, freed=tuple(freed),
+                        prefilled=d.prefilled, rejected=d.rejected, memory_blocked=d.memory_blocked)
 
     def on_finish(self, request_id: str, now: float) -> Decision:
         """Decoding of ``request_id`` ended; re-plans only if work waits for memory or the executor idles."""
@@ -164,8 +167,11 @@ class Scheduler:
         self._end(r, S.FINISHED, now)
         self._release([request_id])
         idle_with_work = self._q.running is None and self._q.has_pending()
-        out = self._pass(now) if self._memory_blocked or idle_with_work else IDLE
-        return replace(out, freed=(request_id,))
+        if not (self._memory_blocked or idle_with_work):
+            return Decision(freed=(request_id,))
+        d = self._pass(now)
+        return Decision(run=d.run, preempt_running=d.preempt_running, dropped=d.dropped, freed=(request_id,),
+                        prefilled=d.prefilled, rejected=d.rejected, memory_blocked=d.memory_blocked)
 
     # ------------------------------------------------------------------ executor marks
     def mark_started(self, plan: BatchPlan, now: float) -> None:
@@ -267,7 +273,10 @@ class Scheduler:
                 preempted = q.displace()
             q.commit(batch)
         self.preemptions += preempted
-        return replace(d, preempt_running=preempted)
+        if preempted == d.preempt_running:
+            return d  # decisions are immutable: no copy needed
+        return Decision(run=d.run, preempt_running=preempted, dropped=d.dropped, freed=d.freed,
+                        prefilled=d.prefilled, rejected=d.rejected, memory_blocked=d.memory_blocked)
 
     def _release(self, request_ids: Sequence[str]) -> None:
         if request_ids:

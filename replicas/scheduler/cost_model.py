@@ -33,6 +33,7 @@ from tqdm import tqdm
 SCHEMA_VERSION = 1
 DEFAULT_OUTLIER_K = 5.0  # drop a point if |rel. residual - median| > k * MAD (k=5 ~ 3.4 sigma)
 _MIN_MAD = 0.01  # MAD floor (relative): points within k*1% of the fit are never dropped
+_MEMO_SIZE = 1 << 16  # distinct lengths CostModel.predict remembers
 
 
 class CostModelError(ValueError):
@@ -98,6 +99,7 @@ class CostModel:
     _span: int = field(init=False, repr=False, compare=False)
     _f_span: float = field(init=False, repr=False, compare=False)
     _kappa_s: float = field(init=False, repr=False, compare=False)
+    _memo: dict[int, float] = field(init=False, repr=False, compare=False, default_factory=dict)  # predict(n)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -121,7 +123,15 @@ class CostModel:
         return v if v > self.floor_s else self.floor_s
 
     def predict(self, n_tokens: int) -> float:
-        """Predicted prefill latency (s) of one sequence of ``n_tokens``; 0.0 for ``n <= 0``."""
+        """Predicted prefill latency (s) of one sequence of ``n_tokens``; 0.0 for ``n <= 0`` (memoised)."""
+        v = self._memo.get(n_tokens)
+        if v is None:
+            v = self._predict(n_tokens)
+            if len(self._memo) < _MEMO_SIZE:
+                self._memo[n_tokens] = v
+        return v
+
+    def _predict(self, n_tokens: int) -> float:
         if n_tokens <= 0:
             return 0.0
         span = self._span

@@ -56,11 +56,15 @@ class FlowPrefillPolicy(SchedulingPolicy):
     def decide(self, view: SchedulerView, now: float) -> Decision:
         """See the class docstring."""
         queued = view.keyed(view.queued())
-        started = [(view.key(r), r) for b in (*view.suspended.values(), view.running) if b for r in b.requests]
-        tops = [top for top in (min(queued, key=_first, default=None), min(started, key=_first, default=None)) if top]
-        if not tops:
+        top = min(queued, key=_first) if queued else None
+        for b in (*view.suspended.values(), view.running):  # started work: keys are unique (request ids)
+            if b is not None:
+                for kr in view.member_keys(b):
+                    if top is None or kr[0] < top[0]:
+                        top = kr
+        if top is None:
             return IDLE
-        head = min(tops, key=_first)[1]
+        head = top[1]
         running = view.running
         if running is not None and head.batch_id == running.batch_id:
             return IDLE

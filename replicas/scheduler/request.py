@@ -82,7 +82,8 @@ class Request:
             raise ValueError(f"Request.max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.prefilled <= len(self.prompt_ids):
             raise ValueError(f"Request.prefilled: expected 0..{len(self.prompt_ids)}, got {self.prefilled!r}")
-        self.state = RequestState(self.state)
+        if self.state.__class__ is not RequestState:
+            self.state = RequestState(self.state)
 
     @property
     def deadline(self) -> float:

@@ -215,6 +215,22 @@ class SchedulerView:
             append(((slack <= 0.0, deadline, r.priority, r.arrival_s, r.request_id), r))
         return out
 
+    def member_keys(self, batch: Batch) -> list[tuple[PriorityKey, Request]]:
+        """``(key, request)`` of ``batch``'s members (its open running interval is read once)."""
+        now, predicted_total, bid, out = self.now, self.predicted_total, batch.batch_id, []
+        append = out.append
+        open_s = batch.open_s(now)
+        for r in batch.requests:
+            predicted = predicted_total.get(r.request_id)
+            if r.batch_id != bid or predicted is None:
+                append((self.key(r), r))
+                continue
+            remaining = predicted - (r.executed_s + open_s)  # executed(r): its batch is this one
+            deadline = r.arrival_s + r.ttft_slo_s
+            slack = deadline - now - (remaining if remaining > 0.0 else 0.0)
+            append(((slack <= 0.0, deadline, r.priority, r.arrival_s, r.request_id), r))
+        return out
+
     def batch_key(self, batch: Batch) -> PriorityKey:
         """A batch's key: its best member's key."""
         return min(self.key(r) for r in batch.requests)
