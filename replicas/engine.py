@@ -305,15 +305,16 @@ class ReplicaEngine:
                          position=request.num_prompt_tokens)
         self.live[request.request_id] = lr
         self.memory.seq_of[request.request_id] = lr.seq_id
-        decision = self.scheduler.on_arrival(request, now)
-        for rid in decision.rejected:
-            self.counters["rejected"] += 1
-            self._emit_final(rid, "rejected", request.reject_reason or "rejected by admission control",
-                             retry_after_s=request.retry_after_s)
-        self._apply(decision, now)
+        self._apply(self.scheduler.on_arrival(request, now), now)
 
     def _apply(self, d: Decision, now: float) -> None:
         """Carry out a scheduling decision, in the order :class:`Decision` documents."""
+        for rid in d.rejected:  # refused at admission, or expired while waiting
+            lr = self.live.get(rid)
+            if lr is not None:
+                self.counters["rejected"] += 1
+                self._emit_final(rid, "rejected", lr.request.reject_reason or "rejected by admission control",
+                                 retry_after_s=lr.request.retry_after_s)
         for batch_id in d.dropped:
             task = self._tasks.pop(batch_id, None)
             self._plans.pop(batch_id, None)

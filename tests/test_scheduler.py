@@ -343,6 +343,22 @@ def test_admission_does_not_count_work_already_past_hope_as_ahead():
     assert d.run is not None and d.run.request_ids == ("F",)  # and the scheduler runs it first
 
 
+def test_waiting_requests_older_than_the_late_factor_expire_at_the_next_event():
+    """A waiting request (no prefill started) that is already older than late_reject_factor x its
+    SLO is refused at the next scheduling event, so a backlog left by a burst clears itself."""
+    s = make(late_reject_factor=1.5, max_suspended_batches=0)
+    start(s, s.on_arrival(req("long", 4000, 0.0, 100.0), 0.0), 0.0)  # runs 4 s; no preemption allowed
+    stuck = req("stuck", 100, 0.1, 1.0)  # waits behind it: hopeless once older than 1.5 s
+    assert s.on_arrival(stuck, 0.1).rejected == ()
+    d = s.on_arrival(req("other", 100, 1.0, 10.0), 1.0)  # age 0.9 s: still waiting
+    assert d.rejected == () and stuck.state is S.WAITING
+    d = s.on_arrival(req("later", 100, 1.7, 10.0), 1.7)  # age 1.6 s > 1.5 s
+    assert d.rejected == ("stuck",) and stuck.state is S.REJECTED and s.get("stuck") is None
+    assert stuck.reject_reason is not None and stuck.reject_reason.startswith("expired")
+    assert stuck.retry_after_s == pytest.approx(1.5)
+    assert s.stats(1.7)["counts"]["waiting"] == 2  # other, later
+
+
 def test_queue_bound_in_predicted_seconds_refuses_arrivals_until_work_drains():
     s = make(max_queued_work_s=5.0)
     start(s, s.on_arrival(req("A", 3000, 0.0, 100.0), 0.0), 0.0)

@@ -189,11 +189,7 @@ class SimReplica:
             self.publish_hook(self, t)
 
     def _admit(self, t: float, sr: SimRequest) -> None:
-        d = self.sched.on_arrival(sr.request, t)
-        if d.rejected:
-            self.live.pop(sr.request.request_id, None)
-            self._record(sr.idx, None)
-        self._apply(d, t)
+        self._apply(self.sched.on_arrival(sr.request, t), t)
         self._publish(t)
 
     def _drain(self, t: float) -> None:
@@ -205,7 +201,11 @@ class SimReplica:
             self._admit(t, sr)
 
     def _apply(self, d: Decision, t: float) -> None:
-        """``ReplicaEngine._apply``: drop, preempt, run, in that order."""
+        """``ReplicaEngine._apply``: refusals, then drop, preempt, run, in that order."""
+        for rid in d.rejected:  # at admission, or expired while waiting
+            sr = self.live.pop(rid, None)
+            if sr is not None:
+                self._record(sr.idx, None)
         for bid in d.dropped:
             self.work.pop(bid, None)
             self.plans.pop(bid, None)

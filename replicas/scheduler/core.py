@@ -248,9 +248,32 @@ class Scheduler:
     def _view(self, now: float) -> SchedulerView:
         return self._q.view(now, self.cost_model, self.memory)
 
+    def _expire_hopeless(self, now: float) -> tuple[str, ...]:
+        """Refuse waiting requests (no prefill started) already older than ``late_reject_factor``
+        times their TTFT SLO: admission would refuse them now, and serving them only delays work that
+        can still make its deadline (after an overload, such a backlog kept the replica late)."""
+        factor = self.config.late_reject_factor
+        if factor is None or not self._q.waiting:
+            return ()
+        expired = [r for r in self._q.waiting.values() if now - r.arrival_s > factor * r.ttft_slo_s]
+        for r in expired:
+            rid = r.request_id
+            self._q.remove(r, S.WAITING)
+            self._requests.pop(rid, None)
+            self._end(r, S.REJECTED, now)
+            r.reject_reason = (f"expired: no prefill within {factor:g} x the {r.ttft_slo_s:.3f}s TTFT SLO "
+                               f"(waited {now - r.arrival_s:.3f}s); the replica is overloaded")
+            r.retry_after_s = factor * r.ttft_slo_s
+        return tuple(r.request_id for r in expired)
+
     def _pass(self, now: float) -> Decision:
         t0 = self._perf_clock()
+        expired = self._expire_hopeless(now)
         decision = self.policy.decide(self._view(now), now)
+        if expired:
+            decision = Decision(run=decision.run, preempt_running=decision.preempt_running, dropped=decision.dropped,
+                                freed=decision.freed, prefilled=decision.prefilled,
+                                rejected=(*decision.rejected, *expired), memory_blocked=decision.memory_blocked)
         out = self._apply(decision)
         self._memory_blocked = decision.memory_blocked
         self.scheduling_passes += 1

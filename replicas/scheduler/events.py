@@ -92,8 +92,9 @@ class Decision:
     per-request state too.
 
     ``prefilled``: requests whose prompt is fully prefilled by this event (now decoding).
-    ``rejected``: requests refused by admission control. ``memory_blocked``: the policy held work
-    back because KV memory was short (the scheduler re-plans when a request finishes).
+    ``rejected``: requests refused by admission control, or expired while waiting
+    (``late_reject_factor``). ``memory_blocked``: the policy held work back because KV memory was
+    short (the scheduler re-plans when a request finishes).
     """
 
     run: BatchPlan | None = None
