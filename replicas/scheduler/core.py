@@ -97,9 +97,7 @@ class Scheduler:
         predicted = self.cost_model.predict(request.num_prompt_tokens)
         refusal = self._admission_refusal(request, predicted, now)
         if refusal is not None:
-            request.state, request.reject_reason, request.finish_s = S.REJECTED, refusal.reason, now
-            request.retry_after_s = refusal.retry_after_s
-            self.terminal_counts[S.REJECTED] += 1
+            self._refuse(request, refusal, now)
             return Decision(rejected=(rid,))
         self._requests[rid] = self._q.waiting[rid] = request
         self._q.predicted[rid] = predicted
@@ -108,16 +106,17 @@ class Scheduler:
     def _admission_refusal(self, request: Request, predicted: float, now: float) -> Refusal | None:
         """Why admission refuses ``request`` (see :class:`SchedulerConfig`), or None."""
         cfg = self.config
+        view = self._view(now)
         if cfg.max_queued_work_s is not None:
-            pending = pending_work_s(self._view(now))
+            pending = pending_work_s(view)
             if pending + predicted > cfg.max_queued_work_s:
                 return Refusal(f"replica overloaded: {pending:.3f}s of predicted prefill work queued "
                                f"(max_queued_work_s {cfg.max_queued_work_s:g})",
                                pending + predicted - cfg.max_queued_work_s)
         if cfg.admission_control and request.sheddable:
-            return late_refusal(self._view(now), request, predicted)
+            return late_refusal(view, request, predicted)
         if cfg.late_reject_factor is not None:
-            return late_refusal(self._view(now), request, predicted, cfg.late_reject_factor)
+            return late_refusal(view, request, predicted, cfg.late_reject_factor)
         return None
 
     def on_prefill_complete(self, batch_id: int, now: float) -> Decision:
@@ -260,10 +259,9 @@ class Scheduler:
             rid = r.request_id
             self._q.remove(r, S.WAITING)
             self._requests.pop(rid, None)
-            self._end(r, S.REJECTED, now)
-            r.reject_reason = (f"expired: no prefill within {factor:g} x the {r.ttft_slo_s:.3f}s TTFT SLO "
-                               f"(waited {now - r.arrival_s:.3f}s); the replica is overloaded")
-            r.retry_after_s = factor * r.ttft_slo_s
+            self._refuse(r, Refusal(f"expired: no prefill within {factor:g} x the {r.ttft_slo_s:.3f}s TTFT SLO "
+                                    f"(waited {now - r.arrival_s:.3f}s); the replica is overloaded",
+                                    factor * r.ttft_slo_s), now)
         return tuple(r.request_id for r in expired)
 
     def _pass(self, now: float) -> Decision:
@@ -304,6 +302,11 @@ class Scheduler:
     def _release(self, request_ids: Sequence[str]) -> None:
         if request_ids:
             self.memory.release(tuple(request_ids))
+
+    def _refuse(self, r: Request, refusal: Refusal, now: float) -> None:
+        """End ``r`` as rejected, with the reason and retry hint its client gets."""
+        self._end(r, S.REJECTED, now)
+        r.reject_reason, r.retry_after_s = refusal.reason, refusal.retry_after_s
 
     def _end(self, r: Request, state: RequestState, now: float) -> None:
         r.state, r.finish_s = state, now
