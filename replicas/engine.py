@@ -141,6 +141,7 @@ class ReplicaEngine:
                 batch_token_budget=config.batch_token_budget, chunk_tokens=config.policy_chunk_tokens,
                 max_suspended_batches=config.max_suspended_batches, admission_control=config.admission_control,
                 late_reject_factor=config.late_reject_factor, max_queued_work_s=config.max_queued_work_s,
+                calibrate_cost=config.calibrate_cost,
                 granularity=config.granularity,
             ),
             memory=self.memory,
@@ -265,7 +266,7 @@ class ReplicaEngine:
         plan = self._plans.get(self._current) if self._current is not None else None
         if plan is None:
             return False
-        remaining = self.cost_model.predict_batch([end - start for start, end in plan.ranges])
+        remaining = self.scheduler.cost_model.predict_batch([end - start for start, end in plan.ranges])
         deadline = min((self.live[rid].request.deadline for rid in plan.request_ids if rid in self.live),
                        default=float("inf"))
         return deadline - now - remaining < self.decoder.step_ema_s

@@ -45,6 +45,7 @@ class EngineConfig:
     admission_control: bool = False
     late_reject_factor: float | None = None  # refuse requests predicted this many times past their TTFT SLO
     max_queued_work_s: float | None = None  # refuse arrivals beyond this much predicted prefill work
+    calibrate_cost: bool = True  # scale the profiled cost model by the measured slowdown under load
     default_tpot_slo_s: float = 0.5  # decode cadence target when a request names no TPOT SLO
     max_waiting: int = 1024  # queue bound: arrivals beyond it are rejected (memory stays bounded)
     max_decoding: int = 64  # sequences decoding at once
@@ -77,8 +78,9 @@ class EngineConfig:
             raise EngineConfigError("granularity", f"must be one of {', '.join(valid)}, got {self.granularity!r}")
         if self.policy not in ("flowprefill", "chunked", "fcfs"):
             raise EngineConfigError("policy", f"must be flowprefill, chunked or fcfs, got {self.policy!r}")
-        if not isinstance(self.admission_control, bool):
-            raise EngineConfigError("admission_control", "must be true or false")
+        for name in ("admission_control", "calibrate_cost"):
+            if not isinstance(getattr(self, name), bool):
+                raise EngineConfigError(name, "must be true or false")
         for name, low in (("late_reject_factor", 1.0), ("max_queued_work_s", 0.0)):
             value = getattr(self, name)
             if value is None:

@@ -215,3 +215,30 @@ def test_overload_admission_refuses_a_hopeless_request_with_a_retry_hint(model_d
         assert engine.kv.allocator.num_free_blocks == free
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_engine_learns_how_much_slower_prefill_runs_than_its_profile(model_dir, calibrate):
+    """A profile 100x too optimistic (as an idle profile is under load, in the extreme): with
+    ``calibrate_cost`` the scheduler's predictions move to the measured prefill time (clamped at
+    4x); without it they stay as profiled."""
+    config = EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, calibrate_cost=calibrate)
+    base = CostModel.from_coefficients(5e-3, 1e-8, max_profiled_tokens=8192)  # ~5 ms for any prompt here
+    engine = ReplicaEngine(config, cost_model=base)
+    engine.start()
+    try:
+        got = Collector()
+        for i in range(12):  # one at a time: each prefill is its own program
+            engine.add_request(_request(f"r{i}", 600, 60.0, engine.clock(), seed=i), GREEDY, got.sink(f"r{i}"))
+            got.wait(f"r{i}")
+        scheduler = engine.scheduler
+        assert scheduler.base_cost_model is base
+        if calibrate:
+            assert scheduler.calibration.samples == 12
+            assert scheduler.calibration.factor == pytest.approx(4.0, rel=0.1)
+            assert scheduler.cost_model.predict(600) == pytest.approx(scheduler.calibration.factor * base.predict(600))
+            assert engine.stats()["cost_scale"] == scheduler.calibration.factor
+        else:
+            assert scheduler.cost_model is base and scheduler.calibration.samples == 0
+    finally:
+        engine.shutdown()

@@ -371,6 +371,48 @@ def test_queue_bound_in_predicted_seconds_refuses_arrivals_until_work_drains():
     assert s.on_arrival(req("C2", 1000, 2.0, 100.0), 2.0).rejected == ()
 
 
+def test_calibration_scales_predictions_by_the_measured_slowdown():
+    """Programs that run 2x slower than profiled teach the scheduler to predict 2x: admission then
+    refuses what the idle profile would have accepted, and queued predictions are rescaled."""
+    s = make(calibrate_cost=True, late_reject_factor=1.0)
+    now = 0.0
+    for i in range(20):  # 1000-token programs predicted at 1 s that take 2 s
+        d = start(s, s.on_arrival(req(f"r{i}", 1000, now, 100.0), now), now)
+        assert d.run is not None
+        now += 2.0
+        s.on_prefill_complete(d.run.batch_id, now)
+        s.on_finish(f"r{i}", now)
+    assert s.calibration.samples == 20
+    assert s.cost_model.predict(1000) == pytest.approx(2.0, rel=0.05)
+    assert s.base_cost_model.predict(1000) == pytest.approx(1.0)
+    assert s.stats(now, per_request=False)["cost_scale"] == pytest.approx(2.0, rel=0.05)
+    # 1.5 s by the profile, 3 s as measured: refused against a 2 s SLO
+    d = s.on_arrival(req("late", 1500, now, 2.0), now)
+    assert d.rejected == ("late",)
+    queued = req("q", 500, now, 100.0)
+    start(s, s.on_arrival(queued, now), now)
+    assert s.stats(now)["running"][0]["predicted_remaining_s"] == pytest.approx(1.0, rel=0.05)
+
+
+def test_calibration_is_off_by_default_and_ignores_bad_samples():
+    s = make()
+    d = start(s, s.on_arrival(req("a", 1000, 0.0, 100.0), 0.0), 0.0)
+    s.on_prefill_complete(d.run.batch_id, 5.0)  # type: ignore[union-attr]
+    assert s.cost_model is s.base_cost_model and s.calibration.samples == 0
+    from replicas.scheduler.calibration import CostCalibration
+
+    c = CostCalibration()
+    assert c.observe(0.001, 1.0) is None and c.samples == 0  # too short to measure
+    assert c.observe(1.0, 0.0) is None and c.observe(1.0, float("inf")) is None
+    for _ in range(50):
+        c.observe(1.0, 1000.0)  # a stalled clock: clamped
+    assert c.estimate == pytest.approx(c.high, rel=1e-3) and c.factor == pytest.approx(c.high, rel=c.hysteresis)
+    c2 = CostCalibration()
+    assert c2.observe(1.0, 1.01) is None and c2.factor == 1.0  # inside the hysteresis: no rescale
+    with pytest.raises(ValueError, match="CostCalibration.weight"):
+        CostCalibration(weight=0.0)
+
+
 @pytest.mark.parametrize(("field", "value"), [("late_reject_factor", 0.5), ("late_reject_factor", True),
                                                ("max_queued_work_s", 0), ("max_queued_work_s", float("inf"))])
 def test_overload_admission_settings_are_validated(field, value):

@@ -28,7 +28,10 @@ class SchedulerConfig:
     later than this multiple of its TTFT SLO (it could only be served uselessly late, taking
     capacity from requests that can still make it), and ``max_queued_work_s`` refuses arrivals
     while the replica holds more than this many predicted seconds of prefill work (a queue bound
-    in time rather than count); None turns either off. ``granularity``
+    in time rather than count); None turns either off. ``calibrate_cost`` scales every prediction
+    by the measured slowdown of completed prefill programs (see
+    :class:`~replicas.scheduler.calibration.CostCalibration`); off by default so that scheduling
+    from an injected clock is a pure function of the events. ``granularity``
     (preemption points: ``block`` = two per layer, the paper's default, ``op``, ``layer``,
     ``none``) is only carried for the engine.
     """
@@ -42,6 +45,7 @@ class SchedulerConfig:
     admission_control: bool = False
     late_reject_factor: float | None = None
     max_queued_work_s: float | None = None
+    calibrate_cost: bool = False
     granularity: str = "block"
 
     def __post_init__(self) -> None:
@@ -54,8 +58,9 @@ class SchedulerConfig:
         _int_at_least("batch_token_budget", self.batch_token_budget, 1)
         _int_at_least("chunk_tokens", self.chunk_tokens, 1)
         _int_at_least("max_suspended_batches", self.max_suspended_batches, 0)
-        if not isinstance(self.admission_control, bool):
-            raise ValueError(f"SchedulerConfig.admission_control: expected a bool, got {self.admission_control!r}")
+        for name in ("admission_control", "calibrate_cost"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SchedulerConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         for name in ("late_reject_factor", "max_queued_work_s"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < math.inf):

@@ -29,6 +29,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from replicas.scheduler.calibration import CostCalibration
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.events import IDLE, Abort, Arrival, BatchPlan, Decision, Event, Finish, PrefillComplete
@@ -36,7 +37,7 @@ from replicas.scheduler.policies import SchedulingPolicy, make_policy
 from replicas.scheduler.queues import Queues
 from replicas.scheduler.request import Request, RequestState
 from replicas.scheduler.stats import Refusal, late_refusal, pass_summary, pending_work_s, queue_stats
-from replicas.scheduler.view import MemoryView, SchedulerView, UnlimitedMemory
+from replicas.scheduler.view import Batch, MemoryView, SchedulerView, UnlimitedMemory
 
 S = RequestState
 
@@ -59,7 +60,9 @@ class Scheduler:
         max_pass_samples: int = 100_000,
     ) -> None:
         self.config = config if config is not None else SchedulerConfig()
-        self.cost_model = cost_model
+        self.base_cost_model = cost_model  # the profile as measured
+        self.cost_model = cost_model  # the profile scaled by the calibration factor in use
+        self.calibration = CostCalibration()
         self.memory: MemoryView = memory if memory is not None else UnlimitedMemory()
         self.policy = policy if policy is not None else make_policy(self.config.policy, self.config)
         self._perf_clock = perf_clock
@@ -128,6 +131,8 @@ class Scheduler:
                 raise KeyError(f"batch_id: {batch_id} was never planned")
             return self._pass(now)  # dropped after an abort: nothing to record
         done = self._q.complete(batch, now)
+        if self.config.calibrate_cost:
+            self._calibrate(batch)
         self._release(batch.zombies)
         d = self._pass(now)
         return Decision(run=d.run, preempt_running=d.preempt_running, dropped=d.dropped, freed=tuple(batch.zombies),
@@ -228,6 +233,7 @@ class Scheduler:
             scheduling_passes=self.scheduling_passes,
             preemptions=self.preemptions,
             memory_blocked=self._memory_blocked,
+            cost_scale=self.calibration.factor,
         )
         if not per_request:
             for key in ("waiting", "running", "suspended"):
@@ -243,6 +249,18 @@ class Scheduler:
         if now > self._last_now:
             self._last_now = now
         return self._last_now
+
+    def _calibrate(self, batch: Batch) -> None:
+        """Learn from a finished program how much slower than profiled prefill runs now."""
+        old = self.calibration.factor
+        factor = self.calibration.observe(self.base_cost_model.predict_batch(batch.token_counts()), batch.executed_s)
+        if factor is None:
+            return
+        rescale = factor / old
+        self.cost_model = self.base_cost_model.scaled(factor)
+        predicted = self._q.predicted
+        for rid in predicted:
+            predicted[rid] *= rescale
 
     def _view(self, now: float) -> SchedulerView:
         return self._q.view(now, self.cost_model, self.memory)

@@ -117,6 +117,19 @@ class CostModel:
         kw.setdefault("model", "analytic")
         return cls(a=float(a), b=float(b), c=float(c), d=float(d), **kw)
 
+    def scaled(self, factor: float) -> CostModel:
+        """This model with every prediction multiplied by ``factor`` (all coefficients scale).
+
+        The profile fields (model, hardware, fit error) are kept: it is the same profile,
+        corrected for how much slower (or faster) the replica runs now than when it was measured.
+        """
+        if not (_is_num(factor) and factor > 0):
+            raise CostModelError(f"expected a finite number > 0, got {factor!r}", field="factor")
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        for name in ("a", "b", "c", "d", "floor_s"):
+            kw[name] = kw[name] * factor
+        return CostModel(**kw)
+
     # ------------------------------------------------------------------ prediction
     def _poly(self, n: float) -> float:
         v = self.a + n * (self.b + n * (self.c + n * self.d))
