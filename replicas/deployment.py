@@ -78,7 +78,7 @@ class ReplicaServer:
         self.engine: ReplicaEngineAPI = await asyncio.to_thread(
             make_engine, engine_kind, engine or {}, clock=time.time, on_state_change=self._on_state_change)
         self.engine.start()
-        self.autoscaling = AutoscalingStats(lambda n: self.engine.scheduler.cost_model.predict(n), clock=time.time)
+        self.autoscaling = AutoscalingStats(self.engine.cost_model.predict, clock=time.time)
         self.cluster = ClusterState(redis_url, namespace=namespace, state_ttl_s=state_ttl_s) if redis_url else None
         self._publisher: asyncio.Task[None] | None = None
         if self.cluster is not None:
