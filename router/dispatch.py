@@ -50,7 +50,8 @@ async def replica_outputs(
                 yield out
             return
         except RequestShed as exc:
-            raise APIError.shed(str(exc) or "no replica can meet this request's TTFT SLO", retry_after_s=1.0) from exc
+            raise APIError.shed(str(exc) or "no replica can meet this request's TTFT SLO",
+                                retry_after_s=min(exc.retry_after_s, 60.0)) from exc
         except Exception as exc:
             if not is_replica_failure(exc):
                 raise

@@ -20,7 +20,15 @@ _DECISION_MS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
 
 
 class RequestShed(Exception):
-    """A sheddable request that no replica is predicted to serve before its deadline (HTTP 429)."""
+    """A request refused by the router (HTTP 429): sheddable and no replica is predicted to serve it
+    before its deadline, or predicted past the late factor everywhere. ``retry_after_s``: a hint."""
+
+    def __init__(self, message: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type, tuple[str, float]]:  # crosses Ray process boundaries intact
+        return (RequestShed, (str(self), self.retry_after_s))
 
 
 class RouterStats:

@@ -203,15 +203,16 @@ def test_urgent_requests_avoid_the_busy_replica_and_redis_state_matches(cluster)
 
 
 def test_sheddable_request_no_replica_can_serve_in_time_gets_429_with_retry_after(cluster):
-    # ~2800 tokens take ~14 s on one CPU, past the batch class's 10 s TTFT SLO: refused at once.
+    # ~2800 tokens take ~14 s on one CPU, past the batch class's 10 s TTFT SLO: refused at once, and
+    # the hint is how late it was predicted (whole seconds, at least 1).
     code, err, headers = _post("/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700, "max_tokens": 2},
                                {"x-slo-class": "batch"})
-    assert code == 429 and headers["retry-after"] == "1"
+    assert code == 429 and 1 <= int(headers["retry-after"]) <= 60
     assert "no replica meets the deadline" in err["error"]["message"]
     # Streaming too: the refusal is the HTTP status (clients retry on 429), not an error event in a 200.
     code, err, headers = _post("/v1/completions", {"model": MODEL, "prompt": "lorem ipsum " * 700, "max_tokens": 2,
                                                    "stream": True}, {"x-slo-class": "batch"})
-    assert code == 429 and headers["retry-after"] == "1"
+    assert code == 429 and 1 <= int(headers["retry-after"]) <= 60
     assert "no replica meets the deadline" in err["error"]["message"]
     code, ok, _ = _post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
     assert code == 200 and ok["usage"]["completion_tokens"] == 2
