@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,36 @@ class OverloadConfig:
     max_output_tokens: int = 8
     seed: int = 0
     log_dir: str = "out/overload"
+    engine_settings: dict[str, Any] = field(default_factory=dict)  # on top of the trace-scaled ones
 
     def __post_init__(self) -> None:
         if not self.goodput_rps > 0 or not self.factor >= 1 or not 0 < self.base_fraction <= 1:
             raise ValueError("--goodput-rps must be positive, --factor >= 1, --base-fraction in (0, 1]")
         if min(self.before_s, self.overload_s, self.after_s) <= 0:
             raise ValueError("every phase must last a positive number of seconds")
+        from replicas.engine_config import EngineConfig
+
+        EngineConfig.from_dict(self.engine_settings, prefix="--engine-set")  # a bad key or value: named now
 
     def bounds(self) -> tuple[float, float, float]:
         """End of each phase, in seconds from the start of the load."""
         return self.before_s, self.before_s + self.overload_s, self.before_s + self.overload_s + self.after_s
+
+
+def parse_engine_settings(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (VALUE read as YAML: numbers, booleans, null) into a settings dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-set: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--engine-set {key.strip()}: cannot read {raw!r}: {exc}") from None
+    return out
 
 
 def schedule(cfg: OverloadConfig, base: list[LoadRequest]) -> list[LoadRequest]:
@@ -89,6 +110,12 @@ def summarize_phases(cfg: OverloadConfig, results: list[RequestResult]) -> dict[
             elif r.status == 429:
                 row["rejected_429"] += 1
                 row["retry_after"] += r.retry_after is not None
+                reasons = row.setdefault("refusal_reasons", {})
+                reason = refusal_kind(r.error)
+                reasons[reason] = reasons.get(reason, 0) + 1
+                examples = row.setdefault("refusal_examples", [])
+                if len(examples) < 3:
+                    examples.append(r.error)
             elif r.error.startswith("cancelled"):
                 row["cancelled"] += 1
             else:
@@ -96,7 +123,43 @@ def summarize_phases(cfg: OverloadConfig, results: list[RequestResult]) -> dict[
     for rows in table.values():
         for row in rows.values():
             row["attainment"] = round(row["met"] / row["requests"], 3) if row["requests"] else None
+    _capacity_bounds(cfg, results, table)
     return table
+
+
+def refusal_kind(error: str) -> str:
+    """A refusal's message (from its OpenAI error body when there is one) with numbers and ids
+    blanked, so that like refusals count together."""
+    text = error.removeprefix("HTTP 429: ")
+    try:
+        text = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = re.sub(r"'[^']*'", "'…'", text)
+    return re.sub(r"[\w.-]*\d[\w.-]*", "#", text)[:120]
+
+
+def _capacity_bounds(cfg: OverloadConfig, results: list[RequestResult],
+                     table: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Add ``bound``: the best attainment the capacity allows in each phase and class.
+
+    At most ``goodput_rps x phase seconds`` requests can meet their SLO in a phase (that is what the
+    goodput measures). The best use of that capacity serves the most urgent classes first (shortest
+    TTFT SLO), so a class's bound is the share of its requests left over for it, and ``all``'s is
+    capacity over requests. Attainment divided by the bound says how much of the possible was had.
+    """
+    ends = dict(zip(PHASES, cfg.bounds()))
+    starts = {"before": 0.0, "overload": ends["before"], "after": ends["overload"]}
+    slo = {r.slo_class: r.ttft_slo_s for r in results}
+    for phase, rows in table.items():
+        left = cfg.goodput_rps * (ends[phase] - starts[phase])
+        if "all" in rows:
+            rows["all"]["bound"] = round(min(1.0, left / rows["all"]["requests"]), 3)
+        for name in sorted((c for c in rows if c != "all"), key=lambda c: (slo[c], c)):
+            n = rows[name]["requests"]
+            take = min(float(n), left)
+            rows[name]["bound"] = round(take / n, 3)
+            left -= take
 
 
 def _health_ok(base_url: str) -> bool:
@@ -143,7 +206,7 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
     work = Path(cfg.log_dir)
     work.mkdir(parents=True, exist_ok=True)
     spec = server_spec("flowprefill", model_dir, model_dir.name, work_dir=work,
-                       engine=engine_overrides(cfg.length_scale))
+                       engine={**engine_overrides(cfg.length_scale), **cfg.engine_settings})
     with ManagedServer(spec, work / "server.log") as server:
         assert server.proc is not None
         with tqdm(total=len(requests), desc=f"overload {cfg.factor:g}x for {cfg.overload_s:g} s", unit="req") as bar:
@@ -161,14 +224,19 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
 
 
 def print_overload(report: dict[str, Any]) -> None:
-    """Per phase and class: requests, completed, attainment, 429s (with Retry-After), errors."""
-    print(f"{'phase':<9} {'class':<12} {'req':>5} {'done':>5} {'attain':>7} {'429':>5} {'w/RA':>5} "
+    """Per phase and class: requests, completed, attainment and its capacity bound, 429s (with
+    Retry-After), errors."""
+    print(f"{'phase':<9} {'class':<12} {'req':>5} {'done':>5} {'attain':>7} {'bound':>6} {'429':>5} {'w/RA':>5} "
           f"{'err':>4} {'cancel':>6} {'RSS MiB':>8}")
     for phase, rows in report["phases"].items():
         for name, row in sorted(rows.items()):
             att = "-" if row["attainment"] is None else f"{row['attainment']:.2f}"
             rss = report["rss_mib_peak"][phase]
-            print(f"{phase:<9} {name:<12} {row['requests']:>5} {row['completed']:>5} {att:>7} "
+            print(f"{phase:<9} {name:<12} {row['requests']:>5} {row['completed']:>5} {att:>7} {row['bound']:>6.2f} "
                   f"{row['rejected_429']:>5} {row['retry_after']:>5} {row['other_errors']:>4} {row['cancelled']:>6} "
                   f"{'-' if rss is None else f'{rss:.0f}':>8}")
+    for phase, rows in report["phases"].items():
+        reasons = sorted(rows.get("all", {}).get("refusal_reasons", {}).items(), key=lambda kv: -kv[1])
+        for reason, count in reasons[:3]:
+            print(f"{phase:<9} 429 x{count:<4} {reason}")
     print(json.dumps({k: report[k] for k in ("requests", "health_failures", "healthy_after", "journal_after")}))

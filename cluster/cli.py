@@ -183,10 +183,12 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_overload(args: argparse.Namespace) -> int:
-    from bench.overload import OverloadConfig, print_overload, run_overload
+    from bench.overload import OverloadConfig, parse_engine_settings, print_overload, run_overload
 
+    settings = parse_engine_settings(args.engine_set)
     report = run_overload(OverloadConfig(trace=args.trace, goodput_rps=args.goodput_rps, factor=args.factor,
-                                         overload_s=args.overload_s), Path(args.model) if args.model else None)
+                                         overload_s=args.overload_s, engine_settings=settings),
+                          Path(args.model) if args.model else None)
     print_overload(report)
     _write_json(args.json, report)
     lost = report["journal_after"].get("open_requests", 0)
@@ -330,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--goodput-rps", type=float, required=True, help="FlowPrefill's goodput from bench serve")
     over.add_argument("--factor", type=float, default=10.0, help="overload rate as a multiple of the goodput")
     over.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload")
+    over.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
+                      help="an engine setting for the server (YAML value), e.g. late_reject_factor=1.0; repeatable")
     over.add_argument("--model", default=None)
     over.add_argument("--json", default=None)
     over.set_defaults(func=_cmd_bench_overload)

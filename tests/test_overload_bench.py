@@ -35,9 +35,35 @@ def test_phase_summary_counts_refusals_with_retry_after_and_attainment() -> None
     ]
     table = summarize_phases(cfg, results)
     assert table["before"]["all"] == {"requests": 1, "completed": 1, "met": 1, "rejected_429": 0, "retry_after": 0,
-                                      "other_errors": 0, "cancelled": 0, "attainment": 1.0}
+                                      "other_errors": 0, "cancelled": 0, "attainment": 1.0, "bound": 1.0}
+    assert table["overload"]["batch"]["refusal_reasons"] == {"shed": 1, "full": 1}
     over = table["overload"]
     assert over["batch"]["rejected_429"] == 2 and over["batch"]["retry_after"] == 1
     assert over["interactive"]["completed"] == 1 and over["interactive"]["cancelled"] == 1
     assert over["interactive"]["attainment"] == 0.0 and over["all"]["requests"] == 4
     assert table["after"]["all"]["other_errors"] == 1
+
+
+def test_capacity_bound_serves_the_most_urgent_class_first() -> None:
+    """10 s at 1 req/s of goodput: 10 requests can meet their SLO; 8 interactive (1 s SLO) take 8 of
+    them, 20 standard (5 s) the other 2, 4 batch none."""
+    cfg = OverloadConfig(trace="t", goodput_rps=1.0, before_s=10, overload_s=10, after_s=10)
+    results = [RequestResult(i, cls, 2, slo, arrival_s=10.5, error="HTTP 429", status=429)
+               for i, (cls, slo) in enumerate([("interactive", 1.0)] * 8 + [("standard", 5.0)] * 20
+                                              + [("batch", 60.0)] * 4)]
+    over = summarize_phases(cfg, results)["overload"]
+    assert over["all"]["bound"] == round(10 / 32, 3)
+    assert (over["interactive"]["bound"], over["standard"]["bound"], over["batch"]["bound"]) == (1.0, 0.1, 0.0)
+
+
+def test_engine_settings_are_read_as_yaml_and_validated() -> None:
+    import pytest
+
+    from bench.overload import parse_engine_settings
+
+    assert parse_engine_settings(["late_reject_factor=1.0", "calibrate_cost=false", "max_queued_work_s=null"]) == {
+        "late_reject_factor": 1.0, "calibrate_cost": False, "max_queued_work_s": None}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_engine_settings(["late_reject_factor"])
+    with pytest.raises(ValueError, match="--engine-set.late_reject_factr"):
+        OverloadConfig(trace="t", goodput_rps=1.0, engine_settings={"late_reject_factr": 1.0})
