@@ -6,9 +6,18 @@
   ``block``) and ``transformers`` on the same checkpoint, dtype and threads, measured
   interleaved (the order rotates every repeat) after one untimed run of each at that length
   (allocator warm-up: throughput rose ~30% over the first runs of a process), reported as the
-  best of the repeats;
-  ``speedup_vs_transformers`` is the ratio of ``block`` (what the server runs) to transformers.
-- ``checkpoint_overhead``: ``1 - throughput(block) / throughput(none)`` per length.
+  best of the repeats. Short lengths get more repeats (about 12 at 512 tokens, 3 at 8192).
+- ``speedup_vs_transformers``: ``block`` (what the server runs) against transformers, and
+  ``checkpoint_overhead``: ``1 - throughput(block) / throughput(none)``, both the **median of
+  the per-repeat ratios**. The three runs of one repeat are adjacent in time, so a ratio within
+  a repeat cancels the slow drift of a shared machine (run-to-run spread here is about 10%,
+  more than the effects measured), and the median drops the repeats a neighbour disturbed.
+  ``*_best`` keep the ratio of the best runs.
+- ``checkpoint_cost``: the cost of the preemption points themselves, measured directly: a
+  program that only yields, run at ``block`` granularity with the engine's kind of stop check
+  (a queue emptiness test), gives microseconds per point; times the points in one pass at each
+  length, over that pass's time, it is the overhead the points add (``direct_overhead``), free
+  of the run-to-run noise above.
 - ``preempt_latency_ms``: a background thread asks for a preemption at random moments while a
   long prefill runs; the latency is the time from the request to the executor returning (free
   for other work). The program is resumed at once and asked again, so one run yields many
@@ -18,7 +27,9 @@
 
 from __future__ import annotations
 
+import queue
 import random
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +43,7 @@ from tqdm import tqdm
 
 from replicas.executor import Granularity, PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
-from replicas.model.decoder import DecoderModel
+from replicas.model.decoder import Boundary, DecoderModel
 from replicas.programs import PrefillItem, prefill_program
 
 
@@ -54,6 +65,10 @@ class EngineBenchConfig:
         if not self.lengths:
             self.lengths = [256, 512, 1024] if self.quick else [512, 2048, 8192]
         self.repeats = self.repeats or (2 if self.quick else 3)
+
+    def repeats_at(self, n: int) -> int:
+        """Repeats at length ``n``: ``repeats`` at the longest length, more for shorter ones (cheap)."""
+        return max(self.repeats, min(4 * self.repeats, round(self.repeats * max(self.lengths) / (2 * n))))
         self.latency_tokens = self.latency_tokens or (1024 if self.quick else 4096)
         self.latency_runs = self.latency_runs or (1 if self.quick else 2)
 
@@ -98,7 +113,8 @@ def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchCon
     prefiller = _Prefiller(model, max(cfg.lengths))
     rng = random.Random(cfg.seed)
     executors = {g: PreemptibleExecutor(g, device=model.device) for g in ("none", "block")}
-    result: dict[str, Any] = {"lengths": cfg.lengths, "ours_none": {}, "ours_block": {}, "transformers": {}}
+    result: dict[str, Any] = {"lengths": cfg.lengths, "ours_none": {}, "ours_block": {}, "transformers": {},
+                              "speedup": {}, "overhead": {}, "repeats": {}}
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel setup
         hf(torch.tensor([[1] * 64], device=model.device), logits_to_keep=1)
     executors["none"].run_to_completion(prefiller.program([1] * 64))
@@ -106,7 +122,7 @@ def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchCon
     for n in cfg.lengths:
         ids = [rng.randrange(model.config.vocab_size) for _ in range(n)]
         tensor = torch.tensor([ids], device=model.device)
-        best = {"ours_none": float("inf"), "ours_block": float("inf"), "transformers": float("inf")}
+        times: dict[str, list[float]] = {"ours_none": [], "ours_block": [], "transformers": []}
 
         def ours(g: str, ids: list[int] = ids) -> None:
             executors[g].run_to_completion(prefiller.program(ids))
@@ -121,15 +137,44 @@ def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchCon
         order = list(runs)
         for key in order:  # untimed: glibc's mmap threshold adapts to the first frees of each size
             runs[key]()
-        for r in range(cfg.repeats):
+        repeats = cfg.repeats_at(n)
+        for r in range(repeats):
             # Rotate the order every repeat: a run pays for the allocator state the previous one
             # left (freed buffers, page faults), and no variant should always follow the same one.
             for key in order[r % 3:] + order[: r % 3]:
-                best[key] = min(best[key], _time(runs[key], model.device))
+                times[key].append(_time(runs[key], model.device))
             bar.update(1)
-        for key, seconds in best.items():
-            result[key][str(n)] = n / seconds
+        for key, seconds in times.items():
+            result[key][str(n)] = n / min(seconds)
+        t_none, t_block, t_ref = times["ours_none"], times["ours_block"], times["transformers"]
+        result["speedup"][str(n)] = statistics.median(r / b for r, b in zip(t_ref, t_block))
+        result["overhead"][str(n)] = statistics.median(1 - o / b for o, b in zip(t_none, t_block))
+        result["repeats"][str(n)] = repeats
     return result
+
+
+def _yield_only_program(points: int) -> Any:  # noqa: ANN401
+    for _ in range(points):
+        yield Boundary.BLOCK
+    return None
+
+
+def measure_checkpoint_cost(model: DecoderModel, lengths: list[int], seconds_none: dict[str, float],
+                            points: int = 200_000) -> dict[str, Any]:
+    """Microseconds per ``block`` preemption point, and the share of a pass they take at each length."""
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    executor = PreemptibleExecutor("block", device=model.device)
+    per_point: list[float] = []
+    for _ in range(5):
+        start = time.perf_counter()
+        executor.run(executor.start(_yield_only_program(points)), lambda: not inbox.empty())
+        per_point.append((time.perf_counter() - start) / points)
+    cost_s = min(per_point)
+    per_pass = 2 * model.config.num_layers  # block: after attention and after the MLP of each layer
+    return {
+        "per_point_us": cost_s * 1e6, "points_per_pass": per_pass,
+        "direct_overhead": {n: per_pass * cost_s / seconds_none[n] for n in map(str, lengths)},
+    }
 
 
 class _PreemptionProbe:
@@ -242,11 +287,12 @@ def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
     """Run every measurement, print a table, return the JSON report."""
     torch.manual_seed(cfg.seed)
     model = DecoderModel.load(model_dir, dtype=cfg.dtype, device=cfg.device)
-    steps = len(cfg.lengths) * cfg.repeats + (len(Granularity) + len(cfg.chunk_sizes)) * cfg.latency_runs
+    steps = sum(map(cfg.repeats_at, cfg.lengths)) + (len(Granularity) + len(cfg.chunk_sizes)) * cfg.latency_runs
     with tqdm(total=steps, desc="bench engine", unit="run") as bar:
         throughput = measure_throughput(model, model_dir, cfg, bar)
         latency = measure_preemption(model, cfg, bar)
     lengths = [str(n) for n in cfg.lengths]
+    cost = measure_checkpoint_cost(model, cfg.lengths, {n: int(n) / throughput["ours_none"][n] for n in lengths})
     report = {
         "model": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
         "threads": torch.get_num_threads(), "config": asdict(cfg),
@@ -254,12 +300,16 @@ def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
             "ours": throughput["ours_none"], "ours_block": throughput["ours_block"],
             "transformers": throughput["transformers"],
         },
-        "speedup_vs_transformers": {
+        "speedup_vs_transformers": throughput["speedup"],
+        "speedup_vs_transformers_best": {
             n: throughput["ours_block"][n] / throughput["transformers"][n] for n in lengths
         },
-        "checkpoint_overhead": {
+        "checkpoint_overhead": throughput["overhead"],
+        "checkpoint_overhead_best": {
             n: 1 - throughput["ours_block"][n] / throughput["ours_none"][n] for n in lengths
         },
+        "checkpoint_cost": cost,
+        "repeats": throughput["repeats"],
         "preempt_latency_ms": latency,
     }
     print_report(report)
@@ -271,10 +321,16 @@ def print_report(report: dict[str, Any]) -> None:
     tput = report["prefill_tokens_per_s"]
     print(f"\nprefill throughput ({report['model']}, {report['dtype']}, {report['device']}, "
           f"{report['threads']} threads)")
-    print(f"{'tokens':>8} {'ours tok/s':>11} {'ours block':>11} {'transformers':>13} {'speedup':>8} {'ckpt ovh':>9}")
+    cost = report["checkpoint_cost"]
+    print(f"{'tokens':>8} {'ours tok/s':>11} {'ours block':>11} {'transformers':>13} {'speedup':>8} {'(best)':>7} "
+          f"{'ckpt ovh':>9} {'(best)':>7} {'direct':>8} {'repeats':>7}")
     for n in tput["ours"]:
         print(f"{n:>8} {tput['ours'][n]:>11.1f} {tput['ours_block'][n]:>11.1f} {tput['transformers'][n]:>13.1f} "
-              f"{report['speedup_vs_transformers'][n]:>8.2f} {report['checkpoint_overhead'][n]:>9.3f}")
+              f"{report['speedup_vs_transformers'][n]:>8.3f} {report['speedup_vs_transformers_best'][n]:>7.3f} "
+              f"{report['checkpoint_overhead'][n]:>9.3f} {report['checkpoint_overhead_best'][n]:>7.3f} "
+              f"{cost['direct_overhead'][n]:>8.5f} {report['repeats'][n]:>7}")
+    print(f"(speedup and ckpt ovh: median of per-repeat ratios; best: ratio of best runs; direct: "
+          f"{cost['points_per_pass']} points x {cost['per_point_us']:.2f} us / pass time)")
     lat = report["preempt_latency_ms"]
     print(f"\npreemption latency, {lat['prompt_tokens']}-token prefill "
           f"(uninterrupted {lat['uninterrupted_s']:.2f} s)")
