@@ -387,8 +387,10 @@ def test_calibration_scales_predictions_by_the_measured_slowdown():
     assert s.base_cost_model.predict(1000) == pytest.approx(1.0)
     assert s.stats(now, per_request=False)["cost_scale"] == pytest.approx(2.0, rel=0.05)
     # 1.5 s by the profile, 3 s as measured: refused against a 2 s SLO
-    d = s.on_arrival(req("late", 1500, now, 2.0), now)
-    assert d.rejected == ("late",)
+    late = req("late", 1500, now, 2.0)
+    assert s.on_arrival(late, now).rejected == ("late",)
+    assert late.reject_reason is not None and late.reject_reason.endswith(
+        f"(prefill runs at {s.calibration.factor:.2f}x its profiled time now)")
     queued = req("q", 500, now, 100.0)
     start(s, s.on_arrival(queued, now), now)
     assert s.stats(now)["running"][0]["predicted_remaining_s"] == pytest.approx(1.0, rel=0.05)

@@ -324,7 +324,10 @@ class Scheduler:
     def _refuse(self, r: Request, refusal: Refusal, now: float) -> None:
         """End ``r`` as rejected, with the reason and retry hint its client gets."""
         self._end(r, S.REJECTED, now)
-        r.reject_reason, r.retry_after_s = refusal.reason, refusal.retry_after_s
+        reason, factor = refusal.reason, self.calibration.factor
+        if factor != 1.0:  # the predictions behind the refusal are the profile scaled by this
+            reason += f" (prefill runs at {factor:.2f}x its profiled time now)"
+        r.reject_reason, r.retry_after_s = reason, refusal.retry_after_s
 
     def _end(self, r: Request, state: RequestState, now: float) -> None:
         r.state, r.finish_s = state, now
