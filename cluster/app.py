@@ -100,13 +100,6 @@ def build(args: Mapping[str, Any]) -> Any:  # noqa: ANN401 (a Serve Application)
     return build_app(AppConfig.from_args(args), ReplicaServer)
 
 
-def _late_factor(config: AppConfig) -> float | None:
-    """The native engine's ``late_reject_factor``, for the router to refuse the same requests early."""
-    if config.engine_kind != "flowprefill":
-        return None
-    return EngineConfig.from_dict(config.engine, prefix="args.engine").late_reject_factor
-
-
 def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a Serve Application)
     """The router ingress bound to a ``replica_cls`` deployment (the engine, or a model-free echo
     replica for router benchmarks: any class with the same ``generate``/``tokenizer_info`` methods)."""
@@ -134,7 +127,7 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=REQUEST_ROUTER_CLASS,
             request_router_kwargs={"redis_url": config.redis_url, "namespace": config.namespace,
-                                   "policy": config.router_policy, "late_reject_factor": _late_factor(config)},
+                                   "policy": config.router_policy},
         )
     replica = serve.deployment(replica_cls).options(**options)
     replicas = replica.bind(engine=config.engine, redis_url=config.redis_url, namespace=config.namespace,

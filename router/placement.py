@@ -163,7 +163,7 @@ class PlacementDecision:
     shed: bool
     reason: str
     cost_s: float = 0.0  # the request's own predicted prefill seconds (what goes in flight)
-    late_by_s: float = 0.0  # when shed: how far past the limit the best replica is predicted
+    late_by_s: float = 0.0  # when shed: how late the best replica is predicted
 
 
 def load_from_state(
@@ -263,7 +263,6 @@ def rank_replicas(
     margin_s: float = 0.0,
     allow_shed: bool = True,
     preempt_latency_s: float = PREEMPT_LATENCY_S,
-    late_factor: float | None = None,
 ) -> PlacementDecision:
     """Rank ``loads`` under ``policy`` (``req=None``: no metadata, falls back to least-loaded).
 
@@ -273,11 +272,8 @@ def rank_replicas(
     (2) meeting it with less than ``margin_s``, ones that harm no later work first, then most
     slack (spreading: a ``margin_s`` of the whole TTFT SLO puts every feasible replica here);
     (3) replicas without a usable state (no state or stale), by predicted TTFT; (4) late ones,
-    least late first.  ``shed`` when ``allow_shed`` and either ``req`` is sheddable and no replica
-    is predicted to meet the deadline, or (``late_factor``, any class) every replica has a fresh
-    state and is predicted to give the first token later than ``late_factor`` x the TTFT SLO after
-    arrival: the replica would refuse it anyway (its ``late_reject_factor``), and refusing it here
-    spares the replica call when a burst makes every call count.
+    least late first.  ``shed`` when ``req`` is sheddable, ``allow_shed`` and no replica is
+    predicted to meet the deadline.
     """
     if not loads:
         return PlacementDecision([], {}, False, "no candidate replicas")
@@ -311,16 +307,9 @@ def rank_replicas(
     ranked.sort()
     best_key, best = ranked[0]
     feasible = any(ttfts[r] <= budget for _, r in ranked)
-    limit = budget + (late_factor - 1.0) * req.ttft_slo_s if late_factor is not None else math.inf
-    hopeless = all(ld.usable and ttfts[ld.replica_id] > limit for ld in loads)
-    shed = allow_shed and ((req.sheddable and not feasible) or hopeless)
-    late_by = 0.0
-    if shed and hopeless and not (req.sheddable and not feasible):
-        late_by = ttfts[best] - limit
-        reason = (f"late: every replica is predicted past {late_factor:g} x the {req.ttft_slo_s:.3f}s TTFT SLO "
-                  f"(best {best} by {late_by:.4f}s)")
-    elif shed:
-        late_by = ttfts[best] - budget
+    shed = req.sheddable and allow_shed and not feasible
+    late_by = ttfts[best] - budget if shed else 0.0
+    if shed:
         reason = f"shed: no replica meets the deadline (best {best} late by {late_by:.4f}s)"
     elif best_key[0] == 0:
         reason = f"packed on {best}: {best_key[3]:.4f}s to spare" + (

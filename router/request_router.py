@@ -115,7 +115,6 @@ class SLOAwareRequestRouter(RequestRouter):
         max_stale_s: float = 0.25,
         slack_margin_frac: float = 1.0,
         shed: bool = True,
-        late_reject_factor: float | None = None,
         preempt_latency_s: float = PREEMPT_LATENCY_S,
         redis_retry_s: float = 1.0,
         cluster: Any = None,
@@ -129,8 +128,6 @@ class SLOAwareRequestRouter(RequestRouter):
         ones, most slack first; the default (1.0) spreads: tight bin packing (e.g. 0.1) left no
         slack for later urgent arrivals and unseen decode work, and in ``bench sim`` its goodput
         per replica fell to 0.33 req/s at 16 replicas against round robin's 1.41 (spreading: 1.44).
-        ``late_reject_factor`` (the replicas' setting): refuse here, with 429, a request of any class
-        that every replica is predicted to serve later than this multiple of its TTFT SLO.
         ``cluster`` (a :class:`ClusterState`) and ``clock`` are injectable for tests.
         """
         if policy not in POLICIES:
@@ -144,10 +141,6 @@ class SLOAwareRequestRouter(RequestRouter):
         self._max_age_s, self._cache_ttl_s, self._margin_frac = max_state_age_s, cache_ttl_s, slack_margin_frac
         self._max_stale_s = max(max_stale_s, cache_ttl_s)
         self._shed, self._preempt_s, self._retry_s, self._clock = shed, preempt_latency_s, redis_retry_s, clock
-        if late_reject_factor is not None and not (isinstance(late_reject_factor, int | float)
-                                                   and 1.0 <= late_reject_factor < math.inf):
-            raise ValueError(f"late_reject_factor must be null or a number >= 1, got {late_reject_factor!r}")
-        self._late_factor = late_reject_factor
         self._estimator = LocalLoadEstimator()
         self._rr = 0
         self._snapshot: tuple[float, dict[str, ReplicaQueueState], dict[str, float]] | None = None
@@ -255,7 +248,7 @@ class SLOAwareRequestRouter(RequestRouter):
         margin = self._margin_frac * req.ttft_slo_s if req is not None else 0.0
         decision = rank_replicas(self._policy, req, loads, self._cost_model, now, self._rr, margin_s=margin,
                                  allow_shed=self._shed and self._cost_model is not DEFAULT_COST_MODEL,
-                                 preempt_latency_s=self._preempt_s, late_factor=self._late_factor)
+                                 preempt_latency_s=self._preempt_s)
         self._rr += 1
         return decision
 

@@ -20,8 +20,8 @@ _DECISION_MS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
 
 
 class RequestShed(Exception):
-    """A request refused by the router (HTTP 429): sheddable and no replica is predicted to serve it
-    before its deadline, or predicted past the late factor everywhere. ``retry_after_s``: a hint."""
+    """A sheddable request that no replica is predicted to serve before its deadline (HTTP 429);
+    ``retry_after_s``: how late the best replica was predicted, as the client's retry hint."""
 
     def __init__(self, message: str = "", retry_after_s: float = 1.0) -> None:
         super().__init__(message)

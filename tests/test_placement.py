@@ -222,23 +222,6 @@ def replica(rid: str) -> SimpleNamespace:
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid))
 
 
-def test_late_factor_refuses_any_class_predicted_past_it_everywhere():
-    """A 2000-token prompt (0.2 s) with a 0.2 s SLO behind 0.14 s (A) or 0.12 s (B) of earlier-deadline
-    work: predicted 0.34 and 0.32 s, past 1.5 x 0.2 = 0.3 s everywhere, so even a non-sheddable
-    request is refused, with how far past as the hint; at 2x it fits; an unknown (or stale)
-    replica might serve it, so nothing is refused then."""
-    a = load(state("A", q("x", 0.15, 0.14)))
-    b = load(state("B", q("y", 0.15, 0.12)))
-    d = slo(req(2000, 0.2), a, b, late_factor=1.5)
-    assert d.shed and d.reason.startswith("late: every replica is predicted past 1.5 x the 0.200s TTFT SLO")
-    assert d.late_by_s == pytest.approx(0.32 - 0.3)
-    assert not slo(req(2000, 0.2), a, b, late_factor=2.0).shed
-    assert not slo(req(2000, 0.2), a, b).shed  # no factor: non-sheddable requests are never refused here
-    assert not slo(req(2000, 0.2), a, b, late_factor=1.5, allow_shed=False).shed
-    unknown = ReplicaLoad("C", inflight_s=5.0, known=False)
-    assert not slo(req(2000, 0.2), a, b, unknown, late_factor=1.5).shed
-
-
 def pending(payload: dict, internal: str = "i1"):
     from ray.serve.request_router import PendingRequest
 
@@ -288,28 +271,24 @@ def test_router_sheds_sheddable_request_through_the_future():
     asyncio.run(run())
 
 
-def test_router_refuses_a_hopeless_request_with_a_retry_hint():
-    """A non-sheddable request predicted at 3.19 s against a 0.25 s SLO with late_reject_factor 1.5:
-    refused by the router (the replica would refuse it too) with the excess as the retry hint."""
+def test_shed_carries_how_late_the_best_replica_is_as_the_retry_hint():
     import pickle
 
     from router.request_router import RequestShed
 
     cluster, clock = FakeCluster({"A": state("A", q("x", 0.2, 0.19))}), [NOW]
-    router = make_router(cluster, clock, late_reject_factor=1.5)
+    router = make_router(cluster, clock)
 
     async def run() -> None:
-        pr = pending(payload(0.25, tokens=30_000))
+        pr = pending(payload(0.25, tokens=30_000, sheddable=True))  # 0.19 s ahead + 3 s of its own
         await router.choose_replicas([replica("A")], pr)
         with pytest.raises(RequestShed) as info:
             pr.future.result()
-        assert info.value.retry_after_s == pytest.approx(0.19 + 3.0 - 0.375)
+        assert info.value.retry_after_s == pytest.approx(0.19 + 3.0 - 0.25)
         copy = pickle.loads(pickle.dumps(info.value))  # as it crosses from Serve's router to the ingress
         assert copy.retry_after_s == info.value.retry_after_s and str(copy) == str(info.value)
 
     asyncio.run(run())
-    with pytest.raises(ValueError, match="late_reject_factor"):
-        make_router(cluster, clock, late_reject_factor=0.5)
 
 
 def test_router_falls_back_to_local_estimates_when_redis_is_down(caplog: pytest.LogCaptureFixture):
