@@ -65,12 +65,12 @@ class EngineBenchConfig:
         if not self.lengths:
             self.lengths = [256, 512, 1024] if self.quick else [512, 2048, 8192]
         self.repeats = self.repeats or (2 if self.quick else 3)
+        self.latency_tokens = self.latency_tokens or (1024 if self.quick else 4096)
+        self.latency_runs = self.latency_runs or (1 if self.quick else 2)
 
     def repeats_at(self, n: int) -> int:
         """Repeats at length ``n``: ``repeats`` at the longest length, more for shorter ones (cheap)."""
         return max(self.repeats, min(4 * self.repeats, round(self.repeats * max(self.lengths) / (2 * n))))
-        self.latency_tokens = self.latency_tokens or (1024 if self.quick else 4096)
-        self.latency_runs = self.latency_runs or (1 if self.quick else 2)
 
 
 class _Prefiller:
