@@ -240,6 +240,7 @@ class ReplicaQueueState:
     running_remaining_s: float = 0.0
     kv_free_tokens: int = 0
     preemptions: int = 0  # running total since the replica started
+    cost_scale: float = 1.0  # measured prefill time over the profile's prediction (calibration)
 
     @property
     def request_ids(self) -> tuple[str, ...]:
@@ -281,6 +282,7 @@ class ReplicaQueueState:
             running_remaining_s=r.number("running_remaining_s", 0.0, minimum=0.0),
             kv_free_tokens=r.integer("kv_free_tokens", 0, minimum=0),
             preemptions=r.integer("preemptions", 0, minimum=0),
+            cost_scale=r.number("cost_scale", 1.0, minimum=0.0),
         )
 
 

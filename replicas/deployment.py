@@ -57,6 +57,7 @@ def queue_state_from_stats(replica_id: str, stats: dict[str, Any], seq: int,
         running_remaining_s=float(stats.get("running_remaining_s", 0.0)),
         kv_free_tokens=int(stats.get("kv_free_tokens", 0)),
         preemptions=int((stats.get("counters") or {}).get("preemptions", stats.get("preemptions", 0))),
+        cost_scale=float(stats.get("cost_scale", 1.0)),
     )
 
 

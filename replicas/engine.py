@@ -358,7 +358,7 @@ class ReplicaEngine:
         self._tasks.pop(batch_id, None)
         self._plans.pop(batch_id, None)
         self._current = None
-        decision = self.scheduler.on_prefill_complete(batch_id, now)
+        decision = self.scheduler.on_prefill_complete(batch_id, now, compute_s=task.busy_s)
         self._apply(decision, now)
         logits: dict[int, torch.Tensor] = task.result
         done = [self.live[rid] for rid in decision.prefilled if rid in self.live]

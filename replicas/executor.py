@@ -15,6 +15,7 @@ every operator is synchronous and the executor never waits.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Task:
     result: Any = None
     points_passed: int = 0
     suspensions: int = 0
+    busy_s: float = 0.0  # wall time spent inside run() for this task (compute, not time suspended)
 
 
 class PreemptibleExecutor:
@@ -83,6 +85,13 @@ class PreemptibleExecutor:
         """Advance ``task``; True when it finished, False when suspended at a preemption point."""
         if task.done:
             return True
+        entered = time.perf_counter()
+        try:
+            return self._advance(task, should_stop)
+        finally:
+            task.busy_s += time.perf_counter() - entered
+
+    def _advance(self, task: Task, should_stop: Callable[[], bool] | None) -> bool:
         program, threshold = task.program, self._threshold
         while True:
             try:

@@ -30,6 +30,9 @@ class RouterMetrics:
                                  ["replica"], registry=r)
         self.preemptions = Gauge("flowprefill_replica_preemptions", "Preemptions so far per replica",
                                  ["replica"], registry=r)
+        self.cost_scale = Gauge("flowprefill_replica_cost_scale",
+                                "Measured prefill time over the profiled prediction per replica (1 = as profiled)",
+                                ["replica"], registry=r)
         self.routing_ms = Histogram("flowprefill_routing_decision_ms", "Placement decision time (ms)",
                                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 50), registry=r)
         self.redis_fallbacks = Counter("flowprefill_redis_fallbacks_total",
@@ -39,15 +42,17 @@ class RouterMetrics:
                                "Requests sent again because their replica failed before the first output",
                                ["error"], registry=r)
 
-    def set_replicas(self, depth_and_preemptions: dict[str, tuple[int, int]]) -> None:
-        """Per-replica gauges from the latest queue states; replicas that left are dropped."""
-        for rid in self._replicas - set(depth_and_preemptions):
-            self.queue_depth.remove(rid)
-            self.preemptions.remove(rid)
-        for rid, (depth, preemptions) in depth_and_preemptions.items():
+    def set_replicas(self, gauges: dict[str, tuple[int, int, float]]) -> None:
+        """Per-replica gauges (depth, preemptions, cost scale) from the latest queue states;
+        replicas that left are dropped."""
+        for rid in self._replicas - set(gauges):
+            for gauge in (self.queue_depth, self.preemptions, self.cost_scale):
+                gauge.remove(rid)
+        for rid, (depth, preemptions, cost_scale) in gauges.items():
             self.queue_depth.labels(rid).set(depth)
             self.preemptions.labels(rid).set(preemptions)
-        self._replicas = set(depth_and_preemptions)
+            self.cost_scale.labels(rid).set(cost_scale)
+        self._replicas = set(gauges)
 
     def observe_ttft(self, slo_class: str, ttft_s: float, slo_s: float) -> None:
         """Record a first token and whether it met its SLO."""

@@ -307,7 +307,8 @@ class SLOAwareRequestRouter(RequestRouter):
             log.info("SLO-aware router: Redis is back; routing on cluster state again")
         self._outage = False
         self._snapshot = (started, states, inflight)
-        routing_stats.STATS.replica_states({rid: (len(st.requests), st.preemptions) for rid, st in states.items()})
+        routing_stats.STATS.replica_states({rid: (len(st.requests), st.preemptions, st.cost_scale)
+                                            for rid, st in states.items()})
         if self._cost_from_redis and states and self._clock() >= self._profile_retry_at:
             await self._load_profile(states)
 

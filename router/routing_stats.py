@@ -42,7 +42,7 @@ class RouterStats:
         self.redis_fallbacks = 0
         self.sheds = 0
         self.decision_ms: deque[float] = deque(maxlen=history)
-        self.replicas: dict[str, tuple[int, int]] = {}  # replica id -> (queue depth, preemptions)
+        self.replicas: dict[str, tuple[int, int, float]] = {}  # replica id -> (depth, preemptions, cost scale)
         self.hooks: list[Callable[[str, float], None]] = []
         self._ray: tuple[Any, Any] | None = None
 
@@ -84,10 +84,10 @@ class RouterStats:
                 "decision_ms": {"n": len(times), "p50": pct(0.5), "p99": pct(0.99),
                                 "max": times[-1] if times else None}}
 
-    def replica_states(self, depth_and_preemptions: dict[str, tuple[int, int]]) -> None:
-        """The replicas' queue depth and preemption totals from the latest Redis read (hooks get
-        ``("replicas", 0.0)`` and read :attr:`replicas`)."""
-        self.replicas = dict(depth_and_preemptions)
+    def replica_states(self, gauges: dict[str, tuple[int, int, float]]) -> None:
+        """The replicas' queue depth, preemption totals and cost scale from the latest Redis read
+        (hooks get ``("replicas", 0.0)`` and read :attr:`replicas`)."""
+        self.replicas = dict(gauges)
         self._emit("replicas", 0.0)
 
     def decision(self, ms: float) -> None:

@@ -4,6 +4,7 @@ journal, profiles, passwords, outages and malformed data."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -317,3 +318,10 @@ def test_schema_validation() -> None:
         JournalEntry.from_json(json.dumps(doc), key="k")
     with pytest.raises(SchemaError, match="'seq'"):
         ReplicaQueueState.from_json(json.dumps({**json.loads(state.to_json()), "seq": True}), key="k")
+    scaled = dataclasses.replace(state, cost_scale=1.8)
+    assert ReplicaQueueState.from_json(scaled.to_json()).cost_scale == 1.8
+    old = json.loads(state.to_json())
+    del old["cost_scale"]  # a state from a replica that predates the field: as profiled
+    assert ReplicaQueueState.from_json(json.dumps(old)).cost_scale == 1.0
+    with pytest.raises(SchemaError, match="'cost_scale'"):
+        ReplicaQueueState.from_json(json.dumps({**old, "cost_scale": -1}), key="k")

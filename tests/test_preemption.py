@@ -126,3 +126,24 @@ def test_granularity_none_never_stops(model):
     task = ex.start(prefill_program(model, kv, [PrefillItem(1, _prompt(3, 40, model.config.vocab_size))]))
     assert ex.run(task, should_stop=lambda: True) is True
     assert task.points_passed == 0 and task.suspensions == 0
+
+
+def test_task_busy_time_counts_only_time_inside_run():
+    """``Task.busy_s`` is what the calibration learns from: the time the executor spent on the
+    program, not the time it sat suspended between runs."""
+    import time
+
+    from replicas.model.decoder import Boundary
+
+    def program():
+        for _ in range(4):
+            time.sleep(0.01)  # the "operator"
+            yield Boundary.BLOCK
+        return "done"
+
+    executor = PreemptibleExecutor("block")
+    task = executor.start(program())
+    assert executor.run(task, lambda: True) is False  # suspended at the first point
+    time.sleep(0.2)  # suspended: not counted
+    assert executor.run(task) is True and task.result == "done"
+    assert 0.04 <= task.busy_s < 0.15

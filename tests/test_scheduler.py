@@ -396,6 +396,18 @@ def test_calibration_scales_predictions_by_the_measured_slowdown():
     assert s.stats(now)["running"][0]["predicted_remaining_s"] == pytest.approx(1.0, rel=0.05)
 
 
+def test_calibration_learns_from_compute_time_when_the_engine_reports_it():
+    """Programs that stay running 3 s (decode steps interleaved) but compute for 1 s, as predicted:
+    no slowdown is learned, because an urgent prefill would not wait for those decode steps."""
+    s = make(calibrate_cost=True)
+    for i in range(10):
+        now = 3.0 * i
+        d = start(s, s.on_arrival(req(f"r{i}", 1000, now, 100.0), now), now)
+        s.on_prefill_complete(d.run.batch_id, now + 3.0, compute_s=1.0)  # type: ignore[union-attr]
+        s.on_finish(f"r{i}", now + 3.0)
+    assert s.calibration.samples == 10 and s.calibration.factor == 1.0 and s.cost_model is s.base_cost_model
+
+
 def test_calibration_is_off_by_default_and_ignores_bad_samples():
     s = make()
     d = start(s, s.on_arrival(req("a", 1000, 0.0, 100.0), 0.0), 0.0)

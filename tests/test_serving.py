@@ -137,6 +137,9 @@ def test_metrics_and_health(cluster):
     assert count >= 1
     depth = [line for line in text.splitlines() if line.startswith("flowprefill_replica_queue_depth{")]
     assert len(depth) == 2  # one gauge per replica, from the Redis queue states the router read
+    scales = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("flowprefill_replica_cost_scale{")]
+    assert len(scales) == 2 and all(0.5 <= s <= 4.0 for s in scales)  # the calibration's clamp
 
 
 async def _poll_states(redis_url: str, namespace: str, done, what: str) -> dict:

@@ -1,12 +1,14 @@
 """Online correction of the profiled cost model: how much slower prefill runs than predicted.
 
-The cost model is profiled on an idle replica. Under load the same prefill takes longer: decode
-steps interleave with it, HTTP handling and the router share the CPU, a GPU shares its memory
-bandwidth. A scheduler that trusts the idle profile admits work it cannot finish in time and
-every admitted request misses its deadline together. :class:`CostCalibration` learns the
-slowdown from each completed prefill program (measured running time over the idle prediction
-for the same tokens) as an exponentially weighted mean in log space, and the scheduler scales
-every prediction by it. Nothing here reads a clock: the scheduler passes both durations in.
+The cost model is profiled on an idle replica. Under load the same prefill computes more slowly:
+HTTP handling, the router and Ray share the CPU, a GPU shares its memory bandwidth with decode.
+A scheduler that trusts the idle profile admits work it cannot finish in time and every admitted
+request misses its deadline together. :class:`CostCalibration` learns the slowdown from each
+completed prefill program (the executor's time on it over the idle prediction for the same
+tokens) as an exponentially weighted mean in log space, and the scheduler scales every prediction
+by it. Decode steps interleaved with a program are not part of its measured time: an urgent
+prefill skips them, so counting them would make urgent requests look later than they are.
+Nothing here reads a clock: the scheduler passes both durations in.
 """
 
 from __future__ import annotations

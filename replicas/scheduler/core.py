@@ -122,8 +122,13 @@ class Scheduler:
             return late_refusal(view, request, predicted, cfg.late_reject_factor)
         return None
 
-    def on_prefill_complete(self, batch_id: int, now: float) -> Decision:
-        """The program of ``batch_id`` ended: members reaching the prompt end start decoding."""
+    def on_prefill_complete(self, batch_id: int, now: float, compute_s: float | None = None) -> Decision:
+        """The program of ``batch_id`` ended: members reaching the prompt end start decoding.
+
+        ``compute_s``: the time the executor spent running the program (without the decode steps
+        interleaved while it was the running batch); the calibration learns from it when given,
+        otherwise from the batch's running time between start and completion.
+        """
         now = self._tick(now)
         batch = self._q.take(batch_id)
         if batch is None:
@@ -132,7 +137,7 @@ class Scheduler:
             return self._pass(now)  # dropped after an abort: nothing to record
         done = self._q.complete(batch, now)
         if self.config.calibrate_cost:
-            self._calibrate(batch)
+            self._calibrate(batch, batch.executed_s if compute_s is None else compute_s)
         self._release(batch.zombies)
         d = self._pass(now)
         return Decision(run=d.run, preempt_running=d.preempt_running, dropped=d.dropped, freed=tuple(batch.zombies),
@@ -250,10 +255,10 @@ class Scheduler:
             self._last_now = now
         return self._last_now
 
-    def _calibrate(self, batch: Batch) -> None:
+    def _calibrate(self, batch: Batch, measured_s: float) -> None:
         """Learn from a finished program how much slower than profiled prefill runs now."""
         old = self.calibration.factor
-        factor = self.calibration.observe(self.base_cost_model.predict_batch(batch.token_counts()), batch.executed_s)
+        factor = self.calibration.observe(self.base_cost_model.predict_batch(batch.token_counts()), measured_s)
         if factor is None:
             return
         rescale = factor / old
