@@ -49,7 +49,7 @@ from replicas.programs import PrefillItem, prefill_program
 
 @dataclass
 class EngineBenchConfig:
-    """What to measure; ``quick`` picks smaller sizes that finish in about a minute."""
+    """What to measure; ``quick`` picks smaller sizes that finish within a minute."""
 
     quick: bool = False
     dtype: str = "float32"
@@ -63,13 +63,16 @@ class EngineBenchConfig:
 
     def __post_init__(self) -> None:
         if not self.lengths:
-            self.lengths = [256, 512, 1024] if self.quick else [512, 2048, 8192]
+            self.lengths = [128, 256, 512] if self.quick else [512, 2048, 8192]
         self.repeats = self.repeats or (2 if self.quick else 3)
-        self.latency_tokens = self.latency_tokens or (1024 if self.quick else 4096)
+        self.latency_tokens = self.latency_tokens or (768 if self.quick else 4096)
         self.latency_runs = self.latency_runs or (1 if self.quick else 2)
 
     def repeats_at(self, n: int) -> int:
-        """Repeats at length ``n``: ``repeats`` at the longest length, more for shorter ones (cheap)."""
+        """Repeats at length ``n``: ``repeats`` at the longest length, more for shorter ones (cheap;
+        not in ``quick`` runs, which must stay within a minute)."""
+        if self.quick:
+            return self.repeats
         return max(self.repeats, min(4 * self.repeats, round(self.repeats * max(self.lengths) / (2 * n))))
 
 

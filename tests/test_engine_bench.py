@@ -15,8 +15,8 @@ def test_more_repeats_for_shorter_prompts():
     assert [cfg.repeats_at(n) for n in cfg.lengths] == [12, 6, 3]
     assert (cfg.latency_tokens, cfg.latency_runs) == (4096, 2)
     quick = EngineBenchConfig(quick=True)
-    assert [quick.repeats_at(n) for n in quick.lengths] == [4, 2, 2]
-    assert (quick.latency_tokens, quick.latency_runs) == (1024, 1)
+    assert [quick.repeats_at(n) for n in quick.lengths] == [2, 2, 2]
+    assert (quick.latency_tokens, quick.latency_runs) == (768, 1)
 
 
 def test_report_has_paired_ratios_and_direct_checkpoint_cost(tiny_checkpoint_factory, capsys):
