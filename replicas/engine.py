@@ -310,7 +310,7 @@ class ReplicaEngine:
 
     def _apply(self, d: Decision, now: float) -> None:
         """Carry out a scheduling decision, in the order :class:`Decision` documents."""
-        for rid in d.rejected:  # refused at admission, or expired while waiting
+        for rid in d.rejected:  # refused at admission, or expired (waiting or suspended)
             lr = self.live.get(rid)
             if lr is not None:
                 self.counters["rejected"] += 1

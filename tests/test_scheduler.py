@@ -359,6 +359,35 @@ def test_waiting_requests_older_than_the_late_factor_expire_at_the_next_event():
     assert s.stats(1.7)["counts"]["waiting"] == 2  # other, later
 
 
+def test_hopeless_suspended_batches_expire_so_urgent_work_can_preempt_again():
+    """After a burst, late programs stay suspended (slack-gated EDF runs feasible work first); at
+    ``max_suspended_batches`` of them no urgent arrival could preempt. Once every member is older
+    than late_reject_factor x its SLO the batch is dropped, its KV freed and its members refused."""
+    mem = TokenPool(capacity_tokens=10_000, block_size=1)
+    s = make(late_reject_factor=1.5, max_suspended_batches=1, memory=mem)
+    late = req("late", 1400, 0.0, 1.0)
+    d = start(s, s.on_arrival(late, 0.0), 0.0)  # 1.4 s of work, 1 s SLO: late at once
+    assert d.run is not None and mem.tokens == {"late": 1400}
+    d = start(s, s.on_arrival(req("u1", 100, 0.1, 5.0), 0.1), 0.1)  # preempts it: the one suspended slot
+    assert d.preempt_running and s.suspended_batch_ids == (0,)
+    d = start(s, s.on_arrival(req("u2", 100, 0.15, 0.5), 0.15), 0.15)  # at the cap: waits for u1
+    assert d.run is None and s.running is not None and s.running.request_ids == ("u1",)
+    d = start(s, s.on_prefill_complete(1, 0.2), 0.2)  # u1 done: u2 runs, not the late one
+    assert d.run is not None and d.run.request_ids == ("u2",)
+    d = start(s, s.on_prefill_complete(2, 0.3), 0.3)  # only late work left: it resumes
+    assert d.run is not None and d.run.resume and d.run.request_ids == ("late",)
+    d = start(s, s.on_arrival(req("u3", 100, 0.4, 5.0), 0.4), 0.4)  # and is preempted again
+    assert d.preempt_running and s.suspended_batch_ids == (0,)
+    # 1.6 s after its arrival (> 1.5 x 1 s) the next event expires the suspended program
+    d = start(s, s.on_arrival(req("u4", 100, 1.6, 0.5), 1.6), 1.6)
+    assert d.rejected == ("late",) and d.dropped == (0,)
+    assert "late" not in mem.tokens and s.get("late") is None and late.state is S.REJECTED
+    assert late.reject_reason is not None and late.reject_reason.startswith(
+        "expired: prefill not finished within 1.5 x the 1.000s TTFT SLO (waited 1.600s)")
+    assert d.run is not None and d.run.request_ids == ("u4",) and d.preempt_running  # preemption works again
+    assert s.suspended_batch_ids == (3,)  # u3, preempted by u4
+
+
 def test_queue_bound_in_predicted_seconds_refuses_arrivals_until_work_drains():
     s = make(max_queued_work_s=5.0)
     start(s, s.on_arrival(req("A", 3000, 0.0, 100.0), 0.0), 0.0)

@@ -202,7 +202,7 @@ class SimReplica:
 
     def _apply(self, d: Decision, t: float) -> None:
         """``ReplicaEngine._apply``: refusals, then drop, preempt, run, in that order."""
-        for rid in d.rejected:  # at admission, or expired while waiting
+        for rid in d.rejected:  # at admission, or expired (waiting or suspended)
             sr = self.live.pop(rid, None)
             if sr is not None:
                 self._record(sr.idx, None)

@@ -270,31 +270,57 @@ class Scheduler:
     def _view(self, now: float) -> SchedulerView:
         return self._q.view(now, self.cost_model, self.memory)
 
-    def _expire_hopeless(self, now: float) -> tuple[str, ...]:
-        """Refuse waiting requests (no prefill started) already older than ``late_reject_factor``
-        times their TTFT SLO: admission would refuse them now, and serving them only delays work that
-        can still make its deadline (after an overload, such a backlog kept the replica late)."""
+    def _expire_hopeless(self, now: float) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Refuse work already older than ``late_reject_factor`` times its TTFT SLO; returns the
+        refused request ids and the suspended batches dropped with them.
+
+        Waiting requests (no prefill started): admission would refuse them now, and serving them
+        only delays work that can still make its deadline (after an overload, such a backlog kept
+        the replica late). Suspended batches whose every member is that old, and partly prefilled
+        requests that old: slack-gated EDF runs them after all feasible work, so after a burst
+        they stayed suspended for good, and at ``max_suspended_batches`` of them no urgent arrival
+        could preempt again. Their programs are dropped and their KV freed.
+        """
         factor = self.config.late_reject_factor
-        if factor is None or not self._q.waiting:
-            return ()
-        expired = [r for r in self._q.waiting.values() if now - r.arrival_s > factor * r.ttft_slo_s]
-        for r in expired:
-            rid = r.request_id
-            self._q.remove(r, S.WAITING)
-            self._requests.pop(rid, None)
-            self._refuse(r, Refusal(f"expired: no prefill within {factor:g} x the {r.ttft_slo_s:.3f}s TTFT SLO "
-                                    f"(waited {now - r.arrival_s:.3f}s); the replica is overloaded",
-                                    factor * r.ttft_slo_s), now)
-        return tuple(r.request_id for r in expired)
+        q = self._q
+        if factor is None or not (q.waiting or q.suspended or q.partial):
+            return (), ()
+
+        def old(r: Request) -> bool:
+            return now - r.arrival_s > factor * r.ttft_slo_s
+
+        refused: list[str] = []
+        for r in [r for r in q.waiting.values() if old(r)]:
+            self._expire(r, S.WAITING, f"no prefill within {factor:g} x", now)
+            refused.append(r.request_id)
+        started = [r for r in q.partial.values() if old(r)]
+        dropped: list[int] = []
+        for batch in [b for b in q.suspended.values() if all(old(r) for r in b.requests)]:
+            started += batch.requests
+            self._release(batch.zombies)  # the program that would have freed them is dropped
+            dropped.append(batch.batch_id)
+        for r in started:
+            self._expire(r, S.SUSPENDED, f"prefill not finished within {factor:g} x", now)
+            refused.append(r.request_id)
+        self._release([r.request_id for r in started])
+        return tuple(refused), tuple(dropped)
+
+    def _expire(self, r: Request, state: RequestState, what: str, now: float) -> None:
+        self._q.remove(r, state)
+        self._requests.pop(r.request_id, None)
+        self._refuse(r, Refusal(f"expired: {what} the {r.ttft_slo_s:.3f}s TTFT SLO (waited {now - r.arrival_s:.3f}s); "
+                                "the replica is overloaded", (self.config.late_reject_factor or 1.0) * r.ttft_slo_s),
+                     now)
 
     def _pass(self, now: float) -> Decision:
         t0 = self._perf_clock()
-        expired = self._expire_hopeless(now)
+        expired, dropped = self._expire_hopeless(now)
         decision = self.policy.decide(self._view(now), now)
         if expired:
-            decision = Decision(run=decision.run, preempt_running=decision.preempt_running, dropped=decision.dropped,
-                                freed=decision.freed, prefilled=decision.prefilled,
-                                rejected=(*decision.rejected, *expired), memory_blocked=decision.memory_blocked)
+            decision = Decision(run=decision.run, preempt_running=decision.preempt_running,
+                                dropped=(*decision.dropped, *dropped), freed=decision.freed,
+                                prefilled=decision.prefilled, rejected=(*decision.rejected, *expired),
+                                memory_blocked=decision.memory_blocked)
         out = self._apply(decision)
         self._memory_blocked = decision.memory_blocked
         self.scheduling_passes += 1
