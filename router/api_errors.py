@@ -112,7 +112,10 @@ class APIError(Exception):
         return cls(400, exc.message, param=exc.field)
 
 
+MAX_RETRY_AFTER_S = 60  # every Retry-After hint is clamped to [1, this] whole seconds
+
+
 def _retry(retry_after_s: float | None) -> dict[str, str]:
     if retry_after_s is None:
         return {}
-    return {"Retry-After": str(max(1, round(retry_after_s)))}
+    return {"Retry-After": str(min(max(1, round(retry_after_s)), MAX_RETRY_AFTER_S))}

@@ -51,7 +51,7 @@ async def replica_outputs(
             return
         except RequestShed as exc:
             raise APIError.shed(str(exc) or "no replica can meet this request's TTFT SLO",
-                                retry_after_s=min(exc.retry_after_s, 60.0)) from exc
+                                retry_after_s=exc.retry_after_s) from exc
         except Exception as exc:
             if not is_replica_failure(exc):
                 raise

@@ -27,8 +27,6 @@ from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request,
 from router.responses import StreamEncoder, response_body
 from router.slo import SLOPolicy
 
-MAX_RETRY_AFTER_S = 60.0  # a replica's retry hint is clamped to [1, this] seconds
-
 log = logging.getLogger("flowprefill.router")
 
 app = FastAPI(title="FlowPrefill", description="SLO-aware LLM serving (OpenAI-compatible API)")
@@ -198,9 +196,8 @@ class RouterIngress:
         async for out in self._journalled(payload):
             if out.get("finish_reason") in ("rejected", "error", "abort"):
                 message = out.get("error") or f"request {out['finish_reason']}"
-                retry_s = min(max(out.get("retry_after_s") or 1.0, 1.0), MAX_RETRY_AFTER_S)
-                if out["finish_reason"] == "rejected":
-                    raise APIError.shed(message, retry_after_s=retry_s)
+                if out["finish_reason"] == "rejected":  # APIError clamps the hint to 1-60 s
+                    raise APIError.shed(message, retry_after_s=out.get("retry_after_s") or 1.0)
                 raise APIError(503, message, type="server_error", headers={"Retry-After": "1"})
             if out["token_ids"] and first_at is None:
                 first_at = time.time()

@@ -686,6 +686,9 @@ def test_error_constructors():
     shed = APIError.shed("SLO unattainable", retry_after_s=2.4)
     assert (shed.status, shed.type, shed.code, shed.headers) == (429, "rate_limit_error", "rate_limit_exceeded",
                                                                  {"Retry-After": "2"})
+    # every hint (a replica's refusal, a router shed) is clamped to 1-60 whole seconds in one place
+    assert APIError.shed("late", retry_after_s=500.0).headers == {"Retry-After": "60"}
+    assert APIError.shed("late", retry_after_s=0.2).headers == {"Retry-After": "1"}
     busy = APIError.overloaded("no replica")
     assert (busy.status, busy.type, busy.headers) == (503, "server_error", {})
     assert APIError.internal().status == 500
