@@ -437,6 +437,21 @@ def test_calibration_learns_from_compute_time_when_the_engine_reports_it():
     assert s.calibration.samples == 10 and s.calibration.factor == 1.0 and s.cost_model is s.base_cost_model
 
 
+def test_calibration_costs_a_later_chunk_with_its_attention_over_earlier_chunks():
+    """The chunked policy runs a 2000-token prompt as two 1000-token programs. With attention in the
+    profile (predict(1000) = 2 s, predict(2000) = 6 s) the second chunk takes 4 s; that is the
+    profile's own increment, not a slowdown, so nothing is learned."""
+    cost = CostModel.from_coefficients(0.0, 1e-3, 1e-6)
+    s = Scheduler(cost, SchedulerConfig(policy="chunked", chunk_tokens=1000, calibrate_cost=True),
+                  perf_clock=StepClock())
+    d = start(s, s.on_arrival(req("long", 2000, 0.0, 100.0), 0.0), 0.0)
+    assert d.run is not None and d.run.ranges == ((0, 1000),)
+    d = start(s, s.on_prefill_complete(d.run.batch_id, 2.0, compute_s=2.0), 2.0)
+    assert d.run is not None and d.run.ranges == ((1000, 2000),)
+    s.on_prefill_complete(d.run.batch_id, 6.0, compute_s=4.0)
+    assert s.calibration.samples == 2 and s.calibration.estimate == pytest.approx(1.0)
+
+
 def test_calibration_is_off_by_default_and_ignores_bad_samples():
     s = make()
     d = start(s, s.on_arrival(req("a", 1000, 0.0, 100.0), 0.0), 0.0)

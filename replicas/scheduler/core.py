@@ -258,7 +258,7 @@ class Scheduler:
     def _calibrate(self, batch: Batch, measured_s: float) -> None:
         """Learn from a finished program how much slower than profiled prefill runs now."""
         old = self.calibration.factor
-        factor = self.calibration.observe(self.base_cost_model.predict_batch(batch.token_counts()), measured_s)
+        factor = self.calibration.observe(self._profiled_program_s(batch), measured_s)
         if factor is None:
             return
         rescale = factor / old
@@ -266,6 +266,18 @@ class Scheduler:
         predicted = self._q.predicted
         for rid in predicted:
             predicted[rid] *= rescale
+
+    def _profiled_program_s(self, batch: Batch) -> float:
+        """The idle profile's time for ``batch``'s program. A chunk ``[start, end)`` of a prompt is
+        costed as ``predict(end) - predict(start)``, the increment the scheduler itself charges a
+        request for it: it includes attention over the earlier chunks' KV, which costing the chunk
+        as a fresh prompt of ``end - start`` tokens would leave out, and later chunks would then
+        read as a slowdown (the ``chunked`` policy runs every long prompt this way)."""
+        model = self.base_cost_model
+        ranges = [batch.ranges[r.request_id] for r in batch.requests]
+        if all(start == 0 for start, _ in ranges):
+            return model.predict_batch([end for _, end in ranges])
+        return sum(model.predict(end) - model.predict(start) for start, end in ranges)
 
     def _view(self, now: float) -> SchedulerView:
         return self._q.view(now, self.cost_model, self.memory)
@@ -291,7 +303,7 @@ class Scheduler:
 
         refused: list[str] = []
         for r in [r for r in q.waiting.values() if old(r)]:
-            self._expire(r, S.WAITING, f"no prefill within {factor:g} x", now)
+            self._expire(r, S.WAITING, f"no prefill within {factor:g} x", factor, now)
             refused.append(r.request_id)
         started = [r for r in q.partial.values() if old(r)]
         dropped: list[int] = []
@@ -300,17 +312,16 @@ class Scheduler:
             self._release(batch.zombies)  # the program that would have freed them is dropped
             dropped.append(batch.batch_id)
         for r in started:
-            self._expire(r, S.SUSPENDED, f"prefill not finished within {factor:g} x", now)
+            self._expire(r, S.SUSPENDED, f"prefill not finished within {factor:g} x", factor, now)
             refused.append(r.request_id)
         self._release([r.request_id for r in started])
         return tuple(refused), tuple(dropped)
 
-    def _expire(self, r: Request, state: RequestState, what: str, now: float) -> None:
+    def _expire(self, r: Request, state: RequestState, what: str, factor: float, now: float) -> None:
         self._q.remove(r, state)
         self._requests.pop(r.request_id, None)
         self._refuse(r, Refusal(f"expired: {what} the {r.ttft_slo_s:.3f}s TTFT SLO (waited {now - r.arrival_s:.3f}s); "
-                                "the replica is overloaded", (self.config.late_reject_factor or 1.0) * r.ttft_slo_s),
-                     now)
+                                "the replica is overloaded", factor * r.ttft_slo_s), now)
 
     def _pass(self, now: float) -> Decision:
         t0 = self._perf_clock()
