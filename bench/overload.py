@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+import statistics
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
+from bench.outcomes import finish_rows, tally
 from bench.serve_bench import engine_overrides
-from bench.servers import ManagedServer, server_spec
+from bench.servers import ManagedServer, max_cost_scale, server_spec
 from bench.soak import process_tree_rss_mib, tiled, window_requests
 
 PHASES = ("before", "overload", "after")
@@ -99,44 +100,11 @@ def summarize_phases(cfg: OverloadConfig, results: list[RequestResult]) -> dict[
     """Per phase, per class (and ``all``): outcomes of the requests that arrived in it."""
     table: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in PHASES}
     for r in results:
-        for key in (r.slo_class, "all"):
-            row = table[phase_of(cfg, r.arrival_s)].setdefault(key, {
-                "requests": 0, "completed": 0, "met": 0, "rejected_429": 0, "retry_after": 0,
-                "other_errors": 0, "cancelled": 0})
-            row["requests"] += 1
-            row["met"] += r.met
-            if r.error is None:
-                row["completed"] += 1
-            elif r.status == 429:
-                row["rejected_429"] += 1
-                row["retry_after"] += r.retry_after is not None
-                reasons = row.setdefault("refusal_reasons", {})
-                reason = refusal_kind(r.error)
-                reasons[reason] = reasons.get(reason, 0) + 1
-                examples = row.setdefault("refusal_examples", [])
-                if len(examples) < 3:
-                    examples.append(r.error)
-            elif r.error.startswith("cancelled"):
-                row["cancelled"] += 1
-            else:
-                row["other_errors"] += 1
+        tally(table[phase_of(cfg, r.arrival_s)], r)
     for rows in table.values():
-        for row in rows.values():
-            row["attainment"] = round(row["met"] / row["requests"], 3) if row["requests"] else None
+        finish_rows(rows)
     _capacity_bounds(cfg, results, table)
     return table
-
-
-def refusal_kind(error: str) -> str:
-    """A refusal's message (from its OpenAI error body when there is one) with numbers and ids
-    blanked, so that like refusals count together."""
-    text = error.removeprefix("HTTP 429: ")
-    try:
-        text = json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        pass
-    text = re.sub(r"'[^']*'", "'…'", text)
-    return re.sub(r"[\w.-]*\d[\w.-]*", "#", text)[:120]
 
 
 def _capacity_bounds(cfg: OverloadConfig, results: list[RequestResult],
@@ -189,7 +157,8 @@ async def _run(cfg: OverloadConfig, base_url: str, model: str, requests: list[Lo
         samples.append({"t_s": t, "phase": phase_of(cfg, t), "rss_mib": process_tree_rss_mib(root_pid),
                         "healthy": healthy, "finished": len(window),
                         "refused": sum(r.status == 429 for r in window),
-                        "attainment": sum(r.met for r in window) / len(window) if window else None})
+                        "attainment": sum(r.met for r in window) / len(window) if window else None,
+                        "cost_scale": await asyncio.to_thread(max_cost_scale, base_url)})
         bar.update(len(window))
     return await load, samples
 
@@ -216,11 +185,18 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
         healthy_after = _health_ok(spec.base_url)
     phases = summarize_phases(cfg, results)
     rss = {p: max((s["rss_mib"] for s in samples if s["phase"] == p), default=None) for p in PHASES}
+    scales = {p: _median([s["cost_scale"] for s in samples if s["phase"] == p and s["cost_scale"] is not None])
+              for p in PHASES}
     return {
         "config": asdict(cfg), "requests": len(results), "phases": phases, "rss_mib_peak": rss,
+        "cost_scale_median": scales,
         "health_failures": sum(not s["healthy"] for s in samples), "healthy_after": healthy_after,
         "journal_after": journal, "samples": samples,
     }
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def print_overload(report: dict[str, Any]) -> None:
@@ -235,6 +211,9 @@ def print_overload(report: dict[str, Any]) -> None:
             print(f"{phase:<9} {name:<12} {row['requests']:>5} {row['completed']:>5} {att:>7} {row['bound']:>6.2f} "
                   f"{row['rejected_429']:>5} {row['retry_after']:>5} {row['other_errors']:>4} {row['cancelled']:>6} "
                   f"{'-' if rss is None else f'{rss:.0f}':>8}")
+    scales = report.get("cost_scale_median", {})
+    print("prefill time over its profile (median of samples): "
+          + ", ".join(f"{p} {'-' if scales.get(p) is None else f'{scales[p]:.2f}x'}" for p in PHASES))
     for phase, rows in report["phases"].items():
         reasons = sorted(rows.get("all", {}).get("refusal_reasons", {}).items(), key=lambda kv: -kv[1])
         for reason, count in reasons[:3]:

@@ -170,6 +170,29 @@ def served_models(base_url: str, timeout_s: float = 2.0) -> list[str] | None:
     return [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
 
 
+def max_cost_scale(base_url: str) -> float | None:
+    """The highest replica cost scale in the server's ``/metrics`` (see :func:`cost_scale_from_metrics`),
+    or None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as resp:
+            return cost_scale_from_metrics(resp.read().decode())
+    except OSError:
+        return None
+
+
+def cost_scale_from_metrics(text: str) -> float | None:
+    """The highest ``flowprefill_replica_cost_scale`` (how much slower than profiled a replica's prefill
+    runs now) in Prometheus text, or None when no replica reports one."""
+    values = []
+    for line in text.splitlines():
+        if line.startswith("flowprefill_replica_cost_scale{"):
+            try:
+                values.append(float(line.rsplit(" ", 1)[1]))
+            except (IndexError, ValueError):
+                continue
+    return max(values) if values else None
+
+
 class ManagedServer:
     """One running system; use as a context manager (start and wait on enter, stop on exit)."""
 

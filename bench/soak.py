@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
+from bench.outcomes import class_outcomes
 from bench.serve_bench import ServeBenchConfig, build_requests, engine_overrides, slo_classes
-from bench.servers import ManagedServer, server_spec
+from bench.servers import ManagedServer, max_cost_scale, server_spec
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,11 @@ async def _soak(cfg: SoakConfig, base_url: str, model: str, requests: list[LoadR
         window, seen = done[seen:], len(done)
         met = sum(r.met for r in window)
         errors = sum(r.error is not None and not r.error.startswith("cancelled") for r in window)
+        refused = sum(r.status == 429 for r in window)
         samples.append({"t_s": time.perf_counter() - t0, "rss_mib": process_tree_rss_mib(root_pid),
-                        "finished": len(window), "errors": errors,
-                        "attainment": met / len(window) if window else None})
+                        "finished": len(window), "errors": errors, "refused_429": refused,
+                        "attainment": met / len(window) if window else None,
+                        "cost_scale": await asyncio.to_thread(max_cost_scale, base_url)})
         bar.update(len(window))
     return await load, samples
 
@@ -150,7 +153,7 @@ def run_soak(cfg: SoakConfig, model_dir: Path | None = None) -> dict[str, Any]:
         "config": asdict(cfg), "rate_rps": rate, "requests": len(results), "startup_s": startup_s,
         "completed": sum(r.error is None for r in results), "errors": len(errors), "error_examples": errors[:5],
         "cancelled": sum(r.error is not None and r.error.startswith("cancelled") for r in results),
-        "attainment": sum(r.met for r in results) / max(len(results), 1),
+        "attainment": sum(r.met for r in results) / max(len(results), 1), "classes": class_outcomes(results),
         "rss_mib_first": samples[0]["rss_mib"] if samples else None,
         "rss_mib_last": samples[-1]["rss_mib"] if samples else None,
         "rss_slope_mib_per_min_after_warmup": _slope_per_min(warm), "samples": samples,
@@ -159,10 +162,17 @@ def run_soak(cfg: SoakConfig, model_dir: Path | None = None) -> dict[str, Any]:
 
 def print_soak(report: dict[str, Any]) -> None:
     """One line per sample, then the verdict."""
-    print(f"{'t (s)':>7} {'RSS MiB':>9} {'finished':>9} {'errors':>7} {'attainment':>11}")
+    print(f"{'t (s)':>7} {'RSS MiB':>9} {'finished':>9} {'errors':>7} {'429':>5} {'attainment':>11} {'cost x':>7}")
     for s in report["samples"]:
         att = "-" if s["attainment"] is None else f"{s['attainment']:.2f}"
-        print(f"{s['t_s']:>7.0f} {s['rss_mib']:>9.0f} {s['finished']:>9} {s['errors']:>7} {att:>11}")
+        scale = "-" if s.get("cost_scale") is None else f"{s['cost_scale']:.2f}"
+        print(f"{s['t_s']:>7.0f} {s['rss_mib']:>9.0f} {s['finished']:>9} {s['errors']:>7} {s.get('refused_429', 0):>5} "
+              f"{att:>11} {scale:>7}")
+    for name, row in report.get("classes", {}).items():
+        reasons = sorted(row.get("refusal_reasons", {}).items(), key=lambda kv: -kv[1])[:3]
+        print(f"{name:>12}: {row['requests']} requests, {row['completed']} completed, {row['met']} met "
+              f"(attainment {row['attainment']}), {row['rejected_429']} refused"
+              + "".join(f"\n{'':>14}{n} x {reason}" for reason, n in reasons))
     print(json.dumps({k: report[k] for k in ("rate_rps", "requests", "completed", "errors", "cancelled",
                                                "attainment", "rss_mib_first", "rss_mib_last",
                                                "rss_slope_mib_per_min_after_warmup")}, indent=1))

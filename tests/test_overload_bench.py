@@ -67,3 +67,29 @@ def test_engine_settings_are_read_as_yaml_and_validated() -> None:
         parse_engine_settings(["late_reject_factor"])
     with pytest.raises(ValueError, match="--engine-set.late_reject_factr"):
         OverloadConfig(trace="t", goodput_rps=1.0, engine_settings={"late_reject_factr": 1.0})
+
+
+def test_class_outcomes_cover_the_whole_run_per_class() -> None:
+    from bench.outcomes import class_outcomes
+
+    results = [
+        RequestResult(0, "interactive", 2, 1.0, arrival_s=1, ttft_s=0.5, e2e_s=1.0, output_tokens=4, status=200),
+        RequestResult(1, "interactive", 2, 1.0, arrival_s=2, ttft_s=1.5, e2e_s=2.0, output_tokens=4, status=200),
+        RequestResult(2, "batch", 2, 60.0, arrival_s=3,
+                      error='HTTP 429: {"error": {"message": "expired: waited 91.2s for \'r-17\'"}}', status=429),
+    ]
+    rows = class_outcomes(results)
+    assert rows["interactive"]["attainment"] == 0.5 and rows["interactive"]["completed"] == 2
+    assert rows["batch"]["refusal_reasons"] == {"expired: waited # for '…'": 1}
+    assert rows["all"]["requests"] == 3 and rows["all"]["met"] == 1
+
+
+def test_cost_scale_is_the_highest_replica_gauge_in_the_metrics_text() -> None:
+    from bench.servers import cost_scale_from_metrics
+
+    text = ("# HELP flowprefill_replica_cost_scale prefill time over its profile\n"
+            'flowprefill_replica_cost_scale{replica="a"} 1.25\n'
+            'flowprefill_replica_cost_scale{replica="b"} 1.75\n'
+            'flowprefill_replica_queue_depth{replica="a"} 3.0\n')
+    assert cost_scale_from_metrics(text) == 1.75
+    assert cost_scale_from_metrics("flowprefill_replica_queue_depth 3.0\n") is None
