@@ -24,7 +24,7 @@ from typing import Any
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import finish_rows, tally
 from bench.serve_bench import engine_overrides
-from bench.servers import ManagedServer, max_cost_scale, server_spec
+from bench.servers import ManagedServer, check_engine_settings, max_cost_scale, server_spec
 from bench.soak import process_tree_rss_mib, tiled, window_requests
 
 PHASES = ("before", "overload", "after")
@@ -54,29 +54,11 @@ class OverloadConfig:
             raise ValueError("--goodput-rps must be positive, --factor >= 1, --base-fraction in (0, 1]")
         if min(self.before_s, self.overload_s, self.after_s) <= 0:
             raise ValueError("every phase must last a positive number of seconds")
-        from replicas.engine_config import EngineConfig
-
-        EngineConfig.from_dict(self.engine_settings, prefix="--engine-set")  # a bad key or value: named now
+        check_engine_settings(self.engine_settings)
 
     def bounds(self) -> tuple[float, float, float]:
         """End of each phase, in seconds from the start of the load."""
         return self.before_s, self.before_s + self.overload_s, self.before_s + self.overload_s + self.after_s
-
-
-def parse_engine_settings(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (VALUE read as YAML: numbers, booleans, null) into a settings dict."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--engine-set: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--engine-set {key.strip()}: cannot read {raw!r}: {exc}") from None
-    return out
 
 
 def schedule(cfg: OverloadConfig, base: list[LoadRequest]) -> list[LoadRequest]:

@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,15 @@ from tqdm import tqdm
 
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
 from bench.prompts import PromptBuilder, max_tokens_for
-from bench.servers import FLOWPREFILL_SYSTEMS, SYSTEMS, ManagedServer, ServerStartError, server_spec, vllm_available
+from bench.servers import (
+    FLOWPREFILL_SYSTEMS,
+    SYSTEMS,
+    ManagedServer,
+    ServerStartError,
+    check_engine_settings,
+    server_spec,
+    vllm_available,
+)
 from bench.slo_classes import THREE_TIER_RULE, SLOClass, assign_classes
 from bench.traces import load_trace
 from replicas.vllm_process import CPU_LIST
@@ -75,6 +83,7 @@ class ServeBenchConfig:
     config: str | None = None  # Serve config with the SLO classes (default ray_config.yaml)
     log_dir: str = "out/serve-bench"
     quick: bool = False
+    engine_settings: dict[str, Any] = field(default_factory=dict)  # FlowPrefill engine settings on top
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.systems if s not in SYSTEMS]
@@ -82,6 +91,7 @@ class ServeBenchConfig:
             raise ValueError(f"--systems: unknown {unknown}; expected some of {', '.join(SYSTEMS)}")
         if self.prompt_format not in ("text", "ids"):
             raise ValueError(f"prompt_format must be text or ids, got {self.prompt_format!r}")
+        check_engine_settings(self.engine_settings)
         if not CPU_LIST.match(self.vllm_threads_bind):
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
         if self.quick:  # all four systems in about 25 minutes on 2 cores
@@ -229,7 +239,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
             entry["error"] = f"skipped: {why}"
             return entry
     log_dir = Path(cfg.log_dir)
-    engine = engine_overrides(cfg.length_scale) if system in FLOWPREFILL_SYSTEMS else None
+    engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if system in FLOWPREFILL_SYSTEMS else None
     spec = server_spec(system, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=cfg.chunk_tokens,
                        vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill,
                        threads_bind=cfg.vllm_threads_bind)

@@ -170,6 +170,31 @@ def served_models(base_url: str, timeout_s: float = 2.0) -> list[str] | None:
     return [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
 
 
+def parse_engine_settings(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (VALUE read as YAML: numbers, booleans, null) into a settings dict."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-set: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--engine-set {key.strip()}: cannot read {raw!r}: {exc}") from None
+    return out
+
+
+
+
+def check_engine_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse a bad ``--engine-set`` key or value now, naming it (not when the server starts)."""
+    from replicas.engine_config import EngineConfig
+
+    EngineConfig.from_dict(settings, prefix="--engine-set")
+
+
 def max_cost_scale(base_url: str) -> float | None:
     """The highest replica cost scale in the server's ``/metrics`` (see :func:`cost_scale_from_metrics`),
     or None when it cannot be read."""

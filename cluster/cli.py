@@ -119,6 +119,7 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from bench.serve_bench import ServeBenchConfig, run_serve_bench
+    from bench.servers import parse_engine_settings
 
     cfg = ServeBenchConfig(
         trace=args.trace, systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), quick=args.quick,
@@ -126,6 +127,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_tokens=args.chunk_tokens,
         vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
+        engine_settings=parse_engine_settings(args.engine_set),
     )
 
     def save(report: dict[str, object]) -> None:  # after each system, and at the end
@@ -183,7 +185,8 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_overload(args: argparse.Namespace) -> int:
-    from bench.overload import OverloadConfig, parse_engine_settings, print_overload, run_overload
+    from bench.overload import OverloadConfig, print_overload, run_overload
+    from bench.servers import parse_engine_settings
 
     settings = parse_engine_settings(args.engine_set)
     report = run_overload(OverloadConfig(trace=args.trace, goodput_rps=args.goodput_rps, factor=args.factor,
@@ -360,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
     bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
     bsrv.add_argument("--quick", action="store_true", help="fewer requests and runs (all systems in ~25 minutes)")
+    bsrv.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a FlowPrefill engine setting for every FlowPrefill system (repeatable), e.g. cpu_threads=1")
     bsrv.add_argument("--json", default=None)
     bsrv.add_argument("--plot-dir", default=None, help="directory for attainment / TTFT CDF / timeline PNGs")
     bsrv.set_defaults(func=_cmd_bench_serve)

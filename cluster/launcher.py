@@ -68,7 +68,9 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
 def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
     """Profile the replica model once here (cached) so replicas do not each profile at start-up."""
-    from replicas.engine_config import EngineConfig
+    import torch
+
+    from replicas.engine_config import EngineConfig, cpu_threads_of
     from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
     from replicas.profiling import load_or_profile, profile_cache_path
@@ -84,10 +86,16 @@ def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
     if engine.profile is not None or engine.device != "cpu":  # GPU replicas profile on their own device
         return args
     model_dir = engine.model or str(prepare_default_model())
-    model = DecoderModel.load(model_dir, dtype=engine.dtype, device=engine.device)
-    load_or_profile(model, max_tokens=engine.profile_max_tokens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads_of(engine))  # the replica's threads: the profile holds for them only
+    try:
+        model = DecoderModel.load(model_dir, dtype=engine.dtype, device=engine.device)
+        load_or_profile(model, max_tokens=engine.profile_max_tokens)
+        profile = str(profile_cache_path(model))
+    finally:
+        torch.set_num_threads(threads)
     return {**args, "engine": {**(args.get("engine") or {}), "model": model_dir,
-                               "profile": str(profile_cache_path(model))}}
+                               "profile": profile}}
 
 
 def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None, grpc_port: int = 9000) -> str:

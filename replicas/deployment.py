@@ -140,8 +140,8 @@ class ReplicaServer:
             yield row
 
     def stats(self) -> dict[str, Any]:
-        """The engine's latest queue-state snapshot plus this replica's id."""
-        return {"replica_id": self.replica_id, **self.engine.stats()}
+        """The engine's latest queue-state snapshot plus this replica's id and compute threads."""
+        return {"replica_id": self.replica_id, "compute_threads": self.engine.compute_threads, **self.engine.stats()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: predicted prefill load and recent TTFT attainment

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from replicas.detokenize import OutputStream
-from replicas.engine_config import EngineConfig
+from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
 from replicas.executor import PreemptibleExecutor, Task
 from replicas.kv_cache import KVCacheFull, PagedKVCache
@@ -121,6 +121,9 @@ class ReplicaEngine:
         from replicas.profiling import load_or_profile
 
         self.config = config
+        self.compute_threads = torch.get_num_threads()  # updated by the loop thread when it starts
+        if config.device == "cpu":  # before the model and its profile (whose name carries the count)
+            torch.set_num_threads(cpu_threads_of(config))
         model_dir = config.model or str(prepare_default_model())
         self.model = model or DecoderModel.load(model_dir, dtype=config.dtype, device=config.device)
         self.tokenizer = tokenizer or Tokenizer.from_dir(model_dir)
@@ -232,6 +235,7 @@ class ReplicaEngine:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        self.compute_threads = torch.get_num_threads()  # as this thread computes (OpenMP settings are per thread)
         try:
             while not self._stop.is_set():
                 self._drain_inbox()

@@ -7,6 +7,7 @@ The same dataclass is built from CLI flags, from ``ray_config.yaml`` (the replic
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -51,6 +52,10 @@ class EngineConfig:
     max_decoding: int = 64  # sequences decoding at once
     profile: str | None = None  # cost-model JSON; None = cached profile or profile at start-up
     profile_max_tokens: int = 2048
+    # Torch intra-op threads of a CPU replica; None = every core this process may run on. Ray sets
+    # OMP_NUM_THREADS to an actor's CPU share (1 for ``replica_cpus: 1.0``), which would leave a
+    # one-replica node with a single compute thread.
+    cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +86,9 @@ class EngineConfig:
         for name in ("admission_control", "calibrate_cost"):
             if not isinstance(getattr(self, name), bool):
                 raise EngineConfigError(name, "must be true or false")
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool)
+                                             or not isinstance(self.cpu_threads, int) or self.cpu_threads <= 0):
+            raise EngineConfigError("cpu_threads", f"must be null or a positive integer, got {self.cpu_threads!r}")
         for name, low in (("late_reject_factor", 1.0), ("max_queued_work_s", 0.0)):
             value = getattr(self, name)
             if value is None:
@@ -104,3 +112,16 @@ class EngineConfig:
             raise EngineConfigError(f"{prefix}.{exc.field}", str(exc).split(": ", 1)[1]) from None
         except TypeError as exc:  # a wrong type slipped past the checks above
             raise EngineConfigError(prefix, str(exc)) from None
+
+
+def cpu_threads_of(config: EngineConfig) -> int:
+    """The torch threads a CPU replica of ``config`` computes with (``cpu_threads``, else every usable core)."""
+    return config.cpu_threads or usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # not Linux
+        return max(os.cpu_count() or 1, 1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from replicas.scheduler.cost_model import (
     CostModelError,
     default_profile_lengths,
     detect_hardware,
+    profile_file_name,
     profile_prefill,
 )
 
@@ -74,8 +74,9 @@ def _dtype_name(model: DecoderModel) -> str:
 def profile_cache_path(model: DecoderModel, cache_dir: Path | None = None) -> Path:
     """Where a profile of ``model`` on this hardware is stored."""
     root = cache_dir or Path(os.environ.get("FLOWPREFILL_CACHE", Path.home() / ".cache" / "flowprefill"))
-    key = f"{model.name}-{_dtype_name(model)}-{model.device.type}-{detect_hardware(str(model.device))}"
-    return root / "profiles" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json")
+    threads = torch.get_num_threads() if model.device.type == "cpu" else None
+    return root / "profiles" / profile_file_name(model.name, _dtype_name(model), model.device.type,
+                                                 detect_hardware(str(model.device)), threads)
 
 
 def load_or_profile(

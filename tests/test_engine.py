@@ -187,6 +187,39 @@ def test_bad_settings_name_the_field():
         EngineConfig.from_dict({"late_reject_factor": 0.9})
     with pytest.raises(EngineConfigError, match="engine.max_queued_work_s"):
         EngineConfig.from_dict({"max_queued_work_s": -1})
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(EngineConfigError, match="engine.cpu_threads"):
+            EngineConfig.from_dict({"cpu_threads": bad})
+
+
+def test_engine_computes_with_its_configured_threads_and_profiles_under_their_count(model_dir):
+    """``cpu_threads`` sets the loop thread's torch threads, and a cached CPU profile is named after
+    the thread count it was measured with, so a profile from more threads is never used with fewer."""
+    import torch
+
+    from replicas.profiling import profile_cache_path
+    from replicas.scheduler.cost_model import profile_file_name
+
+    before = torch.get_num_threads()
+    cost = CostModel.from_coefficients(1e-3, 1e-3, max_profiled_tokens=8192)
+    try:
+        engine = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, cpu_threads=1),
+                               cost_model=cost)
+        engine.start()
+        try:
+            got = Collector()
+            engine.add_request(_request("r", 8, 5.0, engine.clock()), GREEDY, got.sink("r"))
+            got.wait("r")
+            assert len(got.tokens("r")) == GREEDY.max_tokens
+            assert engine.compute_threads == 1
+            assert profile_cache_path(engine.model).name.endswith("-t1.json")
+        finally:
+            engine.shutdown()
+    finally:
+        torch.set_num_threads(before)
+    one, two = (profile_file_name("m", "float32", "cpu", "AMD EPYC 7B13", n) for n in (1, 2))
+    assert one != two and two.endswith("-t2.json")
+    assert profile_file_name("m", "bfloat16", "cuda", "NVIDIA H200", 2) == "m-bfloat16-cuda-NVIDIA_H200.json"
 
 
 def test_overload_admission_refuses_a_hopeless_request_with_a_retry_hint(model_dir):

@@ -59,7 +59,7 @@ def test_capacity_bound_serves_the_most_urgent_class_first() -> None:
 def test_engine_settings_are_read_as_yaml_and_validated() -> None:
     import pytest
 
-    from bench.overload import parse_engine_settings
+    from bench.servers import parse_engine_settings
 
     assert parse_engine_settings(["late_reject_factor=1.0", "calibrate_cost=false", "max_queued_work_s=null"]) == {
         "late_reject_factor": 1.0, "calibrate_cost": False, "max_queued_work_s": None}

@@ -51,6 +51,26 @@ def cluster(redis_server, default_model_dir, tmp_path_factory):
         ray.shutdown()
 
 
+def test_replicas_compute_with_every_core_not_rays_cpu_share(cluster):
+    """Ray sets OMP_NUM_THREADS to an actor's CPU share (1 for ``replica_cpus: 1.0``); a replica must
+    still compute with every usable core (``cpu_threads: null``), as its profile was measured."""
+    import ray
+    from ray import serve
+
+    from replicas.engine_config import usable_cores
+
+    @ray.remote(num_cpus=1)
+    def omp_threads_of_a_one_cpu_actor() -> str | None:
+        import os
+
+        return os.environ.get("OMP_NUM_THREADS")
+
+    assert ray.get(omp_threads_of_a_one_cpu_actor.remote()) == "1"  # what the replicas were left with before
+    handle = serve.get_deployment_handle("FlowPrefillReplica", app_name="flowprefill")
+    stats = handle.stats.remote().result()
+    assert stats["compute_threads"] == usable_cores() >= 1
+
+
 def test_every_listener_is_on_loopback(cluster):
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     ours = [line for line in out.splitlines() if any(k in line for k in ("ray", "raylet", "gcs_server", "python"))]

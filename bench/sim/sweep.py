@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from bench.sim.replica import ExecConfig
 from bench.sim.workload import SimWorkload, cluster_workload
 from bench.traces import load_trace
 from replicas.scheduler.config import SchedulerConfig
-from replicas.scheduler.cost_model import CostModel, detect_hardware
+from replicas.scheduler.cost_model import CostModel, detect_hardware, profile_file_name
 
 
 @dataclass
@@ -69,12 +68,13 @@ class SimBenchConfig:
 
 
 def default_profile_path() -> Path:
-    """The cached CPU profile of the default model on this machine (what ``serve`` would use)."""
+    """The cached CPU profile of the default model on this machine, with the compute threads a
+    replica uses by default (every usable core): what ``serve`` would use."""
+    from replicas.engine_config import usable_cores
     from replicas.model.default_model import MODEL_NAME
 
     root = Path(os.environ.get("FLOWPREFILL_CACHE", Path.home() / ".cache" / "flowprefill"))
-    key = f"{MODEL_NAME}-float32-cpu-{detect_hardware('cpu')}"
-    return root / "profiles" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json")
+    return root / "profiles" / profile_file_name(MODEL_NAME, "float32", "cpu", detect_hardware("cpu"), usable_cores())
 
 
 def load_profile(path: str | None) -> tuple[CostModel, str]:
@@ -84,10 +84,14 @@ def load_profile(path: str | None) -> tuple[CostModel, str]:
     cached = default_profile_path()
     if cached.is_file():
         return CostModel.load(cached), str(cached)
+    import torch
+
+    from replicas.engine_config import usable_cores
     from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
     from replicas.profiling import load_or_profile, profile_cache_path
 
+    torch.set_num_threads(usable_cores())  # as a replica runs by default (the profile's name says so)
     model = DecoderModel.load(prepare_default_model())
     return load_or_profile(model), str(profile_cache_path(model))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -401,6 +402,15 @@ def profile_prefill(
             hold = holdout_every > 0 and 0 < i < len(lens) - 1 and (i + 1) % holdout_every == 0
             (held if hold else train).append((n, statistics.median(times)))
     return fit_cost_model(train, held_out=held, **fit_kw)
+
+
+def profile_file_name(model: str, dtype: str, device: str, hardware: str, cpu_threads: int | None) -> str:
+    """File name of a cached profile. A CPU profile depends on the compute threads it ran with, so
+    their count is part of the name (a 2-thread profile would be 1.6-1.9x optimistic for 1 thread)."""
+    key = f"{model}-{dtype}-{device}-{hardware}"
+    if _norm_device(device) == "cpu" and cpu_threads is not None:
+        key += f"-t{cpu_threads}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json"
 
 
 def detect_hardware(device: str) -> str:
