@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,6 +200,17 @@ def _cmd_bench_overload(args: argparse.Namespace) -> int:
     return 0 if report["healthy_after"] and report["health_failures"] == 0 and lost == 0 else 1
 
 
+def _cmd_bench_faults(args: argparse.Namespace) -> int:
+    from bench.faults import FaultConfig, print_faults, run_faults
+
+    report = run_faults(FaultConfig(trace=args.trace, rate_rps=args.rate_rps, replicas=args.replicas,
+                                    phase_s=args.phase_s, outage_s=args.outage_s, cpu_threads=args.cpu_threads),
+                        Path(args.model) if args.model else None)
+    print_faults(report)
+    _write_json(args.json, report)
+    return 0 if sum(row["lost"] for row in report["phases"].values()) == 0 else 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cluster.launcher import DEFAULT_CONFIG, serve_main
 
@@ -340,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     over.add_argument("--model", default=None)
     over.add_argument("--json", default=None)
     over.set_defaults(func=_cmd_bench_overload)
+    flt = bsub.add_parser("faults", help="attainment before, during and after a replica crash and a Redis outage")
+    flt.add_argument("--trace", required=True)
+    flt.add_argument("--rate-rps", type=float, default=1.2, help="offered load over all replicas")
+    flt.add_argument("--replicas", type=int, default=2)
+    flt.add_argument("--phase-s", type=float, default=30.0, help="seconds of each measured window")
+    flt.add_argument("--outage-s", type=float, default=15.0, help="seconds Redis stays down")
+    flt.add_argument("--cpu-threads", type=int, default=1, help="compute threads per replica")
+    flt.add_argument("--model", default=None)
+    flt.add_argument("--json", default=None)
+    flt.set_defaults(func=_cmd_bench_faults)
     sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
     from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
 
@@ -371,9 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(*_: object) -> None:
+    raise SystemExit(143)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowprefill`` console script."""
     args = build_parser().parse_args(argv)
+    # SIGTERM ends a command like Ctrl-C does, so servers and Redis a bench started are stopped on the
+    # way out (`serve` replaces this handler once Ray is up).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as exc:

@@ -127,14 +127,25 @@ def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port:
         print(f"redis: {redact_url(redis_url)}{' (private)' if redis else ''}", file=sys.stderr)
         os.environ["REDIS_URL"] = redis_url
         start_local_ray(num_cpus)
+        started = threading.Event()
+
+        def on_signal(*_: object) -> None:
+            stop.set()
+            if not started.is_set():  # still deploying: stop waiting for it (the finally cleans up)
+                raise KeyboardInterrupt
+
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         url = run_app(args, host, port, redis_url, grpc_port)
+        started.set()
         print(f"FlowPrefill is serving the OpenAI API at {url}/v1 and gRPC at 127.0.0.1:{grpc_port} "
               "(Ctrl-C to stop)", flush=True)
         stop.wait()
         print("shutting down", file=sys.stderr)
         return 0
+    except KeyboardInterrupt:
+        print("interrupted while starting; shutting down", file=sys.stderr)
+        return 130
     finally:
         try:
             from ray import serve
