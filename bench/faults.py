@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import class_outcomes
-from bench.serve_bench import engine_overrides
+from bench.serve_bench import engine_overrides, warm_up
 from bench.servers import ManagedServer, server_spec
 from bench.soak import tiled, window_requests
 
@@ -196,6 +196,7 @@ def run_faults(cfg: FaultConfig, model_dir: Path | None = None) -> dict[str, Any
         spec.argv += ["--replicas", str(cfg.replicas), "--num-cpus", str(cfg.replicas + 1)]
         spec.env["REDIS_URL"] = redis.url
         with ManagedServer(spec, work / "server.log") as server:
+            warm_up(spec.base_url, server.model_name, base, count=len(base))  # every prompt length once, unscored
             with tqdm(total=len(requests), desc=f"faults at {cfg.rate_rps:g} req/s", unit="req") as bar:
                 results = asyncio.run(_run(cfg, spec.base_url, server.model_name, requests, redis, events, bar))
             journal_left = _journal_left(spec.base_url)

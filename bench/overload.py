@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import finish_rows, tally
-from bench.serve_bench import engine_overrides
+from bench.serve_bench import engine_overrides, warm_up
 from bench.servers import ManagedServer, check_engine_settings, max_cost_scale, server_spec
 from bench.soak import process_tree_rss_mib, tiled, window_requests
 
@@ -160,6 +160,7 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
                        engine={**engine_overrides(cfg.length_scale), **cfg.engine_settings})
     with ManagedServer(spec, work / "server.log") as server:
         assert server.proc is not None
+        warm_up(spec.base_url, server.model_name, base, count=len(base))  # every prompt length once, unscored
         with tqdm(total=len(requests), desc=f"overload {cfg.factor:g}x for {cfg.overload_s:g} s", unit="req") as bar:
             results, samples = asyncio.run(_run(cfg, spec.base_url, server.model_name, requests,
                                                 server.proc.pid, bar))

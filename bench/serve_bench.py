@@ -216,10 +216,11 @@ def _probe_scale(base: str, model: str, requests: list[LoadRequest]) -> float:
     return float(f"{0.6 * requests[-1].arrival_s / max(work, 1e-9):.3g}")
 
 
-def _warm_up(base: str, model: str, requests: list[LoadRequest]) -> None:
-    """Three unscored requests so first-call costs (compilation, caches) do not hit the first run."""
+def warm_up(base: str, model: str, requests: list[LoadRequest], count: int = 3) -> None:
+    """``count`` unscored requests, one after another, so first-call costs (kernel set-up per new
+    prompt length, caches) do not hit the measured runs."""
     cfg = LoadConfig(base, model, drain_s=180.0, cancel_missed=False)
-    for i, r in enumerate(requests[:3]):
+    for i, r in enumerate(requests[:count]):
         run_load_sync(cfg, [replace(r, arrival_s=0.0, ttft_slo_s=1e9, prompt=_warm_prompt(r.prompt, i))])
 
 
@@ -251,7 +252,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
         with ManagedServer(spec, log_dir / f"{system}.log") as server:
             entry["startup_s"] = server.startup_s
             bar.set_description(f"{system}: warm-up")
-            _warm_up(spec.base_url, server.model_name, requests)
+            warm_up(spec.base_url, server.model_name, requests)
             if start is None:
                 start = _probe_scale(spec.base_url, server.model_name, requests)
             entry["start_scale"] = start

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import class_outcomes
-from bench.serve_bench import ServeBenchConfig, build_requests, engine_overrides, slo_classes
+from bench.serve_bench import ServeBenchConfig, build_requests, engine_overrides, slo_classes, warm_up
 from bench.servers import ManagedServer, max_cost_scale, server_spec
 
 
@@ -144,6 +144,7 @@ def run_soak(cfg: SoakConfig, model_dir: Path | None = None) -> dict[str, Any]:
     with ManagedServer(spec, work / "server.log") as server:  # started and ready
         startup_s = server.startup_s
         assert server.proc is not None
+        warm_up(spec.base_url, server.model_name, base, count=len(base))  # every prompt length once, unscored
         with tqdm(total=len(requests), desc=f"soak {cfg.minutes:g} min at {rate:.3g} req/s", unit="req") as bar:
             results, samples = asyncio.run(_soak(cfg, spec.base_url, server.model_name, requests,
                                                  server.proc.pid, bar))
