@@ -67,10 +67,16 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
 
 def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
-    """Profile the replica model once here (cached) so replicas do not each profile at start-up."""
+    """Profile the replica model once here (cached) so replicas do not each profile at start-up.
+
+    Replicas started from here share this one machine: unless ``cpu_threads`` is set, its usable
+    cores are split between the most replicas the app may run (``num_replicas``, or autoscaling's
+    ``max_replicas``), so they do not oversubscribe the cores, and the profile is measured with
+    that many threads.
+    """
     import torch
 
-    from replicas.engine_config import EngineConfig, cpu_threads_of
+    from replicas.engine_config import EngineConfig, usable_cores
     from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
     from replicas.profiling import load_or_profile, profile_cache_path
@@ -86,15 +92,17 @@ def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
     if engine.profile is not None or engine.device != "cpu":  # GPU replicas profile on their own device
         return args
     model_dir = engine.model or str(prepare_default_model())
+    most = max(int(args.get("num_replicas", 1)), int((args.get("autoscaling") or {}).get("max_replicas", 1)))
+    compute_threads = engine.cpu_threads or max(1, usable_cores() // most)
     threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads_of(engine))  # the replica's threads: the profile holds for them only
+    torch.set_num_threads(compute_threads)  # the replicas' threads: the profile holds for them only
     try:
         model = DecoderModel.load(model_dir, dtype=engine.dtype, device=engine.device)
         load_or_profile(model, max_tokens=engine.profile_max_tokens)
         profile = str(profile_cache_path(model))
     finally:
         torch.set_num_threads(threads)
-    return {**args, "engine": {**(args.get("engine") or {}), "model": model_dir,
+    return {**args, "engine": {**(args.get("engine") or {}), "model": model_dir, "cpu_threads": compute_threads,
                                "profile": profile}}
 
 

@@ -121,7 +121,8 @@ class ReplicaEngine:
         from replicas.profiling import load_or_profile
 
         self.config = config
-        self.compute_threads = torch.get_num_threads()  # updated by the loop thread when it starts
+        self.compute_threads = torch.get_num_threads()  # the loop thread's, once it has started
+        self._loop_started = threading.Event()
         if config.device == "cpu":  # before the model and its profile (whose name carries the count)
             torch.set_num_threads(cpu_threads_of(config))
         model_dir = config.model or str(prepare_default_model())
@@ -191,10 +192,11 @@ class ReplicaEngine:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        """Start the loop thread (idempotent)."""
+        """Start the loop thread (idempotent); on return ``compute_threads`` is the loop thread's."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="flowprefill-engine", daemon=True)
             self._thread.start()
+            self._loop_started.wait(10.0)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the loop; requests still live get an ``abort`` output."""
@@ -236,6 +238,7 @@ class ReplicaEngine:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         self.compute_threads = torch.get_num_threads()  # as this thread computes (OpenMP settings are per thread)
+        self._loop_started.set()
         try:
             while not self._stop.is_set():
                 self._drain_inbox()

@@ -52,9 +52,10 @@ class EngineConfig:
     max_decoding: int = 64  # sequences decoding at once
     profile: str | None = None  # cost-model JSON; None = cached profile or profile at start-up
     profile_max_tokens: int = 2048
-    # Torch intra-op threads of a CPU replica; None = every core this process may run on. Ray sets
-    # OMP_NUM_THREADS to an actor's CPU share (1 for ``replica_cpus: 1.0``), which would leave a
-    # one-replica node with a single compute thread.
+    # Torch intra-op threads of a CPU replica; None = every core this process may run on (the
+    # launcher fills it in, splitting the machine between its replicas). Ray sets OMP_NUM_THREADS
+    # to an actor's CPU share (1 for ``replica_cpus: 1.0``), which would leave a one-replica node
+    # with a single compute thread.
     cpu_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -51,24 +51,37 @@ def cluster(redis_server, default_model_dir, tmp_path_factory):
         ray.shutdown()
 
 
-def test_replicas_compute_with_every_core_not_rays_cpu_share(cluster):
-    """Ray sets OMP_NUM_THREADS to an actor's CPU share (1 for ``replica_cpus: 1.0``); a replica must
-    still compute with every usable core (``cpu_threads: null``), as its profile was measured."""
+def test_replicas_split_the_cores_and_are_not_left_at_rays_cpu_share(cluster, tiny_checkpoint_factory):
+    """Ray sets OMP_NUM_THREADS to an actor's CPU share (1 for ``num_cpus=1``). An engine in such an
+    actor still computes with ``cpu_threads`` (null: every usable core); the launcher splits the
+    machine's cores between the replicas it starts, and they compute with exactly that many."""
     import ray
     from ray import serve
 
     from replicas.engine_config import usable_cores
 
     @ray.remote(num_cpus=1)
-    def omp_threads_of_a_one_cpu_actor() -> str | None:
+    def threads_in_a_one_cpu_actor(model_dir: str) -> tuple[str | None, int]:
         import os
 
-        return os.environ.get("OMP_NUM_THREADS")
+        from replicas.engine import ReplicaEngine
+        from replicas.engine_config import EngineConfig
+        from replicas.scheduler.cost_model import CostModel
 
-    assert ray.get(omp_threads_of_a_one_cpu_actor.remote()) == "1"  # what the replicas were left with before
+        engine = ReplicaEngine(EngineConfig(model=model_dir, kv_cache_bytes=8 << 20),
+                               cost_model=CostModel.from_coefficients(1e-3, 1e-3, max_profiled_tokens=8192))
+        engine.start()  # returns once the loop thread reported its threads
+        try:
+            return os.environ.get("OMP_NUM_THREADS"), engine.compute_threads
+        finally:
+            engine.shutdown()
+
+    omp, threads = ray.get(threads_in_a_one_cpu_actor.remote(str(tiny_checkpoint_factory())))
+    assert (omp, threads) == ("1", usable_cores())
+    split = cluster["args"]["engine"]["cpu_threads"]
+    assert split == max(1, usable_cores() // 2)  # two replicas on this machine
     handle = serve.get_deployment_handle("FlowPrefillReplica", app_name="flowprefill")
-    stats = handle.stats.remote().result()
-    assert stats["compute_threads"] == usable_cores() >= 1
+    assert handle.stats.remote().result()["compute_threads"] == split
 
 
 def test_every_listener_is_on_loopback(cluster):
