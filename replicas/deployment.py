@@ -140,8 +140,13 @@ class ReplicaServer:
             yield row
 
     def stats(self) -> dict[str, Any]:
-        """The engine's latest queue-state snapshot plus this replica's id and compute threads."""
-        return {"replica_id": self.replica_id, "compute_threads": self.engine.compute_threads, **self.engine.stats()}
+        """The engine's latest queue-state snapshot plus this replica's id, and the compute threads of
+        an engine that computes in this process (the native one; vLLM runs its own server)."""
+        out = {"replica_id": self.replica_id, **self.engine.stats()}
+        threads = getattr(self.engine, "compute_threads", None)
+        if threads is not None:
+            out["compute_threads"] = threads
+        return out
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: predicted prefill load and recent TTFT attainment
