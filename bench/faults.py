@@ -20,12 +20,10 @@ journal at the end are both counted as lost.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import class_outcomes
 from bench.serve_bench import engine_overrides, warm_up
-from bench.servers import ManagedServer, server_spec
+from bench.servers import ManagedServer, metric_values, metrics_text, router_journal, server_spec
 from bench.soak import tiled, window_requests
 
 PHASES = ("before crash", "crash", "after crash", "outage", "after outage")
@@ -155,25 +153,7 @@ async def _run(cfg: FaultConfig, base_url: str, model: str, requests: list[LoadR
     return results
 
 
-def _journal_left(base_url: str) -> int:
-    with urllib.request.urlopen(f"{base_url}/v1/router/stats", timeout=30) as resp:
-        journal = json.loads(resp.read()).get("journal", {})
-    return int(journal.get("open_requests", 0))
-
-
 COUNTERS = ("flowprefill_replica_retries_total", "flowprefill_redis_fallbacks_total")
-
-
-def _counters(base_url: str) -> dict[str, float]:
-    """The router's retry and Redis-fallback counters from ``/metrics`` (summed over labels)."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    out = dict.fromkeys(COUNTERS, 0.0)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def run_faults(cfg: FaultConfig, model_dir: Path | None = None) -> dict[str, Any]:
@@ -199,8 +179,9 @@ def run_faults(cfg: FaultConfig, model_dir: Path | None = None) -> dict[str, Any
             warm_up(spec.base_url, server.model_name, base, count=len(base))  # every prompt length once, unscored
             with tqdm(total=len(requests), desc=f"faults at {cfg.rate_rps:g} req/s", unit="req") as bar:
                 results = asyncio.run(_run(cfg, spec.base_url, server.model_name, requests, redis, events, bar))
-            journal_left = _journal_left(spec.base_url)
-            counters = _counters(spec.base_url)
+            journal_left = int(router_journal(spec.base_url).get("open_requests", 0))
+            text = metrics_text(spec.base_url)
+            counters = {name: sum(metric_values(text, name)) for name in COUNTERS}  # summed over labels
     phases = summarize(cfg, results, journal_left)
     return {"config": asdict(cfg), "requests": len(results), "events": events, "journal_left": journal_left,
             "counters": counters, "phases": phases}

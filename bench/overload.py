@@ -24,7 +24,7 @@ from typing import Any
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import finish_rows, tally
 from bench.serve_bench import engine_overrides, warm_up
-from bench.servers import ManagedServer, check_engine_settings, max_cost_scale, server_spec
+from bench.servers import ManagedServer, check_engine_settings, max_cost_scale, router_journal, server_spec
 from bench.soak import process_tree_rss_mib, tiled, window_requests
 
 PHASES = ("before", "overload", "after")
@@ -120,11 +120,6 @@ def _health_ok(base_url: str) -> bool:
         return False
 
 
-def _journal(base_url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{base_url}/v1/router/stats", timeout=30) as resp:
-        return json.loads(resp.read()).get("journal", {})
-
-
 async def _run(cfg: OverloadConfig, base_url: str, model: str, requests: list[LoadRequest], root_pid: int,
                bar: Any) -> tuple[list[RequestResult], list[dict[str, Any]]]:  # noqa: ANN401
     done: list[RequestResult] = []
@@ -164,7 +159,7 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
         with tqdm(total=len(requests), desc=f"overload {cfg.factor:g}x for {cfg.overload_s:g} s", unit="req") as bar:
             results, samples = asyncio.run(_run(cfg, spec.base_url, server.model_name, requests,
                                                 server.proc.pid, bar))
-        journal = _journal(spec.base_url)
+        journal = router_journal(spec.base_url)
         healthy_after = _health_ok(spec.base_url)
     phases = summarize_phases(cfg, results)
     rss = {p: max((s["rss_mib"] for s in samples if s["phase"] == p), default=None) for p in PHASES}

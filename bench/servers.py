@@ -18,6 +18,7 @@ Systems (:func:`server_spec`):
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -186,8 +187,6 @@ def parse_engine_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-
-
 def check_engine_settings(settings: Mapping[str, Any]) -> None:
     """Refuse a bad ``--engine-set`` key or value now, naming it (not when the server starts)."""
     from replicas.engine_config import EngineConfig
@@ -195,12 +194,36 @@ def check_engine_settings(settings: Mapping[str, Any]) -> None:
     EngineConfig.from_dict(settings, prefix="--engine-set")
 
 
+def metric_values(text: str, name: str) -> list[float]:
+    """Every sample of metric ``name`` (any labels) in Prometheus text format."""
+    values = []
+    for line in text.splitlines():
+        if line.split("{", 1)[0].split(" ", 1)[0] != name:
+            continue
+        try:
+            values.append(float(line.rsplit(" ", 1)[1]))
+        except (IndexError, ValueError):
+            continue
+    return values
+
+
+def metrics_text(base_url: str, timeout_s: float = 30.0) -> str:
+    """The server's ``/metrics`` page."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout_s) as resp:
+        return resp.read().decode()
+
+
+def router_journal(base_url: str) -> dict[str, Any]:
+    """The ``journal`` part of ``/v1/router/stats``: open requests, pending writes, write failures."""
+    with urllib.request.urlopen(f"{base_url}/v1/router/stats", timeout=30) as resp:
+        return json.loads(resp.read()).get("journal", {})
+
+
 def max_cost_scale(base_url: str) -> float | None:
     """The highest replica cost scale in the server's ``/metrics`` (see :func:`cost_scale_from_metrics`),
     or None when it cannot be read."""
     try:
-        with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as resp:
-            return cost_scale_from_metrics(resp.read().decode())
+        return cost_scale_from_metrics(metrics_text(base_url, timeout_s=5.0))
     except OSError:
         return None
 
@@ -208,14 +231,7 @@ def max_cost_scale(base_url: str) -> float | None:
 def cost_scale_from_metrics(text: str) -> float | None:
     """The highest ``flowprefill_replica_cost_scale`` (how much slower than profiled a replica's prefill
     runs now) in Prometheus text, or None when no replica reports one."""
-    values = []
-    for line in text.splitlines():
-        if line.startswith("flowprefill_replica_cost_scale{"):
-            try:
-                values.append(float(line.rsplit(" ", 1)[1]))
-            except (IndexError, ValueError):
-                continue
-    return max(values) if values else None
+    return max(metric_values(text, "flowprefill_replica_cost_scale"), default=None)
 
 
 class ManagedServer:

@@ -93,3 +93,16 @@ def test_cost_scale_is_the_highest_replica_gauge_in_the_metrics_text() -> None:
             'flowprefill_replica_queue_depth{replica="a"} 3.0\n')
     assert cost_scale_from_metrics(text) == 1.75
     assert cost_scale_from_metrics("flowprefill_replica_queue_depth 3.0\n") is None
+
+
+def test_metric_values_match_the_whole_name_across_labels() -> None:
+    from bench.servers import metric_values
+
+    text = ("# TYPE flowprefill_replica_retries_total counter\n"
+            'flowprefill_replica_retries_total{replica="a"} 2.0\n'
+            'flowprefill_replica_retries_total{replica="b"} 1.0\n'
+            "flowprefill_replica_retries_total_created 1.7e9\n"
+            "flowprefill_redis_fallbacks_total 17.0\n")
+    assert sum(metric_values(text, "flowprefill_replica_retries_total")) == 3.0
+    assert metric_values(text, "flowprefill_redis_fallbacks_total") == [17.0]
+    assert metric_values(text, "flowprefill_replica_retries") == []
