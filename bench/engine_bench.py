@@ -1,4 +1,4 @@
-"""Engine benchmark: prefill throughput, cost of preemption points, preemption latency.
+"""Engine benchmark: prefill throughput, cost of preemption points, preemption latency, decode steps.
 
 ``flowprefill bench engine [--quick] [--json FILE]``
 
@@ -23,6 +23,8 @@
   for other work). The program is resumed at once and asked again, so one run yields many
   samples. Chunked execution (separate programs of C tokens, checked between chunks) is
   measured the same way for C in 256, 512 and 2048.
+- ``decode_step_ms``: one decode step per batch size, small-row GEMM path on and off
+  (:mod:`bench.decode_bench`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.decode_bench import measure_decode_steps, print_decode
 from replicas.executor import Granularity, PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import Boundary, DecoderModel
@@ -294,6 +297,7 @@ def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
     with tqdm(total=steps, desc="bench engine", unit="run") as bar:
         throughput = measure_throughput(model, model_dir, cfg, bar)
         latency = measure_preemption(model, cfg, bar)
+        decode = measure_decode_steps(model, repeats=2 if cfg.quick else 3)
     lengths = [str(n) for n in cfg.lengths]
     cost = measure_checkpoint_cost(model, cfg.lengths, {n: int(n) / throughput["ours_none"][n] for n in lengths})
     report = {
@@ -314,6 +318,7 @@ def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
         "checkpoint_cost": cost,
         "repeats": throughput["repeats"],
         "preempt_latency_ms": latency,
+        "decode_step_ms": decode,
     }
     print_report(report)
     return report
@@ -344,3 +349,5 @@ def print_report(report: dict[str, Any]) -> None:
             m = row["measured"]
             print(f"{name:>14} {row['p50']:>9.1f} {row['p99']:>9.1f} {row['max']:>9.1f} "
                   f"{m['p50']:>13.1f} {m['max']:>13.1f} {m['samples']:>8}")
+    if "decode_step_ms" in report:
+        print_decode(report["decode_step_ms"])

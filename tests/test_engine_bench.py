@@ -36,7 +36,15 @@ def test_report_has_paired_ratios_and_direct_checkpoint_cost(tiny_checkpoint_fac
     seconds_none = {n: int(n) / report["prefill_tokens_per_s"]["ours"][n] for n in ("16", "64")}
     for n, share in cost["direct_overhead"].items():
         assert share == pytest.approx(6 * cost["per_point_us"] * 1e-6 / seconds_none[n])
-    assert "median of per-repeat ratios" in capsys.readouterr().out
+    decode = report["decode_step_ms"]["by_batch"]
+    assert list(decode) == ["1", "2", "4", "8", "16"]
+    for row in decode.values():
+        assert row["small_rows_ms"] > 0 and row["plain_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["plain_ms"] / row["small_rows_ms"])
+        assert row["max_abs_logit_diff"] < 1e-4
+    assert decode["1"]["max_abs_logit_diff"] == 0.0  # one row always takes the plain path
+    out = capsys.readouterr().out
+    assert "median of per-repeat ratios" in out and "small-row path" in out
 
 
 def test_direct_cost_is_points_times_cost_over_pass_time(tiny_checkpoint_factory):

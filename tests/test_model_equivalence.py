@@ -86,6 +86,33 @@ def test_greedy_generation_matches_transformers_token_for_token(checkpoint):
         assert tokens == expected
 
 
+def test_small_row_decode_path_matches_plain_linear_and_transformers(checkpoint):
+    """Decode steps of 2-7 rows run ``(W @ x.T).T`` on CPU (16 for the vocabulary projection); the
+    logits must be those of the plain ``F.linear`` path and of transformers, at every batch size."""
+    ours = DecoderModel.load(checkpoint)
+    assert (ours.small_rows_max, ours.small_rows_max_lm_head) == (7, 16)
+    ref = _reference_model(checkpoint)
+    vocab = ours.config.vocab_size
+    prompts = [_prompt(20 + i, 5 + 3 * i, vocab) for i in range(17)]
+    kv = PagedKVCache(ours.kv_spec(block_size=16), num_blocks=128)
+    ex = PreemptibleExecutor("block")
+    for i, p in enumerate(prompts):
+        kv.allocator.ensure_capacity(i, len(p) + 1)
+    ex.run_to_completion(prefill_program(ours, kv, [PrefillItem(i, p) for i, p in enumerate(prompts)]))
+    for batch in (1, 2, 5, 7, 8, 16, 17):
+        triples = [(i, 11 + i, len(prompts[i])) for i in range(batch)]
+        small = ex.run_to_completion(decode_program(ours, kv, triples))
+        ours.small_rows_max = ours.small_rows_max_lm_head = 0
+        plain = ex.run_to_completion(decode_program(ours, kv, triples))  # rewrites the same KV slots
+        ours.small_rows_max, ours.small_rows_max_lm_head = 7, 16
+        for i in range(batch):
+            torch.testing.assert_close(small[i], plain[i], rtol=1e-5, atol=1e-5)
+        last = batch - 1
+        with torch.no_grad():
+            expected = ref(torch.tensor([prompts[last] + [11 + last]])).logits[0, -1].float()
+        torch.testing.assert_close(small[last], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_sliding_window_matches_transformers(tmp_path):
     path = build_tiny_checkpoint(tmp_path / "mistral", "mistral", seed=11)
     config = json.loads((path / "config.json").read_text())
