@@ -120,16 +120,23 @@ def find_goodput(engine: ReplicaEngine, requests: list[ReplayRequest], base_rate
 
 def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> dict[str, Any]:
     """Run every policy configuration side by side and return the JSON report."""
+    from replicas.compute_thread import run_on_fresh_thread
     from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
     from replicas.model.tokenizer import Tokenizer
     from replicas.profiling import load_or_profile
+    from replicas.scheduler.cost_model import CostModel
 
     model_dir = model_dir or prepare_default_model()
     base = EngineConfig(model=str(model_dir), **cfg.engine)
-    model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
+
+    def load() -> tuple[DecoderModel, CostModel]:
+        model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
+        return model, load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
+
+    # not on this thread: each engine computes on a thread of its own (see replicas.compute_thread)
+    model, cost = run_on_fresh_thread(load)
     tokenizer = Tokenizer.from_dir(model_dir)
-    cost = load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
     requests, trace = build_workload(cfg, tokenizer, cost.predict)
     base_rate = len(requests) / max(requests[-1].arrival_s, 1e-9)
     # Start each search near 70% predicted utilisation so replays are neither idle nor hopeless.

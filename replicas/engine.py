@@ -17,11 +17,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
+from replicas.compute_thread import ComputeThread
 from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
@@ -37,6 +40,7 @@ from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -121,18 +125,29 @@ class ReplicaEngine:
         from replicas.profiling import load_or_profile
 
         self.config = config
-        self.compute_threads = torch.get_num_threads()  # the loop thread's, once it has started
         self._loop_started = threading.Event()
-        if config.device == "cpu":  # before the model and its profile (whose name carries the count)
-            torch.set_num_threads(cpu_threads_of(config))
-        model_dir = config.model or str(prepare_default_model())
-        self.model = model or DecoderModel.load(model_dir, dtype=config.dtype, device=config.device)
-        self.tokenizer = tokenizer or Tokenizer.from_dir(model_dir)
-        self.cost_model = cost_model or load_or_profile(
-            self.model, config.profile, max_tokens=config.profile_max_tokens
-        )
-        self.kv = PagedKVCache.from_budget(self.model.kv_spec(config.block_size), config.kv_cache_bytes,
-                                           self.model.device)
+        self._loop_done: Future[None] | None = None
+        # every torch operation of this engine runs on this one thread (see replicas.compute_thread)
+        self._compute = ComputeThread("flowprefill-engine")
+
+        def build() -> None:
+            if config.device == "cpu":  # before the model and its profile (whose name carries the count)
+                torch.set_num_threads(cpu_threads_of(config))
+            self.compute_threads = torch.get_num_threads()
+            model_dir = config.model or str(prepare_default_model())
+            self.model = model or DecoderModel.load(model_dir, dtype=config.dtype, device=config.device)
+            self.tokenizer = tokenizer or Tokenizer.from_dir(model_dir)
+            self.cost_model = cost_model or load_or_profile(
+                self.model, config.profile, max_tokens=config.profile_max_tokens
+            )
+            self.kv = PagedKVCache.from_budget(self.model.kv_spec(config.block_size), config.kv_cache_bytes,
+                                               self.model.device)
+
+        try:
+            self._compute.call(build)
+        except BaseException:
+            self._compute.close()
+            raise
         self.executor = PreemptibleExecutor(config.granularity, config.max_inflight, self.model.device)
         self.clock = clock
         self.live: dict[str, LiveRequest] = {}
@@ -159,7 +174,6 @@ class ReplicaEngine:
         self._current: int | None = None  # batch id of the program the executor runs
         self._seq_ids = itertools.count()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0}
         self._stats: dict[str, Any] = {}
         self._publish(self.clock())  # the idle state, so a replica is routable before its first event
@@ -188,23 +202,34 @@ class ReplicaEngine:
         return self.config.policy
 
     def is_alive(self) -> bool:
-        """Whether the loop thread runs."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the loop runs."""
+        return self._loop_done is not None and not self._loop_done.done()
 
     def start(self) -> None:
-        """Start the loop thread (idempotent); on return ``compute_threads`` is the loop thread's."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="flowprefill-engine", daemon=True)
-            self._thread.start()
+        """Start the loop on the compute thread (idempotent); raises after :meth:`shutdown`."""
+        if self._stop.is_set():
+            raise RuntimeError("engine: start() after shutdown()")
+        if self._loop_done is None:
+            self._loop_done = self._compute.submit(self._loop)
             self._loop_started.wait(10.0)
+
+    def run_on_compute_thread(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (torch work on this engine's model, e.g. a benchmark's measurement) on the thread
+        that computes everything else, before :meth:`start` or after :meth:`shutdown`'s loop has ended."""
+        if self.is_alive():
+            raise RuntimeError("engine: run_on_compute_thread() while the loop runs would wait for its end")
+        return self._compute.call(fn)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the loop; requests still live get an ``abort`` output."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        if self._loop_done is not None:
+            try:
+                self._loop_done.result(timeout_s)
+            except FuturesTimeout:
+                log.warning("engine loop did not stop within %.1f s", timeout_s)
+        self._compute.close(timeout_s)
 
     def add_request(self, request: Request, params: SamplingParams, sink: Sink) -> None:
         """Queue ``request``; its outputs go to ``sink`` (called on the engine thread)."""
@@ -237,7 +262,6 @@ class ReplicaEngine:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        self.compute_threads = torch.get_num_threads()  # as this thread computes (OpenMP settings are per thread)
         self._loop_started.set()
         try:
             while not self._stop.is_set():

@@ -205,6 +205,8 @@ def test_engine_computes_with_its_configured_threads_and_profiles_under_their_co
     try:
         engine = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, cpu_threads=1),
                                cost_model=cost)
+        # OpenMP thread counts are per thread: the engine's own thread computes with 1
+        assert engine.run_on_compute_thread(lambda: profile_cache_path(engine.model)).name.endswith("-t1.json")
         engine.start()
         try:
             got = Collector()
@@ -212,7 +214,8 @@ def test_engine_computes_with_its_configured_threads_and_profiles_under_their_co
             got.wait("r")
             assert len(got.tokens("r")) == GREEDY.max_tokens
             assert engine.compute_threads == 1
-            assert profile_cache_path(engine.model).name.endswith("-t1.json")
+            with pytest.raises(RuntimeError, match="while the loop runs"):
+                engine.run_on_compute_thread(lambda: None)
         finally:
             engine.shutdown()
     finally:
@@ -275,3 +278,41 @@ def test_engine_learns_how_much_slower_prefill_runs_than_its_profile(model_dir, 
             assert scheduler.cost_model is base and scheduler.calibration.samples == 0
     finally:
         engine.shutdown()
+
+
+def test_every_torch_operation_of_an_engine_runs_on_its_one_compute_thread(model_dir, monkeypatch):
+    """Model load, KV cache, prefill and decode all run on the engine's compute thread, never on the
+    caller's: libgomp throttles every OpenMP team once a process holds more workers than cores (see
+    replicas.compute_thread). The wrappers only record the calling thread."""
+    import threading
+
+    from replicas.kv_cache import PagedKVCache
+    from replicas.model.decoder import DecoderModel
+
+    seen: dict[str, set[int]] = {}
+
+    def recording(name, fn):
+        def wrapper(*args, **kwargs):
+            seen.setdefault(name, set()).add(threading.get_ident())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(DecoderModel, "load", classmethod(recording("load", DecoderModel.load.__func__)))
+    monkeypatch.setattr(DecoderModel, "forward", recording("forward", DecoderModel.forward))
+    monkeypatch.setattr(PagedKVCache, "from_budget", classmethod(recording("kv", PagedKVCache.from_budget.__func__)))
+    cost = CostModel.from_coefficients(1e-3, 1e-3, max_profiled_tokens=8192)
+    engine = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20), cost_model=cost)
+    engine.start()
+    try:
+        got = Collector()
+        engine.add_request(_request("r", 8, 5.0, engine.clock()), GREEDY, got.sink("r"))
+        got.wait("r")
+        assert len(got.tokens("r")) == GREEDY.max_tokens  # one prefill and decode steps
+    finally:
+        engine.shutdown()
+    compute = engine._compute.ident  # noqa: SLF001 - the thread under test
+    assert set(seen) == {"load", "forward", "kv"}
+    assert all(idents == {compute} for idents in seen.values()), seen
+    assert compute != threading.get_ident()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        engine.start()

@@ -263,6 +263,40 @@ def test_execution_calibration_scales_programs_and_charges_extra_sequences():
     assert fit_execution(samples) == pytest.approx((1.3, 0.008))
 
 
+def test_decode_curve_is_interpolated_and_extrapolated_by_its_last_slope():
+    from bench.sim.replica import decode_curve_seconds
+
+    curve = ((1, 0.05), (2, 0.06), (4, 0.06), (8, 0.10))
+    got = [decode_curve_seconds(curve, k) for k in (1, 2, 3, 6, 8, 12)]
+    assert got == pytest.approx([0.05, 0.06, 0.06, 0.08, 0.10, 0.14])
+    assert decode_curve_seconds(((4, 0.2),), 1) == decode_curve_seconds(((4, 0.2),), 9) == 0.2
+    assert decode_curve_seconds(((1, 0.3), (2, 0.2)), 5) == pytest.approx(0.2)  # never extrapolated downwards
+    for bad in (((2, 0.1), (1, 0.2)), ((1, 0.1), (1, 0.2)), ((0, 0.1),), ((1, -0.1),)):
+        with pytest.raises(ValueError, match="decode_curve"):
+            ExecConfig(decode_curve=bad)
+
+
+def test_a_request_arriving_during_a_decode_step_waits_for_the_curves_step_time():
+    # A (10 tokens, 2 output tokens) prefills in 0.010 s and then takes one decode step of one sequence;
+    # B arrives during that step, is drained at its end and prefills in 0.010 s
+    wl = workload([(0.0, 10, 5.0), (0.011, 10, 5.0)], max_tokens=[2, 1])
+    run = ClusterSim(setup(decode_curve=((1, 0.5), (4, 0.8))), 1).run(wl)
+    assert run.decode_steps == 1
+    assert run.ttft_s == pytest.approx([0.010, 0.010 + 0.5 - 0.011 + 0.010])
+    fixed = ClusterSim(setup(decode_curve=((1, 0.5),), decode_step_s=0.2), 1).run(wl)  # a fixed step wins
+    assert fixed.ttft_s[1] == pytest.approx(0.010 + 0.2 - 0.011 + 0.010)
+
+
+def test_decode_curve_fit_takes_the_median_step_per_batch_size():
+    from bench.sim.validate import fit_decode_curve
+
+    steps = [(2, 0.0, 0.12), (1, 0.0, 0.06), (2, 0.0, 0.10), (2, 0.0, 0.50), (5, 0.0, 0.2), (1, 0.0, 0.07)]
+    curve = fit_decode_curve(steps)
+    assert [k for k, _ in curve] == [1, 2, 5]
+    assert [s for _, s in curve] == pytest.approx([0.065, 0.12, 0.2])
+    assert fit_decode_curve([]) == ()
+
+
 def mixed_workload(n: int, seed: int) -> SimWorkload:
     """Bursty arrivals of short (tight SLO, often sheddable) and long prompts: queues, sheds, late work."""
     rng = random.Random(seed)

@@ -13,12 +13,15 @@ TTFT cost model:
   ``on_arrival``; the end of a program gives ``on_prefill_complete``; the last decode token gives
   ``on_finish``. Decisions are applied like ``ReplicaEngine._apply``: ``mark_suspended`` for a
   preempted program, ``mark_started`` for a started or resumed one, at the same virtual time.
-* **Decode.** Decoding requests step together, one token per step, costing
-  ``a + sum(marginal cost of one token at the prompt length)`` from the cost model (or a fixed
-  ``decode_step_s``). As in :class:`~replicas.engine_decode.DecodeBatcher`, steps run back to
-  back when no prefill runs, and interleave at an operator boundary of a running prefill as late
-  as the TPOT target allows, not while that prefill is urgent, at the latest after twice the
-  target. A decode step is not preemptible: arrivals wait for its end.
+* **Decode.** Decoding requests step together, one token per step, costing a measured decode
+  curve (seconds per step against the batch size, :func:`decode_curve_seconds`) when one is
+  given, else ``a + sum(marginal cost of one token at the prompt length)`` from the cost model
+  (or a fixed ``decode_step_s``). On CPU the marginal-token model is 2-3x too cheap: a few rows'
+  GEMMs are bound by reading the weights, not by their flops. As in
+  :class:`~replicas.engine_decode.DecodeBatcher`, steps run back to back when no prefill runs,
+  and interleave at an operator boundary of a running prefill as late as the TPOT target allows,
+  not while that prefill is urgent, at the latest after twice the target. A decode step is not
+  preemptible: arrivals wait for its end.
 
 Not modelled: KV memory (unlimited), the engine's ``max_waiting`` queue bound, sampling and
 publishing overheads beyond the cost model, and context growth during decode.
@@ -48,7 +51,9 @@ class ExecConfig:
 
     ``boundary_delay_s``: mean wait from an arrival (or a due decode step) to the running
     program's next preemption point, i.e. the operator-boundary preemption latency.
-    ``decode_step_s``: a fixed decode step time; None derives it from the cost model.
+    ``decode_step_s``: a fixed decode step time; None derives it from ``decode_curve``, else from the
+    cost model. ``decode_curve``: ``(batch size, seconds)`` points of a measured decode step, in
+    absolute seconds (``exec_time_scale`` does not apply to them).
     ``exec_time_scale``: execution runs this many times slower than the cost model predicts (the
     scheduler still plans with the cost model, as the engine does), e.g. a machine under load.
     ``seq_overhead_s``: extra seconds per sequence beyond the first in a prefill program or decode
@@ -61,6 +66,13 @@ class ExecConfig:
     decode_step_s: float | None = None
     exec_time_scale: float = 1.0
     seq_overhead_s: float = 0.0
+    decode_curve: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        sizes = [k for k, _ in self.decode_curve]
+        if sizes != sorted(set(sizes)) or any(k < 1 or s < 0 for k, s in self.decode_curve):
+            raise ValueError(f"decode_curve: need increasing batch sizes >= 1 and seconds >= 0, got "
+                             f"{self.decode_curve}")
 
 
 def _span(cost: CostModel) -> int:
@@ -86,6 +98,20 @@ def decode_token_seconds(cost: CostModel, context: int) -> float:
     """Marginal cost of one more token at ``context`` tokens (what a decode step adds per sequence)."""
     span = _span(cost)
     return max(_variable(cost, context + 1, span) - _variable(cost, context, span), 0.0)
+
+
+def decode_curve_seconds(curve: tuple[tuple[int, float], ...], batch: int) -> float:
+    """A decode step of ``batch`` sequences on a measured curve: linear between its points, the first
+    point's time below it, and the last segment's slope (never negative) beyond the last point."""
+    if batch <= curve[0][0]:
+        return curve[0][1]
+    for (k0, s0), (k1, s1) in zip(curve, curve[1:]):
+        if batch <= k1:
+            return s0 + (s1 - s0) * (batch - k0) / (k1 - k0)
+    if len(curve) == 1:
+        return curve[0][1]
+    (k0, s0), (k1, s1) = curve[-2], curve[-1]
+    return s1 + max(s1 - s0, 0.0) * (batch - k1) / (k1 - k0)
 
 
 class SimRequest:
@@ -301,6 +327,8 @@ class SimReplica:
                 decoding[rid] = decoding.pop(rid)
         if self.cfg.decode_step_s is not None:
             took = self.cfg.decode_step_s
+        elif self.cfg.decode_curve:
+            took = decode_curve_seconds(self.cfg.decode_curve, len(decoding) if batch is None else len(batch))
         else:
             token_s = self.decode_token_s if batch is None else sum(sr.token_s for sr in batch)
             k = len(decoding) if batch is None else len(batch)

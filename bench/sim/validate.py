@@ -7,14 +7,21 @@ default model and the cost profile the engine loads, at the rate that puts the p
 utilisation at ``utilization``, then simulates the same requests on one simulated replica with the
 same scheduler settings and cost model, and reports the relative errors of the TTFT p50 and p90.
 
+Before the replay, the engine's decode step is measured offline at 1-16 sequences
+(:func:`bench.decode_bench.measure_decode_steps`); ``sim`` runs prefill by the cost model and
+decode by that curve, i.e. everything it knows was measured before the run.
+``sim_marginal_decode`` charges decode as the cost model's marginal token instead (what the
+sweep does without a curve), to show what the curve is worth.
+
 The real run's execution is timed as it happens (prefill programs against their predicted
 seconds, decode steps), because on a shared CPU other processes slow the engine down unevenly
 (a 2-thread torch on 2 shared cores runs 1.3-2x slower than its profile when the load average
-is 3). A second simulation, ``sim_calibrated``, uses execution times fitted to the replay
-(``measured = scale * predicted + overhead * (sequences - 1)`` over every prefill program and
-decode step: the machine's slowdown, and a per-sequence launch overhead that ``predict_batch``
-does not charge), so its error is the simulator's own (queueing, preemption, batching, decode
-interleaving), separated from the cost model's error on a busy machine.
+is 3). A further simulation, ``sim_calibrated``, uses execution times fitted to the replay
+(prefill: ``measured = scale * predicted + overhead * (sequences - 1)`` over every prefill
+program, the machine's slowdown and a per-sequence launch overhead that ``predict_batch`` does
+not charge; decode: the median measured step per batch size), so its error is the simulator's
+own (queueing, preemption, batching, decode interleaving), separated from the cost model's
+error on a busy machine.
 """
 
 from __future__ import annotations
@@ -90,13 +97,14 @@ class ExecutionTimer:
         meas, pred = sum(x[2] for x in progs), sum(x[1] for x in progs)
         ratios = [x[2] / x[1] for x in progs]
         steps = [x[2] for x in self.steps]
-        scale, overhead = fit_execution(progs + self.steps)
+        scale, overhead = fit_execution(progs)
         return {"prefill_measured_s": meas, "prefill_predicted_s": pred, "slowdown": meas / pred if pred else None,
                 "slowdown_p10_p50_p90": [float(x) for x in np.percentile(ratios, [10, 50, 90])] if ratios else None,
                 "decode_steps": len(steps), "decode_step_mean_s": float(np.mean(steps)) if steps else None,
                 "decode_step_predicted_mean_s": float(np.mean([x[1] for x in self.steps])) if steps else None,
                 "fit_exec_time_scale": scale, "fit_seq_overhead_s": overhead,
-                "programs": [list(x) for x in progs]}
+                "fit_decode_curve": [list(p) for p in fit_decode_curve(self.steps)],
+                "programs": [list(x) for x in progs], "steps": [list(x) for x in self.steps]}
 
 
 def fit_execution(samples: list[tuple[int, float, float]]) -> tuple[float, float]:
@@ -109,6 +117,15 @@ def fit_execution(samples: list[tuple[int, float, float]]) -> tuple[float, float
     if overhead < 0 or scale <= 0:
         scale, overhead = float(a[:, 0] @ y / max(a[:, 0] @ a[:, 0], 1e-12)), 0.0
     return float(scale), float(overhead)
+
+
+def fit_decode_curve(steps: list[tuple[int, float, float]]) -> tuple[tuple[int, float], ...]:
+    """``(batch size, median measured seconds)`` for every batch size among ``(sequences, predicted s,
+    measured s)`` decode steps, by increasing size."""
+    by_size: dict[int, list[float]] = {}
+    for k, _, measured in steps:
+        by_size.setdefault(k, []).append(measured)
+    return tuple((k, float(np.median(by_size[k]))) for k in sorted(by_size))
 
 
 def _compare(real_ttft: list[float | None], sim_ttft: list[float | None], attainment: float) -> dict[str, Any]:
@@ -126,29 +143,28 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
                    length_scale: float = 1 / 16, utilization: float = 0.6, seed: int = 0,
                    boundary_delay_s: float = 0.002, decode_step_s: float | None = None) -> dict[str, Any]:
     """One real replay plus the simulation of the same requests; returns the comparison (JSON-ready)."""
+    from bench.decode_bench import measure_decode_steps
     from bench.policy_bench import PolicyBenchConfig, build_workload, policy_configs
     from bench.replay import replay, summarize
     from replicas.engine import ReplicaEngine
     from replicas.engine_config import EngineConfig
-    from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
-    from replicas.model.tokenizer import Tokenizer
-    from replicas.profiling import load_or_profile
 
     model_dir = model_dir or prepare_default_model()
     base = EngineConfig(model=str(model_dir), profile=profile)
-    model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    cost = load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
     pcfg = PolicyBenchConfig(trace=trace, window_start_s=window_start_s, window_s=window_s,
                              max_requests=max_requests, length_scale=length_scale, seed=seed)
-    requests, _ = build_workload(pcfg, tokenizer, cost.predict)
+    # the engine loads the model and its profile on its compute thread, and this process runs no
+    # torch work on any other thread (see replicas.compute_thread)
+    engine = ReplicaEngine(replace(base, **policy_configs(pcfg)["flowprefill"]))
+    ecfg, model, cost = engine.config, engine.model, engine.cost_model
+    requests, _ = build_workload(pcfg, engine.tokenizer, cost.predict)
     work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)
     scale = utilization * requests[-1].arrival_s / max(work_s, 1e-9)
     scaled = [replace(r, arrival_s=r.arrival_s / scale) for r in requests]
-    ecfg = replace(base, **policy_configs(pcfg)["flowprefill"])
 
-    engine = ReplicaEngine(ecfg, model=model, tokenizer=tokenizer, cost_model=cost)
+    decode = engine.run_on_compute_thread(lambda: measure_decode_steps(model, repeats=2))
+    decode_curve = tuple((int(k), row["small_rows_ms"] / 1e3) for k, row in decode["by_batch"].items())
     timer = ExecutionTimer(engine, cost)
     engine.start()
     try:
@@ -176,11 +192,16 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
                             admission_control=ecfg.admission_control, granularity=ecfg.granularity)
     execution = ExecConfig(boundary_delay_s=boundary_delay_s, default_tpot_slo_s=ecfg.default_tpot_slo_s,
                            max_decoding=ecfg.max_decoding, decode_step_s=decode_step_s)
-    calibrated = replace(execution, exec_time_scale=measured["fit_exec_time_scale"],
-                         seq_overhead_s=measured["fit_seq_overhead_s"])
+    fitted_curve = tuple((int(k), float(s)) for k, s in measured["fit_decode_curve"])
+    variants = {
+        "sim": replace(execution, decode_curve=decode_curve),
+        "sim_marginal_decode": execution,
+        "sim_calibrated": replace(execution, exec_time_scale=measured["fit_exec_time_scale"],
+                                  seq_overhead_s=measured["fit_seq_overhead_s"], decode_curve=fitted_curve),
+    }
     real_ttft = [r.ttft_s for r in results]  # explicit_workload keeps this (arrival) order
     sims = {}
-    for name, ex in (("sim", execution), ("sim_calibrated", calibrated)):
+    for name, ex in variants.items():
         # one replica, no router in the real replay: round robin never sheds
         run = ClusterSim(SimSetup(cost, sched, ex, RouterConfig(policy="round_robin")), 1).run(wl, 1.0)
         sims[name] = {**_compare(real_ttft, run.ttft_s, run.attainment), "preemptions": run.preemptions,
@@ -197,6 +218,7 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
         **sims,
         "rel_error_p50": sims["sim"]["rel_error_p50"], "rel_error_p90": sims["sim"]["rel_error_p90"],
         "boundary_delay_s": boundary_delay_s, "decode_step_s": decode_step_s, "load_average": [load0, load1],
+        "decode_curve_offline_s": [list(p) for p in decode_curve],
     }
     print_validation(report)
     return report
@@ -216,9 +238,12 @@ def print_validation(report: dict[str, Any]) -> None:
           f"{[round(x, 2) for x in ex['slowdown_p10_p50_p90'] or []]}), decode step {fmt(ex['decode_step_mean_s'])} s "
           f"(model {fmt(ex['decode_step_predicted_mean_s'])} s); fit: x{ex['fit_exec_time_scale']:.3f} + "
           f"{ex['fit_seq_overhead_s'] * 1000:.1f} ms per extra sequence; counters {real['counters']}")
+    curves = {"offline": report["decode_curve_offline_s"], "replay": ex["fit_decode_curve"]}
+    print("decode step ms by batch size: " + "; ".join(
+        f"{name} " + ", ".join(f"{k}: {s * 1e3:.0f}" for k, s in curve) for name, curve in curves.items()))
     print(f"{'':>15} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'attainment':>11} {'err p50':>8} {'err p90':>8}")
     print(f"{'real':>15} {fmt(real['ttft_p50_s']):>11} {fmt(real['ttft_p90_s']):>11} {real['attainment']:>11.3f}")
-    for name in ("sim", "sim_calibrated"):
+    for name in ("sim", "sim_marginal_decode", "sim_calibrated"):
         r = report[name]
         print(f"{name:>15} {fmt(r['ttft_p50_s']):>11} {fmt(r['ttft_p90_s']):>11} {r['attainment']:>11.3f} "
               f"{fmt(r['rel_error_p50'], True):>8} {fmt(r['rel_error_p90'], True):>8}  (preemptions "
