@@ -287,6 +287,17 @@ def test_a_request_arriving_during_a_decode_step_waits_for_the_curves_step_time(
     assert fixed.ttft_s[1] == pytest.approx(0.010 + 0.2 - 0.011 + 0.010)
 
 
+def test_decode_curve_flag_is_parsed_and_a_bad_one_names_the_flag():
+    import argparse
+
+    from bench.sim.cli import parse_decode_curve
+
+    assert parse_decode_curve("1:0.06, 4:0.065,16:0.16") == ((1, 0.06), (4, 0.065), (16, 0.16))
+    for bad in ("1:0.06,x:1", "4", "4:0.1,2:0.2", "1:-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="batch:seconds|increasing batch sizes"):
+            parse_decode_curve(bad)
+
+
 def test_decode_curve_fit_takes_the_median_step_per_batch_size():
     from bench.sim.validate import fit_decode_curve
 

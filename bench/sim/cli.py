@@ -18,6 +18,26 @@ def _csv(kind: type) -> object:
     return parse
 
 
+def parse_decode_curve(text: str) -> tuple[tuple[int, float], ...]:
+    """``--decode-curve``: comma-separated ``batch:seconds`` points, e.g. ``1:0.06,4:0.065,16:0.16``."""
+    points = []
+    for item in (x.strip() for x in text.split(",")):
+        size, sep, seconds = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            points.append((int(size), float(seconds)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected batch:seconds, got {item!r}") from None
+    try:
+        from bench.sim.replica import ExecConfig
+
+        ExecConfig(decode_curve=tuple(points))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("decode_curve: ")) from None
+    return tuple(points)
+
+
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``bench sim``."""
     p.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
@@ -41,6 +61,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boundary-delay-s", type=float, default=0.002,
                    help="wait for the next operator boundary (preemption latency)")
     p.add_argument("--decode-step-s", type=float, default=None, help="fixed decode step time (default: cost model)")
+    p.add_argument("--decode-curve", type=parse_decode_curve, default=(),
+                   help="measured decode step seconds per batch size, batch:seconds,... (the curve `bench engine` "
+                        "or `bench sim --validate` prints); default: the cost model's marginal token")
     p.add_argument("--exec-time-scale", type=float, default=1.0,
                    help="execution this many times slower than the profile (e.g. a --validate fit)")
     p.add_argument("--seq-overhead-s", type=float, default=0.0,
@@ -78,6 +101,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             requests_per_replica=args.requests_per_replica, max_requests=args.max_requests,
             chunk_tokens=args.chunk_tokens, seed=args.seed, refine_steps=args.refine_steps,
             staleness_s=args.staleness_s, boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s,
+            decode_curve=tuple(args.decode_curve),
             exec_time_scale=args.exec_time_scale, seq_overhead_s=args.seq_overhead_s,
             early_stop=not args.no_early_stop, shed=not args.no_shed,
         )

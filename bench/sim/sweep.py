@@ -54,6 +54,7 @@ class SimBenchConfig:
     staleness_s: float = 0.0
     boundary_delay_s: float = 0.002
     decode_step_s: float | None = None
+    decode_curve: tuple[tuple[int, float], ...] = ()
     exec_time_scale: float = 1.0
     seq_overhead_s: float = 0.0
     early_stop: bool = True
@@ -143,6 +144,7 @@ def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
     trace = load_trace(cfg.trace)
     setup_base = dict(cost=cost, sched=sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens),
                       exec=ExecConfig(boundary_delay_s=cfg.boundary_delay_s, decode_step_s=cfg.decode_step_s,
+                                      decode_curve=cfg.decode_curve,
                                       exec_time_scale=cfg.exec_time_scale, seq_overhead_s=cfg.seq_overhead_s))
     results: list[dict[str, Any]] = []
     prev_scale: dict[str, float] = {}  # router policy -> last goodput scale (per-replica load carries over)
