@@ -14,9 +14,10 @@ decode by that curve, i.e. everything it knows was measured before the run.
 sweep does without a curve), to show what the curve is worth.
 
 The real run's execution is timed as it happens (prefill programs against their predicted
-seconds, decode steps), because on a shared CPU other processes slow the engine down unevenly
-(a 2-thread torch on 2 shared cores runs 1.3-2x slower than its profile when the load average
-is 3). A further simulation, ``sim_calibrated``, uses execution times fitted to the replay
+seconds, decode steps), because the engine does not run at its profile's speed: on the 2-core dev
+machine the replay's prefill programs took 1.16-1.18x their prediction (per program p10-p90
+1.0-1.4x), and other processes on shared cores slow it further and unevenly. A further
+simulation, ``sim_calibrated``, uses execution times fitted to the replay
 (prefill: ``measured = scale * predicted + overhead * (sequences - 1)`` over every prefill
 program, the machine's slowdown and a per-sequence launch overhead that ``predict_batch`` does
 not charge; decode: the median measured step per batch size), so its error is the simulator's
