@@ -158,17 +158,17 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
     # the engine loads the model and its profile on its compute thread, and this process runs no
     # torch work on any other thread (see replicas.compute_thread)
     engine = ReplicaEngine(replace(base, **policy_configs(pcfg)["flowprefill"]))
-    ecfg, model, cost = engine.config, engine.model, engine.cost_model
-    requests, _ = build_workload(pcfg, engine.tokenizer, cost.predict)
-    work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)
-    scale = utilization * requests[-1].arrival_s / max(work_s, 1e-9)
-    scaled = [replace(r, arrival_s=r.arrival_s / scale) for r in requests]
-
-    decode = engine.run_on_compute_thread(lambda: measure_decode_steps(model, repeats=2))
-    decode_curve = tuple((int(k), row["small_rows_ms"] / 1e3) for k, row in decode["by_batch"].items())
-    timer = ExecutionTimer(engine, cost)
-    engine.start()
     try:
+        ecfg, model, cost = engine.config, engine.model, engine.cost_model
+        requests, _ = build_workload(pcfg, engine.tokenizer, cost.predict)
+        work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)
+        scale = utilization * requests[-1].arrival_s / max(work_s, 1e-9)
+        scaled = [replace(r, arrival_s=r.arrival_s / scale) for r in requests]
+
+        decode = engine.run_on_compute_thread(lambda: measure_decode_steps(model, repeats=2))
+        decode_curve = tuple((int(k), row["small_rows_ms"] / 1e3) for k, row in decode["by_batch"].items())
+        timer = ExecutionTimer(engine, cost)
+        engine.start()
         replay(engine, [replace(r, arrival_s=i * 0.01) for i, r in enumerate(scaled[:3])], drain_s=60, tag="warmup")
         timer.reset()
         counters0 = dict(engine.counters)
