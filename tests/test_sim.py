@@ -338,3 +338,15 @@ def test_vectorized_router_reproduces_the_per_decision_ranking(router, kw):
     assert (fast.shed, fast.preemptions, fast.events) == (slow.shed, slow.preemptions, slow.events)
     assert slow.shed > 0 or router != "slo_aware" or kw.get("shed") is False
     assert reclassified > 0  # the lazy 50 ms / heartbeat re-classification was exercised
+
+
+def test_real_percentiles_take_the_median_over_replays_and_per_request():
+    from bench.sim.validate import real_percentiles
+
+    runs = [[1.0, 2.0, 3.0, None], [3.0, 4.0, 5.0, 6.0], [2.0, 3.0, 100.0, 7.0]]
+    real = real_percentiles(runs)
+    p50s = [2.0, 4.5, 5.0]  # numpy's interpolated p50 of each run's finished requests
+    assert [p[0] for p in real["runs_p50_p90_s"]] == pytest.approx(p50s)
+    assert real["ttft_p50_s"] == pytest.approx(4.5)
+    assert real["per_request_s"][:3] == pytest.approx([2.0, 3.0, 5.0])
+    assert real["per_request_s"][3] is None  # not finished in every run

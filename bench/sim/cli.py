@@ -73,6 +73,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validate", action="store_true",
                    help="instead: one real in-process replay of a short window against the simulation")
     p.add_argument("--validate-requests", type=int, default=60, help="requests of the validation replay")
+    p.add_argument("--validate-runs", type=int, default=3,
+                   help="real replays of the validation window (compared by their median p50 and p90)")
     p.add_argument("--validate-utilization", type=float, default=0.6,
                    help="predicted prefill utilisation of the validation replay")
     p.add_argument("--model", default=None, help="HF model directory for --validate (default: SmolLM2-135M)")
@@ -89,7 +91,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.trace, profile=args.profile, model_dir=Path(args.model) if args.model else None,
             window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.validate_requests,
             length_scale=args.length_scale, utilization=args.validate_utilization, seed=args.seed,
-            boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s,
+            boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s, real_runs=args.validate_runs,
         )
     else:
         from bench.sim.sweep import SimBenchConfig, plot_goodput, run_sweep

@@ -129,9 +129,25 @@ def fit_decode_curve(steps: list[tuple[int, float, float]]) -> tuple[tuple[int, 
     return tuple((k, float(np.median(by_size[k]))) for k in sorted(by_size))
 
 
-def _compare(real_ttft: list[float | None], sim_ttft: list[float | None], attainment: float) -> dict[str, Any]:
+def _median(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.median(finite)) if finite else None
+
+
+def real_percentiles(runs: list[list[float | None]]) -> dict[str, Any]:
+    """The real replays' TTFTs (one list per run, in request order): each run's p50 and p90, their
+    medians (what the simulation is compared with), and each request's median TTFT over the runs
+    (None where some run never gave it a first token)."""
+    per_run = [_percentiles([v for v in run if v is not None]) for run in runs]
+    per_request = [_median(list(v)) if all(x is not None for x in v) else None for v in zip(*runs)]
+    return {"ttft_p50_s": _median([p[0] for p in per_run]), "ttft_p90_s": _median([p[1] for p in per_run]),
+            "runs_p50_p90_s": [list(p) for p in per_run], "per_request_s": per_request}
+
+
+def _compare(real: dict[str, Any], sim_ttft: list[float | None], attainment: float) -> dict[str, Any]:
+    real_ttft = real["per_request_s"]
     both = [i for i, (a, b) in enumerate(zip(real_ttft, sim_ttft)) if a is not None and b is not None]
-    real_p50, real_p90 = _percentiles([real_ttft[i] for i in both])  # type: ignore[misc]
+    real_p50, real_p90 = real["ttft_p50_s"], real["ttft_p90_s"]
     sim_p50, sim_p90 = _percentiles([sim_ttft[i] for i in both])  # type: ignore[misc]
     per_req = [abs(sim_ttft[i] - real_ttft[i]) / real_ttft[i] for i in both]  # type: ignore[operator]
     return {"ttft_p50_s": sim_p50, "ttft_p90_s": sim_p90, "attainment": attainment,
@@ -142,8 +158,11 @@ def _compare(real_ttft: list[float | None], sim_ttft: list[float | None], attain
 def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | None = None,
                    window_start_s: float = 0.0, window_s: float | None = None, max_requests: int = 60,
                    length_scale: float = 1 / 16, utilization: float = 0.6, seed: int = 0,
-                   boundary_delay_s: float = 0.002, decode_step_s: float | None = None) -> dict[str, Any]:
-    """One real replay plus the simulation of the same requests; returns the comparison (JSON-ready)."""
+                   boundary_delay_s: float = 0.002, decode_step_s: float | None = None,
+                   real_runs: int = 1) -> dict[str, Any]:
+    """``real_runs`` real replays plus the simulation of the same requests; returns the comparison (JSON-ready)."""
+    if real_runs < 1:
+        raise ValueError(f"--validate-runs: need at least 1, got {real_runs}")
     from bench.decode_bench import measure_decode_steps
     from bench.policy_bench import PolicyBenchConfig, build_workload, policy_configs
     from bench.replay import replay, summarize
@@ -174,7 +193,8 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
         counters0 = dict(engine.counters)
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
-        results = replay(engine, scaled, drain_s=30 + 3 * scaled[-1].arrival_s, tag="validate")
+        run_results = [replay(engine, scaled, drain_s=30 + 3 * scaled[-1].arrival_s, tag=f"validate{k}")
+                       for k in range(real_runs)]
         real_wall = time.perf_counter() - t0
         load1 = os.getloadavg()[0]
         counters = {k: v - counters0.get(k, 0) for k, v in engine.counters.items()}
@@ -200,21 +220,24 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
         "sim_calibrated": replace(execution, exec_time_scale=measured["fit_exec_time_scale"],
                                   seq_overhead_s=measured["fit_seq_overhead_s"], decode_curve=fitted_curve),
     }
-    real_ttft = [r.ttft_s for r in results]  # explicit_workload keeps this (arrival) order
+    # explicit_workload keeps the (arrival) order of the replays' results
+    real = real_percentiles([[r.ttft_s for r in results] for results in run_results])
     sims = {}
     for name, ex in variants.items():
         # one replica, no router in the real replay: round robin never sheds
         run = ClusterSim(SimSetup(cost, sched, ex, RouterConfig(policy="round_robin")), 1).run(wl, 1.0)
-        sims[name] = {**_compare(real_ttft, run.ttft_s, run.attainment), "preemptions": run.preemptions,
+        sims[name] = {**_compare(real, run.ttft_s, run.attainment), "preemptions": run.preemptions,
                       "prefill_batches": run.prefill_batches, "decode_steps": run.decode_steps}
-    real_p50, real_p90 = _percentiles([v for v in real_ttft if v is not None])
-    real_summary = summarize(results)
+    summaries = [summarize(results) for results in run_results]
     report = {
         "trace": trace, "requests": len(scaled), "rate_scale": scale, "rate_rps": len(scaled) / scaled[-1].arrival_s,
         "utilization": utilization, "profile": {"model": cost.model, "hardware": cost.hardware,
                                                 "fit_error": cost.fit_error},
-        "real": {"ttft_p50_s": real_p50, "ttft_p90_s": real_p90, "attainment": real_summary["attainment"],
-                 "unfinished": real_summary["unfinished"], "wall_s": real_wall, "counters": counters,
+        "real": {"ttft_p50_s": real["ttft_p50_s"], "ttft_p90_s": real["ttft_p90_s"],
+                 "runs": real_runs, "runs_p50_p90_s": real["runs_p50_p90_s"],
+                 "attainment": float(np.mean([x["attainment"] for x in summaries])),
+                 "runs_attainment": [x["attainment"] for x in summaries],
+                 "unfinished": sum(x["unfinished"] for x in summaries), "wall_s": real_wall, "counters": counters,
                  "execution": measured},
         **sims,
         "rel_error_p50": sims["sim"]["rel_error_p50"], "rel_error_p90": sims["sim"]["rel_error_p90"],
@@ -243,7 +266,11 @@ def print_validation(report: dict[str, Any]) -> None:
     print("decode step ms by batch size: " + "; ".join(
         f"{name} " + ", ".join(f"{k}: {s * 1e3:.0f}" for k, s in curve) for name, curve in curves.items()))
     print(f"{'':>15} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'attainment':>11} {'err p50':>8} {'err p90':>8}")
-    print(f"{'real':>15} {fmt(real['ttft_p50_s']):>11} {fmt(real['ttft_p90_s']):>11} {real['attainment']:>11.3f}")
+    label = "real" if real.get("runs", 1) == 1 else f"real (median of {real['runs']})"
+    print(f"{label:>15} {fmt(real['ttft_p50_s']):>11} {fmt(real['ttft_p90_s']):>11} {real['attainment']:>11.3f}")
+    if real.get("runs", 1) > 1:
+        for k, ((p50, p90), att) in enumerate(zip(real["runs_p50_p90_s"], real["runs_attainment"])):
+            print(f"{f'real run {k + 1}':>15} {fmt(p50):>11} {fmt(p90):>11} {att:>11.3f}")
     for name in ("sim", "sim_marginal_decode", "sim_calibrated"):
         r = report[name]
         print(f"{name:>15} {fmt(r['ttft_p50_s']):>11} {fmt(r['ttft_p90_s']):>11} {r['attainment']:>11.3f} "
