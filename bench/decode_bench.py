@@ -16,19 +16,12 @@ from typing import Any
 
 import torch
 
+from replicas.executor import PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
-from replicas.programs import PrefillItem, Program, decode_program, prefill_program
+from replicas.programs import PrefillItem, decode_program, prefill_program
 
 DECODE_BATCHES = (1, 2, 4, 8, 16)
-
-
-def _run(program: Program) -> Any:  # noqa: ANN401 - a program's return value
-    try:
-        while True:
-            next(program)
-    except StopIteration as done:
-        return done.value
 
 
 def measure_decode_steps(model: DecoderModel, batches: tuple[int, ...] = DECODE_BATCHES, context: int = 150,
@@ -39,12 +32,17 @@ def measure_decode_steps(model: DecoderModel, batches: tuple[int, ...] = DECODE_
     kv = PagedKVCache(spec, top * (-(-(context + 1) // spec.block_size) + 1), model.device)
     prompt = [(7 * i + 3) % model.config.vocab_size for i in range(context)]
     on = (model.small_rows_max, model.small_rows_max_lm_head)
+    run = PreemptibleExecutor("none", device=model.device).run_to_completion  # as the decode batcher runs steps
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
     rows: dict[str, dict[str, float]] = {}
     try:
         with torch.inference_mode():
             for seq in range(top):
                 kv.allocator.ensure_capacity(seq, context + 1)
-                _run(prefill_program(model, kv, [PrefillItem(seq, prompt)]))
+                run(prefill_program(model, kv, [PrefillItem(seq, prompt)]))
             for b in batches:
                 triples = [(seq, 5, context) for seq in range(b)]
                 best = {"small_rows": float("inf"), "plain": float("inf")}
@@ -52,10 +50,12 @@ def measure_decode_steps(model: DecoderModel, batches: tuple[int, ...] = DECODE_
                 for _ in range(repeats):
                     for name, limits in (("small_rows", on), ("plain", (0, 0))):
                         model.small_rows_max, model.small_rows_max_lm_head = limits
-                        logits[name] = _run(decode_program(model, kv, triples))  # untimed: warm this shape
+                        logits[name] = run(decode_program(model, kv, triples))  # untimed: warm this shape
+                        sync()
                         start = time.perf_counter()
                         for _ in range(steps_per_repeat):
-                            _run(decode_program(model, kv, triples))
+                            run(decode_program(model, kv, triples))
+                        sync()
                         best[name] = min(best[name], (time.perf_counter() - start) / steps_per_repeat)
                 diff = max(float((logits["small_rows"][s] - logits["plain"][s]).abs().max()) for s in range(b))
                 rows[str(b)] = {"small_rows_ms": best["small_rows"] * 1e3, "plain_ms": best["plain"] * 1e3,
