@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _log_loop_failure(done: Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.error("engine loop failed; the replica stops serving", exc_info=exc)
+
+
 @dataclass(frozen=True)
 class RequestOutput:
     """One increment of a request's output, as the client stream sees it."""
@@ -211,6 +216,7 @@ class ReplicaEngine:
             raise RuntimeError("engine: start() after shutdown()")
         if self._loop_done is None:
             self._loop_done = self._compute.submit(self._loop)
+            self._loop_done.add_done_callback(_log_loop_failure)  # when it happens, as a dying thread did
             self._loop_started.wait(10.0)
 
     def run_on_compute_thread(self, fn: Callable[[], T]) -> T:
@@ -229,6 +235,8 @@ class ReplicaEngine:
                 self._loop_done.result(timeout_s)
             except FuturesTimeout:
                 log.warning("engine loop did not stop within %.1f s", timeout_s)
+            except Exception:  # already logged by _log_loop_failure
+                pass
         self._compute.close(timeout_s)
 
     def add_request(self, request: Request, params: SamplingParams, sink: Sink) -> None:

@@ -316,3 +316,29 @@ def test_every_torch_operation_of_an_engine_runs_on_its_one_compute_thread(model
     assert compute != threading.get_ident()
     with pytest.raises(RuntimeError, match="after shutdown"):
         engine.start()
+
+
+def test_a_failing_loop_is_logged_when_it_fails_and_shutdown_stays_quiet(model_dir, monkeypatch, caplog):
+    """Fault injection (the inbox drain is replaced by one that raises): the loop's exception is logged
+    at once, the engine reports itself dead, and shutdown() does not re-raise it."""
+    import logging
+    import threading
+
+    cost = CostModel.from_coefficients(1e-3, 1e-3, max_profiled_tokens=8192)
+    engine = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20), cost_model=cost)
+    failed = threading.Event()
+
+    def broken_drain() -> None:
+        failed.set()
+        raise RuntimeError("injected loop failure")
+
+    monkeypatch.setattr(engine, "_drain_inbox", broken_drain)
+    with caplog.at_level(logging.ERROR, logger="replicas.engine"):
+        engine.start()
+        assert failed.wait(10)
+        # the next job on the compute thread runs after the loop's future and its callbacks are done
+        engine._compute.call(lambda: None)  # noqa: SLF001
+        assert not engine.is_alive()
+        assert any("engine loop failed" in r.message and r.exc_info and "injected loop failure" in str(r.exc_info[1])
+                   for r in caplog.records)
+        engine.shutdown()  # does not raise
