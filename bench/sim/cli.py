@@ -71,7 +71,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-early-stop", action="store_true", help="simulate every request even past a sure miss")
     p.add_argument("--no-shed", action="store_true", help="slo_aware never sheds sheddable requests")
     p.add_argument("--validate", action="store_true",
-                   help="instead: one real in-process replay of a short window against the simulation")
+                   help="instead: real in-process replays of a short window against the simulation")
     p.add_argument("--validate-requests", type=int, default=60, help="requests of the validation replay")
     p.add_argument("--validate-runs", type=int, default=3,
                    help="real replays of the validation window (compared by their median p50 and p90)")

@@ -1,11 +1,13 @@
-"""Validate the simulator against a real in-process replay of the same requests at the same rate.
+"""Validate the simulator against real in-process replays of the same requests at the same rate.
 
 ``flowprefill bench sim --validate --trace PATH`` builds the workload exactly as ``bench policies``
-does (window, lengths scaled by 1/16, seeded SLO classes, prompts of real tokens), replays it once
-open loop on a real :class:`~replicas.engine.ReplicaEngine` running ``flowprefill`` with the
-default model and the cost profile the engine loads, at the rate that puts the predicted prefill
-utilisation at ``utilization``, then simulates the same requests on one simulated replica with the
-same scheduler settings and cost model, and reports the relative errors of the TTFT p50 and p90.
+does (window, lengths scaled by 1/16, seeded SLO classes, prompts of real tokens), replays it
+``real_runs`` times (3 by default) open loop on a real :class:`~replicas.engine.ReplicaEngine`
+running ``flowprefill`` with the default model and the cost profile the engine loads, at the rate
+that puts the predicted prefill utilisation at ``utilization``, then simulates the same requests on
+one simulated replica with the same scheduler settings and cost model, and reports the relative
+errors of the TTFT p50 and p90 against the median of the replays' p50 and p90. One replay is too
+noisy a reference: three identical replays of the 60-request window gave p50 1.19, 1.51, 2.38 s.
 
 Before the replay, the engine's decode step is measured offline at 1-16 sequences
 (:func:`bench.decode_bench.measure_decode_steps`); ``sim`` runs prefill by the cost model and
@@ -15,8 +17,8 @@ sweep does without a curve), to show what the curve is worth.
 
 The real run's execution is timed as it happens (prefill programs against their predicted
 seconds, decode steps), because the engine does not run at its profile's speed: on the 2-core dev
-machine the replay's prefill programs took 1.16-1.18x their prediction (per program p10-p90
-1.0-1.4x), and other processes on shared cores slow it further and unevenly. A further
+machine the replays' prefill programs took 0.93-1.18x their prediction from run to run (per
+program p10-p90 0.84-1.4x), and other processes on shared cores slow it further and unevenly. A further
 simulation, ``sim_calibrated``, uses execution times fitted to the replay
 (prefill: ``measured = scale * predicted + overhead * (sequences - 1)`` over every prefill
 program, the machine's slowdown and a per-sequence launch overhead that ``predict_batch`` does
@@ -159,7 +161,7 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
                    window_start_s: float = 0.0, window_s: float | None = None, max_requests: int = 60,
                    length_scale: float = 1 / 16, utilization: float = 0.6, seed: int = 0,
                    boundary_delay_s: float = 0.002, decode_step_s: float | None = None,
-                   real_runs: int = 1) -> dict[str, Any]:
+                   real_runs: int = 3) -> dict[str, Any]:
     """``real_runs`` real replays plus the simulation of the same requests; returns the comparison (JSON-ready)."""
     if real_runs < 1:
         raise ValueError(f"--validate-runs: need at least 1, got {real_runs}")
