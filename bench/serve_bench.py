@@ -20,8 +20,12 @@ Each request carries its class as ``x-slo-class`` and its priority as ``priority
 
 Lengths are scaled (``length_scale``, 1/16 by default) because production prompts are too slow
 to prefill on a CPU; FlowPrefill's length-valued engine settings are scaled alike, as in
-:mod:`bench.policy_bench`. The ``chunked`` baseline uses chunks of ``chunk_tokens`` (default 256,
-vLLM's long-prefill threshold here); vLLM runs with BASELINES.md's best settings.
+:mod:`bench.policy_bench`. The ``chunked`` baseline is run once per chunk size in ``chunk_sizes``
+(64, 128 and 256 tokens by default, i.e. 1k-4k at full length; 256 is vLLM's long-prefill
+threshold here), each as its own system ``chunked-N``, and the best of them stands for chunked
+prefill; ``chunked-N`` can also be named directly. vLLM runs with BASELINES.md's best settings.
+The report ends with FlowPrefill's goodput ratio to vLLM and to its best own baseline (the best
+of ``fcfs`` and every ``chunked-N``), in the JSON under ``comparison``.
 
 Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024.
 """
@@ -41,13 +45,15 @@ from tqdm import tqdm
 
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
 from bench.prompts import PromptBuilder, max_tokens_for
+from bench.serve_compare import format_comparison, goodput_comparison
 from bench.servers import (
+    CHUNKED_PREFIX,
     FLOWPREFILL_SYSTEMS,
-    SYSTEMS,
     ManagedServer,
     ServerStartError,
     check_engine_settings,
     server_spec,
+    split_system,
     vllm_available,
 )
 from bench.slo_classes import THREE_TIER_RULE, SLOClass, assign_classes
@@ -62,7 +68,7 @@ class ServeBenchConfig:
     """What to replay, against which systems, and how hard to search."""
 
     trace: str
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = ("flowprefill", "chunked", "fcfs", "vllm")  # "chunked": one per chunk size
     window_start_s: float = 29.0  # the code trace's first dense stretch starts here
     window_s: float | None = None
     max_requests: int = 80
@@ -76,7 +82,7 @@ class ServeBenchConfig:
     repeats: int = 1  # extra runs at the goodput boundary
     max_run_s: float = 300.0  # no rate so low that sending the window takes longer (goodput reported below it)
     drain_s: float = 65.0
-    chunk_tokens: int = 256
+    chunk_sizes: tuple[int, ...] = (64, 128, 256)  # of the chunked baseline (scaled lengths)
     vllm_budget: int = 512
     vllm_long_prefill: int | None = 256
     vllm_threads_bind: str = "0-1"  # cores of vLLM's OpenMP threads (both vLLM systems)
@@ -86,19 +92,40 @@ class ServeBenchConfig:
     engine_settings: dict[str, Any] = field(default_factory=dict)  # FlowPrefill engine settings on top
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.systems if s not in SYSTEMS]
-        if unknown:
-            raise ValueError(f"--systems: unknown {unknown}; expected some of {', '.join(SYSTEMS)}")
+        if not self.chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                       for c in self.chunk_sizes):
+            raise ValueError(f"--chunk-sizes: need positive integers, got {self.chunk_sizes}")
+        self.systems = expand_systems(self.systems, self.chunk_sizes)
         if self.prompt_format not in ("text", "ids"):
             raise ValueError(f"prompt_format must be text or ids, got {self.prompt_format!r}")
         check_engine_settings(self.engine_settings)
         if not CPU_LIST.match(self.vllm_threads_bind):
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
-        if self.quick:  # all four systems in about 25 minutes on 2 cores
+        if self.quick:  # the default six servers in about 25 minutes on 2 cores
             self.max_requests = min(self.max_requests, 32)
             self.max_output_tokens = min(self.max_output_tokens, 8)
             self.max_runs, self.refine_steps, self.repeats = min(self.max_runs, 4), min(self.refine_steps, 1), 0
             self.max_run_s = min(self.max_run_s, 60.0)
+
+
+def expand_systems(systems: tuple[str, ...], chunk_sizes: tuple[int, ...]) -> tuple[str, ...]:
+    """``chunked`` becomes ``chunked-N`` for every chunk size; duplicates are dropped, order kept.
+
+    Raises ValueError naming ``--systems`` for an unknown system (see :func:`bench.servers.split_system`).
+    """
+    out: list[str] = []
+    for label in systems:
+        names = [f"{CHUNKED_PREFIX}{c}" for c in chunk_sizes] if label == "chunked" else [label]
+        for name in names:
+            try:
+                split_system(name)
+            except ValueError as exc:
+                raise ValueError(f"--systems: {exc}") from None
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise ValueError("--systems: name at least one system")
+    return tuple(out)
 
 
 def slo_classes(config: str | None = None) -> tuple[SLOClass, ...]:
@@ -233,15 +260,18 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
                  start: float | None, bar: tqdm) -> dict[str, Any]:
     """Start ``system``, search its goodput, stop it; the report entry (``error`` set on failure)."""
     entry: dict[str, Any] = {"system": system, "goodput": None, "goodput_scale": None, "points": [], "error": None}
-    if system in ("vllm", "flowprefill-vllm"):
+    kind, chunk = split_system(system)
+    if chunk is not None:
+        entry["chunk_tokens"] = chunk
+    if kind in ("vllm", "flowprefill-vllm"):
         ok, why = vllm_available()
         if not ok:
             print(f"\n*** bench serve: SKIPPING {system}: {why} ***\n", file=sys.stderr, flush=True)
             entry["error"] = f"skipped: {why}"
             return entry
     log_dir = Path(cfg.log_dir)
-    engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if system in FLOWPREFILL_SYSTEMS else None
-    spec = server_spec(system, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=cfg.chunk_tokens,
+    engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if kind in FLOWPREFILL_SYSTEMS else None
+    spec = server_spec(kind, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=chunk or 256,
                        vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill,
                        threads_bind=cfg.vllm_threads_bind)
     entry["command"] = spec.argv
@@ -339,6 +369,7 @@ def _bench_all(cfg: ServeBenchConfig, requests: list[LoadRequest], model_dir: Pa
             report["systems"].append(entry)
             report["start_scale"] = start
             report["common_scale"] = common_scale(report["systems"])
+            report["comparison"] = goodput_comparison(report["systems"])
             if checkpoint is not None:
                 checkpoint(report)
 
@@ -367,3 +398,5 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{e['system']:>12} {goodput} {num(e.get('startup_s'), 10)} "
               f"{num(summary.get('ttft_p50_s'), 11)} {num(summary.get('ttft_p99_s'), 11)} "
               f"{summary.get('errors', '-'):>7} {summary.get('cancelled', '-'):>7}  {per_class}")
+    for line in format_comparison(report.get("comparison") or goodput_comparison(report["systems"])):
+        print(line)

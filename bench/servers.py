@@ -10,7 +10,8 @@ Systems (:func:`server_spec`):
 * ``flowprefill``, ``chunked``, ``fcfs``: ``python -m cluster.cli serve --policy P --port P
   --grpc-port G --config TMP.yaml``, where the temporary config is ``ray_config.yaml`` with engine
   overrides (the chunk size of the ``chunked`` baseline is the engine's ``policy_chunk_tokens``,
-  for which ``serve`` has no flag);
+  for which ``serve`` has no flag). A benchmark names a ``chunked`` server of chunk ``N`` as
+  ``chunked-N`` (:func:`split_system`);
 * ``vllm``: vLLM's OpenAI server from ``.venv-vllm`` (``scripts/vllm_env.sh``) with the flags of
   ``shared/BASELINES.md``: chunked prefill, priority scheduling, no prefix caching, float32, both
   cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``), chunk budget 512 and long-prefill threshold 256.
@@ -40,6 +41,7 @@ VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 FLOWPREFILL_SYSTEMS = ("flowprefill", "chunked", "fcfs")
 SYSTEMS = (*FLOWPREFILL_SYSTEMS, "vllm", "flowprefill-vllm")  # the last: vLLM engine behind our router
 HOST = "127.0.0.1"
+CHUNKED_PREFIX = "chunked-"
 
 
 class ServerStartError(RuntimeError):
@@ -69,6 +71,22 @@ class ServerSpec:
     def base_url(self) -> str:
         """``http://127.0.0.1:PORT`` (without ``/v1``)."""
         return f"http://{HOST}:{self.port}"
+
+
+def split_system(label: str) -> tuple[str, int | None]:
+    """``chunked-256`` -> ``("chunked", 256)``; any other known system -> ``(label, None)``.
+
+    Raises ValueError naming the label when it is neither a system of :data:`SYSTEMS` nor
+    ``chunked-N`` with a positive integer ``N``.
+    """
+    if label.startswith(CHUNKED_PREFIX):
+        size = label[len(CHUNKED_PREFIX):]
+        if size.isdigit() and int(size) > 0:
+            return "chunked", int(size)
+        raise ValueError(f"system {label!r}: the chunk of chunked-N must be a positive integer")
+    if label not in SYSTEMS:
+        raise ValueError(f"unknown system {label!r}; expected one of {', '.join(SYSTEMS)} or chunked-N")
+    return label, None
 
 
 def vllm_available() -> tuple[bool, str]:

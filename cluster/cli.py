@@ -29,6 +29,17 @@ def _model_dir(arg: str | None) -> Path:
     return prepare_default_model()
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (an argparse type)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def _write_json(path: str | None, report: object) -> None:
     """Write a benchmark's JSON report where ``--json`` asked (and say so on stderr)."""
     if path:
@@ -127,7 +138,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         trace=args.trace, systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), quick=args.quick,
         window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.max_requests,
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
-        prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_tokens=args.chunk_tokens,
+        prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
         vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
         engine_settings=parse_engine_settings(args.engine_set),
     )
@@ -380,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsrv.add_argument("--seed", type=int, default=0)
     bsrv.add_argument("--prompt-format", choices=["text", "ids"], default="text")
     bsrv.add_argument("--start-scale", type=float, default=None, help="first rate scale (default: probed)")
-    bsrv.add_argument("--chunk-tokens", type=int, default=256, help="chunk of the chunked baseline")
+    bsrv.add_argument("--chunk-sizes", type=_positive_ints, default=(64, 128, 256),
+                      help="chunk sizes of the chunked baseline, comma-separated: 'chunked' runs one server per size")
     bsrv.add_argument("--vllm-threads-bind", default="0-1",
                       help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
