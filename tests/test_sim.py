@@ -350,3 +350,40 @@ def test_real_percentiles_take_the_median_over_replays_and_per_request():
     assert real["ttft_p50_s"] == pytest.approx(4.5)
     assert real["per_request_s"][:3] == pytest.approx([2.0, 3.0, 5.0])
     assert real["per_request_s"][3] is None  # not finished in every run
+
+
+def test_sweep_on_two_worker_processes_matches_the_sweep_in_one(tmp_path, capsys):
+    from bench.sim.sweep import run_sweep
+
+    rng = random.Random(3)
+    t, rows = 0.0, ["arrival_s,input_tokens,output_tokens"]
+    for _ in range(40):
+        t += rng.expovariate(8.0)
+        rows.append(f"{t:.4f},{rng.choice([20, 60, 900])},{rng.choice([1, 3])}")
+    trace = tmp_path / "trace.csv"
+    trace.write_text("\n".join(rows) + "\n")
+    profile = tmp_path / "profile.json"
+    MS_PER_TOKEN.save(profile)
+    kw = dict(trace=str(trace), replicas=(1, 4), router_policies=("slo_aware", "round_robin"), profile=str(profile),
+              length_scale=1.0, requests_per_replica=30, max_requests=100, refine_steps=2, max_steps=6)
+    one = run_sweep(SimBenchConfig(**kw, jobs=1))
+    two = run_sweep(SimBenchConfig(**kw, jobs=2))
+    assert one["jobs"] == 1 and two["jobs"] == 2 and two["scheduler_floor_requests_per_s"] > 0
+    assert [(r["replicas"], r["router_policy"]) for r in two["results"]] == [
+        (1, "slo_aware"), (1, "round_robin"), (4, "slo_aware"), (4, "round_robin")]
+    strip = [[{k: v for k, v in p.items() if k != "wall_s"} for p in r["points"]] for r in one["results"]]
+    assert strip == [[{k: v for k, v in p.items() if k != "wall_s"} for p in r["points"]] for r in two["results"]]
+    assert [r["goodput"] for r in one["results"]] == [r["goodput"] for r in two["results"]]
+    assert all(r["goodput"] > 0 for r in one["results"])
+    assert "on 2 process(es)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--jobs"):
+        SimBenchConfig(**kw, jobs=-1)
+
+
+def test_scheduler_floor_runs_every_request_through_the_real_scheduler():
+    from bench.sim.floor import scheduler_floor
+
+    out = scheduler_floor(MS_PER_TOKEN, SchedulerConfig(), requests=200, prompt_tokens=30)
+    assert out["finished"] == out["requests"] == 200 and out["requests_per_s"] == pytest.approx(200 / out["wall_s"])
+    with pytest.raises(ValueError, match="requests"):
+        scheduler_floor(MS_PER_TOKEN, SchedulerConfig(), requests=0)

@@ -68,6 +68,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="execution this many times slower than the profile (e.g. a --validate fit)")
     p.add_argument("--seq-overhead-s", type=float, default=0.0,
                    help="seconds per extra sequence in a prefill batch or decode step (e.g. a --validate fit)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="worker processes, one router policy each (default 0: one per usable CPU)")
     p.add_argument("--no-early-stop", action="store_true", help="simulate every request even past a sure miss")
     p.add_argument("--no-shed", action="store_true", help="slo_aware never sheds sheddable requests")
     p.add_argument("--validate", action="store_true",
@@ -105,7 +107,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             staleness_s=args.staleness_s, boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s,
             decode_curve=tuple(args.decode_curve),
             exec_time_scale=args.exec_time_scale, seq_overhead_s=args.seq_overhead_s,
-            early_stop=not args.no_early_stop, shed=not args.no_shed,
+            early_stop=not args.no_early_stop, shed=not args.no_shed, jobs=args.jobs,
         )
         report = run_sweep(cfg)
         if args.plot:

@@ -6,18 +6,27 @@ policies`` does (steps of 1.5x until attainment crosses 90%, then geometric bise
 goodput is the highest rate with at least 90% TTFT attainment. The search for the next ``N``
 starts from the previous goodput per replica.
 
+The searches of one router policy form a chain (each starts from the previous goodput), and the
+chains of different router policies are independent: they run on ``jobs`` worker processes
+(default: one per usable CPU), with the same results as one after another.
+
 ``simulated_requests_per_s`` is every simulated request (early-stopped runs count only the
-arrivals they reached) divided by the wall time of the whole sweep, workload building and search
-included; the CPU time and the machine's load average are reported next to it.
+arrivals they reached) divided by the wall time of the whole sweep, workload building, process
+start-up and search included; the CPU time of all processes and the machine's load average are
+reported next to it.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import numpy as np
@@ -25,9 +34,10 @@ from tqdm import tqdm
 
 from bench.rate_search import ATTAINMENT_GOAL, search_rate_scale
 from bench.sim.cluster import ROUTER_POLICIES, ClusterSim, RouterConfig, RunResult, SimSetup
+from bench.sim.floor import scheduler_floor
 from bench.sim.replica import ExecConfig
 from bench.sim.workload import SimWorkload, cluster_workload
-from bench.traces import load_trace
+from bench.traces import Trace, load_trace
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel, detect_hardware, profile_file_name
 
@@ -59,6 +69,7 @@ class SimBenchConfig:
     seq_overhead_s: float = 0.0
     early_stop: bool = True
     shed: bool = True
+    jobs: int = 0  # worker processes, one router policy each (0: one per usable CPU, at most one per policy)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.router_policies if p not in ROUTER_POLICIES]
@@ -66,6 +77,8 @@ class SimBenchConfig:
             raise ValueError(f"--router-policies: unknown {bad}; expected some of {ROUTER_POLICIES}")
         if not self.replicas or min(self.replicas) < 1:
             raise ValueError(f"--replicas: need positive counts, got {self.replicas}")
+        if self.jobs < 0:
+            raise ValueError(f"--jobs: need 0 (automatic) or a positive count, got {self.jobs}")
 
 
 def default_profile_path() -> Path:
@@ -119,15 +132,16 @@ def summarize_run(wl: SimWorkload, run: RunResult, scale: float) -> dict[str, An
 
 
 def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchConfig,
-                 bar: tqdm | None = None) -> dict[str, Any]:
-    """Search the rate scale (see the module docstring); returns goodput and every point."""
+                 on_point: Callable[[float, float], None] | None = None) -> dict[str, Any]:
+    """Search the rate scale (see the module docstring); returns goodput and every point.
+    ``on_point(scale, attainment)`` is called after every simulated run."""
     points: dict[float, dict[str, Any]] = {}
 
     def measure(scale: float) -> float:
         run = sim.run(wl, scale, stop_below=ATTAINMENT_GOAL if cfg.early_stop else None)
         points[scale] = summarize_run(wl, run, scale)
-        if bar is not None:
-            bar.set_postfix(scale=f"{scale:.3g}", attain=f"{run.attainment:.3f}")
+        if on_point is not None:
+            on_point(scale, run.attainment)
         return run.attainment
 
     good, _ = search_rate_scale(measure, start, max_steps=cfg.max_steps, refine_steps=cfg.refine_steps)
@@ -137,50 +151,138 @@ def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchCo
             "points": [points[k] for k in sorted(points)]}
 
 
-def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
-    """Every (replica count, router policy) pair; returns the JSON report."""
-    t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-    cost, profile_src = load_profile(cfg.profile)
-    trace = load_trace(cfg.trace)
+Progress = Callable[[str, int, float | None, float | None], None]  # (router policy, replicas, scale, attainment)
+
+
+class _BarProgress:
+    """Shows a chain's progress on the sweep's bar: a point (scale and attainment) or a finished search (None)."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def report(self, rp: str, n: int, scale: float | None, attainment: float | None) -> None:
+        if scale is None:
+            self.bar.update(1)
+        else:
+            self.bar.set_description(f"bench sim N={n} {rp}")
+            self.bar.set_postfix(scale=f"{scale:.3g}", attain=f"{attainment:.3f}")
+
+
+def _policy_chain(cfg: SimBenchConfig, cost: CostModel, trace: Trace, rp: str, workloads: dict[int, SimWorkload],
+                  progress: Progress) -> tuple[list[dict[str, Any]], float]:
+    """The goodput search of router policy ``rp`` at every replica count, in order (a search starts
+    from the previous count's goodput per replica); returns the results and the CPU seconds taken.
+    ``workloads`` caches the tiled workload per replica count (shared by the chains of one process)."""
+    cpu0 = time.process_time()
     setup_base = dict(cost=cost, sched=sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens),
                       exec=ExecConfig(boundary_delay_s=cfg.boundary_delay_s, decode_step_s=cfg.decode_step_s,
                                       decode_curve=cfg.decode_curve,
                                       exec_time_scale=cfg.exec_time_scale, seq_overhead_s=cfg.seq_overhead_s))
     results: list[dict[str, Any]] = []
-    prev_scale: dict[str, float] = {}  # router policy -> last goodput scale (per-replica load carries over)
+    prev_scale: float | None = None
     gc_was = gc.isenabled()
     gc.disable()  # the simulation allocates many short-lived objects and no cycles worth collecting mid-run
     try:
-        with tqdm(total=len(cfg.replicas) * len(cfg.router_policies), desc="bench sim", unit="search") as bar:
-            for n in cfg.replicas:
-                wl = cluster_workload(trace, cost.predict, n, window_start_s=cfg.window_start_s, window_s=cfg.window_s,
-                                      requests_per_copy=cfg.requests_per_replica, max_requests=cfg.max_requests,
-                                      length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens,
-                                      seed=cfg.seed)
-                util_at_1 = wl.work_s / (n * wl.span_s)
-                for rp in cfg.router_policies:
-                    bar.set_description(f"bench sim N={n} {rp}")
-                    router = RouterConfig(policy=rp, staleness_s=cfg.staleness_s, shed=cfg.shed, seed=cfg.seed)
-                    sim = ClusterSim(SimSetup(router=router, **setup_base), n)  # type: ignore[arg-type]
-                    start = prev_scale.get(rp) or 0.5 / max(util_at_1, 1e-12)
-                    res = find_goodput(sim, wl, start, cfg, bar)
-                    res["router_policy"] = rp
-                    if res["goodput_scale"]:
-                        prev_scale[rp] = res["goodput_scale"]
-                    results.append(res)
-                    bar.update(1)
-                    gc.collect()
+        for n in cfg.replicas:
+            wl = workloads.get(n)
+            if wl is None:
+                wl = workloads[n] = cluster_workload(
+                    trace, cost.predict, n, window_start_s=cfg.window_start_s, window_s=cfg.window_s,
+                    requests_per_copy=cfg.requests_per_replica, max_requests=cfg.max_requests,
+                    length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens, seed=cfg.seed)
+            router = RouterConfig(policy=rp, staleness_s=cfg.staleness_s, shed=cfg.shed, seed=cfg.seed)
+            sim = ClusterSim(SimSetup(router=router, **setup_base), n)  # type: ignore[arg-type]
+            start = prev_scale or 0.5 / max(wl.work_s / (n * wl.span_s), 1e-12)
+            res = find_goodput(sim, wl, start, cfg, lambda scale, att, n=n: progress(rp, n, scale, att))
+            res["router_policy"] = rp
+            prev_scale = res["goodput_scale"] or prev_scale
+            results.append(res)
+            progress(rp, n, None, None)
+            gc.collect()
     finally:
         if gc_was:
             gc.enable()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return results, time.process_time() - cpu0
+
+
+_worker_queue: Any = None  # the progress queue of a worker process
+
+
+def _init_worker(queue: Any) -> None:  # noqa: ANN401 - a multiprocessing queue
+    global _worker_queue
+    _worker_queue = queue
+
+
+def _queue_progress(rp: str, n: int, scale: float | None, attainment: float | None) -> None:
+    _worker_queue.put((rp, n, scale, attainment))
+
+
+def _chain_in_worker(cfg: SimBenchConfig, cost: CostModel, trace: Trace,
+                     rp: str) -> tuple[list[dict[str, Any]], float]:
+    return _policy_chain(cfg, cost, trace, rp, {}, _queue_progress)
+
+
+def _parallel_chains(cfg: SimBenchConfig, cost: CostModel, trace: Trace, jobs: int,
+                     bar: tqdm) -> list[tuple[list[dict[str, Any]], float]]:
+    """Every router policy's chain on ``jobs`` fresh (spawned) processes, relaying their progress to ``bar``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    show = _BarProgress(bar)
+    # The slowest chain first, so that it never starts last: slo_aware ranks every replica per request.
+    slow_first = sorted(cfg.router_policies, key=lambda rp: rp not in ("slo_aware", "least_loaded"))
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        futures = {rp: pool.submit(_chain_in_worker, cfg, cost, trace, rp) for rp in slow_first}
+        pending = set(futures.values())
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    show.report(*queue.get_nowait())
+                except Empty:
+                    break
+            for f in done:
+                f.result()  # a failed chain stops the sweep with its error
+        return [futures[rp].result() for rp in cfg.router_policies]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
+    """Every (replica count, router policy) pair; returns the JSON report.
+
+    Each router policy's searches form a chain over the replica counts (a search starts from the
+    previous goodput), so chains run in parallel on ``cfg.jobs`` worker processes with the same
+    results as one after another.
+    """
+    t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    cost, profile_src = load_profile(cfg.profile)
+    trace = load_trace(cfg.trace)
+    jobs = min(cfg.jobs or usable_cpus(), len(cfg.router_policies))
+    with tqdm(total=len(cfg.replicas) * len(cfg.router_policies), desc="bench sim", unit="search") as bar:
+        if jobs <= 1:
+            workloads: dict[int, SimWorkload] = {}
+            chains = [_policy_chain(cfg, cost, trace, rp, workloads, _BarProgress(bar).report)
+                      for rp in cfg.router_policies]
+        else:
+            chains = _parallel_chains(cfg, cost, trace, jobs, bar)
+    order = [(n, rp) for n in cfg.replicas for rp in cfg.router_policies]  # the table's order
+    results = sorted((r for chain, _ in chains for r in chain),
+                     key=lambda r: order.index((r["replicas"], r["router_policy"])))
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0 + (sum(c for _, c in chains) if jobs > 1 else 0.0)
     simulated = sum(p["simulated"] for r in results for p in r["points"])
+    floor = scheduler_floor(cost, sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens))
     report = {
         "trace": cfg.trace, "profile": profile_src, "cost_model": {"model": cost.model, "device": cost.device,
                                                                    "hardware": cost.hardware},
         "config": asdict(cfg), "results": results, "simulated_requests": simulated, "wall_s": wall, "cpu_s": cpu,
-        "simulated_requests_per_s": simulated / wall, "simulated_requests_per_cpu_s": simulated / max(cpu, 1e-9),
+        "jobs": jobs, "simulated_requests_per_s": simulated / wall,
+        "simulated_requests_per_cpu_s": simulated / max(cpu, 1e-9),
         "load_average": [load0, os.getloadavg()[0]], "speed_by_router_policy": _speeds(results),
+        "scheduler_floor_requests_per_s": floor["requests_per_s"],
     }
     print_table(report)
     return report
@@ -214,10 +316,15 @@ def print_table(report: dict[str, Any]) -> None:
             vals.append(f"{r['goodput_per_replica']:>9.3f} ({r['goodput']:>9.2f})" if r else f"{'-':>22}")
         print(f"{n:>8} {reqs:>9} " + " ".join(f"{v:>22}" for v in vals))
     speeds = " ".join(f"{k}={v:,.0f}" for k, v in report["speed_by_router_policy"].items())
-    print(f"simulated {report['simulated_requests']:,} requests in {report['wall_s']:.1f} s wall "
-          f"({report['cpu_s']:.1f} s CPU): {report['simulated_requests_per_s']:,.0f} req/s "
+    print(f"simulated {report['simulated_requests']:,} requests in {report['wall_s']:.1f} s wall on "
+          f"{report.get('jobs', 1)} process(es) ({report['cpu_s']:.1f} s CPU): "
+          f"{report['simulated_requests_per_s']:,.0f} req/s "
           f"({report['simulated_requests_per_cpu_s']:,.0f} per CPU s); per router policy (runs only): {speeds}; "
           f"load average {report['load_average'][0]:.1f} -> {report['load_average'][1]:.1f}")
+    floor = report.get("scheduler_floor_requests_per_s")
+    if floor:
+        print(f"the real scheduler alone, one request at a time on an idle replica (bench.sim.floor): {floor:,.0f} "
+              f"req/s per process, a bound on this simulator's speed per process")
 
 
 def plot_goodput(report: dict[str, Any], path: str | Path) -> None:
