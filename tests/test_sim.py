@@ -383,7 +383,8 @@ def test_sweep_on_two_worker_processes_matches_the_sweep_in_one(tmp_path, capsys
 def test_scheduler_floor_runs_every_request_through_the_real_scheduler():
     from bench.sim.floor import scheduler_floor
 
-    out = scheduler_floor(MS_PER_TOKEN, SchedulerConfig(), requests=200, prompt_tokens=30)
+    out = scheduler_floor(MS_PER_TOKEN, SchedulerConfig(), requests=200, prompt_tokens=30, repeats=2)
+    assert len(out["requests_per_s_rounds"]) == 2 and out["requests_per_s"] == max(out["requests_per_s_rounds"])
     assert out["finished"] == out["requests"] == 200 and out["requests_per_s"] == pytest.approx(200 / out["wall_s"])
     with pytest.raises(ValueError, match="requests"):
         scheduler_floor(MS_PER_TOKEN, SchedulerConfig(), requests=0)

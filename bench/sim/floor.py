@@ -20,11 +20,19 @@ from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 
 
-def scheduler_floor(cost: CostModel, config: SchedulerConfig, *, requests: int = 5000,
-                    prompt_tokens: int = 64) -> dict[str, Any]:
-    """Requests per second of wall time the real scheduler handles one at a time (see the module docstring)."""
-    if requests < 1 or prompt_tokens < 1:
-        raise ValueError(f"need requests >= 1 and prompt_tokens >= 1, got {requests}, {prompt_tokens}")
+def scheduler_floor(cost: CostModel, config: SchedulerConfig, *, requests: int = 5000, prompt_tokens: int = 64,
+                    repeats: int = 3) -> dict[str, Any]:
+    """Requests per second of wall time the real scheduler handles one at a time (see the module
+    docstring): the best of ``repeats`` rounds of ``requests`` requests, each on a fresh scheduler
+    (a bound, so the least disturbed round counts)."""
+    if requests < 1 or prompt_tokens < 1 or repeats < 1:
+        raise ValueError(f"need requests, prompt_tokens and repeats >= 1, got {requests}, {prompt_tokens}, {repeats}")
+    rounds = [_one_round(cost, config, requests, prompt_tokens) for _ in range(repeats)]
+    best = min(rounds, key=lambda r: r["wall_s"])
+    return {**best, "requests_per_s_rounds": [r["requests_per_s"] for r in rounds]}
+
+
+def _one_round(cost: CostModel, config: SchedulerConfig, requests: int, prompt_tokens: int) -> dict[str, Any]:
     sched = Scheduler(cost, config, perf_clock=float, max_pass_samples=1)  # as bench.sim.replica builds it
     prompt = [0] * prompt_tokens
     prefill_s = cost.predict(prompt_tokens)
