@@ -375,7 +375,10 @@ def test_sweep_on_two_worker_processes_matches_the_sweep_in_one(tmp_path, capsys
     assert strip == [[{k: v for k, v in p.items() if k != "wall_s"} for p in r["points"]] for r in two["results"]]
     assert [r["goodput"] for r in one["results"]] == [r["goodput"] for r in two["results"]]
     assert all(r["goodput"] > 0 for r in one["results"])
-    assert "on 2 process(es)" in capsys.readouterr().out
+    # two bisections of a 1.5x (or, after a 3x step down, 3x) bracket
+    assert all(1.0 < r["bracket"] <= 3 ** 0.25 + 1e-9 for r in one["results"])
+    out = capsys.readouterr().out
+    assert "on 2 process(es)" in out and "search resolution: each goodput is within" in out
     with pytest.raises(ValueError, match="--jobs"):
         SimBenchConfig(**kw, jobs=-1)
 

@@ -144,10 +144,11 @@ def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchCo
             on_point(scale, run.attainment)
         return run.attainment
 
-    good, _ = search_rate_scale(measure, start, max_steps=cfg.max_steps, refine_steps=cfg.refine_steps)
+    good, bad = search_rate_scale(measure, start, max_steps=cfg.max_steps, refine_steps=cfg.refine_steps)
     goodput = good * wl.rate_rps
     return {"replicas": wl.copies, "goodput_scale": good, "goodput": goodput,
             "goodput_per_replica": goodput / wl.copies, "requests": len(wl), "window_s": wl.span_s,
+            "bracket": bad / good if good and bad else None,  # lowest failing / goodput scale: the resolution
             "points": [points[k] for k in sorted(points)]}
 
 
@@ -315,6 +316,10 @@ def print_table(report: dict[str, Any]) -> None:
             r = cell.get((n, p))
             vals.append(f"{r['goodput_per_replica']:>9.3f} ({r['goodput']:>9.2f})" if r else f"{'-':>22}")
         print(f"{n:>8} {reqs:>9} " + " ".join(f"{v:>22}" for v in vals))
+    brackets = [r["bracket"] for r in rows if r.get("bracket")]
+    if brackets:
+        print(f"search resolution: each goodput is within {max(brackets) - 1:.1%} below the lowest failing rate, "
+              f"so goodputs that close are ties")
     speeds = " ".join(f"{k}={v:,.0f}" for k, v in report["speed_by_router_policy"].items())
     print(f"simulated {report['simulated_requests']:,} requests in {report['wall_s']:.1f} s wall on "
           f"{report.get('jobs', 1)} process(es) ({report['cpu_s']:.1f} s CPU): "
