@@ -13,6 +13,11 @@ Goodput is that scale times the window's base rate (requests/s). Rates at which 
 window would take longer than ``max_run_s`` (60 s with ``--quick``) are not tried: a system that
 fails there is reported as below that rate (goodput 0 in the JSON, with ``min_rate_rps``).
 
+The default window is the code trace's first dense stretch: 48 requests from 29 s (32 with
+``--quick``). A window that spans a long idle gap gets a warning (:func:`idle_gap_warning`): its
+rate scale averages over the gap, so even a "low" rate sends the bursts faster than a server can
+take them (80 requests from 29 s span a 144 s gap before request 51).
+
 Every system is judged by the same per-class TTFT SLOs, those FlowPrefill's server applies (the
 ``slo`` section of ``ray_config.yaml``: interactive 1 s, standard 5 s, batch 60 s). Classes are
 assigned by :data:`bench.slo_classes.THREE_TIER_RULE`, its thresholds scaled with the lengths.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +51,7 @@ from tqdm import tqdm
 
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
 from bench.prompts import PromptBuilder, max_tokens_for
+from bench.rate_search import find_goodput
 from bench.serve_compare import format_comparison, goodput_comparison
 from bench.servers import (
     CHUNKED_PREFIX,
@@ -57,10 +64,11 @@ from bench.servers import (
     vllm_available,
 )
 from bench.slo_classes import THREE_TIER_RULE, SLOClass, assign_classes
-from bench.traces import load_trace
+from bench.traces import Trace, load_trace
 from replicas.vllm_process import CPU_LIST
 
-STEP = 1.5
+IDLE_GAP_FRACTION = 0.25  # an idle gap longer than this share of the window ...
+IDLE_GAP_VS_MEDIAN = 10.0  # ... and this many median gaps gets a warning
 
 
 @dataclass
@@ -71,7 +79,7 @@ class ServeBenchConfig:
     systems: tuple[str, ...] = ("flowprefill", "chunked", "fcfs", "vllm")  # "chunked": one per chunk size
     window_start_s: float = 29.0  # the code trace's first dense stretch starts here
     window_s: float | None = None
-    max_requests: int = 80
+    max_requests: int = 48  # the code trace's first dense stretch from 29 s holds 51 requests
     length_scale: float = 1 / 16
     max_output_tokens: int = 16
     seed: int = 0
@@ -146,6 +154,9 @@ def build_requests(cfg: ServeBenchConfig, tokenizer: Any, classes: tuple[SLOClas
     trace = trace.head(cfg.max_requests).scale_lengths(cfg.length_scale)
     if len(trace) < 2:
         raise ValueError(f"the trace window holds {len(trace)} requests; move or widen it")
+    warning = idle_gap_warning(trace)
+    if warning:
+        print(f"bench serve: WARNING: {warning}", file=sys.stderr, flush=True)
     names = assign_classes(trace, classes, seed=cfg.seed, rule=THREE_TIER_RULE.scaled(cfg.length_scale))
     by_name = {c.name: c for c in classes}
     builder = PromptBuilder(tokenizer, cfg.seed)
@@ -161,6 +172,22 @@ def build_requests(cfg: ServeBenchConfig, tokenizer: Any, classes: tuple[SLOClas
     return out
 
 
+def idle_gap_warning(trace: Trace, max_fraction: float = IDLE_GAP_FRACTION,
+                     vs_median: float = IDLE_GAP_VS_MEDIAN) -> str | None:
+    """A warning when one idle gap takes more than ``max_fraction`` of the window and is over
+    ``vs_median`` times the median gap: rates are then averages over the gap, and the bursts on
+    either side arrive far faster than the rate says."""
+    gap, i = trace.longest_gap()
+    span = trace.duration_s
+    arrivals = [r.arrival_s for r in trace.requests]
+    typical = statistics.median(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) > 1 else 0.0
+    if span <= 0 or gap <= max_fraction * span or gap <= vs_median * typical:
+        return None
+    return (f"the window has an idle gap of {gap:.1f} s before request {i} ({gap / span:.0%} of its {span:.1f} s): "
+            f"request rates average over it; pick a window without it (--max-requests {i}, --window-start-s, "
+            f"--window-s)")
+
+
 def at_scale(requests: list[LoadRequest], scale: float) -> list[LoadRequest]:
     """The same requests with every arrival divided by ``scale`` (``scale=2``: twice the rate)."""
     return [replace(r, arrival_s=r.arrival_s / scale) for r in requests]
@@ -171,60 +198,6 @@ def engine_overrides(length_scale: float) -> dict[str, int]:
     return {"short_threshold": max(int(2048 * length_scale), 1),
             "batch_token_budget": max(int(8192 * length_scale), 1),
             "chunk_tokens": max(int(8192 * length_scale), 1)}
-
-
-def grid(start: float, k: int) -> float:
-    """The ``k``-th scale of the common grid (rounded, so systems share keys exactly)."""
-    return float(f"{start * STEP ** k:.6g}")
-
-
-def find_goodput(measure: Callable[[float], float], start: float, *, max_runs: int = 6, refine_steps: int = 2,
-                 repeats: int = 1, goal: float = ATTAINMENT_GOAL,
-                 min_scale: float = 0.0) -> tuple[float, dict[float, list[float]]]:
-    """Search the highest scale whose mean attainment reaches ``goal``; ``measure(scale)`` runs once
-    and returns the attainment. No scale below ``min_scale`` is tried (runs there would take too
-    long); if ``min_scale`` itself fails, the goodput is reported as 0.0 (below the floor).
-    Returns the goodput scale (0.0 if none passed) and all runs per scale."""
-    runs: dict[float, list[float]] = {}
-
-    def mean(s: float) -> float:
-        return sum(runs[s]) / len(runs[s])
-
-    def run(s: float) -> bool:
-        runs.setdefault(s, []).append(measure(s))
-        return mean(s) >= goal
-
-    start = max(start, min_scale)  # the same for every system, so they still share one grid
-    good, bad, k = None, None, 0
-    s = grid(start, 0)
-    for _ in range(max_runs):
-        if run(s):
-            good = s
-            if bad is not None:
-                break
-            k += 1
-        else:
-            bad = s
-            if good is not None or s <= min_scale:
-                break
-            k -= 1 if runs[s][-1] >= 0.75 else 2  # far below the goal: step down faster
-        s = max(grid(start, k), min_scale)
-    for _ in range(refine_steps if good is not None and bad is not None else 0):
-        mid = float(f"{math.sqrt(good * bad):.6g}")
-        if mid in runs:
-            break
-        if run(mid):
-            good = mid
-        else:
-            bad = mid
-    while good is not None and repeats > 0:  # confirm the boundary; fall back to the next passing scale
-        for _ in range(repeats):
-            run(good)
-        if mean(good) >= goal:
-            break
-        lower = [s for s in runs if s < good and mean(s) >= goal]
-        good = max(lower) if lower else None
-    return (good or 0.0), runs
 
 
 def _probe_scale(base: str, model: str, requests: list[LoadRequest]) -> float:

@@ -105,6 +105,13 @@ class Trace:
         d = self.duration_s
         return len(self.requests) / d if d > 0 else 0.0
 
+    def longest_gap(self) -> tuple[float, int]:
+        """``(seconds, i)``: the longest wait between consecutive arrivals, before request ``i``
+        (``(0.0, 0)`` for fewer than two requests)."""
+        reqs = self.requests
+        return max(((b.arrival_s - a.arrival_s, i + 1) for i, (a, b) in enumerate(zip(reqs, reqs[1:]))),
+                   default=(0.0, 0))
+
     def _derive(self, requests: list[TraceRequest], note: str) -> Trace:
         return Trace(tuple(requests), f"{self.source}|{note}")
 

@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsrv.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
     bsrv.add_argument("--window-start-s", type=float, default=29.0)
     bsrv.add_argument("--window-s", type=float, default=None)
-    bsrv.add_argument("--max-requests", type=int, default=80)
+    bsrv.add_argument("--max-requests", type=int, default=48, help="requests of the window (48: the code trace's "
+                      "first dense stretch; a window spanning an idle gap gets a warning)")
     bsrv.add_argument("--length-scale", type=float, default=1 / 16, help="input lengths are multiplied by this")
     bsrv.add_argument("--max-output-tokens", type=int, default=16, help="cap on each request's max_tokens")
     bsrv.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ import pytest
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load, summarize
 from bench.prompts import PromptBuilder, make_prompts, max_tokens_for
-from bench.serve_bench import find_goodput, grid
+from bench.rate_search import find_goodput, grid
 
 FIRST_DELAY_S = 0.15
 TOKEN_GAP_S = 0.1

@@ -61,3 +61,18 @@ def test_a_baseline_below_the_rate_floor_gives_a_lower_bound_and_a_skipped_one_n
     assert cmp["best_own_baseline"] is None and cmp["flowprefill_vs_best_own_baseline"] is None
     assert "FlowPrefill goodput / vLLM (vllm): >= 5.00x" in format_comparison(cmp)
     assert goodput_comparison([_entry("vllm", 2.0)])["flowprefill_vs_vllm"] is None
+
+
+def test_a_window_with_a_long_idle_gap_gets_a_warning_naming_where_it_starts():
+    from bench.serve_bench import idle_gap_warning
+    from bench.traces import Trace, TraceRequest
+
+    # two bursts of 4 requests 1 s apart, 100 s between them: 99 s of a 103 s window is idle
+    arrivals = [0.0, 0.3, 0.6, 1.0, 101.0, 101.5, 102.0, 103.0]
+    trace = Trace(tuple(TraceRequest(a, 10, 1) for a in arrivals))
+    assert trace.longest_gap() == (pytest.approx(100.0), 4)
+    warning = idle_gap_warning(trace)
+    assert warning is not None and "idle gap of 100.0 s before request 4 (97% of its 103.0 s)" in warning
+    assert "--max-requests 4" in warning
+    assert idle_gap_warning(trace.head(4)) is None  # the first burst alone: no gap
+    assert Trace(()).longest_gap() == (0.0, 0) and idle_gap_warning(trace.head(1)) is None
