@@ -351,6 +351,13 @@ def test_real_percentiles_take_the_median_over_replays_and_per_request():
     assert real["per_request_s"][:3] == pytest.approx([2.0, 3.0, 5.0])
     assert real["per_request_s"][3] is None  # not finished in every run
 
+    from bench.sim.validate import _compare
+
+    sim = [2.0, 3.3, None, 6.0]
+    cmp = _compare(real, sim, 0.75)
+    assert cmp["ttft_s"] == sim and cmp["compared"] == 2  # kept whole for plots; compared where both finished
+    assert cmp["per_request_median_rel_error"] == pytest.approx(0.05)  # |2-2|/2 = 0 and |3.3-3|/3 = 0.1
+
 
 def test_sweep_on_two_worker_processes_matches_the_sweep_in_one(tmp_path, capsys):
     from bench.sim.sweep import run_sweep

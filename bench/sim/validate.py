@@ -154,7 +154,8 @@ def _compare(real: dict[str, Any], sim_ttft: list[float | None], attainment: flo
     per_req = [abs(sim_ttft[i] - real_ttft[i]) / real_ttft[i] for i in both]  # type: ignore[operator]
     return {"ttft_p50_s": sim_p50, "ttft_p90_s": sim_p90, "attainment": attainment,
             "rel_error_p50": _rel(sim_p50, real_p50), "rel_error_p90": _rel(sim_p90, real_p90),
-            "per_request_median_rel_error": float(np.median(per_req)) if per_req else None, "compared": len(both)}
+            "per_request_median_rel_error": float(np.median(per_req)) if per_req else None, "compared": len(both),
+            "ttft_s": list(sim_ttft)}  # per request, in the replay's order (None: no first token)
 
 
 def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | None = None,
@@ -237,6 +238,9 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
                                                 "fit_error": cost.fit_error},
         "real": {"ttft_p50_s": real["ttft_p50_s"], "ttft_p90_s": real["ttft_p90_s"],
                  "runs": real_runs, "runs_p50_p90_s": real["runs_p50_p90_s"],
+                 "per_request_ttft_s": real["per_request_s"],  # median over the replays, per request
+                 "runs_ttft_s": [[r.ttft_s for r in results] for results in run_results],
+                 "slo_class": [c.name for c in classes],
                  "attainment": float(np.mean([x["attainment"] for x in summaries])),
                  "runs_attainment": [x["attainment"] for x in summaries],
                  "unfinished": sum(x["unfinished"] for x in summaries), "wall_s": real_wall, "counters": counters,
