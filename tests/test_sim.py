@@ -398,3 +398,20 @@ def test_scheduler_floor_runs_every_request_through_the_real_scheduler():
     assert out["finished"] == out["requests"] == 200 and out["requests_per_s"] == pytest.approx(200 / out["wall_s"])
     with pytest.raises(ValueError, match="requests"):
         scheduler_floor(MS_PER_TOKEN, SchedulerConfig(), requests=0)
+
+
+def test_per_class_comparison_is_stable_where_the_overall_median_falls_between_clusters():
+    from bench.sim.validate import per_class_comparison, real_percentiles
+
+    classes = ["interactive"] * 4 + ["batch"] * 4
+    # two real replays: the same clusters, two batch requests a little earlier in the second
+    runs = [[0.2, 0.3, 0.3, 0.4, 3.0, 3.2, 3.4, 9.0], [0.2, 0.3, 0.3, 0.4, 2.0, 2.8, 3.4, 9.0]]
+    sim = [0.2, 0.3, 0.3, 0.4, 3.0, 3.2, 3.4, 9.0]
+    out = per_class_comparison(runs, sim, classes)
+    assert list(out) == ["interactive", "batch"] and out["interactive"]["requests"] == 4
+    assert out["interactive"]["rel_error_p50"] == pytest.approx(0.0)
+    assert out["batch"]["real_p50_s"] == pytest.approx(3.2)  # the median of the runs' p50s, 3.3 and 3.1
+    assert out["batch"]["sim_p50_s"] == pytest.approx(3.3)
+    assert out["batch"]["rel_error_p50"] == pytest.approx(3.3 / 3.2 - 1)
+    # over all requests the p50 sits in the gap: 1.7 against 1.2 in the two replays
+    assert [p[0] for p in real_percentiles(runs)["runs_p50_p90_s"]] == pytest.approx([1.7, 1.2])
