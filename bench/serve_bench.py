@@ -371,5 +371,5 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{e['system']:>12} {goodput} {num(e.get('startup_s'), 10)} "
               f"{num(summary.get('ttft_p50_s'), 11)} {num(summary.get('ttft_p99_s'), 11)} "
               f"{summary.get('errors', '-'):>7} {summary.get('cancelled', '-'):>7}  {per_class}")
-    for line in format_comparison(report.get("comparison") or goodput_comparison(report["systems"])):
+    for line in format_comparison(goodput_comparison(report["systems"])):
         print(line)
