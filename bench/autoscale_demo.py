@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.stack import ServingStack
+
 DEPLOYMENT = "FlowPrefillReplica"
 NAMESPACE = "autoscale-demo"
 _TEXT = ("Summarise these notes on distributed systems for a new engineer: replication keeps copies of data on "
@@ -145,7 +147,7 @@ def _replica_counts() -> tuple[int, int]:
 
 
 async def _sample(redis_url: str, t0: float, stop: asyncio.Event, samples: list[dict], busy: dict[str, float]) -> None:
-    from cluster.state_client import ClusterState, StateUnavailable
+    from state.client import ClusterState, StateUnavailable
 
     async with ClusterState(redis_url, namespace=NAMESPACE) as state:
         while not stop.is_set():
@@ -271,23 +273,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_autoscale_demo(config: AutoscaleDemoConfig) -> dict[str, Any]:
+def run_autoscale_demo(config: AutoscaleDemoConfig, stack: ServingStack) -> dict[str, Any]:
     """Start everything, offer the load, tear everything down; returns the report."""
-    from cluster.launcher import DEFAULT_CONFIG, ensure_profile, load_app_args, run_app, start_local_ray  # noqa: I001
-    from cluster.redis_server import redis_url_from_env_or_start
-
     import ray
     from ray import serve
 
-    base = load_app_args(DEFAULT_CONFIG)
-    args = ensure_profile({**base, "namespace": NAMESPACE, "autoscaling": config.autoscaling()})
+    from state.redis_server import redis_url_from_env_or_start
+
+    base = stack.app_args()
+    args = stack.prepare({**base, "namespace": NAMESPACE, "autoscaling": config.autoscaling()})
     port, grpc_port = _free_port(), _free_port()
     redis_url, redis = redis_url_from_env_or_start()
     os.environ["REDIS_URL"] = redis_url
     try:
-        start_local_ray(config.num_cpus)
+        stack.start_ray(config.num_cpus)
         started = time.time()
-        url = run_app(args, "127.0.0.1", port, redis_url, grpc_port)
+        url = stack.deploy(args, "127.0.0.1", port, redis_url, grpc_port)
         ready_s = time.time() - started
         print(f"serving at {url} after {ready_s:.0f}s; offering load for {config.minutes:g} min", flush=True)
         report = asyncio.run(_measure(config, url, redis_url, args.get("model_name", "SmolLM2-135M-Instruct")))

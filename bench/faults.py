@@ -160,8 +160,8 @@ def run_faults(cfg: FaultConfig, model_dir: Path | None = None) -> dict[str, Any
     """Start Redis and the server, run the load with both faults, stop everything; returns the report."""
     from tqdm import tqdm
 
-    from cluster.redis_server import RedisServer
     from replicas.model.default_model import prepare_default_model
+    from state.redis_server import RedisServer
 
     model_dir = model_dir or prepare_default_model()
     base = window_requests(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens, cfg.seed)

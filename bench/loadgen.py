@@ -168,9 +168,8 @@ async def _send(session: aiohttp.ClientSession, cfg: LoadConfig, index: int, req
                 return
             await _read_stream(resp, res, t_sent)
     except asyncio.CancelledError:
-        if res.error is None:
-            res.error = "cancelled: no first token within the TTFT SLO" if res.ttft_s is None \
-                else "cancelled: still streaming at the drain limit"
+        if res.error is None:  # the run itself was cancelled (the drain names its own cancellations)
+            res.error = "cancelled: the load run was stopped"
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:200]
@@ -221,10 +220,13 @@ async def _drain(cfg: LoadConfig, requests: Sequence[LoadRequest], results: list
             for task, req, res in zip(tasks, requests, results):
                 if not task.done() and res.ttft_s is None and res.sent_s is not None \
                         and now - t0 - res.sent_s > req.ttft_slo_s:
+                    res.error = res.error or "cancelled: no first token within the TTFT SLO"
                     task.cancel()
         await asyncio.wait(pending, timeout=min(0.05, max(hard_stop - now, 0.0)))
-    for task in tasks:
+    for task, res in zip(tasks, results):
         if not task.done():
+            res.error = res.error or ("cancelled: no first token by the drain limit" if res.ttft_s is None
+                                      else "cancelled: still streaming at the drain limit")
             task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -169,7 +169,7 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
             finally:
                 engine.shutdown()
             report["policies"].append(result)
-    from replicas.scheduler.microbench import bench_scheduling_pass
+    from bench.scheduler_bench import bench_scheduling_pass
 
     report["scheduling_pass_1000_waiting"] = bench_scheduling_pass(1000)  # the scheduler alone, at depth
     print_report(report)

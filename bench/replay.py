@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.slo_classes import SLOClass
-from replicas.engine import ReplicaEngine, RequestOutput
-from replicas.sampling import SamplingParams
+from replicas.engine import ReplicaEngine
+from replicas.engine_types import RequestOutput
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.request import Request
+from router.slo import SLOClass
 
 IDLE_SKIP_S = 0.5
 

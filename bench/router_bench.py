@@ -25,8 +25,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.placement_bench import bench_placement
 from bench.serve_floor import deploy_floor_app, measure_floor
-from cluster.launcher import run_app, start_local_ray  # noqa: I001 (sets Ray's loopback env before ray)
+from bench.stack import ServingStack
 
 MODEL = "bench-model"
 
@@ -131,28 +132,26 @@ def _router_stats(cfg: RouterBenchConfig) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def run_router_bench(cfg: RouterBenchConfig) -> dict[str, Any]:
+def run_router_bench(cfg: RouterBenchConfig, stack: ServingStack) -> dict[str, Any]:
     """Start Redis, Ray and the app, measure, shut everything down; returns the report."""
     import ray
     from ray import serve
     from tqdm import tqdm
 
-    from cluster.redis_server import RedisServer
+    from state.redis_server import RedisServer
 
     engine: dict[str, Any] = dict(cfg.extra_engine)
     args: dict[str, Any] = {"model_name": MODEL, "num_replicas": cfg.replicas, "replica_cpus": cfg.replica_cpus,
                             "router_policy": cfg.router_policy, "namespace": "bench-router", "engine_kind": cfg.engine,
                             "engine": engine}
     if cfg.engine == "flowprefill":
-        from cluster.launcher import ensure_profile
-
-        args = ensure_profile(args)
+        args = stack.prepare(args)
     redis = RedisServer()
     redis.start()
     try:
-        start_local_ray(num_cpus=max(4, int(cfg.replicas * cfg.replica_cpus) + 2))
+        stack.start_ray(num_cpus=max(4, int(cfg.replicas * cfg.replica_cpus) + 2))
         try:
-            run_app(args, "127.0.0.1", cfg.port, redis.url, grpc_port=cfg.grpc_port)
+            stack.deploy(args, "127.0.0.1", cfg.port, redis.url, grpc_port=cfg.grpc_port)
             _sequential(cfg, cfg.warmup)
             client, replica = _sequential(cfg, cfg.sequential)
             overhead = [c - r for c, r in zip(client, replica, strict=True)]
@@ -183,6 +182,8 @@ def run_router_bench(cfg: RouterBenchConfig) -> dict[str, Any]:
         "replica_ttft_ms": _summary(replica),
         "routing_decision_ms": decisions_idle["decision_ms"],
         "routing_decision_under_load_ms": decisions_load["decision_ms"],
+        # rank_replicas alone on prebuilt indices: the decision's own cost, without the Redis read around it
+        "rank_replicas_offline": bench_placement(max(cfg.replicas, 2), 100, iterations=500),
         "redis_fallbacks": decisions_load["redis_fallbacks"],
         "max_rps": max(sustained) if sustained else 0.0,
         "max_achieved_rps": max((s["achieved_rps"] for s in steps if s["sustained"]), default=0.0),
@@ -209,6 +210,9 @@ def print_report(report: dict[str, Any]) -> None:
                  ms(report["routing_decision_ms"]["p99"]), "p99 < 2")
     head.add_row("routing decision (all)", ms(report["routing_decision_under_load_ms"]["p50"]),
                  ms(report["routing_decision_under_load_ms"]["p99"]), "")
+    rank = report["rank_replicas_offline"]
+    head.add_row(f"rank_replicas alone ({rank['n_replicas']} replicas x {rank['n_queued']} queued)",
+                 ms(rank["median_s"] * 1000), ms(rank["p99_s"] * 1000), "")
     head.add_row("client TTFT", ms(report["client_ttft_ms"]["p50"]), ms(report["client_ttft_ms"]["p99"]), "")
     head.add_row("Serve floor (same hops, no router code)", ms(report["serve_floor_ms"]["p50"]),
                  ms(report["serve_floor_ms"]["p99"]), "")

@@ -59,13 +59,15 @@ from bench.servers import (
     ManagedServer,
     ServerStartError,
     check_engine_settings,
+    serve_app_args,
     server_spec,
     split_system,
     vllm_available,
 )
-from bench.slo_classes import THREE_TIER_RULE, SLOClass, assign_classes
+from bench.slo_classes import THREE_TIER_RULE, assign_classes
 from bench.traces import Trace, load_trace
 from replicas.vllm_process import CPU_LIST
+from router.slo import SLOClass
 
 IDLE_GAP_FRACTION = 0.25  # an idle gap longer than this share of the window ...
 IDLE_GAP_VS_MEDIAN = 10.0  # ... and this many median gaps gets a warning
@@ -138,11 +140,10 @@ def expand_systems(systems: tuple[str, ...], chunk_sizes: tuple[int, ...]) -> tu
 
 def slo_classes(config: str | None = None) -> tuple[SLOClass, ...]:
     """The SLO classes FlowPrefill's server applies, from its Serve config."""
-    from cluster.launcher import DEFAULT_CONFIG, load_app_args
     from router.slo import SLOPolicy
 
-    args = load_app_args(Path(config) if config else DEFAULT_CONFIG)
-    return SLOPolicy.from_dict(args.get("slo") or SLOPolicy.default().to_dict()).to_slo_classes()
+    args = serve_app_args(Path(config) if config else None)
+    return SLOPolicy.from_dict(args.get("slo") or SLOPolicy.default().to_dict()).classes
 
 
 def build_requests(cfg: ServeBenchConfig, tokenizer: Any, classes: tuple[SLOClass, ...]) -> list[LoadRequest]:  # noqa: ANN401

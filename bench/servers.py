@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SERVE_CONFIG = REPO / "ray_config.yaml"
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 FLOWPREFILL_SYSTEMS = ("flowprefill", "chunked", "fcfs")
 SYSTEMS = (*FLOWPREFILL_SYSTEMS, "vllm", "flowprefill-vllm")  # the last: vLLM engine behind our router
@@ -98,16 +99,33 @@ def vllm_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _serve_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Serve config file and its ``flowprefill`` application (errors name the file and the field)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the Serve config ({exc})") from exc
+    apps = data.get("applications") if isinstance(data, dict) else None
+    app = next((a for a in apps or [] if isinstance(a, dict) and a.get("name") == "flowprefill"), None)
+    if app is None:
+        raise ValueError(f"{path}: no application named 'flowprefill' under 'applications'")
+    return data, app
+
+
+def serve_app_args(path: Path | None = None) -> dict[str, Any]:
+    """The ``args`` of the FlowPrefill application in the Serve config the bench's servers run with."""
+    args = _serve_config(path or DEFAULT_SERVE_CONFIG)[1].get("args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"{path or DEFAULT_SERVE_CONFIG}: field 'applications[flowprefill].args' must be a mapping")
+    return args
+
+
 def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], base: Path | None = None,
                        engine_kind: str = "flowprefill") -> Path:
     """Write ``ray_config.yaml`` (or ``base``) with ``engine`` merged into the app's engine settings
     and the given policy; returns the path of the new file in ``out_dir``.  With ``engine_kind``
     ``vllm`` the engine settings are replaced by ``engine`` (vLLM's own) and no policy is set."""
-    base = base or REPO / "ray_config.yaml"
-    data = yaml.safe_load(base.read_text())
-    app = next((a for a in data.get("applications") or [] if a.get("name") == "flowprefill"), None)
-    if app is None:
-        raise ValueError(f"{base}: no application named 'flowprefill' under 'applications'")
+    data, app = _serve_config(base or DEFAULT_SERVE_CONFIG)
     args = app.setdefault("args", {}) or {}
     app["args"] = args
     if engine_kind == "flowprefill":

@@ -1,6 +1,7 @@
-"""SLO classes and their seeded, deterministic assignment to trace requests.
+"""Benchmark SLO classes (hardware-relative) and their seeded, deterministic assignment to trace requests.
 
-Used by both the in-process benchmark and the HTTP benchmark, so that the same trace, rule and seed
+The classes are :class:`router.slo.SLOClass`, the serving path's one definition. Used by both the
+in-process benchmark and the HTTP benchmark, so that the same trace, rule and seed
 give every request the same class (and hence the same TTFT SLO and priority) in both.
 
 **Hardware-relative SLOs.** Class TTFT SLOs are multiples of a *reference latency*: the predicted
@@ -40,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.traces import Trace
+from router.slo import SLOClass
 
 #: (name, multiple of the reference latency, priority, sheddable)
 ClassSpec = tuple[str, float, int, bool]
@@ -52,25 +54,6 @@ DEFAULT_CLASS_SPEC: tuple[ClassSpec, ...] = (
 )
 #: A request's TTFT SLO is never below this multiple of its own predicted isolated latency.
 DEFAULT_SLACK = 2.0
-
-
-@dataclass(frozen=True)
-class SLOClass:
-    """A service class: TTFT SLO, optional TPOT SLO, priority (lower = more urgent), sheddable."""
-
-    name: str
-    ttft_slo_s: float
-    tpot_slo_s: float | None
-    priority: int
-    sheddable: bool
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("SLOClass.name must be non-empty")
-        if not (math.isfinite(self.ttft_slo_s) and self.ttft_slo_s > 0):
-            raise ValueError(f"{self.name}: ttft_slo_s must be finite and > 0, got {self.ttft_slo_s!r}")
-        if self.tpot_slo_s is not None and not (math.isfinite(self.tpot_slo_s) and self.tpot_slo_s > 0):
-            raise ValueError(f"{self.name}: tpot_slo_s must be None or finite and > 0")
 
 
 def classes_from_reference(ref_latency_s: float, spec: Sequence[ClassSpec] = DEFAULT_CLASS_SPEC, *,

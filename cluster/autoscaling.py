@@ -36,6 +36,7 @@ from typing import Any
 
 from replicas.autoscaling_stats import METRIC_ATTAINMENT, METRIC_LOAD, METRIC_SAMPLES
 from replicas.engine_config import EngineConfigError
+from state.fields import FieldError
 
 POLICY_PATH = "cluster.autoscaling:SLOAutoscalingPolicy"
 _STATE_UP = "fp_last_upscale_s"
@@ -51,12 +52,8 @@ def _int_at_least(v: object, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
-class SLOScalingConfigError(ValueError):
+class SLOScalingConfigError(FieldError):
     """A bad policy knob; ``field`` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cluster.redis_server import RedisServer, redact_url, redis_url_from_env_or_start
+from state.redis_server import RedisServer, redact_url, redis_url_from_env_or_start
 
 # Ray reads these when it is imported: keep its listeners on the node IP (loopback here) and
 # its usage reporting off. Import this module before ray.
@@ -122,6 +122,31 @@ def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None
         app_args["redis_url"] = redis_url
     serve.run(build(app_args), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
+
+
+class LocalStack:
+    """:class:`bench.stack.ServingStack` for benchmarks: this launcher's single-node Ray on loopback."""
+
+    default_config = DEFAULT_CONFIG
+
+    def app_args(self, config_path: Path | None = None) -> dict[str, Any]:
+        """See :func:`load_app_args` (the default config when None)."""
+        return load_app_args(config_path or DEFAULT_CONFIG)
+
+    def prepare(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """See :func:`ensure_profile`."""
+        return ensure_profile(dict(args))
+
+    def start_ray(self, num_cpus: int | None = None) -> None:
+        """See :func:`start_local_ray`."""
+        start_local_ray(num_cpus)
+
+    def deploy(self, args: Mapping[str, Any], host: str, port: int, redis_url: str | None, grpc_port: int) -> str:
+        """See :func:`run_app`."""
+        return run_app(args, host, port, redis_url, grpc_port)
+
+
+LOCAL_STACK = LocalStack()
 
 
 def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port: int,

@@ -20,12 +20,12 @@ policy (:mod:`cluster.autoscaling`). Nothing here imports Ray; the clock is inje
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from replicas.scheduler.request import Request
+from state.clock import WALL_CLOCK, Clock, require_clock
 
 METRIC_LOAD = "fp_prefill_load"
 METRIC_ARRIVAL_RATE = "fp_arrival_work_rate"
@@ -44,12 +44,12 @@ class AutoscalingStats:
     (at least one second) so a new replica does not under-report.
     """
 
-    def __init__(self, predict: Callable[[int], float], *, clock: Callable[[], float] = time.time,
+    def __init__(self, predict: Callable[[int], float], *, clock: Clock = WALL_CLOCK,
                  window_s: float = 15.0, drain_horizon_s: float = 10.0) -> None:
         if window_s <= 0 or drain_horizon_s <= 0:
             raise ValueError("AutoscalingStats: window_s and drain_horizon_s must be > 0")
         self.predict = predict
-        self.clock = clock
+        self.clock = require_clock(clock, "AutoscalingStats")
         self.window_s = window_s
         self.drain_horizon_s = drain_horizon_s
         self.started_at = clock()
@@ -75,7 +75,7 @@ class AutoscalingStats:
             self._outcomes.append((self.clock(), False))
 
     async def observe(self, request: Request, outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """Pass ``outputs`` (the engine's :class:`~replicas.engine.RequestOutput` stream) through,
+        """Pass ``outputs`` (the engine's :class:`~replicas.engine_types.RequestOutput` stream) through,
         recording the arrival, the first token's TTFT against ``request.ttft_slo_s`` and refusals."""
         self.on_arrival(request.num_prompt_tokens)
         first = True

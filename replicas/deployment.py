@@ -11,55 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-from cluster.state_client import ClusterState, StateUnavailable
-from cluster.state_schema import QueuedRequest, ReplicaInfo, ReplicaQueueState
 from replicas.autoscaling_stats import AutoscalingStats
 from replicas.engine_api import ReplicaEngineAPI, make_engine
-from replicas.errors import InvalidRequestError
-from replicas.sampling import SamplingParams
-from replicas.scheduler.request import Request
+from replicas.engine_stats import EngineStats
+from replicas.replica_request import ReplicaRequest, replica_request_of
+from state.client import ClusterState, StateUnavailable
+from state.clock import WALL_CLOCK
+from state.schema import ReplicaInfo
 
 log = logging.getLogger("flowprefill.replica")
-
-_STATUS = {"waiting": "waiting", "running": "running", "suspended": "suspended"}
-
-
-def request_from_payload(payload: dict[str, Any]) -> tuple[Request, SamplingParams]:
-    """The engine request and sampling parameters of a router payload (validated by the router)."""
-    try:
-        request = Request(
-            str(payload["request_id"]), list(payload["prompt_token_ids"]), arrival_s=float(payload["arrival_s"]),
-            ttft_slo_s=float(payload["ttft_slo_s"]), tpot_slo_s=payload.get("tpot_slo_s"),
-            priority=int(payload.get("priority", 0)), slo_class=str(payload.get("slo_class", "default")),
-            sheddable=bool(payload.get("sheddable", False)), max_tokens=int(payload["sampling"]["max_tokens"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidRequestError("payload", f"malformed replica payload: {exc}") from exc
-    return request, SamplingParams.from_dict(payload["sampling"])
-
-
-def queue_state_from_stats(replica_id: str, stats: dict[str, Any], seq: int,
-                           engine_kind: str = "flowprefill") -> ReplicaQueueState:
-    """Convert the engine's stats snapshot into the Redis queue-state record."""
-    entries = []
-    for status in ("running", "suspended", "waiting"):
-        for row in stats.get(status, ()):
-            entries.append(QueuedRequest(row["request_id"], _STATUS[status], row["deadline"],
-                                         row["predicted_remaining_s"], row.get("remaining_tokens", 0)))
-    return ReplicaQueueState(
-        replica_id=replica_id, engine_kind=engine_kind, model=str(stats.get("model", "")),
-        updated_at=time.time(), seq=seq, requests=tuple(entries),
-        running_remaining_s=float(stats.get("running_remaining_s", 0.0)),
-        kv_free_tokens=int(stats.get("kv_free_tokens", 0)),
-        preemptions=int((stats.get("counters") or {}).get("preemptions", stats.get("preemptions", 0))),
-        cost_scale=float(stats.get("cost_scale", 1.0)),
-    )
-
 
 class ReplicaServer:
     """One engine behind Serve (one GPU per replica on GPU nodes); ``engine_kind`` picks it
@@ -73,13 +37,13 @@ class ReplicaServer:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.loop = asyncio.get_running_loop()
         self._dirty = asyncio.Event()
-        self._latest: dict[str, Any] | None = None
+        self._latest: EngineStats | None = None
         self._seq = 0
         self.state_ttl_s = state_ttl_s
         self.engine: ReplicaEngineAPI = await asyncio.to_thread(
-            make_engine, engine_kind, engine or {}, clock=time.time, on_state_change=self._on_state_change)
+            make_engine, engine_kind, engine or {}, clock=WALL_CLOCK, on_state_change=self._on_state_change)
         self.engine.start()
-        self.autoscaling = AutoscalingStats(self.engine.cost_model.predict, clock=time.time)
+        self.autoscaling = AutoscalingStats(self.engine.cost_model.predict, clock=WALL_CLOCK)
         self.cluster = ClusterState(redis_url, namespace=namespace, state_ttl_s=state_ttl_s) if redis_url else None
         self._publisher: asyncio.Task[None] | None = None
         if self.cluster is not None:
@@ -95,11 +59,11 @@ class ReplicaServer:
         assert self.cluster is not None
         hardware = "_".join(self.engine.cost_model.hardware.split()) or "unknown"
         info = ReplicaInfo(self.replica_id, self.engine.model_name, self.engine.kind, self.engine.policy_name,
-                           hardware=hardware, registered_at=time.time())
+                           hardware=hardware, registered_at=WALL_CLOCK())
         await self.cluster.register_replica(self.replica_id, info)
-        await self.cluster.save_profile(self.engine.model_name, hardware, self.engine.cost_model)
+        await self.cluster.save_profile(self.engine.model_name, hardware, self.engine.cost_model.to_dict())
 
-    def _on_state_change(self, stats: dict[str, Any]) -> None:
+    def _on_state_change(self, stats: EngineStats) -> None:
         """Called on the engine thread after every event: keep the newest snapshot, wake the publisher."""
         self._latest = stats
         self.loop.call_soon_threadsafe(self._dirty.set)
@@ -117,7 +81,7 @@ class ReplicaServer:
                 continue
             self._seq += 1
             try:
-                state = queue_state_from_stats(self.replica_id, self._latest, self._seq, self.engine.kind)
+                state = self._latest.queue_state(self.replica_id, self.engine.kind, self._seq, WALL_CLOCK())
                 if await self.cluster.publish_replica_state(self.replica_id, state):
                     log.info("replica %s: not in Redis's registry (Redis restarted?); registering again",
                              self.replica_id)
@@ -128,21 +92,23 @@ class ReplicaServer:
             except Exception:
                 log.exception("replica %s: publishing queue state failed", self.replica_id)
 
-    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream the outputs of one request (dicts of :class:`~replicas.engine.RequestOutput`)."""
-        received = time.time()
-        request, params = request_from_payload(payload)
+    async def generate(self, payload: ReplicaRequest | dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream the outputs of one request (dicts of :class:`~replicas.engine_types.RequestOutput`);
+        a plain mapping is parsed by :meth:`ReplicaRequest.from_dict` (a bad field is refused, named)."""
+        received = WALL_CLOCK()
+        replica_request = replica_request_of(payload)
+        request, params = replica_request.to_engine_request(), replica_request.sampling
         first = True
         async for out in self.autoscaling.observe(request, self.engine.generate(request, params)):
             row = {**asdict(out), "replica_id": self.replica_id}
             if first and out.token_ids:  # the replica's own TTFT: receipt to first token, no router
-                row["replica_ttft_s"], first = time.time() - received, False
+                row["replica_ttft_s"], first = WALL_CLOCK() - received, False
             yield row
 
     def stats(self) -> dict[str, Any]:
         """The engine's latest queue-state snapshot plus this replica's id, and the compute threads of
         an engine that computes in this process (the native one; vLLM runs its own server)."""
-        out = {"replica_id": self.replica_id, **self.engine.stats()}
+        out = {"replica_id": self.replica_id, **self.engine.stats().to_dict()}
         threads = getattr(self.engine, "compute_threads", None)
         if threads is not None:
             out["compute_threads"] = threads
@@ -151,7 +117,7 @@ class ReplicaServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: predicted prefill load and recent TTFT attainment
         (see :mod:`replicas.autoscaling_stats`; the policy is :mod:`cluster.autoscaling`)."""
-        return self.autoscaling.snapshot(float(self.engine.stats().get("pending_work_s", 0.0)))
+        return self.autoscaling.snapshot(self.engine.stats().pending_work_s)
 
     def tokenizer_info(self) -> dict[str, Any]:
         """What the router needs to validate prompts: context length and vocabulary size."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from replicas.sampling import SamplingParams
+from replicas.sampling_params import SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"
 # A character is at most 4 UTF-8 bytes, so a genuinely split one resolves within a few tokens. A

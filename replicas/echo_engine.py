@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from replicas.engine import RequestOutput
 from replicas.engine_config import EngineConfigError
-from replicas.sampling import SamplingParams
+from replicas.engine_stats import EngineStats
+from replicas.engine_types import RequestOutput
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
+from replicas.scheduler.stats import QueueEntry
+from state.clock import WALL_CLOCK, Clock, require_clock
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class EchoEngine:
 
     kind = "echo"
 
-    def __init__(self, config: EchoConfig, *, clock: Callable[[], float] = time.time,
-                 on_state_change: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, config: EchoConfig, *, clock: Clock = WALL_CLOCK,
+                 on_state_change: Callable[[EngineStats], None] | None = None) -> None:
         from replicas.model.default_model import prepare_default_model
         from replicas.model.tokenizer import Tokenizer
 
@@ -66,11 +68,10 @@ class EchoEngine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.cost_model = CostModel.from_coefficients(0.0, config.prefill_s_per_1k_tokens / 1000.0, model="echo",
                                                       hardware="echo")
-        self.clock = clock
+        self.clock = require_clock(clock, "EchoEngine")
         self.on_state_change = on_state_change
         self._live: dict[str, tuple[Request, float]] = {}  # request id -> (request, predicted end of prefill)
         self._alive = False
-        self._stats: dict[str, Any] = {}
         self._publish()
 
     @property
@@ -105,7 +106,7 @@ class EchoEngine:
         """Whether :meth:`start` ran and :meth:`shutdown` did not."""
         return self._alive
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """The latest queue-state snapshot (every live request counts as running)."""
         return self._stats
 
@@ -138,11 +139,11 @@ class EchoEngine:
 
     def _publish(self) -> None:
         now = self.clock()
-        running = [{"request_id": rid, "deadline": req.deadline, "predicted_remaining_s": max(end - now, 0.0),
-                    "remaining_tokens": req.num_prompt_tokens} for rid, (req, end) in self._live.items()]
-        remaining = max((r["predicted_remaining_s"] for r in running), default=0.0)
-        self._stats = {"now": now, "waiting": [], "suspended": [], "running": running,
-                       "running_remaining_s": remaining, "pending_work_s": remaining,
-                       "kv_free_tokens": self.config.max_model_len * 64, "model": self.model_name}
+        running = tuple(QueueEntry(rid, req.deadline, max(end - now, 0.0), req.num_prompt_tokens)
+                        for rid, (req, end) in self._live.items())
+        remaining = max((r.predicted_remaining_s for r in running), default=0.0)
+        self._stats = EngineStats(self.model_name, now, policy=self.policy_name, running=running,
+                                  running_remaining_s=remaining, pending_work_s=remaining,
+                                  kv_free_tokens=self.config.max_model_len * 64)
         if self.on_state_change is not None:
             self.on_state_change(self._stats)

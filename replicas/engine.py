@@ -15,11 +15,9 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -28,16 +26,21 @@ from replicas.compute_thread import ComputeThread
 from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
+from replicas.engine_stats import EngineStats
+from replicas.engine_types import LiveRequest, RequestOutput, Sink
 from replicas.executor import PreemptibleExecutor, Task
 from replicas.kv_cache import KVCacheFull, PagedKVCache
 from replicas.model.decoder import DecoderModel
 from replicas.programs import PrefillItem, prefill_program
-from replicas.sampling import RequestSampler, SamplingParams, sample_next_tokens
+from replicas.sampling import RequestSampler, sample_next_tokens
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.driver import apply_decision
 from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
+from state.clock import WALL_CLOCK, Clock, require_clock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,39 +49,6 @@ T = TypeVar("T")
 def _log_loop_failure(done: Future[None]) -> None:
     if not done.cancelled() and (exc := done.exception()) is not None:
         log.error("engine loop failed; the replica stops serving", exc_info=exc)
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """One increment of a request's output, as the client stream sees it."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float | None = None  # set on the first output: engine arrival to first token
-    error: str | None = None
-    retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
-
-
-Sink = Callable[[RequestOutput], None]
-
-
-@dataclass(eq=False)
-class LiveRequest:
-    """Engine-side state of an admitted request."""
-
-    request: Request
-    params: SamplingParams
-    sink: Sink
-    seq_id: int
-    sampler: RequestSampler
-    stream: OutputStream
-    position: int = 0  # next position to decode
-    emitted_first: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class KVMemory:
@@ -122,8 +92,8 @@ class ReplicaEngine:
 
     def __init__(
         self, config: EngineConfig, *, model: DecoderModel | None = None, cost_model: CostModel | None = None,
-        tokenizer: Any = None, clock: Callable[[], float] = time.monotonic,  # noqa: ANN401
-        on_state_change: Callable[[dict[str, Any]], None] | None = None,
+        tokenizer: Any = None, clock: Clock = WALL_CLOCK,  # noqa: ANN401
+        on_state_change: Callable[[EngineStats], None] | None = None,
     ) -> None:
         from replicas.model.default_model import prepare_default_model
         from replicas.model.tokenizer import Tokenizer
@@ -154,7 +124,7 @@ class ReplicaEngine:
             self._compute.close()
             raise
         self.executor = PreemptibleExecutor(config.granularity, config.max_inflight, self.model.device)
-        self.clock = clock
+        self.clock = require_clock(clock, "ReplicaEngine")
         self.live: dict[str, LiveRequest] = {}
         self.decoder = DecodeBatcher(self.model, self.kv, config.max_decoding, clock)
         self.memory = KVMemory(self.kv, lambda: len(self.decoder.active))
@@ -180,7 +150,6 @@ class ReplicaEngine:
         self._seq_ids = itertools.count()
         self._stop = threading.Event()
         self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0}
-        self._stats: dict[str, Any] = {}
         self._publish(self.clock())  # the idle state, so a replica is routable before its first event
 
     # ------------------------------------------------------------------ public, thread-safe
@@ -264,7 +233,7 @@ class ReplicaEngine:
             if not finished:  # the consumer went away (client disconnect): free the request's KV
                 self.abort(request.request_id)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """The latest queue-state snapshot (updated after every event)."""
         return self._stats
 
@@ -308,7 +277,7 @@ class ReplicaEngine:
         remaining = self.scheduler.cost_model.predict_batch([end - start for start, end in plan.ranges])
         deadline = min((self.live[rid].request.deadline for rid in plan.request_ids if rid in self.live),
                        default=float("inf"))
-        return deadline - now - remaining < self.decoder.step_ema_s
+        return self.decoder.cadence.prefill_urgent(now, deadline, remaining)
 
     def _tpot_target(self) -> float:
         slos = [lr.request.tpot_slo_s for lr in self.decoder.active.values() if lr.request.tpot_slo_s]
@@ -348,30 +317,39 @@ class ReplicaEngine:
         self._apply(self.scheduler.on_arrival(request, now), now)
 
     def _apply(self, d: Decision, now: float) -> None:
-        """Carry out a scheduling decision, in the order :class:`Decision` documents."""
-        for rid in d.rejected:  # refused at admission, or expired (waiting or suspended)
-            lr = self.live.get(rid)
-            if lr is not None:
-                self.counters["rejected"] += 1
-                self._emit_final(rid, "rejected", lr.request.reject_reason or "rejected by admission control",
-                                 retry_after_s=lr.request.retry_after_s)
-        for batch_id in d.dropped:
-            task = self._tasks.pop(batch_id, None)
-            self._plans.pop(batch_id, None)
-            if task is not None:
-                task.program.close()
-            if self._current == batch_id:
-                self._current = None
-        if d.preempt_running and self._current is not None:
-            self.scheduler.mark_suspended(self._current, now)
+        """Carry out a scheduling decision (:func:`~replicas.scheduler.driver.apply_decision`)."""
+        if apply_decision(d, now, self, self.scheduler):
             self.counters["preemptions"] += 1
-            self._current = None
-        if d.run is not None:
-            self._start(d.run, now)
 
-    def _start(self, plan: BatchPlan, now: float) -> None:
-        if self._current is not None and self._current != plan.batch_id:
-            self.scheduler.mark_suspended(self._current, now)
+    # ------------------------------------------------------------------ DecisionTarget
+    @property
+    def current_batch(self) -> int | None:
+        """The batch id of the program the executor runs (None: none)."""
+        return self._current
+
+    def refuse(self, request_id: str, now: float) -> None:
+        """A request refused at admission, or expired (waiting or suspended)."""
+        lr = self.live.get(request_id)
+        if lr is not None:
+            self.counters["rejected"] += 1
+            self._emit_final(request_id, "rejected", lr.request.reject_reason or "rejected by admission control",
+                             retry_after_s=lr.request.retry_after_s)
+
+    def drop_program(self, batch_id: int) -> None:
+        """Close the program of a batch whose members are all gone."""
+        task = self._tasks.pop(batch_id, None)
+        self._plans.pop(batch_id, None)
+        if task is not None:
+            task.program.close()
+        if self._current == batch_id:
+            self._current = None
+
+    def suspend_current(self, now: float) -> None:
+        """The running program stops here (the loop is at an operator boundary); its generator is kept."""
+        self._current = None
+
+    def start_program(self, plan: BatchPlan, now: float) -> bool:
+        """Build a new program (KV allocated for its ranges) or pick up a suspended one."""
         if not plan.resume:
             items = []
             try:
@@ -383,14 +361,14 @@ class ReplicaEngine:
             except KVCacheFull as exc:
                 self._plans[plan.batch_id] = plan
                 self._fail_batch(plan.batch_id, f"KV cache exhausted: {exc}")
-                return
+                return False
             self._tasks[plan.batch_id] = self.executor.start(
                 prefill_program(self.model, self.kv, items, self.config.chunk_tokens), label=f"batch-{plan.batch_id}"
             )
             self.counters["prefill_batches"] += 1
         self._plans[plan.batch_id] = plan
         self._current = plan.batch_id
-        self.scheduler.mark_started(plan, now)
+        return True
 
     def _complete_prefill(self, batch_id: int, task: Task) -> None:
         now = self.clock()
@@ -469,11 +447,11 @@ class ReplicaEngine:
             self._emit_final(rid, "error", error)
 
     def _publish(self, now: float) -> None:
-        stats = self.scheduler.stats(now)
-        stats.update(
-            kv_free_tokens=self.kv.allocator.free_tokens, kv_total_tokens=self.kv.allocator.num_blocks
-            * self.kv.allocator.block_size, decoding=len(self.decoder.active), counters=dict(self.counters),
-            policy=self.config.policy, model=self.model.name, updated_at=now,
+        alloc = self.kv.allocator
+        stats = EngineStats.from_queue(
+            self.scheduler.stats(now), model=self.model.name, updated_at=now, kv_free_tokens=alloc.free_tokens,
+            kv_total_tokens=alloc.num_blocks * alloc.block_size, decoding=len(self.decoder.active),
+            preemptions=self.counters["preemptions"], counters=dict(self.counters),
         )
         self._stats = stats
         if self.on_state_change is not None:

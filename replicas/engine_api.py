@@ -20,23 +20,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
-from replicas.engine import RequestOutput
-from replicas.sampling import SamplingParams
+from replicas.engine_stats import EngineStats
+from replicas.engine_types import RequestOutput
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
+from state.clock import WALL_CLOCK, Clock
 
 ENGINE_KINDS = ("flowprefill", "echo", "vllm")
 
-StateCallback = Callable[[dict[str, Any]], None]
+StateCallback = Callable[[EngineStats], None]
 
 
 class ReplicaEngineAPI(Protocol):
     """One replica's engine.
 
-    ``stats()`` returns the latest queue-state snapshot: ``waiting``/``running``/``suspended``
-    lists of ``{request_id, deadline, predicted_remaining_s, remaining_tokens}``,
-    ``running_remaining_s``, ``pending_work_s``, ``kv_free_tokens`` and ``model``; the engine
-    calls ``on_state_change(stats)`` after every event (from any thread).  ``generate`` streams a
+    ``stats()`` returns the latest queue-state snapshot (:class:`~replicas.engine_stats.EngineStats`);
+    the engine calls ``on_state_change(stats)`` after every event (from any thread). Timestamps are
+    epoch seconds from the engine's :class:`~state.clock.Clock`.  ``generate`` streams a
     request's outputs; closing the stream early aborts the request and frees its memory.
     """
 
@@ -64,11 +65,11 @@ class ReplicaEngineAPI(Protocol):
 
     def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> EngineStats: ...
 
 
 def make_engine(
-    kind: str, settings: Mapping[str, Any], *, clock: Callable[[], float], on_state_change: StateCallback | None,
+    kind: str, settings: Mapping[str, Any], *, on_state_change: StateCallback | None, clock: Clock = WALL_CLOCK,
     prefix: str = "engine",
 ) -> ReplicaEngineAPI:
     """Build the ``kind`` engine from ``settings`` (raises ``EngineConfigError`` naming the field)."""

@@ -1,4 +1,5 @@
-"""Settings of one replica engine, validated field by field.
+"""Settings of one replica engine, validated field by field (no torch: the deployment and the
+launcher validate settings without loading a model).
 
 The same dataclass is built from CLI flags, from ``ray_config.yaml`` (the replica deployment's
 ``engine`` section) and from tests; an unknown or bad field is refused with its name.
@@ -12,17 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from replicas.executor import Granularity
-from replicas.model.weights import DTYPES
-from replicas.programs import DEFAULT_CHUNK_TOKENS
+from replicas.model.config import DTYPE_NAMES
+from replicas.scheduler.config import DEFAULT_CHUNK_TOKENS, GRANULARITIES
+from state.fields import FieldError
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(FieldError):
     """A bad engine setting; ``field`` names it (dotted path from the config root)."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_bytes: int = 1 << 30
     block_size: int = 16
-    granularity: str = Granularity.BLOCK.value
+    granularity: str = "block"
     max_inflight: int = 2  # CUDA launch-ahead bound K (operators in flight)
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # long prompts run in passes of this many tokens
     policy: str = "flowprefill"  # flowprefill | chunked | fcfs
@@ -75,13 +72,13 @@ class EngineConfig:
             raise EngineConfigError("alpha", f"must be in [0, 1), got {self.alpha}")
         if self.default_tpot_slo_s <= 0:
             raise EngineConfigError("default_tpot_slo_s", "must be positive")
-        if self.dtype not in DTYPES:
-            raise EngineConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise EngineConfigError("dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise EngineConfigError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
-        valid = [g.value for g in Granularity]
-        if self.granularity not in valid:
-            raise EngineConfigError("granularity", f"must be one of {', '.join(valid)}, got {self.granularity!r}")
+        if self.granularity not in GRANULARITIES:
+            raise EngineConfigError("granularity",
+                                    f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.policy not in ("flowprefill", "chunked", "fcfs"):
             raise EngineConfigError("policy", f"must be flowprefill, chunked or fcfs, got {self.policy!r}")
         for name in ("admission_control", "calibrate_cost"):

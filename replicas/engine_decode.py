@@ -1,41 +1,31 @@
-"""Batched decode steps for the replica engine's decoding requests."""
+"""Batched decode steps for the replica engine's decoding requests (when to step: :mod:`replicas.decode_cadence`)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 
+from replicas.decode_cadence import DecodeCadence
+from replicas.engine_types import LiveRequest
 from replicas.executor import PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
 from replicas.programs import decode_program
 from replicas.sampling import sample_next_tokens
-
-if TYPE_CHECKING:
-    from replicas.engine import LiveRequest
-
-#: Decode never waits longer than this multiple of the TPOT target, however urgent prefill is.
-MAX_DECODE_GAP_FACTOR = 2.0
+from state.clock import WALL_CLOCK, Clock, require_clock
 
 
 class DecodeBatcher:
     """Decoding requests, stepped together one token at a time (at most ``max_batch`` per step)."""
 
     def __init__(self, model: DecoderModel, kv: PagedKVCache, max_batch: int,
-                 clock: Callable[[], float] | None = None) -> None:
-        import time
-
+                 clock: Clock = WALL_CLOCK) -> None:
         self.model = model
         self.kv = kv
         self.max_batch = max_batch
-        self.clock = clock or time.monotonic
+        self.clock = require_clock(clock, "DecodeBatcher")
         self.active: dict[str, LiveRequest] = {}
         self.executor = PreemptibleExecutor("none", device=model.device)
-        self.last_step_end = -math.inf
-        self.step_ema_s = 0.0  # smoothed duration of a decode step
+        self.cadence = DecodeCadence()
 
     def add(self, request_id: str, live: LiveRequest) -> None:
         """Start (or keep) decoding ``request_id``."""
@@ -50,16 +40,8 @@ class DecodeBatcher:
         return next(reversed(self.active.values()))
 
     def due(self, now: float, tpot_target_s: float, prefill_urgent: bool) -> bool:
-        """Whether a step should interleave with a running prefill now.
-
-        As late as the TPOT target allows (the gap since the last step plus one step's time
-        reaches the target), and not while the running prefill is urgent, unless decoding has
-        already waited ``MAX_DECODE_GAP_FACTOR`` times its target: TTFT first, TPOT bounded.
-        """
-        gap = now - self.last_step_end
-        if gap >= MAX_DECODE_GAP_FACTOR * tpot_target_s:
-            return True
-        return gap + self.step_ema_s >= tpot_target_s and not prefill_urgent
+        """Whether a step should interleave with a running prefill now (:meth:`DecodeCadence.due`)."""
+        return self.cadence.due(now, tpot_target_s, prefill_urgent)
 
     def step(self) -> list[tuple[LiveRequest, int]]:
         """One decode step; returns each stepped request with its sampled token.
@@ -79,7 +61,5 @@ class DecodeBatcher:
             # round-robin when more requests decode than fit in one step
             rid = live.request.request_id
             self.active[rid] = self.active.pop(rid)
-        self.last_step_end = self.clock()
-        took = self.last_step_end - started
-        self.step_ema_s = took if self.step_ema_s == 0 else 0.8 * self.step_ema_s + 0.2 * took
+        self.cadence.record_step(started, self.clock())
         return list(zip(batch, tokens.tolist()))

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from replicas.model.decoder import Boundary
+from replicas.scheduler.config import GRANULARITIES
 
 
 class Granularity(StrEnum):
-    """Where a running program may be preempted."""
+    """Where a running program may be preempted (the names are ``SchedulerConfig``'s ``GRANULARITIES``)."""
 
     NONE = "none"
     LAYER = "layer"
@@ -46,6 +47,7 @@ class Granularity(StrEnum):
         }[self]
 
 
+assert sorted(g.value for g in Granularity) == sorted(GRANULARITIES)  # one list of names, checked at import
 _task_ids = itertools.count()
 
 

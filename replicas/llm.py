@@ -21,8 +21,10 @@ from replicas.executor import Granularity, PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
 from replicas.model.tokenizer import Tokenizer
-from replicas.programs import DEFAULT_CHUNK_TOKENS, PrefillItem, decode_program, prefill_program
-from replicas.sampling import RequestSampler, SamplingParams, sample_next_tokens
+from replicas.programs import PrefillItem, decode_program, prefill_program
+from replicas.sampling import RequestSampler, sample_next_tokens
+from replicas.sampling_params import SamplingParams
+from replicas.scheduler.config import DEFAULT_CHUNK_TOKENS
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 

@@ -16,18 +16,13 @@ from pathlib import Path
 
 import torch
 
+from replicas.cost_profiling import default_profile_lengths, detect_hardware, profile_file_name, profile_prefill
 from replicas.executor import PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
-from replicas.programs import DEFAULT_CHUNK_TOKENS, PrefillItem, prefill_program
-from replicas.scheduler.cost_model import (
-    CostModel,
-    CostModelError,
-    default_profile_lengths,
-    detect_hardware,
-    profile_file_name,
-    profile_prefill,
-)
+from replicas.programs import PrefillItem, prefill_program
+from replicas.scheduler.config import DEFAULT_CHUNK_TOKENS
+from replicas.scheduler.cost_model import CostModel, CostModelError
 
 
 def prefill_timer(model: DecoderModel, max_tokens: int, seed: int = 0) -> Callable[[int], float]:

@@ -16,8 +16,7 @@ import torch
 from replicas.kv_cache import PagedKVCache
 from replicas.model.batch import Segment, build_forward_batch
 from replicas.model.decoder import Boundary, DecoderModel
-
-DEFAULT_CHUNK_TOKENS = 8192
+from replicas.scheduler.config import DEFAULT_CHUNK_TOKENS
 
 Program = Generator[Boundary, None, dict[int, torch.Tensor]]
 

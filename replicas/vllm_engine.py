@@ -28,17 +28,18 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from replicas.engine import RequestOutput
 from replicas.engine_config import EngineConfigError
-from replicas.sampling import SamplingParams
+from replicas.engine_stats import EngineStats
+from replicas.engine_types import RequestOutput
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
+from replicas.scheduler.stats import QueueEntry
 from replicas.vllm_process import (
     VLLMConfig,
     VLLMProcess,
@@ -47,6 +48,7 @@ from replicas.vllm_process import (
     http_get,
     parse_vllm_metrics,
 )
+from state.clock import WALL_CLOCK, Clock, require_clock
 
 log = logging.getLogger("flowprefill.vllm")
 
@@ -86,8 +88,8 @@ class VLLMEngine:
 
     kind = "vllm"
 
-    def __init__(self, config: VLLMConfig, *, clock: Callable[[], float] = time.time,
-                 on_state_change: Callable[[dict[str, Any]], None] | None = None, server: Any = None,  # noqa: ANN401
+    def __init__(self, config: VLLMConfig, *, clock: Clock = WALL_CLOCK,
+                 on_state_change: Callable[[EngineStats], None] | None = None, server: Any = None,  # noqa: ANN401
                  cost_model: CostModel | None = None) -> None:
         from replicas.model.config import ModelConfig
         from replicas.model.default_model import prepare_default_model
@@ -99,7 +101,7 @@ class VLLMEngine:
         if config.max_model_len > self.model_config.max_position_embeddings:
             raise EngineConfigError("engine.max_model_len", f"{config.max_model_len} exceeds the model's "
                                     f"max_position_embeddings ({self.model_config.max_position_embeddings})")
-        self.clock = clock
+        self.clock = require_clock(clock, "VLLMEngine")
         self.on_state_change = on_state_change
         self.threads = bound_threads(config.omp_threads_bind)
         self._lock = threading.RLock()
@@ -107,7 +109,6 @@ class VLLMEngine:
         self._advanced_at = clock()
         self._vllm: dict[str, Any] = {}
         self.counters = {"submitted": 0, "finished": 0, "aborted": 0, "errors": 0}
-        self._stats: dict[str, Any] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._started = False
@@ -184,7 +185,7 @@ class VLLMEngine:
         """Whether :meth:`start` ran, :meth:`shutdown` did not, and the vLLM process runs."""
         return self._started and bool(self.server.alive())
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """The latest queue-state snapshot (see the module docstring)."""
         return self._stats
 
@@ -319,28 +320,26 @@ class VLLMEngine:
 
     def _publish(self, now: float) -> None:
         """Rebuild the snapshot and hand it to ``on_state_change`` (caller holds the lock)."""
-        rows: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        rows: dict[bool, list[QueueEntry]] = {True: [], False: []}
         for lr in self._prefill_order():
-            rows[lr.started].append({"request_id": lr.request.request_id, "deadline": lr.request.deadline,
-                                     "predicted_remaining_s": lr.remaining_s,
-                                     "remaining_tokens": lr.request.num_prompt_tokens})
-        running = sum(r["predicted_remaining_s"] for r in rows[True])
-        waiting = sum(r["predicted_remaining_s"] for r in rows[False])
+            rows[lr.started].append(QueueEntry(lr.request.request_id, lr.request.deadline, lr.remaining_s,
+                                               lr.request.num_prompt_tokens))
+        running = sum(r.predicted_remaining_s for r in rows[True])
+        waiting = sum(r.predicted_remaining_s for r in rows[False])
         kv_total = int(self._vllm.get("kv_total_tokens") or self._kv_tokens_estimate())
         usage = float(self._vllm.get("vllm:kv_cache_usage_perc", 0.0))
         decoding = sum(lr.decoding for lr in self._live.values())
-        self._stats = {
-            "now": now, "waiting": rows[False], "running": rows[True], "suspended": [],
-            "counts": {"waiting": len(rows[False]), "running": len(rows[True]), "suspended": 0, "decoding": decoding},
-            "running_remaining_s": running, "pending_work_s": running + waiting,
-            "kv_free_tokens": max(int(kv_total * (1.0 - usage)), 0), "kv_total_tokens": kv_total,
-            "decoding": decoding, "counters": dict(self.counters), "policy": self.policy_name, "model": self._name,
-            "updated_at": now, "vllm_url": self.url, "vllm_pid": getattr(self.server, "pgid", None),
-            "vllm_log": str(getattr(self.server, "log_path", "")),
-            "vllm": {"waiting": int(self._vllm.get("vllm:num_requests_waiting", 0)),
-                     "running": int(self._vllm.get("vllm:num_requests_running", 0)), "kv_usage": usage,
-                     "generation_tokens": int(self._vllm.get("vllm:generation_tokens_total", 0))},
-        }
+        self._stats = EngineStats(
+            self._name, now, policy=self.policy_name, waiting=tuple(rows[False]), running=tuple(rows[True]),
+            running_remaining_s=running, pending_work_s=running + waiting,
+            kv_free_tokens=max(int(kv_total * (1.0 - usage)), 0), kv_total_tokens=kv_total, decoding=decoding,
+            counters=dict(self.counters),
+            details={"vllm_url": self.url, "vllm_pid": getattr(self.server, "pgid", None),
+                     "vllm_log": str(getattr(self.server, "log_path", "")),
+                     "vllm": {"waiting": int(self._vllm.get("vllm:num_requests_waiting", 0)),
+                              "running": int(self._vllm.get("vllm:num_requests_running", 0)), "kv_usage": usage,
+                              "generation_tokens": int(self._vllm.get("vllm:generation_tokens_total", 0))}},
+        )
         if self.on_state_change is not None:
             try:
                 self.on_state_change(self._stats)

@@ -1,9 +1,9 @@
 """The vLLM engine's TTFT cost model: prefill latency measured through the vLLM server itself.
 
 The same procedure as the native profiler (:mod:`replicas.profiling`): prompts of geometrically
-spaced lengths (:func:`~replicas.scheduler.cost_model.default_profile_lengths`), each timed as one
+spaced lengths (:func:`~replicas.cost_profiling.default_profile_lengths`), each timed as one
 request with ``max_tokens=1`` (the time to the first token, HTTP included: what a client of the
-replica sees), fitted by :func:`~replicas.scheduler.cost_model.profile_prefill` (monotone cubic,
+replica sees), fitted by :func:`~replicas.cost_profiling.profile_prefill` (monotone cubic,
 outliers dropped, held-out error in ``fit_error``).  Cached under
 ``$FLOWPREFILL_CACHE/profiles/<model>-<dtype>-vllm-b<budget>-t<threads>-<hardware>.json``: the
 chunk budget and the thread count change vLLM's prefill speed as much as the hardware does.
@@ -22,13 +22,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from replicas.scheduler.cost_model import (
-    CostModel,
-    CostModelError,
-    default_profile_lengths,
-    detect_hardware,
-    profile_prefill,
-)
+from replicas.cost_profiling import default_profile_lengths, detect_hardware, profile_prefill
+from replicas.scheduler.cost_model import CostModel, CostModelError
 
 DEVICE = "cpu"  # vLLM's CPU build; the cache key says "vllm"
 

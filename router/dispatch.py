@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from replicas.replica_request import ReplicaRequest
 from router.api_errors import APIError
 from router.routing_stats import RequestShed
 
@@ -33,7 +34,7 @@ def is_replica_failure(exc: BaseException) -> bool:
 
 async def replica_outputs(
     handle: Any,  # noqa: ANN401 (a Serve DeploymentHandle)
-    payload: dict[str, Any],
+    payload: ReplicaRequest,
     *,
     max_retries: int = DEFAULT_MAX_RETRIES,
     on_retry: Callable[[int, BaseException], None] | None = None,
@@ -61,7 +62,7 @@ async def replica_outputs(
                                headers={"Retry-After": "1"}) from exc
             attempt += 1
             log.warning("request %s: replica failed before its first output (%s); retry %d of %d",
-                        payload.get("request_id"), type(exc).__name__, attempt, max_retries)
+                        payload.request_id, type(exc).__name__, attempt, max_retries)
             if on_retry is not None:
                 on_retry(attempt, exc)
             await asyncio.sleep(_BACKOFF_S * attempt)

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import re
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from functools import lru_cache
@@ -35,6 +34,7 @@ from router.grpc_build import ensure_stubs
 
 ensure_stubs()
 
+from replicas.replica_request import ReplicaRequest  # noqa: E402
 from router.api_errors import RATE_LIMIT, SERVER_ERROR, APIError  # noqa: E402
 from router.grpc_gen import flowprefill_pb2 as pb  # noqa: E402
 from router.payload import build_payload  # noqa: E402
@@ -46,6 +46,7 @@ from router.protocol import (  # noqa: E402
     parse_completion_request,
 )
 from router.slo import HEADER_TPOT, HEADER_TTFT  # noqa: E402
+from state.clock import WALL_CLOCK  # noqa: E402
 
 log = logging.getLogger("flowprefill.router.grpc")
 
@@ -66,7 +67,7 @@ _FAILED_REASONS = {"rejected": 429, "error": 503, "abort": 503}
 _JSON_GROWTH = 6
 SERVING = "SERVING"
 
-Send = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+Send = Callable[[ReplicaRequest], AsyncIterator[dict[str, Any]]]
 
 
 class StatusContext(Protocol):
@@ -250,7 +251,7 @@ async def generate_stream(
     An unfinished replica stream is cancelled when the client goes away.  ``authenticate()`` runs
     before validation and ``authorize(key, slo_class)`` after it (API keys, :mod:`router.auth`).
     """
-    arrival = time.time()
+    arrival = WALL_CLOCK()
     try:
         key = authenticate() if authenticate is not None else None
         req = parse_grpc_request(msg, config, tokenizer, now=arrival)
@@ -261,7 +262,7 @@ async def generate_stream(
             yield chunk
         return
     payload = build_payload(req, arrival)
-    usage_prompt = payload["prompt_tokens"]
+    usage_prompt = payload.prompt_tokens
     stream = send(payload)
     finished = False
     completion = 0

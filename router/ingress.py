@@ -9,14 +9,13 @@ the replica's scheduler. Outputs stream back as SSE or are collected into one JS
 
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.state_schema import DEFAULT_NAMESPACE
+from replicas.replica_request import ReplicaRequest
 from router.api_errors import APIError
 from router.auth import AccessPolicy
 from router.dispatch import replica_outputs
@@ -26,6 +25,8 @@ from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
 from router.responses import StreamEncoder, response_body
 from router.slo import SLOPolicy
+from state.clock import WALL_CLOCK
+from state.schema import DEFAULT_NAMESPACE
 
 log = logging.getLogger("flowprefill.router")
 
@@ -134,7 +135,7 @@ class RouterIngress:
 
     # ------------------------------------------------------------------ request path
     async def _handle(self, request: Request, parse: Any, endpoint: str) -> Response:  # noqa: ANN401
-        arrival = time.time()
+        arrival = WALL_CLOCK()
         try:
             key = self.access.authenticate(request.headers.get("authorization"))
             try:
@@ -174,7 +175,7 @@ class RouterIngress:
                                      headers={"x-flowprefill-request-id": req.request_id})
         return await self._collect(req, payload, endpoint)
 
-    async def _journalled(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _journalled(self, payload: ReplicaRequest) -> AsyncIterator[dict[str, Any]]:
         """The replica's raw outputs, with the request's journal entry kept (router/journal.py)."""
         record = self.journal.open(payload)
 
@@ -189,7 +190,7 @@ class RouterIngress:
         finally:  # answered, failed, or the client went away: the entry leaves the journal
             record.close()
 
-    async def _outputs(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _outputs(self, payload: ReplicaRequest) -> AsyncIterator[dict[str, Any]]:
         """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures."""
         first_at: float | None = None
         tokens = 0
@@ -200,16 +201,16 @@ class RouterIngress:
                     raise APIError.shed(message, retry_after_s=out.get("retry_after_s") or 1.0)
                 raise APIError(503, message, type="server_error", headers={"Retry-After": "1"})
             if out["token_ids"] and first_at is None:
-                first_at = time.time()
-                ttft = first_at - payload["arrival_s"]
-                self.metrics.observe_ttft(payload["slo_class"], ttft, payload["ttft_slo_s"])
+                first_at = WALL_CLOCK()
+                ttft = first_at - payload.arrival_s
+                self.metrics.observe_ttft(payload.slo_class, ttft, payload.ttft_slo_s)
             tokens += len(out["token_ids"])
             yield out
         if first_at is not None and tokens > 1:
-            self.metrics.tpot.labels(payload["slo_class"]).observe((time.time() - first_at) / (tokens - 1))
+            self.metrics.tpot.labels(payload.slo_class).observe((WALL_CLOCK() - first_at) / (tokens - 1))
 
-    async def _collect(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str) -> Response:
-        text, reason, prompt_tokens, completion = [], "length", payload["prompt_tokens"], 0
+    async def _collect(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str) -> Response:
+        text, reason, prompt_tokens, completion = [], "length", payload.prompt_tokens, 0
         replica, headers = "", {}
         try:
             async for out in self._outputs(payload):
@@ -228,7 +229,7 @@ class RouterIngress:
         return JSONResponse(response_body(req, "".join(text), reason, prompt_tokens, completion),
                             headers={"x-flowprefill-replica": replica, **headers})
 
-    async def _stream(self, req: GenerateRequest, payload: dict[str, Any], endpoint: str,
+    async def _stream(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str,
                       first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         enc = StreamEncoder(req)
         opening = enc.start()
@@ -246,7 +247,7 @@ class RouterIngress:
             async for out in outputs():
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
-                    yield enc.finish(out["finish_reason"], payload["prompt_tokens"], completion, out["text"])
+                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"])
                     self.metrics.requests.labels(endpoint, "ok").inc()
                     return
                 chunk = enc.delta(out["text"])

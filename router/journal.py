@@ -1,7 +1,7 @@
 """The ingress's journal of accepted requests in Redis: the ledger that proves nothing is lost.
 
 Every request the ingress accepts (it passed validation and access checks) is written to the
-``journal`` hash (:mod:`cluster.state_schema`, key 4) with everything needed to run it again, under
+``journal`` hash (:mod:`state.schema`, key 4) with everything needed to run it again, under
 the placeholder replica ``unassigned``; when the first output names the replica serving it, the
 entry moves to that replica's set (status ``running``); when a replica fails before the first
 output and the dispatcher sends the request again, it moves back (``accepted``); when the client
@@ -27,8 +27,9 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.state_client import ClusterState, StateUnavailable
-from cluster.state_schema import JournalEntry, SchemaError
+from replicas.replica_request import ReplicaRequest
+from state.client import ClusterState, StateUnavailable
+from state.schema import JournalEntry, SchemaError
 
 log = logging.getLogger("ray.serve")
 UNASSIGNED = "unassigned"  # replica id of an entry the request router has not placed yet
@@ -43,6 +44,13 @@ class _Slot:
     entry: JournalEntry
     written: str | None = None
     deleted: bool = False
+
+
+def replica_request_from_journal(entry: JournalEntry) -> ReplicaRequest:
+    """The request a journal entry holds, ready to send to a replica again (validated field by field)."""
+    return ReplicaRequest.from_dict({**entry.params, "request_id": entry.request_id, "arrival_s": entry.arrival,
+                                     "slo_class": entry.slo_class, "prompt_token_ids": entry.prompt_token_ids},
+                                    where=f"journal[{entry.request_id}]")
 
 
 class RequestJournal:
@@ -66,7 +74,7 @@ class RequestJournal:
         """A journal on ``redis_url`` (None: disabled)."""
         return cls(ClusterState(redis_url, namespace=namespace) if redis_url else None)
 
-    def open(self, payload: dict[str, Any]) -> JournalRecord:
+    def open(self, payload: ReplicaRequest) -> JournalRecord:
         """Journal the accepted request ``payload`` (see :func:`router.payload.build_payload`)."""
         return JournalRecord(self, payload)
 
@@ -124,9 +132,9 @@ class RequestJournal:
 class JournalRecord:
     """One accepted request's journal entry; call :meth:`assigned`, :meth:`retrying`, :meth:`close`."""
 
-    def __init__(self, journal: RequestJournal, payload: dict[str, Any]) -> None:
+    def __init__(self, journal: RequestJournal, payload: ReplicaRequest) -> None:
         self.journal = journal
-        self.request_id = str(payload["request_id"])
+        self.request_id = payload.request_id
         self.closed = False
         self.slot: _Slot | None = None
         journal.open_requests += 1
@@ -135,14 +143,12 @@ class JournalRecord:
         if len(journal._dirty) >= journal.max_pending:
             journal.not_journalled += 1
             return
-        params = {"sampling": payload.get("sampling", {}), "ttft_slo_s": payload.get("ttft_slo_s"),
-                  "tpot_slo_s": payload.get("tpot_slo_s"), "priority": payload.get("priority"),
-                  "sheddable": payload.get("sheddable")}
+        wire = payload.to_dict()
+        params = {key: wire[key] for key in ("sampling", "ttft_slo_s", "tpot_slo_s", "priority", "sheddable")}
         self.slot = _Slot(JournalEntry(
-            request_id=self.request_id, replica_id=UNASSIGNED, slo_class=str(payload["slo_class"]),
-            deadline=float(payload["deadline"]), arrival=float(payload["arrival_s"]), params=params,
-            prompt_token_ids=tuple(payload["prompt_token_ids"]), status="accepted",
-            updated_at=float(payload["arrival_s"]),
+            request_id=self.request_id, replica_id=UNASSIGNED, slo_class=payload.slo_class,
+            deadline=payload.deadline, arrival=payload.arrival_s, params=params,
+            prompt_token_ids=payload.prompt_token_ids, status="accepted", updated_at=payload.arrival_s,
         ))
         journal._changed(self.request_id, self.slot)
 

@@ -26,7 +26,6 @@ Choices (status codes in :mod:`router.api_errors`):
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,12 +34,13 @@ from typing import Any, Literal, Protocol
 import jinja2
 
 from replicas.errors import InvalidRequestError
-from replicas.sampling import MAX_SEED, SamplingParams
+from replicas.sampling_params import MAX_SEED, SamplingParams
 from router.api_errors import APIError
 from router.chat_messages import parse_messages
 from router.neutral_fields import check_neutral_chat, check_neutral_common, check_neutral_completion
 from router.request_fields import MAX_INT, BodyFields, decode_json_object, is_int, type_name
 from router.slo import ResolvedSLO, SLOPolicy
+from state.clock import WALL_CLOCK
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_TOKEN_ID = 2**31 - 1
@@ -283,7 +283,7 @@ def _finish(
     except InvalidRequestError as exc:
         raise APIError.from_invalid_request(exc) from None
     slo = config.slo_policy.resolve(headers, f.string("slo_class"), f.integer("priority"))
-    arrival = time.time() if now is None else now
+    arrival = WALL_CLOCK() if now is None else now
     prefix = "chatcmpl" if chat else "cmpl"
     return GenerateRequest(
         request_id=request_id or f"{prefix}-{uuid.uuid4().hex}",

@@ -3,9 +3,10 @@
 Configured on the replica deployment (``cluster/app.py``) with ``RequestRouterConfig(
 request_router_class="router.request_router.SLOAwareRequestRouter", request_router_kwargs={...})``;
 the kwargs reach :meth:`SLOAwareRequestRouter.initialize_state`.  The caller sends
-``handle.generate.remote(payload)`` (or ``payload=...``), a dict with ``request_id``,
-``prompt_tokens``, ``deadline`` (``time.time()`` seconds), ``ttft_slo_s``, ``sheddable`` and
-``priority`` (:func:`router.payload.build_payload`).  Without usable metadata it routes least-loaded.
+``handle.generate.remote(payload)`` (or ``payload=...``), a
+:class:`~replicas.replica_request.ReplicaRequest` (:func:`router.payload.build_payload`) whose
+size, deadline (epoch seconds), TTFT SLO, priority and sheddability place it.  Without a usable
+request it routes least-loaded.
 
 Each decision reads every replica's queue state and in-flight totals from Redis (cached for
 ``cache_ttl_s``; a snapshot up to ``max_stale_s`` old is used at once while a background read
@@ -27,16 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from cluster.state_client import ClusterState, StateUnavailable
-from cluster.state_schema import ReplicaQueueState
-from replicas.scheduler.cost_model import CostModel
+from replicas.errors import InvalidRequestError
+from replicas.replica_request import ReplicaRequest
+from replicas.scheduler.cost_model import CostModel, CostModelError
 from router import routing_stats
 from router.placement import (
     POLICIES,
@@ -49,6 +49,9 @@ from router.placement import (
     rank_replicas,
 )
 from router.routing_stats import STATS, RequestShed, RouterStats  # noqa: F401 (re-exported)
+from state.client import ClusterState, StateUnavailable
+from state.clock import WALL_CLOCK, Clock, require_clock
+from state.schema import ReplicaQueueState
 
 log = logging.getLogger("ray.serve")
 _INDEX_TTL_S = 0.05  # re-classify a cached queue index after this long even if the state is unchanged
@@ -57,48 +60,30 @@ _PROVISIONAL_TTL_S = 2.0  # forget a decision that was never routed after this l
 DEFAULT_COST_MODEL = CostModel.from_coefficients(5e-3, 2e-4, 1e-8, model="default-analytic")
 
 
-def payload_of(pending_request: PendingRequest | None) -> Mapping[str, Any] | None:
-    """The payload dict of a handle call: first positional argument or keyword ``payload``."""
+def payload_of(pending_request: PendingRequest | None) -> ReplicaRequest | None:
+    """The :class:`ReplicaRequest` of a handle call (first positional argument or keyword ``payload``);
+    a mapping is parsed, and None stands for no usable request (the replica refuses a malformed one,
+    naming the field)."""
     if pending_request is None:
         return None
-    if pending_request.args and isinstance(pending_request.args[0], Mapping):
-        return pending_request.args[0]
-    payload = pending_request.kwargs.get("payload")
-    return payload if isinstance(payload, Mapping) else None
+    arg = pending_request.args[0] if pending_request.args else pending_request.kwargs.get("payload")
+    if isinstance(arg, ReplicaRequest):
+        return arg
+    if isinstance(arg, Mapping):
+        try:
+            return ReplicaRequest.from_dict(arg)
+        except InvalidRequestError:
+            return None
+    return None
 
 
-def _finite(v: object) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+def placement_request(payload: ReplicaRequest | None, fallback_id: str = "") -> PlacementRequest | None:
+    """What placement needs of ``payload`` (None: none)."""
+    if payload is None:
         return None
-    return float(v)
-
-
-def placement_request(payload: Mapping[str, Any] | None, now: float, fallback_id: str = "") -> PlacementRequest | None:
-    """Parse a payload defensively; None when the size or the deadline cannot be determined.
-
-    ``deadline`` falls back to ``arrival_s + ttft_slo_s``, then ``now + ttft_slo_s``;
-    ``prompt_tokens`` to ``len(prompt_token_ids)``."""
-    if not payload:
-        return None
-    tokens = payload.get("prompt_tokens")
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-        ids = payload.get("prompt_token_ids")
-        tokens = len(ids) if isinstance(ids, list | tuple) else None
-    slo = _finite(payload.get("ttft_slo_s"))
-    deadline = _finite(payload.get("deadline"))
-    if deadline is None and slo is not None:
-        deadline = (_finite(payload.get("arrival_s")) or now) + slo
-    if tokens is None or deadline is None:
-        return None
-    priority = payload.get("priority", 0)
-    return PlacementRequest(
-        request_id=str(payload.get("request_id") or fallback_id),
-        prompt_tokens=tokens,
-        deadline=deadline,
-        ttft_slo_s=slo if slo is not None and slo > 0 else max(deadline - now, 0.0),
-        sheddable=payload.get("sheddable") is True,
-        priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 0,
-    )
+    return PlacementRequest(request_id=payload.request_id or fallback_id, prompt_tokens=payload.prompt_tokens,
+                            deadline=payload.deadline, ttft_slo_s=payload.ttft_slo_s, sheddable=payload.sheddable,
+                            priority=payload.priority)
 
 
 class SLOAwareRequestRouter(RequestRouter):
@@ -118,7 +103,7 @@ class SLOAwareRequestRouter(RequestRouter):
         preempt_latency_s: float = PREEMPT_LATENCY_S,
         redis_retry_s: float = 1.0,
         cluster: Any = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
         """Set up (called by Serve with ``request_router_kwargs``).
 
@@ -140,7 +125,8 @@ class SLOAwareRequestRouter(RequestRouter):
         self._profile_retry_at = 0.0
         self._max_age_s, self._cache_ttl_s, self._margin_frac = max_state_age_s, cache_ttl_s, slack_margin_frac
         self._max_stale_s = max(max_stale_s, cache_ttl_s)
-        self._shed, self._preempt_s, self._retry_s, self._clock = shed, preempt_latency_s, redis_retry_s, clock
+        self._shed, self._preempt_s, self._retry_s = shed, preempt_latency_s, redis_retry_s
+        self._clock = require_clock(clock, "SLOAwareRequestRouter")
         self._estimator = LocalLoadEstimator()
         self._rr = 0
         self._snapshot: tuple[float, dict[str, ReplicaQueueState], dict[str, float]] | None = None
@@ -169,7 +155,7 @@ class SLOAwareRequestRouter(RequestRouter):
         decision = self._decide(list(by_id), payload, states, inflight, now)
         routing_stats.STATS.decision((time.perf_counter() - t0) * 1000.0)
         if pending_request is not None:
-            req = placement_request(payload, now, pending_request.metadata.request_id)
+            req = placement_request(payload, pending_request.metadata.request_id)
             if decision.shed and not pending_request.future.done():
                 routing_stats.STATS.shed()
                 pending_request.future.set_exception(RequestShed(f"request {req.request_id if req else ''}: "
@@ -184,8 +170,7 @@ class SLOAwareRequestRouter(RequestRouter):
         now, rid = self._clock(), replica_id.unique_id
         internal = pending_request.metadata.internal_request_id
         prov = self._provisional.pop(internal, None)
-        req = prov[1] if prov else placement_request(payload_of(pending_request), now,
-                                                      pending_request.metadata.request_id)
+        req = prov[1] if prov else placement_request(payload_of(pending_request), pending_request.metadata.request_id)
         if req is None:
             return
         seconds = prov[2] if prov else self._cost_model.predict(req.prompt_tokens)
@@ -219,14 +204,14 @@ class SLOAwareRequestRouter(RequestRouter):
     def _decide(
         self,
         candidate_ids: Sequence[str],
-        payload: Mapping[str, Any] | None,
+        payload: ReplicaRequest | None,
         states: Mapping[str, ReplicaQueueState] | None,
         inflight: Mapping[str, float] | None,
         now: float,
     ) -> PlacementDecision:
         """Rank ``candidate_ids`` for ``payload``; ``states=None`` means Redis is unavailable
         (local estimates).  Candidates without a state rank as unknown."""
-        req = placement_request(payload, now)
+        req = placement_request(payload)
         if states is None:
             loads = self._estimator.loads(candidate_ids, now)
         else:
@@ -325,7 +310,12 @@ class SLOAwareRequestRouter(RequestRouter):
             log.warning("SLO-aware router: cannot load the cost profile of replica %s: %s", rid, exc)
             return
         if profile is not None:
-            self._cost_model, self._cost_from_redis = profile, False
+            try:
+                cost_model = CostModel.from_dict(profile, source=f"the profile of {info.model}/{info.hardware}")
+            except CostModelError as exc:
+                log.warning("SLO-aware router: ignoring an invalid cost profile: %s", exc)
+                return
+            self._cost_model, self._cost_from_redis = cost_model, False
             log.info("SLO-aware router: using cost profile %s/%s", info.model, info.hardware)
 
     async def _add_inflight(self, rid: str, request_id: str, seconds: float) -> None:

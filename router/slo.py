@@ -8,8 +8,8 @@ The policy is read from a dict (the router deployment's ``user_config``/args in 
 
 ``name``, ``ttft_slo_ms`` and ``priority`` are required; ``tpot_slo_ms`` defaults to null (no TPOT
 SLO) and ``sheddable`` to false. Errors name the field path, e.g. ``slo.classes[1].ttft_slo_ms``.
-Priorities follow vLLM: a lower number is more urgent. The classes convert to and from
-:class:`bench.slo_classes.SLOClass` (same fields, seconds instead of milliseconds).
+Priorities follow vLLM: a lower number is more urgent. :class:`SLOClass` is the one definition
+of a class (SLOs in seconds); the benchmarks build theirs from it too (:mod:`bench.slo_classes`).
 
 Resolution (:meth:`SLOPolicy.resolve`), each step overriding the previous:
 
@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.slo_classes import SLOClass
 from router.api_errors import APIError
 
 HEADER_CLASS = "x-slo-class"
@@ -51,38 +50,55 @@ class SLOConfigError(ValueError):
         self.path = path
 
 
-def _positive_ms(value: object) -> bool:
+def _positive(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
-class SLOClassConfig:
-    """One service class: TTFT SLO, optional TPOT SLO (both ms), priority (lower = more urgent), sheddable."""
+class SLOClass:
+    """One service class: TTFT SLO, optional TPOT SLO (seconds), priority (lower = more urgent), sheddable.
+
+    The one definition of a class, for the router and the benchmarks alike; configuration files
+    write the SLOs in milliseconds (:meth:`from_dict`, :meth:`to_dict`).
+    """
 
     name: str
-    ttft_slo_ms: float
-    tpot_slo_ms: float | None = None
+    ttft_slo_s: float
+    tpot_slo_s: float | None = None
     priority: int = 0
     sheddable: bool = False
 
     def __post_init__(self) -> None:
-        self._check("")
+        self._check("", "_s", 1.0)
 
-    def _check(self, path: str) -> None:
+    def _check(self, path: str, unit: str, scale: float) -> None:
         if not isinstance(self.name, str) or not _CLASS_NAME.match(self.name):
             raise SLOConfigError(f"{path}name", f"must be 1-64 characters of [A-Za-z0-9_.-], got {self.name!r}")
-        if not _positive_ms(self.ttft_slo_ms):
-            raise SLOConfigError(f"{path}ttft_slo_ms", f"must be a finite number > 0, got {self.ttft_slo_ms!r}")
-        if self.tpot_slo_ms is not None and not _positive_ms(self.tpot_slo_ms):
-            raise SLOConfigError(f"{path}tpot_slo_ms", f"must be null or a finite number > 0, got {self.tpot_slo_ms!r}")
+        if not _positive(self.ttft_slo_s):
+            raise SLOConfigError(f"{path}ttft_slo{unit}",
+                                 f"must be a finite number > 0, got {self.ttft_slo_s * scale!r}")
+        if self.tpot_slo_s is not None and not _positive(self.tpot_slo_s):
+            raise SLOConfigError(f"{path}tpot_slo{unit}",
+                                 f"must be null or a finite number > 0, got {self.tpot_slo_s * scale!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise SLOConfigError(f"{path}priority", f"must be an integer, got {self.priority!r}")
         if not isinstance(self.sheddable, bool):
             raise SLOConfigError(f"{path}sheddable", f"must be a boolean, got {self.sheddable!r}")
 
+    @property
+    def ttft_slo_ms(self) -> float:
+        """The TTFT SLO in milliseconds."""
+        return self.ttft_slo_s * 1000.0
+
+    @property
+    def tpot_slo_ms(self) -> float | None:
+        """The TPOT SLO in milliseconds (None: no TPOT SLO)."""
+        return None if self.tpot_slo_s is None else self.tpot_slo_s * 1000.0
+
     @classmethod
-    def from_dict(cls, data: object, path: str = "class") -> SLOClassConfig:
-        """Parse one class; errors name ``{path}.{field}``."""
+    def from_dict(cls, data: object, path: str = "class") -> SLOClass:
+        """Parse one class of the config form (SLOs in ms, see the module docstring); errors name
+        ``{path}.{field}``."""
         if not isinstance(data, Mapping):
             raise SLOConfigError(path, f"must be an object, got {type(data).__name__}")
         for key in data:
@@ -91,27 +107,25 @@ class SLOClassConfig:
         for key in ("name", "ttft_slo_ms", "priority"):
             if key not in data:
                 raise SLOConfigError(f"{path}.{key}", "is required")
+        ttft, tpot = data["ttft_slo_ms"], data.get("tpot_slo_ms")
+        for key, value in (("ttft_slo_ms", ttft), ("tpot_slo_ms", tpot)):
+            if value is not None and not _positive(value):  # before converting: name the ms field and value
+                raise SLOConfigError(f"{path}.{key}", f"must be {'null or ' if key == 'tpot_slo_ms' else ''}"
+                                     f"a finite number > 0, got {value!r}")
+        if ttft is None:
+            raise SLOConfigError(f"{path}.ttft_slo_ms", "must be a finite number > 0, got None")
         obj = object.__new__(cls)
-        for key in _CLASS_KEYS:
-            default = {"tpot_slo_ms": None, "sheddable": False}.get(key)
-            object.__setattr__(obj, key, data.get(key, default))
-        obj._check(f"{path}.")
+        for key, value in (("name", data["name"]), ("ttft_slo_s", ttft / 1000.0),
+                           ("tpot_slo_s", None if tpot is None else tpot / 1000.0),
+                           ("priority", data["priority"]), ("sheddable", data.get("sheddable", False))):
+            object.__setattr__(obj, key, value)
+        obj._check(f"{path}.", "_ms", 1000.0)
         return obj
 
     def to_dict(self) -> dict[str, Any]:
-        """The config dict this class parses from."""
-        return {key: getattr(self, key) for key in _CLASS_KEYS}
-
-    def to_slo_class(self) -> SLOClass:
-        """The equivalent :class:`bench.slo_classes.SLOClass` (seconds)."""
-        tpot = None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0
-        return SLOClass(self.name, self.ttft_slo_ms / 1000.0, tpot, self.priority, self.sheddable)
-
-    @classmethod
-    def from_slo_class(cls, c: SLOClass) -> SLOClassConfig:
-        """From a :class:`bench.slo_classes.SLOClass` (seconds -> milliseconds)."""
-        tpot = None if c.tpot_slo_s is None else c.tpot_slo_s * 1000.0
-        return cls(c.name, c.ttft_slo_s * 1000.0, tpot, c.priority, c.sheddable)
+        """The config dict (SLOs in ms) this class parses from."""
+        return {"name": self.name, "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
+                "priority": self.priority, "sheddable": self.sheddable}
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ class ResolvedSLO:
 class SLOPolicy:
     """The configured SLO classes and the default one; resolves requests to a :class:`ResolvedSLO`."""
 
-    classes: tuple[SLOClassConfig, ...]
+    classes: tuple[SLOClass, ...]
     default_class: str
 
     def __post_init__(self) -> None:
@@ -141,8 +155,8 @@ class SLOPolicy:
             raise SLOConfigError(f"{path}.classes", "must be a non-empty list")
         seen: set[str] = set()
         for i, c in enumerate(self.classes):
-            if not isinstance(c, SLOClassConfig):
-                raise SLOConfigError(f"{path}.classes[{i}]", f"must be an SLOClassConfig, got {type(c).__name__}")
+            if not isinstance(c, SLOClass):
+                raise SLOConfigError(f"{path}.classes[{i}]", f"must be an SLOClass, got {type(c).__name__}")
             if c.name in seen:
                 raise SLOConfigError(f"{path}.classes[{i}].name", f"duplicate class name {c.name!r}")
             seen.add(c.name)
@@ -162,7 +176,7 @@ class SLOPolicy:
         raw = data.get("classes")
         if not isinstance(raw, Sequence) or isinstance(raw, str | bytes) or not raw:
             raise SLOConfigError(f"{path}.classes", f"must be a non-empty list, got {raw!r}")
-        classes = tuple(SLOClassConfig.from_dict(c, f"{path}.classes[{i}]") for i, c in enumerate(raw))
+        classes = tuple(SLOClass.from_dict(c, f"{path}.classes[{i}]") for i, c in enumerate(raw))
         if "default_class" not in data:
             raise SLOConfigError(f"{path}.default_class", "is required")
         obj = object.__new__(cls)
@@ -172,19 +186,14 @@ class SLOPolicy:
         return obj
 
     @classmethod
-    def from_slo_classes(cls, classes: Sequence[SLOClass], default_class: str) -> SLOPolicy:
-        """From :class:`bench.slo_classes.SLOClass` objects (e.g. hardware-relative bench classes)."""
-        return cls(tuple(SLOClassConfig.from_slo_class(c) for c in classes), default_class)
-
-    @classmethod
     def default(cls) -> SLOPolicy:
         """interactive (300 ms TTFT, 100 ms TPOT, priority 0), standard (1 s, 200 ms, 1) and
         batch (10 s, no TPOT SLO, 2, sheddable); the default class is ``standard``."""
         return cls(
             (
-                SLOClassConfig("interactive", 300.0, 100.0, 0, False),
-                SLOClassConfig("standard", 1000.0, 200.0, 1, False),
-                SLOClassConfig("batch", 10000.0, None, 2, True),
+                SLOClass("interactive", 0.3, 0.1, 0, False),
+                SLOClass("standard", 1.0, 0.2, 1, False),
+                SLOClass("batch", 10.0, None, 2, True),
             ),
             "standard",
         )
@@ -193,11 +202,7 @@ class SLOPolicy:
         """The config dict this policy parses from."""
         return {"default_class": self.default_class, "classes": [c.to_dict() for c in self.classes]}
 
-    def to_slo_classes(self) -> tuple[SLOClass, ...]:
-        """The classes as :class:`bench.slo_classes.SLOClass` (seconds)."""
-        return tuple(c.to_slo_class() for c in self.classes)
-
-    def get(self, name: str) -> SLOClassConfig | None:
+    def get(self, name: str) -> SLOClass | None:
         """The class called ``name``, or None."""
         return next((c for c in self.classes if c.name == name), None)
 
@@ -216,19 +221,17 @@ class SLOPolicy:
             known = [c.name for c in self.classes]
             message = f"{param}: unknown SLO class {name!r}; known classes: {known}"
             raise APIError.invalid(param, message, "unknown_slo_class")
-        ttft_ms: float = cls.ttft_slo_ms
-        tpot_ms = cls.tpot_slo_ms
+        ttft_s, tpot_s = cls.ttft_slo_s, cls.tpot_slo_s
         if HEADER_TTFT in lowered:
-            ttft_ms = _header_ms(lowered[HEADER_TTFT], HEADER_TTFT)
+            ttft_s = _header_ms(lowered[HEADER_TTFT], HEADER_TTFT) / 1000.0
         if HEADER_TPOT in lowered:
-            tpot_ms = _header_ms(lowered[HEADER_TPOT], HEADER_TPOT)
+            tpot_s = _header_ms(lowered[HEADER_TPOT], HEADER_TPOT) / 1000.0
         priority = cls.priority
         if body_priority is not None:
             if not isinstance(body_priority, int) or isinstance(body_priority, bool):
                 raise APIError.invalid("priority", f"priority must be an integer, got {body_priority!r}")
             priority = body_priority
-        tpot_s = None if tpot_ms is None else tpot_ms / 1000.0
-        return ResolvedSLO(cls.name, ttft_ms / 1000.0, tpot_s, priority, cls.sheddable)
+        return ResolvedSLO(cls.name, ttft_s, tpot_s, priority, cls.sheddable)
 
 
 def _lower_headers(headers: Mapping[str, str]) -> dict[str, str]:

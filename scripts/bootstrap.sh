@@ -36,7 +36,7 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# redis-server: the cluster state store (cluster/redis_server.py starts a private one on
+# redis-server: the cluster state store (state/redis_server.py starts a private one on
 # 127.0.0.1 unless REDIS_URL points at an existing server). Installed only when missing, and only
 # when running as root; otherwise say how to install it.
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -55,7 +55,7 @@ def redis_server() -> Any:
 
     Tests that stop, restart or password-protect a server start their own instead.
     """
-    from cluster.redis_server import RedisServer
+    from state.redis_server import RedisServer
 
     server = RedisServer()
     try:

@@ -26,6 +26,7 @@ from replicas.autoscaling_stats import (
 )
 from replicas.engine_config import EngineConfigError
 from replicas.scheduler.request import Request
+from state.clock import Clock as StateClock
 
 DEP = DeploymentID(name="FlowPrefillReplica", app_name="flowprefill")
 
@@ -176,12 +177,12 @@ def test_serve_autoscaling_config_validates_knobs_with_their_path():
 
 
 # ---------------------------------------------------------------------- replica-side accounting
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
+class Clock(StateClock):
+    """A test clock whose time is the attribute ``t`` (epoch seconds)."""
 
-    def __call__(self) -> float:
-        return self.t
+    def __init__(self) -> None:
+        super().__init__(lambda: self.t, "test")
+        self.t = 1000.0
 
 
 @dataclass

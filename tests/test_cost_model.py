@@ -8,15 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replicas.scheduler.cost_model import (
-    SCHEMA_VERSION,
-    CostModel,
-    CostModelError,
-    analytic_cost_model,
-    default_profile_lengths,
-    fit_cost_model,
-    profile_prefill,
-)
+from replicas.cost_profiling import default_profile_lengths, profile_prefill
+from replicas.scheduler.cost_fit import fit_cost_model
+from replicas.scheduler.cost_model import SCHEMA_VERSION, CostModel, CostModelError, analytic_cost_model
 
 TRUE = (0.012, 2.5e-5, 1.5e-9, 4e-14)  # a, b, c, d: 0.012 s at n=0, ~0.27 s at n=8192
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from replicas.llm import OfflineEngine
-from replicas.sampling import SamplingParams
+from replicas.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from replicas.detokenize import MAX_UNRESOLVED_TOKENS, OutputStream, StepOutput
-from replicas.sampling import SamplingParams
+from replicas.sampling_params import SamplingParams
 
 CORPUS = ["héllo wörld 日本語 は 日本 🎉🎉 café naïve"] * 20 + ["the quick brown fox STOP"] * 10
 UNICODE_TEXT = st.text(alphabet=st.sampled_from(list("ab xyzéö日本語は🎉\n.STOP")), max_size=40)

@@ -9,16 +9,13 @@ import pytest
 from replicas.echo_engine import EchoConfig, EchoEngine
 from replicas.engine_api import ENGINE_KINDS, make_engine
 from replicas.engine_config import EngineConfigError
-from replicas.sampling import SamplingParams
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.request import Request
+from state.clock import ManualClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+def Clock() -> ManualClock:  # noqa: N802 - reads like the class it stands for
+    return ManualClock(100.0)
 
 
 def test_echo_streams_the_prompt_back_and_reports_queue_state(tiny_checkpoint_factory):
@@ -40,9 +37,9 @@ def test_echo_streams_the_prompt_back_and_reports_queue_state(tiny_checkpoint_fa
     assert outs[0].ttft_s == pytest.approx(0.5) and outs[1].ttft_s is None
     assert "".join(o.text for o in outs) == engine.tokenizer.decode(ids[:2])
     # While it ran the request was reported as running (deadline from the request), then gone.
-    running = [s for s in states if s["running"]]
-    assert running and running[0]["running"][0]["deadline"] == pytest.approx(100.5)
-    assert states[-1]["running"] == [] and states[-1]["pending_work_s"] == 0.0
+    running = [s for s in states if s.running]
+    assert running and running[0].running[0].deadline == pytest.approx(100.5)
+    assert states[-1].running == () and states[-1].pending_work_s == 0.0
     engine.shutdown()
     assert not engine.is_alive()
 
@@ -55,12 +52,12 @@ def test_echo_takes_the_configured_time_and_closing_the_stream_drops_the_request
     async def first_then_close() -> int:
         gen = engine.generate(Request("r2", list(ids), arrival_s=0.0, ttft_slo_s=1.0), SamplingParams(max_tokens=8))
         await gen.__anext__()
-        live_before = len(engine.stats()["running"])
+        live_before = len(engine.stats().running)
         await gen.aclose()
         return live_before
 
     assert asyncio.run(first_then_close()) == 0  # left the running list at its first token
-    assert engine.stats()["running"] == []
+    assert engine.stats().running == ()
 
 
 @pytest.mark.parametrize(

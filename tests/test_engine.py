@@ -5,9 +5,10 @@ import threading
 
 import pytest
 
-from replicas.engine import ReplicaEngine, RequestOutput
+from replicas.engine import ReplicaEngine
 from replicas.engine_config import EngineConfig, EngineConfigError
-from replicas.sampling import SamplingParams
+from replicas.engine_types import RequestOutput
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 
@@ -197,8 +198,8 @@ def test_engine_computes_with_its_configured_threads_and_profiles_under_their_co
     the thread count it was measured with, so a profile from more threads is never used with fewer."""
     import torch
 
+    from replicas.cost_profiling import profile_file_name
     from replicas.profiling import profile_cache_path
-    from replicas.scheduler.cost_model import profile_file_name
 
     before = torch.get_num_threads()
     cost = CostModel.from_coefficients(1e-3, 1e-3, max_profiled_tokens=8192)
@@ -273,7 +274,7 @@ def test_engine_learns_how_much_slower_prefill_runs_than_its_profile(model_dir, 
             assert scheduler.calibration.samples == 12
             assert scheduler.calibration.factor == pytest.approx(4.0, rel=0.1)
             assert scheduler.cost_model.predict(600) == pytest.approx(scheduler.calibration.factor * base.predict(600))
-            assert engine.stats()["cost_scale"] == scheduler.calibration.factor
+            assert engine.stats().cost_scale == scheduler.calibration.factor
         else:
             assert scheduler.cost_model is base and scheduler.calibration.samples == 0
     finally:

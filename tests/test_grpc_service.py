@@ -15,7 +15,10 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from router.grpc_gen import flowprefill_pb2 as pb
+from router.grpc_gen import flowprefill_pb2_grpc as pb_grpc
 
+from replicas.replica_request import ReplicaRequest
 from router.api_errors import APIError
 from router.grpc_build import (
     PROTO_PATH,
@@ -25,8 +28,6 @@ from router.grpc_build import (
     ensure_stubs,
     stubs_current,
 )
-from router.grpc_gen import flowprefill_pb2 as pb
-from router.grpc_gen import flowprefill_pb2_grpc as pb_grpc
 from router.grpc_service import (
     api_error_to_grpc_status,
     generate_stream,
@@ -190,10 +191,11 @@ def test_build_payload_carries_the_slo_and_sampling_the_replica_needs() -> None:
     req = parse_grpc_request(pb.GenerateRequest(model=MODEL, prompt="hey", top_k=2, tpot_slo_ms=30.0), CONFIG,
                              TOKENIZER)
     payload = build_payload(req, 12.5)  # the HTTP ingress sends exactly this to the replicas
-    assert payload["deadline"] == 12.5 + req.slo.ttft_slo_s and payload["tpot_slo_s"] == 0.03
-    assert payload["prompt_token_ids"] == list(req.prompt_token_ids) and payload["prompt_tokens"] == len(
+    assert payload.deadline == 12.5 + req.slo.ttft_slo_s and payload.tpot_slo_s == 0.03
+    assert payload.prompt_token_ids == tuple(req.prompt_token_ids) and payload.prompt_tokens == len(
         req.prompt_token_ids)
-    assert payload["sampling"]["top_k"] == 2 and payload["sampling"]["max_tokens"] == req.sampling.max_tokens
+    assert payload.sampling == req.sampling and payload.sampling.top_k == 2
+    assert ReplicaRequest.from_dict(payload.to_dict()) == payload  # its wire form parses back to the same record
 
 
 MSG = [pb.ChatMessage(role="user", content="hi")]
@@ -333,8 +335,8 @@ def test_generate_stream_with_fake_replica_stream_yields_text_then_usage() -> No
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 3)  # BOS + "hi"
     assert {c.request_id for c in chunks} == {"r-1"} and chunks[0].replica_id == "replica-0"
     payload = seen[0]
-    assert payload["request_id"] == "r-1" and payload["prompt_token_ids"] == TOKENIZER.encode("hi", True)
-    assert payload["sampling"]["max_tokens"] == 3 and payload["slo_class"] == "standard"
+    assert payload.request_id == "r-1" and list(payload.prompt_token_ids) == TOKENIZER.encode("hi", True)
+    assert payload.sampling.max_tokens == 3 and payload.slo_class == "standard"
 
 
 @pytest.mark.parametrize(("outputs", "code", "text"), [

@@ -6,18 +6,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from cluster.redis_server import RedisServer
-from cluster.state_client import ClusterState
-from cluster.state_schema import JournalEntry
-from router.journal import UNASSIGNED, RequestJournal
+from replicas.replica_request import ReplicaRequest
+from replicas.sampling_params import SamplingParams
+from router.journal import UNASSIGNED, RequestJournal, replica_request_from_journal
+from state.client import ClusterState
+from state.redis_server import RedisServer
+from state.schema import JournalEntry
 
 
-def _payload(rid: str) -> dict[str, Any]:
-    return {"request_id": rid, "prompt_token_ids": [1, 2, 3], "arrival_s": 100.0, "deadline": 101.0,
-            "slo_class": "interactive", "ttft_slo_s": 1.0, "tpot_slo_s": 0.5, "priority": 0, "sheddable": False,
-            "sampling": {"max_tokens": 4, "temperature": 0.0}}
+def _payload(rid: str) -> ReplicaRequest:
+    return ReplicaRequest(rid, (1, 2, 3), arrival_s=100.0, ttft_slo_s=1.0, tpot_slo_s=0.5, slo_class="interactive",
+                          sampling=SamplingParams(max_tokens=4, temperature=0.0))
 
 
 def test_entries_follow_accept_assign_retry_and_close(redis_server: RedisServer) -> None:
@@ -31,6 +31,7 @@ def test_entries_follow_accept_assign_retry_and_close(redis_server: RedisServer)
             entry = await state.journal_get("a")
             assert entry is not None and entry.replica_id == UNASSIGNED and entry.status == "accepted"
             assert entry.prompt_token_ids == (1, 2, 3) and entry.params["sampling"]["max_tokens"] == 4
+            assert entry.deadline == 101.0 and replica_request_from_journal(entry) == _payload("a")  # all to rerun it
             a.assigned("r1")
             b.assigned("r1")
             assert await journal.flush()

@@ -122,9 +122,10 @@ def test_open_loop_sends_on_schedule_while_earlier_requests_are_still_streaming(
     results, server, t0, elapsed = asyncio.run(_run([_req(a, max_tokens=10) for a in arrivals]))
     got = sorted(t - t0 for t, _, _ in server.received)
     assert len(got) == len(arrivals)
-    for want, at in zip(arrivals, got):
-        assert at == pytest.approx(want, abs=0.08)
-    assert elapsed < 0.5 + 1.05 + 0.6  # a closed loop would take about 5 x 1.05 s
+    assert all(r.sent_s is not None and r.sent_s >= r.arrival_s for r in results)  # never early
+    for i in range(1, len(results)):  # open loop: each request went out while the one before still streamed
+        prev = results[i - 1]
+        assert results[i].sent_s < prev.sent_s + prev.e2e_s and got[i] < got[i - 1] + prev.e2e_s
     for r in results:
         assert r.error is None
         assert r.ttft_s == pytest.approx(FIRST_DELAY_S, abs=0.08)
@@ -178,18 +179,16 @@ def _closed_port() -> int:
 
 def test_requests_past_their_slo_are_cancelled_after_the_last_arrival():
     reqs = [_req(0.0, "hang", slo=0.3), _req(0.05, "fine", slo=1.0)]
-    results, _, _, elapsed = asyncio.run(_run(reqs, drain_s=20.0))
-    assert elapsed < 2.0  # not the 30 s the fake would hang for, nor the 20 s drain
-    assert results[0].error.startswith("cancelled") and not results[0].met
+    results, _, _, _ = asyncio.run(_run(reqs, drain_s=20.0))
+    assert results[0].error == "cancelled: no first token within the TTFT SLO" and not results[0].met  # not drained
     assert results[1].error is None and results[1].met
     s = summarize(results)
     assert s["cancelled"] == 1 and s["errors"] == 0 and s["attainment"] == pytest.approx(0.5)
 
 
 def test_drain_limit_cancels_everything_left():
-    results, _, _, elapsed = asyncio.run(_run([_req(0.0, "hang", slo=60.0)], drain_s=0.4))
-    assert 0.3 < elapsed < 1.5
-    assert results[0].error.startswith("cancelled")
+    results, _, _, _ = asyncio.run(_run([_req(0.0, "hang", slo=60.0)], drain_s=0.4))
+    assert results[0].error == "cancelled: no first token by the drain limit"  # its 60 s SLO had not passed
 
 
 def test_unsorted_requests_are_refused():

@@ -1,4 +1,4 @@
-"""router.placement_table (the vectorised first choice equals rank_replicas') and QueueIndex.build."""
+"""bench.sim.placement_table (the vectorised first choice equals rank_replicas') and QueueIndex.build."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from itertools import accumulate
 import numpy as np
 import pytest
 
+from bench.sim.placement_table import PlacementTable, reclassify_after
 from replicas.scheduler.cost_model import CostModel
 from router.placement import PlacementRequest, QueueIndex, ReplicaLoad, evaluate, rank_replicas
-from router.placement_table import PlacementTable, reclassify_after
 
 COST = CostModel.from_coefficients(2e-3, 1e-4)
 NOW = 1000.0

@@ -16,8 +16,8 @@ from openai.types import Completion, CompletionChoice
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.shared import ErrorObject
 
-from bench.slo_classes import SLOClass, classes_from_reference
-from replicas.sampling import SamplingParams
+from bench.slo_classes import classes_from_reference
+from replicas.sampling_params import SamplingParams
 from router.api_errors import APIError
 from router.protocol import (
     CHAT_FIELDS,
@@ -35,7 +35,7 @@ from router.responses import (
     response_body,
     sse_error,
 )
-from router.slo import ResolvedSLO, SLOClassConfig, SLOConfigError, SLOPolicy
+from router.slo import ResolvedSLO, SLOClass, SLOConfigError, SLOPolicy
 
 MODEL = "tiny"
 CONFIG = ProtocolConfig((MODEL,), max_model_len=64, vocab_size=100)
@@ -394,7 +394,7 @@ EXAMPLE_POLICY = {
 def test_policy_from_dict_round_trip():
     policy = SLOPolicy.from_dict(EXAMPLE_POLICY)
     assert [c.name for c in policy.classes] == ["interactive", "standard", "batch"]
-    assert policy.get("standard") == SLOClassConfig("standard", 1000, None, 1, False)
+    assert policy.get("standard") == SLOClass("standard", 1.0, None, 1, False)
     assert policy.get("nope") is None
     assert SLOPolicy.from_dict(policy.to_dict()) == policy
 
@@ -455,10 +455,10 @@ def test_default_policy_and_bench_compatibility():
     # lower priority number = more urgent, as in vLLM
     assert by_name["interactive"].priority < by_name["standard"].priority < by_name["batch"].priority
     assert by_name["batch"].sheddable and not by_name["interactive"].sheddable
-    bench = policy.to_slo_classes()
-    assert bench[0] == SLOClass("interactive", 0.3, 0.1, 0, False)
-    assert SLOPolicy.from_slo_classes(bench, "standard") == policy
-    relative = SLOPolicy.from_slo_classes(classes_from_reference(0.05), "interactive")
+    assert policy.classes[0] == SLOClass("interactive", 0.3, 0.1, 0, False)
+    assert policy.classes[0].to_dict() == {"name": "interactive", "ttft_slo_ms": 300.0, "tpot_slo_ms": 100.0,
+                                           "priority": 0, "sheddable": False}
+    relative = SLOPolicy(classes_from_reference(0.05), "interactive")  # the benchmarks' classes are the same type
     assert relative.get("batch").ttft_slo_ms == pytest.approx(1500.0)
 
 

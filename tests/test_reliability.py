@@ -66,7 +66,7 @@ def echo_cluster(tiny_checkpoint_factory):
     """Two echo replicas (100 ms per output token; 20 s per 1k prompt tokens before the first),
     SLO-aware routing over a password-protected Redis on a fixed port."""
     from cluster.launcher import run_app, start_local_ray  # noqa: I001 (before ray: sets its env)
-    from cluster.redis_server import RedisServer
+    from state.redis_server import RedisServer
 
     import ray
     from ray import serve
@@ -88,7 +88,7 @@ def echo_cluster(tiny_checkpoint_factory):
 
 
 async def _registered(redis_url: str) -> dict:
-    from cluster.state_client import ClusterState
+    from state.client import ClusterState
 
     async with ClusterState(redis_url, namespace=NAMESPACE) as state:
         return await state.read_all_replica_states(skip_invalid=True)
@@ -96,7 +96,7 @@ async def _registered(redis_url: str) -> dict:
 
 async def _journal(redis_url: str, replica_id: str | None = None) -> list:
     """The ingress's journal of accepted, unanswered requests (all, or those on ``replica_id``)."""
-    from cluster.state_client import ClusterState
+    from state.client import ClusterState
 
     async with ClusterState(redis_url, namespace=NAMESPACE) as state:
         if replica_id is not None:

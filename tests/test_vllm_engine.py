@@ -25,11 +25,13 @@ import pytest
 
 from cluster.app import AppConfig
 from replicas.engine_config import EngineConfigError
-from replicas.sampling import SamplingParams
+from replicas.engine_stats import EngineStats
+from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 from replicas.vllm_engine import VLLMConfig, VLLMEngine, deadline_priority
 from replicas.vllm_process import VLLMStartError, cpu_list, parse_cpu_list, parse_vllm_metrics
+from state.clock import Clock
 from tests.polling import wait_for
 
 FAKE_SERVER = Path(__file__).with_name("fake_vllm_server.py")
@@ -147,7 +149,7 @@ def test_engine_against_a_stand_in_server(fake_venv, tiny_checkpoint_factory):
     states: list[dict] = []
     config = VLLMConfig.from_dict({"model": str(tiny_checkpoint_factory()), "venv": fake_venv["venv"],
                                    "profile_max_tokens": 256, "max_model_len": 512, "metrics_interval_s": 0.1})
-    engine = VLLMEngine(config, on_state_change=states.append)
+    engine = VLLMEngine(config, on_state_change=lambda s: states.append(s.to_dict()))
     try:
         engine.start()
         assert engine.is_alive() and engine.kind == "vllm" and engine.policy_name == "vllm-priority"
@@ -201,10 +203,10 @@ def test_engine_against_a_stand_in_server(fake_venv, tiny_checkpoint_factory):
         wait_for(lambda: any("aborted" in r for r in _requests(fake_venv["log"])), "the server to see the abort")
         aborted = next(r["aborted"] for r in _requests(fake_venv["log"]) if "aborted" in r)
         assert aborted < 100
-        assert engine.counters["aborted"] == 1 and engine.stats()["decoding"] == 0
+        assert engine.counters["aborted"] == 1 and engine.stats().decoding == 0
         # vLLM's own numbers come from /metrics.
-        wait_for(lambda: engine.stats()["kv_total_tokens"] == 16000, "a metrics poll")
-        assert engine.stats()["kv_free_tokens"] == 12000
+        wait_for(lambda: engine.stats().kv_total_tokens == 16000, "a metrics poll")
+        assert engine.stats().kv_free_tokens == 12000
         groups = [engine.server.pgid, engine.server.watchdog.pid]
     finally:
         engine.shutdown()
@@ -237,7 +239,8 @@ def test_queue_accounting_follows_vllms_order(tiny_checkpoint_factory):
     states: list[dict] = []
     engine = VLLMEngine(VLLMConfig.from_dict({"model": str(tiny_checkpoint_factory()), "max_model_len": 512,
                                               "profile_max_tokens": 256}),
-                        clock=lambda: now[0], on_state_change=states.append, server=_StubServer(),
+                        clock=Clock(lambda: now[0], "test"), server=_StubServer(),
+                        on_state_change=lambda s: states.append(s.to_dict()),
                         cost_model=CostModel.from_coefficients(0.0, 0.01))  # 10 ms per token
     long = Request("long", [5] * 300, arrival_s=1000.0, ttft_slo_s=60.0)  # 3 s, relaxed
     late = Request("late", [5] * 100, arrival_s=1000.0, ttft_slo_s=30.0)  # 1 s
@@ -372,10 +375,10 @@ def apps(redis_server, default_model_dir):
         serve.run(build(vllm), name="fp-vllm", route_prefix="/vllm", blocking=False)
         ready_s = time.monotonic() - t0
         handle = serve.get_deployment_handle("FlowPrefillReplica", app_name="fp-vllm")
-        stats = handle.stats.remote().result()
-        group = stats["vllm_pid"]
-        print(f"\nvLLM app ready after {ready_s:.0f} s (server start + profile); log {stats['vllm_log']}")
-        yield {"redis_url": redis_server.url, "handle": handle, "vllm_url": stats["vllm_url"], "ready_s": ready_s}
+        details = EngineStats.from_dict(handle.stats.remote().result()).details
+        group = details["vllm_pid"]
+        print(f"\nvLLM app ready after {ready_s:.0f} s (server start + profile); log {details['vllm_log']}")
+        yield {"redis_url": redis_server.url, "handle": handle, "vllm_url": details["vllm_url"], "ready_s": ready_s}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -441,8 +444,8 @@ def test_client_disconnect_aborts_the_request_in_vllm(apps):
     conn.sock.shutdown(2)
     conn.close()
     wait_for(lambda: _vllm_metrics(url).get("vllm:num_requests_running", 1) == 0, "vLLM to drop the request")
-    stats = apps["handle"].stats.remote().result()
-    assert stats["counters"]["aborted"] >= 1 and stats["decoding"] == 0 and not stats["running"]
+    stats = EngineStats.from_dict(apps["handle"].stats.remote().result())  # what crosses Ray, parsed back
+    assert stats.counters["aborted"] >= 1 and stats.decoding == 0 and not stats.running
     generated = _vllm_metrics(url).get("vllm:generation_tokens_total", 0.0) - before
     print(f"\nvLLM generated {generated:.0f} of 400 tokens before the abort")
     assert generated < 200
@@ -453,14 +456,15 @@ def test_queue_state_in_redis_and_placement_by_predicted_ttft(apps):
     """The vLLM replica publishes its queue state (engine kind vllm) while it prefills a long prompt;
     the router's placement over that real state and the idle native replica's predicts
     ``remaining + own`` seconds on the busy vLLM replica and routes a tight request to the native one."""
-    from cluster.state_client import ClusterState
     from router.placement import PlacementRequest, load_from_state, rank_replicas
+    from state.client import ClusterState
 
     async def read(namespace: str) -> tuple[dict, object, object]:
         async with ClusterState(apps["redis_url"], namespace=namespace) as state:
             states = await state.read_all_replica_states(skip_invalid=True)
             info = await state.replica_info(next(iter(states)))
-            return states, info, await state.load_profile(info.model, info.hardware)
+            profile = await state.load_profile(info.model, info.hardware)
+            return states, info, None if profile is None else CostModel.from_dict(profile)
 
     states, info, cost = asyncio.run(read(NS_VLLM))
     (vllm_id, idle), = states.items()

@@ -11,17 +11,18 @@ TTFT cost model:
   program reaches an operator boundary (``boundary_delay_s`` after the arrival; with granularity
   ``none`` only when the program ends; immediately when the replica is idle), then
   ``on_arrival``; the end of a program gives ``on_prefill_complete``; the last decode token gives
-  ``on_finish``. Decisions are applied like ``ReplicaEngine._apply``: ``mark_suspended`` for a
-  preempted program, ``mark_started`` for a started or resumed one, at the same virtual time.
+  ``on_finish``. Decisions are applied by the engine's own
+  :func:`~replicas.scheduler.driver.apply_decision` (this replica is its
+  :class:`~replicas.scheduler.driver.DecisionTarget`), at the same virtual time.
 * **Decode.** Decoding requests step together, one token per step, costing a measured decode
   curve (seconds per step against the batch size, :func:`decode_curve_seconds`) when one is
   given, else ``a + sum(marginal cost of one token at the prompt length)`` from the cost model
   (or a fixed ``decode_step_s``). On CPU the marginal-token model is 2-3x too cheap: a few rows'
   GEMMs are bound by reading the weights, not by their flops. As in
   :class:`~replicas.engine_decode.DecodeBatcher`, steps run back to back when no prefill runs,
-  and interleave at an operator boundary of a running prefill as late as the TPOT target allows,
-  not while that prefill is urgent, at the latest after twice the target. A decode step is not
-  preemptible: arrivals wait for its end.
+  and interleave at an operator boundary of a running prefill when the engine's
+  :class:`~replicas.decode_cadence.DecodeCadence` says so (the same object decides). A decode step
+  is not preemptible: arrivals wait for its end.
 
 Not modelled: KV memory (unlimited), the engine's ``max_waiting`` queue bound, sampling and
 publishing overheads beyond the cost model, and context growth during decode.
@@ -34,15 +35,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.sim.snapshot import queue_snapshot
+from replicas.decode_cadence import DecodeCadence
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
+from replicas.scheduler.driver import apply_decision
 from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
 
 INF = math.inf
 IDLE, PREFILL, DECODE = 0, 1, 2
-MAX_DECODE_GAP_FACTOR = 2.0  # replicas.engine_decode.MAX_DECODE_GAP_FACTOR (not imported: that module needs torch)
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,8 @@ class SimReplica:
         self.decoding: dict[str, SimRequest] = {}
         self.decode_token_s = 0.0  # sum of the decoding requests' per-token seconds
         self.tpot_decoding = 0  # decoding requests with their own TPOT SLO
-        self.last_step_end = -INF
-        self.step_ema = 0.0
-        self._due: float | None = None  # cached decode-due time of the current program
+        self.cadence = DecodeCadence()
+        self._due: tuple[float, float] | None = None  # cached (TPOT target, urgent after) of the current program
         self._urgency: tuple[float, float] | None = None  # (predicted batch s, min deadline) of the current plan
         self.wake_at = INF
         self.ver = 0
@@ -227,37 +228,45 @@ class SimReplica:
             self._admit(t, sr)
 
     def _apply(self, d: Decision, t: float) -> None:
-        """``ReplicaEngine._apply``: refusals, then drop, preempt, run, in that order."""
-        for rid in d.rejected:  # at admission, or expired (waiting or suspended)
-            sr = self.live.pop(rid, None)
-            if sr is not None:
-                self._record(sr.idx, None)
-        for bid in d.dropped:
-            self.work.pop(bid, None)
-            self.plans.pop(bid, None)
-            if self.cur == bid:
-                self.cur = self.since = None
-        if d.preempt_running and self.cur is not None:
-            self._pause(t)
-            self.sched.mark_suspended(self.cur, t)
+        """Carry out a decision as the engine does (:func:`~replicas.scheduler.driver.apply_decision`)."""
+        if apply_decision(d, t, self, self.sched):
             self.preemptions += 1
-            self.cur = self.since = None
-        if d.run is not None:
-            self._start(d.run, t)
 
-    def _start(self, plan: BatchPlan, t: float) -> None:
+    # ------------------------------------------------------------------ DecisionTarget
+    @property
+    def current_batch(self) -> int | None:
+        """The program that runs (or would run after a decode step), None when none."""
+        return self.cur
+
+    def refuse(self, request_id: str, now: float) -> None:
+        """A request refused at admission, or expired: recorded as rejected."""
+        sr = self.live.pop(request_id, None)
+        if sr is not None:
+            self._record(sr.idx, None)
+
+    def drop_program(self, batch_id: int) -> None:
+        """Forget a program whose members are gone."""
+        self.work.pop(batch_id, None)
+        self.plans.pop(batch_id, None)
+        if self.cur == batch_id:
+            self.cur = self.since = None
+
+    def suspend_current(self, now: float) -> None:
+        """Credit the running program's progress and stop it (its remaining seconds are kept)."""
+        self._pause(now)
+        self.cur = self.since = None
+
+    def start_program(self, plan: BatchPlan, now: float) -> bool:
+        """A new program costs :func:`program_seconds` of its slices; a resumed one keeps what it had left."""
         bid = plan.batch_id
-        if self.cur is not None and self.cur != bid:
-            self._pause(t)
-            self.sched.mark_suspended(self.cur, t)
         if not plan.resume:
             extra = self.cfg.seq_overhead_s * (len(plan.ranges) - 1)
             self.work[bid] = program_seconds(self.cost, plan.ranges) * self.cfg.exec_time_scale + extra
             self.prefill_batches += 1
         self.plans[bid] = plan
-        self.cur, self.since = bid, t
+        self.cur, self.since = bid, now
         self._due = self._urgency = None
-        self.sched.mark_started(plan, t)
+        return True
 
     def _pause(self, t: float) -> None:
         """Credit the current program's progress up to ``t`` (it goes on from ``t`` unless stopped)."""
@@ -337,9 +346,7 @@ class SimReplica:
         self.step_start, self.step_end = t, t + took
 
     def _end_step(self, t: float) -> None:
-        took = t - self.step_start
-        self.last_step_end = t
-        self.step_ema = took if self.step_ema == 0 else 0.8 * self.step_ema + 0.2 * took
+        self.cadence.record_step(self.step_start, t)
         self.decode_steps += 1
         self._due = None
         batch = self.step_batch if self.step_batch is not None else self.decoding.values()
@@ -355,32 +362,27 @@ class SimReplica:
         self._settle(t)
 
     def _decode_due(self, t: float) -> bool:
-        return t >= self._due_raw()
+        """``ReplicaEngine._decode_due`` at ``t``: the engine's cadence, asked as the engine asks it."""
+        tpot, urgent_after = self._due_params()
+        return self.cadence.due(t, tpot, t > urgent_after)
 
-    def _due_raw(self) -> float:
-        """When ``DecodeBatcher.due`` turns true for the current program (engine semantics)."""
+    def _due_params(self) -> tuple[float, float]:
+        """The TPOT target and the time after which the current program is urgent (``inf``: none runs)."""
         if self._due is not None:
             return self._due
         tpot = self.cfg.default_tpot_slo_s
         if self.tpot_decoding:
             tpot = min(sr.tpot_s for sr in self.decoding.values() if sr.tpot_s)  # type: ignore[type-var]
-        last = self.last_step_end
-        latest = last + MAX_DECODE_GAP_FACTOR * tpot
-        early = last + tpot - self.step_ema
-        due = latest
-        if early < latest:
-            if self._urgency is None and self.cur is not None:
+        urgent_after = INF
+        if self.cur is not None:
+            if self._urgency is None:
                 plan = self.plans[self.cur]
                 deadlines = [self.live[r].request.deadline for r in plan.request_ids if r in self.live]
                 self._urgency = (self.cost.predict_batch([e - s for s, e in plan.ranges]), min(deadlines, default=INF))
-            if self._urgency is None:
-                due = early
-            else:
-                remaining, deadline = self._urgency
-                # urgent at `now` iff deadline - now - remaining < ema: not urgent until this time
-                due = early if early <= deadline - remaining - self.step_ema else latest
-        self._due = due
-        return due
+            remaining, deadline = self._urgency
+            urgent_after = self.cadence.urgent_after(deadline, remaining)
+        self._due = (tpot, urgent_after)
+        return self._due
 
     # ------------------------------------------------------------------ timing
     def _reschedule(self) -> None:
@@ -392,7 +394,7 @@ class SimReplica:
             if self.inbox and self.inbox_at < at:
                 at = self.inbox_at
             if self.decoding and self.preemptible:
-                due = max(self._due_raw(), self.since) + self.cfg.boundary_delay_s
+                due = self.cadence.due_at(*self._due_params(), not_before=self.since) + self.cfg.boundary_delay_s
                 if due < at:
                     at = due
         else:

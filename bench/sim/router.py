@@ -14,7 +14,7 @@ Two equivalent ways to rank (``RouterConfig.vectorized``; ``tests/test_sim.py`` 
 runs agree bit for bit):
 
 * **vectorized** (fresh states, the default): every replica's index lives in a
-  :class:`~router.placement_table.PlacementTable` row kept up to date by
+  :class:`~bench.sim.placement_table.PlacementTable` row kept up to date by
   :class:`~bench.sim.router_table.FreshStates`; the table picks ``rank_replicas``' first choice
   (and shed verdict) in a fixed number of numpy operations.
 * **per decision** (``staleness_s > 0``, or ``vectorized=False``): ``rank_replicas`` over
@@ -45,7 +45,7 @@ INDEX_TTL_S = 0.05  # router.request_router._INDEX_TTL_S (not imported: that mod
 class RouterConfig:
     """The router's settings (``SLOAwareRequestRouter.initialize_state`` defaults) plus staleness.
 
-    ``vectorized``: rank with a :class:`~router.placement_table.PlacementTable` when the states are
+    ``vectorized``: rank with a :class:`~bench.sim.placement_table.PlacementTable` when the states are
     fresh (the same choices as ``rank_replicas``, see the module docstring); False: always per decision.
     """
 

@@ -9,7 +9,7 @@ the same values (``tests/test_sim.py`` checks whole runs against it):
   the next heartbeat per row replaces recomputing it for every row at every decision.
 * The router also rebuilds an index when the heartbeat moved or the index is older than
   ``ttl_s``: re-classifying its items at that time. The rebuilt index only differs once some
-  item can have turned late (:func:`~router.placement_table.reclassify_after`), so a row is only
+  item can have turned late (:func:`~bench.sim.placement_table.reclassify_after`), so a row is only
   looked at then: its chain of rebuild times is replayed over the recorded decision times and it
   is rebuilt at the last one, exactly when and as the router would have.
 """
@@ -23,9 +23,9 @@ from heapq import heappop, heappush
 
 import numpy as np
 
+from bench.sim.placement_table import PlacementTable, reclassify_after
 from bench.sim.replica import INF, SimReplica
 from router.placement import QueueIndex
-from router.placement_table import PlacementTable, reclassify_after
 
 _EARLY = 1e-9  # heartbeat heap keys come this much (relative) early: rounding never makes one late
 

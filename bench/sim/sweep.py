@@ -38,8 +38,9 @@ from bench.sim.floor import scheduler_floor
 from bench.sim.replica import ExecConfig
 from bench.sim.workload import SimWorkload, cluster_workload
 from bench.traces import Trace, load_trace
+from replicas.cost_profiling import detect_hardware, profile_file_name
 from replicas.scheduler.config import SchedulerConfig
-from replicas.scheduler.cost_model import CostModel, detect_hardware, profile_file_name
+from replicas.scheduler.cost_model import CostModel
 
 
 @dataclass

@@ -13,6 +13,9 @@ from typing import Any
 
 from replicas.model.errors import CheckpointError
 
+#: Parameter dtypes a checkpoint may be loaded in (torch's names; :mod:`replicas.model.weights` maps them).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 #: ``architectures[0]`` -> family. All are Llama-shaped decoders with small differences.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",

@@ -14,14 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from replicas.model.config import ModelConfig
+from replicas.model.config import DTYPE_NAMES, ModelConfig
 from replicas.model.errors import CheckpointError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def parse_dtype(name: str) -> torch.dtype:

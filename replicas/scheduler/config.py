@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 POLICY_NAMES = ("flowprefill", "chunked", "fcfs")
 GRANULARITIES = ("block", "op", "layer", "none")
+#: Tokens per prefill pass: longer prompts run in passes of this many (the engine's programs), and the
+#: cost model extrapolates beyond its span in chunks of this size.
+DEFAULT_CHUNK_TOKENS = 8192
 
 
 def _int_at_least(name: str, value: object, low: int) -> None:

@@ -27,7 +27,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import replace
 
 from replicas.scheduler.calibration import CostCalibration
 from replicas.scheduler.config import SchedulerConfig
@@ -36,7 +36,7 @@ from replicas.scheduler.events import IDLE, Abort, Arrival, BatchPlan, Decision,
 from replicas.scheduler.policies import SchedulingPolicy, make_policy
 from replicas.scheduler.queues import Queues
 from replicas.scheduler.request import Request, RequestState
-from replicas.scheduler.stats import Refusal, late_refusal, pass_summary, pending_work_s, queue_stats
+from replicas.scheduler.stats import QueueStats, Refusal, late_refusal, pass_summary, pending_work_s, queue_stats
 from replicas.scheduler.view import Batch, MemoryView, SchedulerView, UnlimitedMemory
 
 S = RequestState
@@ -227,10 +227,12 @@ class Scheduler:
         """Partly prefilled requests without a program (``chunked``)."""
         return tuple(self._q.partial)
 
-    def stats(self, now: float, *, per_request: bool = True) -> dict[str, Any]:
-        """Queue state for the router (JSON-ready); see :func:`~replicas.scheduler.stats.queue_stats`."""
-        out = queue_stats(self._view(now), decoding=sum(r.state is S.DECODING for r in self._requests.values()))
-        out.update(
+    def stats(self, now: float, *, per_request: bool = True) -> QueueStats:
+        """Queue state for the router; see :class:`~replicas.scheduler.stats.QueueStats`
+        (``per_request=False`` leaves the per-request entries out)."""
+        decoding = sum(r.state is S.DECODING for r in self._requests.values())
+        return replace(
+            queue_stats(self._view(now), decoding=decoding, per_request=per_request),
             policy=self.policy.name,
             finished=self.terminal_counts[S.FINISHED],
             aborted=self.terminal_counts[S.ABORTED],
@@ -240,10 +242,6 @@ class Scheduler:
             memory_blocked=self._memory_blocked,
             cost_scale=self.calibration.factor,
         )
-        if not per_request:
-            for key in ("waiting", "running", "suspended"):
-                out.pop(key)
-        return out
 
     def pass_stats(self) -> dict[str, float | int]:
         """Count, mean, median, p99 and max of the recorded pass durations (seconds)."""

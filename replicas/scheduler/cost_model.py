@@ -14,26 +14,20 @@ This is continuous from the left at every multiple of ``S`` (a step of about ``a
 forward pass, right after it), monotone, and ``>= (n/S) * f(S)`` (at least linear scaling).
 
 Nothing here reads the wall clock or touches tensors: timestamps and measurements are supplied
-by the caller (the engine).
+by the caller (the engine). Fitting a model to measurements is :mod:`replicas.scheduler.cost_fit`;
+measuring them (progress bars, hardware names, cache files) is :mod:`replicas.cost_profiling`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from tqdm import tqdm
-
 SCHEMA_VERSION = 1
-DEFAULT_OUTLIER_K = 5.0  # drop a point if |rel. residual - median| > k * MAD (k=5 ~ 3.4 sigma)
-_MIN_MAD = 0.01  # MAD floor (relative): points within k*1% of the fit are never dropped
 _MEMO_SIZE = 1 << 16  # distinct lengths CostModel.predict remembers
 
 
@@ -75,7 +69,8 @@ def _norm_dtype(dtype: str) -> str:
     return dtype.removeprefix("torch.")
 
 
-def _norm_device(device: str) -> str:
+def norm_device(device: str) -> str:
+    """The device type of a device name (``cuda:1`` -> ``cuda``)."""
     return device.split(":", 1)[0]
 
 
@@ -185,7 +180,7 @@ class CostModel:
         return (
             self.model == model
             and _norm_dtype(self.dtype) == _norm_dtype(dtype)
-            and _norm_device(self.device) == _norm_device(device)
+            and norm_device(self.device) == norm_device(device)
             and self.hardware.strip() == hardware.strip()
         )
 
@@ -256,175 +251,3 @@ class CostModel:
 def analytic_cost_model(a: float, b: float, c: float = 0.0, d: float = 0.0, **kw: Any) -> CostModel:
     """Convenience for tests and simulations: :meth:`CostModel.from_coefficients`."""
     return CostModel.from_coefficients(a, b, c, d, **kw)
-
-
-# ---------------------------------------------------------------------- fitting
-def _nnls_relative(n: np.ndarray, y: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Cubic coefficients ``>= 0`` minimizing ``sum(((f(n) - y) / ref)**2)``.
-
-    Exact NNLS by enumerating the 16 supports: the optimum is the unconstrained least-squares
-    solution on its own support, and some optimum has linearly independent support columns.
-    Lengths are scaled by their maximum for conditioning.
-    """
-    scale = float(n.max())
-    x = n / scale
-    design = np.stack([np.ones_like(x), x, x**2, x**3], axis=1) / ref[:, None]
-    target = y / ref
-    best, best_res = np.zeros(4), float(np.sum(target**2))
-    for mask in range(1, 16):
-        cols = [i for i in range(4) if mask >> i & 1]
-        sol, *_ = np.linalg.lstsq(design[:, cols], target, rcond=None)
-        if np.any(sol < -1e-12):
-            continue
-        coef = np.zeros(4)
-        coef[cols] = np.maximum(sol, 0.0)
-        res = float(np.sum((design @ coef - target) ** 2))
-        if res < best_res:
-            best, best_res = coef, res
-    return best / scale ** np.arange(4)
-
-
-def fit_error_report(model: CostModel, held_out: Sequence[tuple[int, float]]) -> dict[str, float | int | None]:
-    """``{"median_rel", "p90_rel", "n_heldout"}`` of ``|pred - y| / y`` (p90 linearly interpolated);
-    the errors are None when there are no held-out points."""
-    errs = [abs(model.predict(n) - y) / y for n, y in held_out]
-    if not errs:
-        return {"median_rel": None, "p90_rel": None, "n_heldout": 0}
-    return {
-        "median_rel": float(np.median(errs)),
-        "p90_rel": float(np.percentile(errs, 90)),
-        "n_heldout": len(errs),
-    }
-
-
-def fit_cost_model(
-    samples: Sequence[tuple[int, float]],
-    *,
-    held_out: Sequence[tuple[int, float]] = (),
-    chunk_tokens: int = 8192,
-    outlier_k: float = DEFAULT_OUTLIER_K,
-    floor_s: float = 1e-6,
-    model: str = "",
-    dtype: str = "",
-    device: str = "",
-    hardware: str = "",
-    created_at: str = "",
-) -> CostModel:
-    """Fit a :class:`CostModel` to ``(n_tokens, seconds)`` samples.
-
-    Non-negative cubic least squares on residuals relative to the fit (weights ``1/y``, then
-    three IRLS rounds with weights ``1/f(n)`` so that low and high outliers pull alike). Outlier
-    rejection: while more than 5 points remain and under 20% were dropped, the worst point is
-    dropped and the fit redone if its relative residual deviates from the median residual by
-    more than ``outlier_k * max(MAD, 1%)``. ``max_profiled_tokens`` is the largest kept length.
-    ``fit_error`` is :func:`fit_error_report` on ``held_out`` (never fitted on) plus
-    ``n_outliers``. ``created_at`` comes from the caller (this package never reads the clock).
-    """
-    pts = [(int(n), float(y)) for n, y in samples]
-    for n, y in [*pts, *held_out]:
-        if n < 1 or not (math.isfinite(y) and y > 0):
-            raise CostModelError(f"invalid sample ({n!r}, {y!r}): need n >= 1 and seconds > 0")
-    if len({n for n, _ in pts}) < 2:
-        raise CostModelError("need samples at at least 2 distinct lengths")
-    ns = np.array([n for n, _ in pts], dtype=np.float64)
-    ys = np.array([y for _, y in pts], dtype=np.float64)
-    keep = np.ones(len(pts), dtype=bool)
-    max_drops = int(0.2 * len(pts))
-    while True:
-        coef = _nnls_relative(ns[keep], ys[keep], ys[keep])
-        for _ in range(3):  # IRLS: relative to the fit, so low outliers do not get extra weight
-            ref = np.maximum(np.polynomial.polynomial.polyval(ns, coef), floor_s)
-            coef = _nnls_relative(ns[keep], ys[keep], ref[keep])
-        if keep.sum() <= 5 or (~keep).sum() >= max_drops:
-            break
-        pred = np.maximum(np.polynomial.polynomial.polyval(ns, coef), floor_s)
-        rel = (ys - pred) / pred
-        dev = np.abs(rel - np.median(rel[keep]))
-        mad = max(float(np.median(dev[keep])), _MIN_MAD)
-        worst = int(np.argmax(np.where(keep, dev, -1.0)))
-        if dev[worst] <= outlier_k * mad:
-            break
-        keep[worst] = False
-    fitted = CostModel(
-        a=float(coef[0]), b=float(coef[1]), c=float(coef[2]), d=float(coef[3]),
-        max_profiled_tokens=int(ns[keep].max()), chunk_tokens=chunk_tokens, floor_s=floor_s,
-        model=model, dtype=dtype, device=device, hardware=hardware, created_at=created_at,
-    )  # fmt: skip
-    report = fit_error_report(fitted, [(int(n), float(y)) for n, y in held_out])
-    report["n_outliers"] = int((~keep).sum())
-    return CostModel(**{**{f.name: getattr(fitted, f.name) for f in fields(fitted) if f.init}, "fit_error": report})
-
-
-def default_profile_lengths(max_tokens: int) -> list[int]:
-    """Geometric spacing from 16 (or ``max_tokens`` if smaller) to ``max_tokens``: 12-20 points,
-    about two per doubling, rounded to multiples of 8 above 64; always ends at ``max_tokens``."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    lo = min(16, max_tokens)
-    count = min(20, max(12, 2 * math.ceil(math.log2(max_tokens / lo)) + 1))
-    out: set[int] = set()
-    for v in np.geomspace(lo, max_tokens, count):
-        iv = int(round(v))
-        out.add(iv if iv <= 64 else int(round(v / 8)) * 8)
-    out.add(max_tokens)
-    return sorted(v for v in out if 1 <= v <= max_tokens)
-
-
-def profile_prefill(
-    measure: Callable[[int], float],
-    lengths: Sequence[int],
-    *,
-    repeats: int = 3,
-    holdout_every: int = 4,
-    warmup: int = 1,
-    progress: bool = True,
-    **fit_kw: Any,
-) -> CostModel:
-    """Profile ``measure(n) -> seconds`` (supplied by the engine) and fit a :class:`CostModel`.
-
-    ``warmup`` discarded calls at the first length, then ``repeats`` calls per length (median
-    kept). Every ``holdout_every``-th length (1-based; never the first or last, 0 disables) is
-    held back for ``fit_error``. ``fit_kw`` go to :func:`fit_cost_model` (metadata, chunk size).
-    """
-    lens = sorted({int(n) for n in lengths})
-    if repeats < 1 or not lens or lens[0] < 1:
-        raise ValueError("need repeats >= 1 and at least one length >= 1")
-    for _ in range(warmup):
-        measure(lens[0])
-    train: list[tuple[int, float]] = []
-    held: list[tuple[int, float]] = []
-    with tqdm(total=len(lens) * repeats, desc="profiling prefill", disable=not progress) as bar:
-        for i, n in enumerate(lens):
-            times = []
-            for _ in range(repeats):
-                times.append(float(measure(n)))
-                bar.update(1)
-            hold = holdout_every > 0 and 0 < i < len(lens) - 1 and (i + 1) % holdout_every == 0
-            (held if hold else train).append((n, statistics.median(times)))
-    return fit_cost_model(train, held_out=held, **fit_kw)
-
-
-def profile_file_name(model: str, dtype: str, device: str, hardware: str, cpu_threads: int | None) -> str:
-    """File name of a cached profile. A CPU profile depends on the compute threads it ran with, so
-    their count is part of the name (a 2-thread profile would be 1.6-1.9x optimistic for 1 thread)."""
-    key = f"{model}-{dtype}-{device}-{hardware}"
-    if _norm_device(device) == "cpu" and cpu_threads is not None:
-        key += f"-t{cpu_threads}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".json"
-
-
-def detect_hardware(device: str) -> str:
-    """Hardware name for metadata: the CUDA device name, else the CPU model from /proc/cpuinfo."""
-    if _norm_device(device) == "cuda":
-        import torch  # lazy: only the device name is read, no tensors
-
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown-cpu"

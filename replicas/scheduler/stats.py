@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from replicas.scheduler.request import Request
@@ -58,51 +59,82 @@ def batch_remaining_s(view: SchedulerView, batch: Batch) -> float:
     return max(total - batch.executed_s - batch.open_s(view.now), 0.0)
 
 
-def _entry(view: SchedulerView, r: Request) -> dict[str, Any]:
-    return {
-        "request_id": r.request_id,
-        "deadline": r.deadline,
-        "remaining_tokens": r.remaining_tokens,
-        "predicted_remaining_s": view.predicted_remaining(r),
-        "slack_s": view.slack(r),
-    }
+@dataclass(frozen=True)
+class QueueEntry:
+    """One unfinished prefill in a queue-state snapshot (``deadline``: the clock the events carry)."""
+
+    request_id: str
+    deadline: float
+    predicted_remaining_s: float
+    remaining_tokens: int = 0
+    slack_s: float | None = None
 
 
-def queue_stats(view: SchedulerView, *, decoding: int) -> dict[str, Any]:
-    """Queue state at ``view.now`` (JSON-ready).
+@dataclass(frozen=True)
+class QueueStats:
+    """The scheduler's queue state at ``now``, for the router and the engine's published snapshot.
 
-    ``waiting`` / ``running`` / ``suspended`` list per-request ``deadline``, ``remaining_tokens``,
-    ``predicted_remaining_s`` (``max(predict(prompt) - executed, 0)``) and ``slack_s``;
-    ``suspended`` covers preempted batches and partly prefilled requests. ``running_remaining_s``
-    is the running program's predicted remaining time (batched), and ``pending_work_s`` adds the
-    suspended programs' and the queued requests' predicted remaining time.
+    ``waiting`` / ``running`` / ``suspended`` (preempted batches and partly prefilled requests) list
+    each request's deadline, remaining tokens, predicted remaining seconds
+    (``max(predict(prompt) - executed, 0)``) and slack. ``running_remaining_s`` is the running
+    program's predicted remaining time (batched); ``pending_work_s`` adds the suspended programs'
+    and the queued requests'. The counters are the scheduler's since it started.
     """
+
+    now: float
+    waiting: tuple[QueueEntry, ...] = ()
+    running: tuple[QueueEntry, ...] = ()
+    suspended: tuple[QueueEntry, ...] = ()
+    running_batch_id: int | None = None
+    running_remaining_s: float = 0.0
+    suspended_batches: int = 0
+    pending_work_s: float = 0.0
+    decoding: int = 0
+    policy: str = ""
+    finished: int = 0
+    aborted: int = 0
+    rejected: int = 0
+    scheduling_passes: int = 0
+    preemptions: int = 0
+    memory_blocked: bool = False
+    cost_scale: float = 1.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Requests per state (decoding ones included)."""
+        return {"waiting": len(self.waiting), "running": len(self.running), "suspended": len(self.suspended),
+                "decoding": self.decoding}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (entries as dicts, ``counts`` added)."""
+        return {**asdict(self), "counts": self.counts}
+
+
+def _entry(view: SchedulerView, r: Request) -> QueueEntry:
+    return QueueEntry(r.request_id, r.deadline, view.predicted_remaining(r), r.remaining_tokens, view.slack(r))
+
+
+def queue_stats(view: SchedulerView, *, decoding: int, per_request: bool = True) -> QueueStats:
+    """The :class:`QueueStats` of ``view`` (entries left out unless ``per_request``; counters unset)."""
     running = view.running
     running_rem = batch_remaining_s(view, running) if running is not None else 0.0
+    if not per_request:
+        return QueueStats(view.now, running_batch_id=None if running is None else running.batch_id,
+                          running_remaining_s=running_rem, suspended_batches=len(view.suspended),
+                          pending_work_s=pending_work_s(view), decoding=decoding)
     suspended_reqs = [*view.partial, *(r for b in view.suspended.values() for r in b.requests)]
     running_reqs = running.requests if running is not None else []
-    return {
-        "now": view.now,
-        "counts": {
-            "waiting": len(view.waiting),
-            "running": len(running_reqs),
-            "suspended": len(suspended_reqs),
-            "decoding": decoding,
-        },
-        "waiting": [_entry(view, r) for r in view.waiting],
-        "running": [_entry(view, r) for r in running_reqs],
-        "suspended": [_entry(view, r) for r in suspended_reqs],
-        "running_batch": None
-        if running is None
-        else {
-            "batch_id": running.batch_id,
-            "request_ids": [r.request_id for r in running.requests],
-            "predicted_remaining_s": running_rem,
-        },
-        "running_remaining_s": running_rem,
-        "suspended_batches": len(view.suspended),
-        "pending_work_s": pending_work_s(view),
-    }
+    return QueueStats(
+        view.now,
+        waiting=tuple(_entry(view, r) for r in view.waiting),
+        running=tuple(_entry(view, r) for r in running_reqs),
+        suspended=tuple(_entry(view, r) for r in suspended_reqs),
+        running_batch_id=None if running is None else running.batch_id,
+        running_remaining_s=running_rem,
+        suspended_batches=len(view.suspended),
+        pending_work_s=pending_work_s(view),
+        decoding=decoding,
+    )
 
 
 def _quantile(sorted_xs: list[float], q: float) -> float:

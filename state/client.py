@@ -1,18 +1,18 @@
-"""Async client for the shared cluster state in Redis (key schema: :mod:`cluster.state_schema`).
+"""Async client for the shared cluster state in Redis (key schema: :mod:`state.schema`).
 
 Replicas register themselves and publish their queue state on every scheduler event; routers read
 all states, add the work they dispatch to a replica's in-flight hash atomically, and journal the
 requests they accept.  Every Redis connection or timeout error surfaces as
 :class:`StateUnavailable` (URL redacted) so callers can fall back to local estimates: a Redis
-outage must never fail a request.  Invalid data raises :class:`~cluster.state_schema.SchemaError`.
+outage must never fail a request.  Invalid data raises :class:`~state.schema.SchemaError`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -25,8 +25,9 @@ from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cluster.redis_server import redact_url
-from cluster.state_schema import (
+from state.clock import WALL_CLOCK, Clock, require_clock
+from state.redis_server import redact_url
+from state.schema import (
     DEFAULT_NAMESPACE,
     JOURNAL_STATUSES,
     JournalEntry,
@@ -84,7 +85,7 @@ class ClusterState:
         inflight_ttl_s: float = 60.0,
         socket_timeout_s: float = 0.5,
         retries: int = 1,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
         if not state_ttl_s > 0:
             raise ValueError(f"state_ttl_s must be > 0, got {state_ttl_s}")
@@ -92,7 +93,7 @@ class ClusterState:
         self.keys = Keys(namespace)
         self.state_ttl_s = state_ttl_s
         self.inflight_ttl_s = inflight_ttl_s
-        self.clock = clock
+        self.clock = require_clock(clock, "ClusterState")
         self._password = aioredis.connection.parse_url(url).get("password")
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
@@ -336,24 +337,27 @@ class ClusterState:
         return [JournalEntry.from_json(raw, f"{journal}[{rid}]") for rid, raw in zip(ids, raws) if raw is not None]
 
     # ------------------------------------------------------------------ cost profiles
-    async def save_profile(self, model: str, hardware: str, profile: Any) -> None:
-        """Store a cost model (an object with ``to_json()``, e.g. ``CostModel``) for a model on a hardware."""
-        key, payload = self.keys.profile(model, hardware), profile.to_json()
+    async def save_profile(self, model: str, hardware: str, profile: Mapping[str, Any]) -> None:
+        """Store a cost profile (a JSON-ready mapping, e.g. ``CostModel.to_dict()``) for a model on a hardware."""
+        key, payload = self.keys.profile(model, hardware), json.dumps(dict(profile), sort_keys=True)
         await self._call("save_profile", lambda: self._redis.set(key, payload))
 
-    async def load_profile(self, model: str, hardware: str) -> Any:
-        """The stored ``replicas.scheduler.cost_model.CostModel``, or None; invalid data raises SchemaError."""
-        from replicas.scheduler.cost_model import CostModel, CostModelError
+    async def load_profile(self, model: str, hardware: str) -> dict[str, Any] | None:
+        """The stored cost profile as a JSON object, or None; not a JSON object raises SchemaError.
 
+        The profile's own fields are the cost model's to validate (``CostModel.from_dict``): this
+        package stores it without knowing its shape."""
         key = self.keys.profile(model, hardware)
         raw = await self._call("load_profile", lambda: self._redis.get(key))
         if raw is None:
             return None
         try:
-            return CostModel.from_json(raw, source=key)
-        except CostModelError as exc:
-            message = str(exc).removeprefix(f"{key}: ").removeprefix(f"field {exc.field!r}: ")
-            raise SchemaError(key, exc.field, message) from exc
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SchemaError(key, None, f"not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise SchemaError(key, None, f"expected a JSON object, got {type(data).__name__}")
+        return data
 
 
 def _parse_state(replica_id: str, key: str, raw: str) -> ReplicaQueueState:

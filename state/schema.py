@@ -25,7 +25,8 @@ and the field (unknown fields are ignored, so newer writers can add fields).
 4. Everything needed to run the request again (prompt ids or text, sampling params, SLO class,
    deadline, replica id, status, attempts), so requests on a replica that dies are re-dispatched
    or answered with an error, never silently lost.  Removed when the request completes.
-5. ``replicas.scheduler.cost_model.CostModel.to_json()``; ``{model}`` may contain ``/`` or ``:``.
+5. A cost profile as a JSON object (the replica's ``CostModel.to_dict()``, validated by the reader that
+   builds the model from it; this package only checks it is an object); ``{model}`` may contain ``/`` or ``:``.
 
 Times (``deadline``, ``arrival``, ``updated_at``) are Unix seconds (``time.time()``).
 """
@@ -33,16 +34,16 @@ Times (``deadline``, ``arrival``, ``updated_at``) are Unix seconds (``time.time(
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from state.fields import FieldReader
 
 SCHEMA_VERSION = 1
 DEFAULT_NAMESPACE = "flowprefill"
 REQUEST_STATUSES = ("waiting", "suspended", "running")
 JOURNAL_STATUSES = ("accepted", "running", "finished", "failed")
-_MISSING: Any = object()
 
 
 class SchemaError(ValueError):
@@ -107,72 +108,17 @@ class Keys:
         return f"{self.prefix}profile:{model}:{_check_part('hardware', hardware, allow_colon=True)}"
 
 
-class _Reader:
-    """Typed field access over a decoded JSON object, raising :class:`SchemaError`."""
-
-    def __init__(self, data: object, key: str, path: str = "") -> None:
-        self.key, self.path = key, path
-        if not isinstance(data, dict):
-            raise SchemaError(key, path or None, f"expected a JSON object, got {type(data).__name__}")
-        self.data: dict[str, Any] = data
-
-    def _get(self, name: str, default: Any) -> Any:
-        if name in self.data:
-            return self.data[name]
-        if default is _MISSING:
-            raise SchemaError(self.key, self.path + name, "missing")
-        return default
-
-    def fail(self, name: str, message: str) -> SchemaError:
-        return SchemaError(self.key, self.path + name, message)
-
-    def text(self, name: str, default: Any = _MISSING, *, choices: tuple[str, ...] = ()) -> Any:
-        v = self._get(name, default)
-        if v is None and default is None:
-            return None
-        if not isinstance(v, str):
-            raise self.fail(name, f"expected a string, got {v!r}")
-        if choices and v not in choices:
-            raise self.fail(name, f"expected one of {list(choices)}, got {v!r}")
-        return v
-
-    def number(self, name: str, default: Any = _MISSING, *, minimum: float | None = None) -> float:
-        v = self._get(name, default)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise self.fail(name, f"expected a finite number, got {v!r}")
-        if minimum is not None and v < minimum:
-            raise self.fail(name, f"expected a number >= {minimum}, got {v!r}")
-        return float(v)
-
-    def integer(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
-        v = self._get(name, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(name, f"expected an integer, got {v!r}")
-        if minimum is not None and v < minimum:
-            raise self.fail(name, f"expected an integer >= {minimum}, got {v!r}")
-        return v
-
-    def array(self, name: str, default: Any = _MISSING) -> Any:
-        v = self._get(name, default)
-        if v is None and default is None:
-            return None
-        if not isinstance(v, list):
-            raise self.fail(name, f"expected a list, got {type(v).__name__}")
-        return v
-
-    def obj(self, name: str, default: Any = _MISSING) -> dict[str, Any]:
-        v = self._get(name, default)
-        if not isinstance(v, dict):
-            raise self.fail(name, f"expected a JSON object, got {type(v).__name__}")
-        return v
+def _reader(data: object, key: str, path: str = "") -> FieldReader:
+    """A :class:`~state.fields.FieldReader` whose errors are :class:`SchemaError` naming ``key``."""
+    return FieldReader(data, lambda field_name, message: SchemaError(key, field_name, message), path)
 
 
-def _load(raw: str | bytes, key: str) -> _Reader:
+def _load(raw: str | bytes, key: str) -> FieldReader:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SchemaError(key, None, f"not valid JSON ({exc})") from exc
-    reader = _Reader(data, key)
+    reader = _reader(data, key)
     version = reader.data.get("v")
     if version != SCHEMA_VERSION:
         raise SchemaError(key, "v", f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
@@ -262,7 +208,7 @@ class ReplicaQueueState:
         r = _load(raw, key)
         requests = []
         for i, item in enumerate(r.array("requests", [])):
-            q = _Reader(item, key, f"requests[{i}].")
+            q = r.item("requests", i, item)
             requests.append(
                 QueuedRequest(
                     request_id=q.text("request_id"),

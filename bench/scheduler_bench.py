@@ -1,4 +1,4 @@
-"""Micro-benchmark of one scheduling pass (not a test; the benchmark command wires it in)."""
+"""Micro-benchmark of one scheduling pass (``flowprefill bench policies`` reports it)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,278 @@
+"""The ``flowprefill bench ...`` subcommands: their arguments and handlers.
+
+``cluster/cli.py`` registers them under ``bench`` (:func:`register`) and hands over the
+:class:`~bench.stack.ServingStack` that the commands starting Ray in-process need; nothing here
+imports the launcher. Heavy imports happen inside the handlers so ``flowprefill --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from bench.stack import ServingStack
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype`` and ``--device`` (shared with ``generate`` and ``profile``)."""
+    p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def model_dir(arg: str | None) -> Path:
+    """``--model``, or the prepared default model."""
+    if arg:
+        return Path(arg)
+    from replicas.model.default_model import prepare_default_model
+
+    return prepare_default_model()
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (an argparse type)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _write_json(path: str | None, report: object) -> None:
+    """Write a benchmark's JSON report where ``--json`` asked (and say so on stderr)."""
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from bench.engine_bench import EngineBenchConfig, run_engine_bench
+
+    config = EngineBenchConfig(quick=args.quick, dtype=args.dtype, device=args.device)
+    report = run_engine_bench(model_dir(args.model), config)
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench_policies(args: argparse.Namespace) -> int:
+    from bench.policy_bench import PolicyBenchConfig, run_policy_bench
+
+    cfg = PolicyBenchConfig(
+        trace=args.trace, window_start_s=args.window_start_s, window_s=args.window_s, quick=args.quick,
+        length_scale=args.length_scale, max_requests=args.max_requests, seed=args.seed,
+        chunk_sizes=tuple(args.chunk_sizes),
+        engine={"dtype": args.dtype, "device": args.device, **({"profile": args.profile} if args.profile else {})},
+    )
+    report = run_policy_bench(cfg, Path(args.model) if args.model else None)
+    _write_json(args.json, report)
+    if args.plot:
+        from bench.plots import plot_attainment
+
+        plot_attainment(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import ServeBenchConfig, run_serve_bench
+    from bench.servers import parse_engine_settings
+
+    cfg = ServeBenchConfig(
+        trace=args.trace, systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), quick=args.quick,
+        window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.max_requests,
+        length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
+        prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
+        vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
+        engine_settings=parse_engine_settings(args.engine_set),
+    )
+
+    def save(report: dict[str, object]) -> None:  # after each system, and at the end
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+
+    report = run_serve_bench(cfg, Path(args.model) if args.model else None, checkpoint=save)
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot_dir:
+        from bench.serve_plots import write_plots
+
+        for path in write_plots(report, args.plot_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_sim(args: argparse.Namespace) -> int:
+    from bench.sim.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_bench_router(args: argparse.Namespace, stack: Callable[[], ServingStack]) -> int:
+    from bench.router_bench import RouterBenchConfig, print_report, run_router_bench
+
+    cfg = RouterBenchConfig(engine=args.engine, replicas=args.replicas, router_policy=args.router_policy,
+                            port=args.port, grpc_port=args.grpc_port, sequential=args.requests,
+                            step_s=args.step_s, **({"rates": tuple(args.rates)} if args.rates else {}))
+    report = run_router_bench(cfg, stack())
+    print_report(report)
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench_autoscale(args: argparse.Namespace, stack: Callable[[], ServingStack]) -> int:
+    from bench.autoscale_demo import AutoscaleDemoConfig, run_autoscale_demo, summary, write_outputs
+
+    report = run_autoscale_demo(AutoscaleDemoConfig(minutes=args.minutes, max_replicas=args.max_replicas,
+                                                    low_rate=args.low_rate, high_rate=args.high_rate,
+                                                    prompt_repeats=args.prompt_repeats), stack())
+    print(summary(report))
+    write_outputs(report, args.json, args.plot)
+    return 0
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from bench.soak import SoakConfig, print_soak, run_soak
+
+    report = run_soak(SoakConfig(trace=args.trace, goodput_rps=args.goodput_rps, minutes=args.minutes,
+                                 fraction=args.fraction), Path(args.model) if args.model else None)
+    print_soak(report)
+    _write_json(args.json, report)
+    return 0 if report["errors"] == 0 else 1
+
+
+def _cmd_bench_overload(args: argparse.Namespace) -> int:
+    from bench.overload import OverloadConfig, print_overload, run_overload
+    from bench.servers import parse_engine_settings
+
+    settings = parse_engine_settings(args.engine_set)
+    report = run_overload(OverloadConfig(trace=args.trace, goodput_rps=args.goodput_rps, factor=args.factor,
+                                         overload_s=args.overload_s, engine_settings=settings),
+                          Path(args.model) if args.model else None)
+    print_overload(report)
+    _write_json(args.json, report)
+    lost = report["journal_after"].get("open_requests", 0)
+    return 0 if report["healthy_after"] and report["health_failures"] == 0 and lost == 0 else 1
+
+
+def _cmd_bench_faults(args: argparse.Namespace) -> int:
+    from bench.faults import FaultConfig, print_faults, run_faults
+
+    report = run_faults(FaultConfig(trace=args.trace, rate_rps=args.rate_rps, replicas=args.replicas,
+                                    phase_s=args.phase_s, outage_s=args.outage_s, cpu_threads=args.cpu_threads),
+                        Path(args.model) if args.model else None)
+    print_faults(report)
+    _write_json(args.json, report)
+    return 0 if sum(row["lost"] for row in report["phases"].values()) == 0 else 1
+
+
+
+def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]) -> None:
+    """Add every bench subcommand to ``bsub``; ``stack()`` gives the launcher's :class:`ServingStack`
+    to the commands that run the Serve app in this process (called only when one runs)."""
+    eng = bsub.add_parser("engine", help="prefill throughput, checkpoint overhead, preemption latency")
+    add_engine_args(eng)
+    eng.add_argument("--quick", action="store_true", help="finish within about a minute")
+    eng.add_argument("--json", default=None)
+    eng.set_defaults(func=_cmd_bench_engine)
+    pol = bsub.add_parser("policies", help="in-process goodput of flowprefill, chunked and fcfs on a trace")
+    add_engine_args(pol)
+    pol.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
+    pol.add_argument("--window-start-s", type=float, default=0.0)
+    pol.add_argument("--window-s", type=float, default=None)
+    pol.add_argument("--max-requests", type=int, default=60)
+    pol.add_argument("--length-scale", type=float, default=1 / 16, help="input lengths are multiplied by this")
+    pol.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 128, 256])
+    pol.add_argument("--seed", type=int, default=0)
+    pol.add_argument("--profile", default=None, help="cost-model JSON (default: cached or profiled now)")
+    pol.add_argument("--quick", action="store_true", help="fewer requests and search steps (under 10 minutes)")
+    pol.add_argument("--json", default=None)
+    pol.add_argument("--plot", default=None, help="PNG of attainment against request rate per policy")
+    pol.set_defaults(func=_cmd_bench_policies)
+    auto = bsub.add_parser("autoscale", help="SLO-driven autoscaling under a load step, on a local cluster")
+    auto.add_argument("--minutes", type=float, default=4.5, help="duration of the offered load")
+    auto.add_argument("--max-replicas", type=int, default=2)
+    auto.add_argument("--low-rate", type=float, default=0.3, help="requests/s before and after the step")
+    auto.add_argument("--high-rate", type=float, default=2.0, help="requests/s during the step")
+    auto.add_argument("--prompt-repeats", type=int, default=3, help="prompt length, in repeats of the demo text")
+    auto.add_argument("--json", default=None)
+    auto.add_argument("--plot", default=None, help="PNG of replica count, offered load and TTFT attainment")
+    auto.set_defaults(func=partial(_cmd_bench_autoscale, stack=stack))
+    rtr = bsub.add_parser("router", help="router overhead, routing decision time and max request rate (echo engine)")
+    rtr.add_argument("--engine", choices=["echo", "flowprefill"], default="echo",
+                     help="echo: model-free replicas (default); flowprefill: the real engine")
+    rtr.add_argument("--replicas", type=int, default=2)
+    rtr.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"],
+                     default="slo_aware")
+    rtr.add_argument("--requests", type=int, default=200, help="sequential requests for the overhead")
+    rtr.add_argument("--rates", type=float, nargs="+", default=None, help="open-loop rates to try, ascending")
+    rtr.add_argument("--step-s", type=float, default=8.0, help="seconds of load per rate")
+    rtr.add_argument("--port", type=int, default=8790)
+    rtr.add_argument("--grpc-port", type=int, default=9790)
+    rtr.add_argument("--json", default=None)
+    rtr.set_defaults(func=partial(_cmd_bench_router, stack=stack))
+    soak = bsub.add_parser("soak", help="the trace at a fraction of goodput for minutes: errors, attainment, memory")
+    soak.add_argument("--trace", required=True)
+    soak.add_argument("--goodput-rps", type=float, required=True, help="FlowPrefill's goodput from bench serve")
+    soak.add_argument("--fraction", type=float, default=0.8)
+    soak.add_argument("--minutes", type=float, default=10.0)
+    soak.add_argument("--model", default=None)
+    soak.add_argument("--json", default=None)
+    soak.set_defaults(func=_cmd_bench_soak)
+    over = bsub.add_parser("overload", help="a bounded burst at 10x goodput: refusals, attainment, memory, recovery")
+    over.add_argument("--trace", required=True)
+    over.add_argument("--goodput-rps", type=float, required=True, help="FlowPrefill's goodput from bench serve")
+    over.add_argument("--factor", type=float, default=10.0, help="overload rate as a multiple of the goodput")
+    over.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload")
+    over.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
+                      help="an engine setting for the server (YAML value), e.g. late_reject_factor=1.0; repeatable")
+    over.add_argument("--model", default=None)
+    over.add_argument("--json", default=None)
+    over.set_defaults(func=_cmd_bench_overload)
+    flt = bsub.add_parser("faults", help="attainment before, during and after a replica crash and a Redis outage")
+    flt.add_argument("--trace", required=True)
+    flt.add_argument("--rate-rps", type=float, default=1.2, help="offered load over all replicas")
+    flt.add_argument("--replicas", type=int, default=2)
+    flt.add_argument("--phase-s", type=float, default=30.0, help="seconds of each measured window")
+    flt.add_argument("--outage-s", type=float, default=15.0, help="seconds Redis stays down")
+    flt.add_argument("--cpu-threads", type=int, default=1, help="compute threads per replica")
+    flt.add_argument("--model", default=None)
+    flt.add_argument("--json", default=None)
+    flt.set_defaults(func=_cmd_bench_faults)
+    sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
+    from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
+
+    add_sim_args(sim)
+    sim.set_defaults(func=_cmd_bench_sim)
+    bsrv = bsub.add_parser("serve", help="HTTP goodput of FlowPrefill's policies and vLLM, each as a server")
+    bsrv.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
+    bsrv.add_argument("--systems", default="flowprefill,chunked,fcfs,vllm", help="comma-separated, in run order")
+    bsrv.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
+    bsrv.add_argument("--window-start-s", type=float, default=29.0)
+    bsrv.add_argument("--window-s", type=float, default=None)
+    bsrv.add_argument("--max-requests", type=int, default=48, help="requests of the window (48: the code trace's "
+                      "first dense stretch; a window spanning an idle gap gets a warning)")
+    bsrv.add_argument("--length-scale", type=float, default=1 / 16, help="input lengths are multiplied by this")
+    bsrv.add_argument("--max-output-tokens", type=int, default=16, help="cap on each request's max_tokens")
+    bsrv.add_argument("--seed", type=int, default=0)
+    bsrv.add_argument("--prompt-format", choices=["text", "ids"], default="text")
+    bsrv.add_argument("--start-scale", type=float, default=None, help="first rate scale (default: probed)")
+    bsrv.add_argument("--chunk-sizes", type=_positive_ints, default=(64, 128, 256),
+                      help="chunk sizes of the chunked baseline, comma-separated: 'chunked' runs one server per size")
+    bsrv.add_argument("--vllm-threads-bind", default="0-1",
+                      help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
+    bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
+    bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
+    bsrv.add_argument("--quick", action="store_true", help="fewer requests and runs (all systems in ~25 minutes)")
+    bsrv.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a FlowPrefill engine setting for every FlowPrefill system (repeatable), e.g. cpu_threads=1")
+    bsrv.add_argument("--json", default=None)
+    bsrv.add_argument("--plot-dir", default=None, help="directory for attainment / TTFT CDF / timeline PNGs")
+    bsrv.set_defaults(func=_cmd_bench_serve)

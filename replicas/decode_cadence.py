@@ -1,0 +1,59 @@
+"""When a decode step interleaves with a running prefill: the engine's rule, shared with the simulator.
+
+Torch-free: :class:`~replicas.engine_decode.DecodeBatcher` (the native engine) asks :meth:`DecodeCadence.due`
+at operator boundaries, and the cluster simulator (``bench/sim/replica.py``) asks
+:meth:`DecodeCadence.due_at` when that predicate first turns true, so both follow one implementation.
+
+The rule: a step runs as late as the TPOT target allows (the gap since the last step plus one
+step's time reaches the target) and not while the running prefill is urgent (a step now would
+push the earliest deadline of its members past), unless decoding has already waited
+:data:`MAX_DECODE_GAP_FACTOR` times its target: TTFT first, TPOT bounded.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Decode never waits longer than this multiple of the TPOT target, however urgent prefill is.
+MAX_DECODE_GAP_FACTOR = 2.0
+#: Weight of the newest step in the smoothed step time.
+STEP_EMA_WEIGHT = 0.2
+
+
+class DecodeCadence:
+    """The last decode step's end and the smoothed step time, and the rule that reads them."""
+
+    def __init__(self) -> None:
+        self.last_step_end = -math.inf
+        self.step_ema_s = 0.0  # smoothed duration of a decode step (0 until the first one)
+
+    def record_step(self, started: float, ended: float) -> None:
+        """A decode step ran from ``started`` to ``ended``."""
+        took = ended - started
+        self.last_step_end = ended
+        self.step_ema_s = took if self.step_ema_s == 0 else (1 - STEP_EMA_WEIGHT) * self.step_ema_s \
+            + STEP_EMA_WEIGHT * took
+
+    def urgent_after(self, deadline: float, remaining_s: float) -> float:
+        """The time after which a running prefill with this earliest ``deadline`` and ``remaining_s``
+        predicted seconds is urgent: one more decode step would make it miss (``inf``: never)."""
+        return deadline - remaining_s - self.step_ema_s
+
+    def prefill_urgent(self, now: float, deadline: float, remaining_s: float) -> bool:
+        """Whether a decode step at ``now`` would push that prefill past its deadline."""
+        return now > self.urgent_after(deadline, remaining_s)
+
+    def due(self, now: float, tpot_target_s: float, prefill_urgent: bool) -> bool:
+        """Whether a step should interleave with the running prefill at ``now`` (module docstring)."""
+        gap = now - self.last_step_end
+        if gap >= MAX_DECODE_GAP_FACTOR * tpot_target_s:
+            return True
+        return gap + self.step_ema_s >= tpot_target_s and not prefill_urgent
+
+    def due_at(self, tpot_target_s: float, urgent_after: float = math.inf, not_before: float = -math.inf) -> float:
+        """The first time from ``not_before`` on at which :meth:`due` is true, for a prefill that turns
+        urgent after ``urgent_after``: urgency only grows with time, so either the earliest time the
+        cadence allows is not urgent yet, or decoding waits for the longest gap."""
+        latest = self.last_step_end + MAX_DECODE_GAP_FACTOR * tpot_target_s
+        early = max(self.last_step_end + tpot_target_s - self.step_ema_s, not_before)
+        return early if early < latest and early <= urgent_after else max(latest, not_before)

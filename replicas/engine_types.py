@@ -1,0 +1,53 @@
+"""The types every engine kind and the replica deployment share: outputs, sinks, live requests.
+
+Torch-free, so that the echo and vLLM engines and the deployment load without torch, and so that
+the native engine's modules (:mod:`replicas.engine`, :mod:`replicas.engine_decode`) import these
+from here instead of from each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from replicas.detokenize import OutputStream
+from replicas.sampling_params import SamplingParams
+from replicas.scheduler.request import Request
+
+if TYPE_CHECKING:  # torch: only the native engine builds samplers
+    from replicas.sampling import RequestSampler
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a request's output, as the client stream sees it."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None  # set on the first output: engine arrival to first token
+    error: str | None = None
+    retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class LiveRequest:
+    """The native engine's state of an admitted request: its scheduler request, sampling state, output
+    stream and decode position."""
+
+    request: Request
+    params: SamplingParams
+    sink: Sink
+    seq_id: int
+    sampler: RequestSampler
+    stream: OutputStream
+    position: int = 0  # next position to decode
+    emitted_first: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
