@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from replicas.scheduler.cost_fit import fit_cost_model
+from replicas.scheduler.cost_fit import fit_cached_kappa, fit_cost_model
 from replicas.scheduler.cost_model import CostModel, norm_device
 
 
@@ -37,6 +37,14 @@ def default_profile_lengths(max_tokens: int) -> list[int]:
     return sorted(v for v in out if 1 <= v <= max_tokens)
 
 
+def cached_context_pairs(max_tokens: int) -> list[tuple[int, int]]:
+    """``(new tokens, cached tokens)`` pairs to profile attention over cached KV: new 16, 1/16 and 1/4
+    of ``max_tokens`` after 1/8, 1/4 and 1/2 of it cached (pairs past ``max_tokens`` left out)."""
+    cached = sorted({max(1, max_tokens // k) for k in (8, 4, 2)})
+    new = sorted({min(16, max_tokens), max(1, max_tokens // 16), max(1, max_tokens // 4)})
+    return [(n, c) for c in cached for n in new if n + c <= max_tokens]
+
+
 def profile_prefill(
     measure: Callable[[int], float],
     lengths: Sequence[int],
@@ -45,6 +53,8 @@ def profile_prefill(
     holdout_every: int = 4,
     warmup: int = 1,
     progress: bool = True,
+    measure_cached: Callable[[int, int], float] | None = None,
+    cached_pairs: Sequence[tuple[int, int]] = (),
     **fit_kw: Any,
 ) -> CostModel:
     """Profile ``measure(n) -> seconds`` (supplied by the engine) and fit a :class:`CostModel`.
@@ -52,6 +62,8 @@ def profile_prefill(
     ``warmup`` discarded calls at the first length, then ``repeats`` calls per length (median
     kept). Every ``holdout_every``-th length (1-based; never the first or last, 0 disables) is
     held back for ``fit_error``. ``fit_kw`` go to :func:`fit_cost_model` (metadata, chunk size).
+    With ``measure_cached(n, c) -> seconds`` (``n`` new tokens after ``c`` cached ones) the
+    ``cached_pairs`` are measured too and fit ``cached_kappa`` (every third pair held out).
     """
     lens = sorted({int(n) for n in lengths})
     if repeats < 1 or not lens or lens[0] < 1:
@@ -68,7 +80,19 @@ def profile_prefill(
                 bar.update(1)
             hold = holdout_every > 0 and 0 < i < len(lens) - 1 and (i + 1) % holdout_every == 0
             (held if hold else train).append((n, statistics.median(times)))
-    return fit_cost_model(train, held_out=held, **fit_kw)
+    model = fit_cost_model(train, held_out=held, **fit_kw)
+    if measure_cached is None or not cached_pairs:
+        return model
+    samples: list[tuple[int, int, float]] = []
+    held_cached: list[tuple[int, int, float]] = []
+    with tqdm(total=len(cached_pairs) * repeats, desc="profiling cached context", disable=not progress) as bar:
+        for i, (n, c) in enumerate(cached_pairs):
+            times = []
+            for _ in range(repeats):
+                times.append(float(measure_cached(n, c)))
+                bar.update(1)
+            (held_cached if i % 3 == 2 else samples).append((n, c, statistics.median(times)))
+    return fit_cached_kappa(model, samples, held_cached)
 
 
 def profile_file_name(model: str, dtype: str, device: str, hardware: str, cpu_threads: int | None) -> str:

@@ -29,8 +29,12 @@ from replicas.engine_decode import DecodeBatcher
 from replicas.engine_stats import EngineStats
 from replicas.engine_types import LiveRequest, RequestOutput, Sink
 from replicas.executor import PreemptibleExecutor, Task
-from replicas.kv_cache import KVCacheFull, PagedKVCache
+from replicas.kv_blocks import KVCacheFull
+from replicas.kv_cache import PagedKVCache
+from replicas.model.batch import Segment
 from replicas.model.decoder import DecoderModel
+from replicas.prefix_hash import prefix_salt
+from replicas.prefix_tracker import PrefixTracker
 from replicas.programs import PrefillItem, prefill_program
 from replicas.sampling import RequestSampler, sample_next_tokens
 from replicas.sampling_params import SamplingParams
@@ -41,6 +45,7 @@ from replicas.scheduler.driver import apply_decision
 from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
 from state.clock import WALL_CLOCK, Clock, require_clock
+from state.schema import PrefixSummary
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,8 +120,9 @@ class ReplicaEngine:
             self.cost_model = cost_model or load_or_profile(
                 self.model, config.profile, max_tokens=config.profile_max_tokens
             )
-            self.kv = PagedKVCache.from_budget(self.model.kv_spec(config.block_size), config.kv_cache_bytes,
-                                               self.model.device)
+            self.kv = PagedKVCache.from_budget(
+                self.model.kv_spec(config.block_size), config.kv_cache_bytes, self.model.device,
+                enable_prefix_caching=config.enable_prefix_caching, cache_share=config.prefix_cache_share)
 
         try:
             self._compute.call(build)
@@ -127,6 +133,7 @@ class ReplicaEngine:
         self.clock = require_clock(clock, "ReplicaEngine")
         self.live: dict[str, LiveRequest] = {}
         self.decoder = DecodeBatcher(self.model, self.kv, config.max_decoding, clock)
+        self.prefix = PrefixTracker(self.kv.allocator, prefix_salt(self.model.name, config.dtype))
         self.memory = KVMemory(self.kv, lambda: len(self.decoder.active))
         self.scheduler = Scheduler(
             self.cost_model,
@@ -274,7 +281,7 @@ class ReplicaEngine:
         plan = self._plans.get(self._current) if self._current is not None else None
         if plan is None:
             return False
-        remaining = self.scheduler.cost_model.predict_batch([end - start for start, end in plan.ranges])
+        remaining = self.scheduler.cost_model.predict_ranges(plan.ranges)
         deadline = min((self.live[rid].request.deadline for rid in plan.request_ids if rid in self.live),
                        default=float("inf"))
         return self.decoder.cadence.prefill_urgent(now, deadline, remaining)
@@ -298,20 +305,30 @@ class ReplicaEngine:
                     self.decoder.remove(payload)
                     self._apply(self.scheduler.on_abort(payload, now), now)
                     self.live.pop(payload, None)
+                    self.prefix.forget(payload)
                     lr.sink(RequestOutput(payload, (), "", "abort", lr.request.num_prompt_tokens,
                                           len(lr.stream.token_ids)))
             self._publish(now)
 
     def _admit(self, request: Request, params: SamplingParams, sink: Sink, now: float) -> None:
         waiting = len(self.scheduler.waiting_ids)
+        alloc = self.kv.allocator
+        error = None
         if waiting >= self.config.max_waiting:
+            error = f"replica queue full ({waiting} waiting)"
+        elif -(-(request.num_prompt_tokens + 1) // alloc.block_size) > alloc.num_blocks:
+            error = (f"the prompt's {request.num_prompt_tokens} tokens need more KV blocks than this replica's cache "
+                     f"holds ({alloc.num_blocks} blocks of {alloc.block_size} tokens): it can never run here")
+        if error is not None:
             self.counters["rejected"] += 1
-            sink(RequestOutput(request.request_id, (), "", "rejected", request.num_prompt_tokens,
-                               error=f"replica queue full ({waiting} waiting)"))
+            sink(RequestOutput(request.request_id, (), "", "rejected", request.num_prompt_tokens, error=error))
             return
         lr = LiveRequest(request, params, sink, next(self._seq_ids), RequestSampler(params, self.model.device),
                          OutputStream(params, self.eos_token_ids, self.tokenizer.decode),
                          position=request.num_prompt_tokens)
+        match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids)
+        request.cached_tokens = request.prefilled = match.cached_tokens
+        request.shares_with, request.shared_tokens = match.shares_with, match.shared_tokens
         self.live[request.request_id] = lr
         self.memory.seq_of[request.request_id] = lr.seq_id
         self._apply(self.scheduler.on_arrival(request, now), now)
@@ -363,19 +380,31 @@ class ReplicaEngine:
                 self._fail_batch(plan.batch_id, f"KV cache exhausted: {exc}")
                 return False
             self._tasks[plan.batch_id] = self.executor.start(
-                prefill_program(self.model, self.kv, items, self.config.chunk_tokens), label=f"batch-{plan.batch_id}"
+                prefill_program(self.model, self.kv, items, self.config.chunk_tokens, on_pass=self._pass_done),
+                label=f"batch-{plan.batch_id}",
             )
             self.counters["prefill_batches"] += 1
         self._plans[plan.batch_id] = plan
         self._current = plan.batch_id
         return True
 
+    def _pass_done(self, segments: Sequence[Segment]) -> None:
+        """A pass of a prefill program ran through every layer: publish its members' full blocks."""
+        for seg in segments:
+            self.prefix.passed(seg.seq_id, seg.end)
+
     def _complete_prefill(self, batch_id: int, task: Task) -> None:
         now = self.clock()
         self._tasks.pop(batch_id, None)
-        self._plans.pop(batch_id, None)
+        plan = self._plans.pop(batch_id, None)
         self._current = None
+        for rid in plan.request_ids if plan is not None else ():  # requests that waited for these blocks
+            for waiter in self.prefix.waiting_on(rid):
+                if self.scheduler.is_deferred(waiter):
+                    self.scheduler.set_cached(waiter, self.prefix.extend(waiter))
         decision = self.scheduler.on_prefill_complete(batch_id, now, compute_s=task.busy_s)
+        for rid in decision.prefilled:
+            self.prefix.prefilled(rid)
         self._apply(decision, now)
         logits: dict[int, torch.Tensor] = task.result
         done = [self.live[rid] for rid in decision.prefilled if rid in self.live]
@@ -396,7 +425,11 @@ class ReplicaEngine:
             return
         now = self.clock()
         self.counters["decode_steps"] += 1
+        bs = self.kv.allocator.block_size
         for lr, token in results:
+            if lr.position % bs == 0:  # a block of this sequence just filled: the next turn may reuse it
+                self.prefix.decoded(lr.request.request_id, [*lr.request.prompt_ids, *lr.stream.token_ids],
+                                    lr.position)
             self._emit_token(lr, token, now)
 
     def _emit_token(self, lr: LiveRequest, token: int, now: float) -> None:
@@ -419,8 +452,9 @@ class ReplicaEngine:
             lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
                                   error=error))
         now = self.clock()
-        self._apply(self.scheduler.on_finish(rid, now), now)  # frees its KV
+        self._apply(self.scheduler.on_finish(rid, now), now)  # frees its KV (published blocks stay cached)
         self.live.pop(rid, None)
+        self.prefix.forget(rid)
         self._publish(now)
 
     def _emit_final(self, rid: str, reason: str, error: str | None, retry_after_s: float | None = None) -> None:
@@ -431,6 +465,7 @@ class ReplicaEngine:
         self.decoder.remove(rid)
         self.memory.release([rid])
         self.kv.allocator.free(lr.seq_id)
+        self.prefix.forget(rid)
         lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
                               error=error, retry_after_s=retry_after_s))
 
@@ -448,10 +483,15 @@ class ReplicaEngine:
 
     def _publish(self, now: float) -> None:
         alloc = self.kv.allocator
+        version, names = self.prefix.summary()
+        counters = {**self.counters, "prefix_queried_tokens": alloc.queried_tokens,
+                    "prefix_hit_tokens": alloc.hit_tokens, "prefix_evictions": alloc.evictions}
         stats = EngineStats.from_queue(
             self.scheduler.stats(now), model=self.model.name, updated_at=now, kv_free_tokens=alloc.free_tokens,
             kv_total_tokens=alloc.num_blocks * alloc.block_size, decoding=len(self.decoder.active),
-            preemptions=self.counters["preemptions"], counters=dict(self.counters),
+            preemptions=self.counters["preemptions"], counters=counters,
+            prefix=PrefixSummary(version, self.prefix.routing_block_tokens, self.prefix.salt, names)
+            if self.prefix.enabled else None,
         )
         self._stats = stats
         if self.on_state_change is not None:

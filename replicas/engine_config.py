@@ -31,6 +31,8 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_bytes: int = 1 << 30
     block_size: int = 16
+    enable_prefix_caching: bool = True  # reuse the KV of prompt prefixes computed before (replicas/kv_blocks.py)
+    prefix_cache_share: float = 1.0  # at most this share of the KV pool holds cached blocks no request uses
     granularity: str = "block"
     max_inflight: int = 2  # CUDA launch-ahead bound K (operators in flight)
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # long prompts run in passes of this many tokens
@@ -81,9 +83,12 @@ class EngineConfig:
                                     f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.policy not in ("flowprefill", "chunked", "fcfs"):
             raise EngineConfigError("policy", f"must be flowprefill, chunked or fcfs, got {self.policy!r}")
-        for name in ("admission_control", "calibrate_cost"):
+        for name in ("admission_control", "calibrate_cost", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise EngineConfigError(name, "must be true or false")
+        share = self.prefix_cache_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
+            raise EngineConfigError("prefix_cache_share", f"must be a number in [0, 1], got {share!r}")
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool)
                                              or not isinstance(self.cpu_threads, int) or self.cpu_threads <= 0):
             raise EngineConfigError("cpu_threads", f"must be null or a positive integer, got {self.cpu_threads!r}")

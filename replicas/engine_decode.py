@@ -46,7 +46,7 @@ class DecodeBatcher:
     def step(self) -> list[tuple[LiveRequest, int]]:
         """One decode step; returns each stepped request with its sampled token.
 
-        Raises :class:`~replicas.kv_cache.KVCacheFull` (nothing stepped) when a sequence cannot grow.
+        Raises :class:`~replicas.kv_blocks.KVCacheFull` (nothing stepped) when a sequence cannot grow.
         """
         started = self.clock()
         batch = list(self.active.values())[: self.max_batch]

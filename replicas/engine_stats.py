@@ -14,7 +14,7 @@ from typing import Any
 
 from replicas.scheduler.stats import QueueEntry, QueueStats
 from state.fields import FieldError, FieldReader
-from state.schema import QueuedRequest, ReplicaQueueState
+from state.schema import PrefixSummary, QueuedRequest, ReplicaQueueState
 
 
 class StatsError(FieldError):
@@ -47,6 +47,7 @@ class EngineStats:
     cost_scale: float = 1.0
     counters: Mapping[str, int] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
+    prefix: PrefixSummary | None = None  # what the prefix cache holds, for placement (None: no prefix cache)
 
     @classmethod
     def from_queue(cls, queue: QueueStats, *, model: str, updated_at: float, **engine: Any) -> EngineStats:  # noqa: ANN401
@@ -78,12 +79,17 @@ class EngineStats:
             replica_id=replica_id, engine_kind=engine_kind, model=self.model, updated_at=updated_at, seq=seq,
             requests=tuple(entries), running_remaining_s=self.running_remaining_s,
             kv_free_tokens=self.kv_free_tokens, preemptions=self.preemptions, cost_scale=self.cost_scale,
+            prefix_version=self.prefix.version if self.prefix is not None else 0,
+            prefix_hit_tokens=int(self.counters.get("prefix_hit_tokens", 0)),
+            prefix_queried_tokens=int(self.counters.get("prefix_queried_tokens", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what :meth:`from_dict` parses), with ``counts`` added."""
         out = asdict(self)
         out["counters"], out["details"] = dict(self.counters), dict(self.details)
+        if self.prefix is not None:
+            out["prefix"]["names"] = list(self.prefix.names)
         for name in ("waiting", "running", "suspended"):  # JSON arrays
             out[name] = list(out[name])
         return {**out, "counts": self.counts}
@@ -115,4 +121,13 @@ class EngineStats:
             kv_total_tokens=r.integer("kv_total_tokens", 0, minimum=0),
             decoding=r.integer("decoding", 0, minimum=0), preemptions=r.integer("preemptions", 0, minimum=0),
             cost_scale=r.number("cost_scale", 1.0, positive=True), counters=counters, details=r.obj("details", {}),
+            prefix=None if r.data.get("prefix") is None else _prefix(r.nested("prefix")),
         )
+
+
+def _prefix(r: FieldReader) -> PrefixSummary:
+    names = r.array("names", [])
+    if not all(isinstance(n, str) for n in names):
+        raise r.fail("names", "expected a list of strings")
+    return PrefixSummary(r.integer("version", minimum=0), r.integer("block_tokens", minimum=1), r.text("salt"),
+                         tuple(names))

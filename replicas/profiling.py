@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from replicas.cost_profiling import default_profile_lengths, detect_hardware, profile_file_name, profile_prefill
+from replicas.cost_profiling import (
+    cached_context_pairs,
+    default_profile_lengths,
+    detect_hardware,
+    profile_file_name,
+    profile_prefill,
+)
 from replicas.executor import PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
@@ -48,16 +54,43 @@ def prefill_timer(model: DecoderModel, max_tokens: int, seed: int = 0) -> Callab
     return measure
 
 
+def cached_prefill_timer(model: DecoderModel, max_tokens: int, seed: int = 1) -> Callable[[int, int], float]:
+    """``measure(n, c) -> seconds`` for prefilling ``n`` new tokens after ``c`` tokens whose KV is
+    already cached (the context is prefilled first, untimed)."""
+    spec = model.kv_spec()
+    kv = PagedKVCache(spec, -(-max_tokens // spec.block_size) + 1, model.device)
+    executor = PreemptibleExecutor("none", device=model.device)
+    rng = random.Random(seed)
+
+    def measure(n: int, c: int) -> float:
+        ids = [rng.randrange(model.config.vocab_size) for _ in range(n + c)]
+        kv.allocator.ensure_capacity(0, n + c)
+        executor.run_to_completion(prefill_program(model, kv, [PrefillItem(0, ids, 0, c, want_logits=False)]))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        executor.run_to_completion(prefill_program(model, kv, [PrefillItem(0, ids, c, c + n, want_logits=True)]))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        elapsed = time.perf_counter() - start
+        kv.allocator.free(0)
+        return elapsed
+
+    return measure
+
+
 def profile_model(
     model: DecoderModel, *, max_tokens: int = 4096, repeats: int = 2, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
 ) -> CostModel:
-    """Measure prefill latency over input lengths up to ``max_tokens`` and fit a cost model."""
+    """Measure prefill latency over input lengths up to ``max_tokens`` (alone, and after cached
+    context) and fit a cost model."""
     device = str(model.device)
     return profile_prefill(
         prefill_timer(model, max_tokens), default_profile_lengths(max_tokens), repeats=repeats,
-        progress=progress, chunk_tokens=chunk_tokens, model=model.name, dtype=_dtype_name(model),
-        device=device, hardware=detect_hardware(device),
+        progress=progress, measure_cached=cached_prefill_timer(model, max_tokens),
+        cached_pairs=cached_context_pairs(max_tokens), chunk_tokens=chunk_tokens, model=model.name,
+        dtype=_dtype_name(model), device=device, hardware=detect_hardware(device),
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
 
@@ -96,7 +129,8 @@ def load_or_profile(
     if cached.is_file():
         try:
             cost = CostModel.load(cached)
-            if cost.matches(model.name, _dtype_name(model), device, hardware):
+            # a profile from before cached-context profiling prices prefix-cache hits coarsely: measure again
+            if cost.matches(model.name, _dtype_name(model), device, hardware) and cost.cached_kappa is not None:
                 return cost
         except CostModelError:
             pass  # a damaged cache entry is replaced below

@@ -8,7 +8,7 @@ taken at chunk boundaries: the program is one unit for the scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +64,15 @@ def plan_passes(items: Sequence[PrefillItem], chunk_tokens: int) -> Iterator[lis
 
 
 def prefill_program(
-    model: DecoderModel, kv: PagedKVCache, items: Sequence[PrefillItem], chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    model: DecoderModel, kv: PagedKVCache, items: Sequence[PrefillItem], chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    on_pass: Callable[[Sequence[Segment]], None] | None = None,
 ) -> Program:
     """Prefill ``items``; returns the last-token logits of each item that wants them, by seq id.
 
-    KV capacity for every item's range must be allocated before the program starts.
+    KV capacity for every item's range must be allocated before the program starts. ``on_pass``
+    is called with a pass's segments once that pass has run through every layer, i.e. once their
+    KV is complete (the engine publishes full prefix blocks there, while later passes may still be
+    suspended).
     """
     logits: dict[int, torch.Tensor] = {}
     for segments in plan_passes(items, chunk_tokens):
@@ -76,6 +80,8 @@ def prefill_program(
         out = yield from model.forward(batch, kv)
         for row, seq_id in enumerate(batch.logit_seq_ids):
             logits[seq_id] = out[row]
+        if on_pass is not None:
+            on_pass(segments)
     return logits
 
 

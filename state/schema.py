@@ -11,6 +11,7 @@ and the field (unknown fields are ignored, so newer writers can add fields).
 | ``replica:{id}:info``     | STRING | -               | replica         | :class:`ReplicaInfo` JSON |
 | ``replica:{id}:state``    | STRING | heartbeat (5 s) | replica         | :class:`ReplicaQueueState` JSON (2) |
 | ``replica:{id}:inflight`` | HASH   | 60 s, on add    | router, replica | request id -> predicted seconds (3) |
+| ``replica:{id}:prefixes`` | STRING | heartbeat (5 s) | replica         | :class:`PrefixSummary` JSON (6) |
 | ``journal``               | HASH   | -               | router, replica | request id -> :class:`JournalEntry` (4) |
 | ``journal:replica:{id}``  | SET    | -               | router, replica | request ids on that replica (4) |
 | ``profile:{model}:{hw}``  | STRING | -               | replica         | TTFT cost-model JSON (5) |
@@ -27,6 +28,11 @@ and the field (unknown fields are ignored, so newer writers can add fields).
    or answered with an error, never silently lost.  Removed when the request completes.
 5. A cost profile as a JSON object (the replica's ``CostModel.to_dict()``, validated by the reader that
    builds the model from it; this package only checks it is an object); ``{model}`` may contain ``/`` or ``:``.
+6. What the replica's prefix cache holds, for prefix-aware placement: the routing names (8 hex
+   characters each, every ``block_tokens`` tokens of a cached chain) of at most
+   :data:`MAX_PREFIX_NAMES` cached blocks, held ones first, then most recently used; written only
+   when its ``version`` (also in the state, ``prefix_version``) changed, so routers re-read it then.
+   At most ``9 * MAX_PREFIX_NAMES`` bytes of names (about 4.6 KiB).
 
 Times (``deadline``, ``arrival``, ``updated_at``) are Unix seconds (``time.time()``).
 """
@@ -42,6 +48,8 @@ from state.fields import FieldReader
 
 SCHEMA_VERSION = 1
 DEFAULT_NAMESPACE = "flowprefill"
+MAX_PREFIX_NAMES = 512
+_HEX8 = frozenset("0123456789abcdef")
 REQUEST_STATUSES = ("waiting", "suspended", "running")
 JOURNAL_STATUSES = ("accepted", "running", "finished", "failed")
 
@@ -89,6 +97,10 @@ class Keys:
     def replica_state(self, replica_id: str) -> str:
         """STRING with TTL: :class:`ReplicaQueueState` JSON."""
         return f"{self.prefix}replica:{_check_part('replica id', replica_id)}:state"
+
+    def replica_prefixes(self, replica_id: str) -> str:
+        """STRING with TTL: :class:`PrefixSummary` JSON."""
+        return f"{self.prefix}replica:{_check_part('replica id', replica_id)}:prefixes"
 
     def replica_inflight(self, replica_id: str) -> str:
         """HASH request id -> predicted seconds dispatched but not yet reported."""
@@ -187,6 +199,9 @@ class ReplicaQueueState:
     kv_free_tokens: int = 0
     preemptions: int = 0  # running total since the replica started
     cost_scale: float = 1.0  # measured prefill time over the profile's prediction (calibration)
+    prefix_version: int = 0  # the version of the replica's PrefixSummary (0: none published)
+    prefix_hit_tokens: int = 0  # running totals of the prefix cache: prompt tokens found cached ...
+    prefix_queried_tokens: int = 0  # ... of the prompt tokens looked up
 
     @property
     def request_ids(self) -> tuple[str, ...]:
@@ -229,7 +244,43 @@ class ReplicaQueueState:
             kv_free_tokens=r.integer("kv_free_tokens", 0, minimum=0),
             preemptions=r.integer("preemptions", 0, minimum=0),
             cost_scale=r.number("cost_scale", 1.0, minimum=0.0),
+            prefix_version=r.integer("prefix_version", 0, minimum=0),
+            prefix_hit_tokens=r.integer("prefix_hit_tokens", 0, minimum=0),
+            prefix_queried_tokens=r.integer("prefix_queried_tokens", 0, minimum=0),
         )
+
+
+@dataclass(frozen=True)
+class PrefixSummary:
+    """A bounded summary of one replica's prefix cache (see note 6 of the module docstring).
+
+    ``names``: routing names (8 hex characters: the first 4 bytes of a block name,
+    ``replicas.prefix_hash``) of cached chains every ``block_tokens`` tokens; ``salt`` names the
+    model and dtype the names were computed for; ``version`` grows whenever the cache changed.
+    """
+
+    version: int
+    block_tokens: int
+    salt: str
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names[:MAX_PREFIX_NAMES]))
+
+    def to_json(self) -> str:
+        """Serialize (with the schema version)."""
+        return _dump(self)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes, key: str = "<prefix summary>") -> PrefixSummary:
+        """Parse and validate; errors name ``key`` and the field."""
+        r = _load(raw, key)
+        names = r.array("names", [])
+        if len(names) > MAX_PREFIX_NAMES or not all(isinstance(n, str) and len(n) == 8 and set(n) <= _HEX8
+                                                    for n in names):
+            raise r.fail("names", f"expected at most {MAX_PREFIX_NAMES} strings of 8 lowercase hex digits")
+        return cls(version=r.integer("version", minimum=0), block_tokens=r.integer("block_tokens", minimum=1),
+                   salt=r.text("salt"), names=tuple(names))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from replicas.kv_cache import BlockAllocator, KVCacheFull, KVCacheSpec, PagedKVCache
+from replicas.kv_blocks import BlockAllocator, KVCacheFull
+from replicas.kv_cache import KVCacheSpec, PagedKVCache, slot_indices
 
 
 def test_budget_sizes_the_pool():
@@ -37,18 +38,18 @@ def test_slots_follow_the_block_table():
     alloc.ensure_capacity(9, 4)
     alloc.ensure_capacity(7, 10)
     table = alloc.block_table(7)
-    slots = alloc.slots(7, 0, 10).tolist()
+    slots = slot_indices(alloc, 7, 0, 10).tolist()
     assert slots == [table[p // 4] * 4 + p % 4 for p in range(10)]
-    assert not set(slots) & set(alloc.slots(9, 0, 4).tolist())
+    assert not set(slots) & set(slot_indices(alloc, 9, 0, 4).tolist())
     with pytest.raises(IndexError):
-        alloc.slots(7, 0, 13)
+        slot_indices(alloc, 7, 0, 13)
 
 
 def test_write_then_gather_round_trips():
     spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, block_size=4)
     cache = PagedKVCache(spec, num_blocks=6)
     cache.allocator.ensure_capacity(0, 9)
-    slots = cache.allocator.slots(0, 0, 9)
+    slots = cache.slots(0, 0, 9)
     k, v = torch.randn(9, 2, 4), torch.randn(9, 2, 4)
     cache.write(1, slots, k, v)
     gk, gv = cache.gather(1, slots)

@@ -22,7 +22,7 @@ def _prompt(seed: int, n: int, vocab: int) -> list[int]:
 
 
 def _kv_of(kv: PagedKVCache, seq_id: int, n: int) -> list[torch.Tensor]:
-    slots = kv.allocator.slots(seq_id, 0, n)
+    slots = kv.slots(seq_id, 0, n)
     return [torch.cat(kv.gather(layer, slots)) for layer in range(kv.spec.num_layers)]
 
 

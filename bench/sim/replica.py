@@ -4,9 +4,9 @@ The replica mirrors :class:`replicas.engine.ReplicaEngine`'s loop with the model
 TTFT cost model:
 
 * **Prefill programs.** A :class:`~replicas.scheduler.events.BatchPlan` runs for
-  :func:`program_seconds` (``predict_batch`` of its slices; a slice starting at ``s > 0`` pays
-  only its own tokens' share, the way ``chunked`` continues a prompt). A suspended program keeps
-  its remaining seconds and resumes where it stopped.
+  :func:`program_seconds` (``CostModel.predict_ranges`` of its slices; a slice starting at
+  ``s > 0`` attends to the KV before it, the way ``chunked`` continues a prompt or a prefix-cache
+  hit resumes). A suspended program keeps its remaining seconds and resumes where it stopped.
 * **Events, as the engine feeds them.** Arrivals go to an inbox that is drained when the running
   program reaches an operator boundary (``boundary_delay_s`` after the arrival; with granularity
   ``none`` only when the program ends; immediately when the replica is idle), then
@@ -77,29 +77,15 @@ class ExecConfig:
                              f"{self.decode_curve}")
 
 
-def _span(cost: CostModel) -> int:
-    return min(cost.chunk_tokens, cost.max_profiled_tokens)
-
-
-def _variable(cost: CostModel, n: int, span: int) -> float:
-    """``predict(n)`` without its per-pass launch overhead (see ``CostModel.predict_batch``)."""
-    return cost.predict(n) - cost.a * -(-n // span) if n > 0 else 0.0
-
-
 def program_seconds(cost: CostModel, ranges: tuple[tuple[int, int], ...]) -> float:
-    """Execution time of a prefill program computing these prompt slices (one pass per span of tokens)."""
-    if all(start == 0 for start, _ in ranges):
-        return cost.predict_batch([end for _, end in ranges])
-    span = _span(cost)
-    total = sum(end - start for start, end in ranges)
-    var = sum(_variable(cost, end, span) - _variable(cost, start, span) for start, end in ranges)
-    return max(cost.floor_s, cost.a * -(-total // span) + var)
+    """Execution time of a prefill program computing these prompt slices: the scheduler's own price
+    (:meth:`CostModel.predict_ranges`; a slice starting at ``s > 0`` attends to the KV before it)."""
+    return cost.predict_ranges(ranges)
 
 
 def decode_token_seconds(cost: CostModel, context: int) -> float:
     """Marginal cost of one more token at ``context`` tokens (what a decode step adds per sequence)."""
-    span = _span(cost)
-    return max(_variable(cost, context + 1, span) - _variable(cost, context, span), 0.0)
+    return max(cost.predict_suffix(1, context) - cost.a, 0.0)
 
 
 def decode_curve_seconds(curve: tuple[tuple[int, float], ...], batch: int) -> float:
@@ -378,7 +364,7 @@ class SimReplica:
             if self._urgency is None:
                 plan = self.plans[self.cur]
                 deadlines = [self.live[r].request.deadline for r in plan.request_ids if r in self.live]
-                self._urgency = (self.cost.predict_batch([e - s for s, e in plan.ranges]), min(deadlines, default=INF))
+                self._urgency = (self.cost.predict_ranges(plan.ranges), min(deadlines, default=INF))
             remaining, deadline = self._urgency
             urgent_after = self.cadence.urgent_after(deadline, remaining)
         self._due = (tpot, urgent_after)

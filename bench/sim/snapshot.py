@@ -36,7 +36,7 @@ def queue_snapshot(sched: Scheduler, now: float) -> tuple[Items, Items, float]:
     if running is None:
         return tuple(queued), (), 0.0
     members = tuple((r.arrival_s + r.ttft_slo_s, remaining(sched, r, now)) for r in running.requests)
-    left = sched.cost_model.predict_batch(running.token_counts()) - running.executed_s - running.open_s(now)
+    left = sched.cost_model.predict_ranges(running.range_list()) - running.executed_s - running.open_s(now)
     return tuple(queued), members, 0.0 if left < 0.0 else left
 
 
@@ -45,7 +45,7 @@ def remaining(sched: Scheduler, r: Request, now: float) -> float:
     q = sched._q  # noqa: SLF001
     p = q.predicted.get(r.request_id)
     if p is None:
-        p = sched.cost_model.predict(r.num_prompt_tokens)
+        p = sched.cost_model.predict_suffix(r.num_prompt_tokens - r.cached_tokens, r.cached_tokens)
     e = r.executed_s
     if r.batch_id is not None:  # SchedulerView.executed: add the open interval of its program
         b = q.find(r.batch_id)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replicas.kv_cache import BlockAllocator
+from replicas.kv_blocks import BlockAllocator
+from replicas.kv_cache import slot_indices
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ def build_forward_batch(
             raise ValueError(f"segment of sequence {seg.seq_id} is empty")
         ids.extend(seg.token_ids)
         positions.append(torch.arange(seg.start, seg.end, dtype=torch.int64))
-        slots.append(allocator.slots(seg.seq_id, seg.start, seg.end))
-        context.append(allocator.slots(seg.seq_id, 0, seg.end) if seg.start > 0 else None)
+        slots.append(slot_indices(allocator, seg.seq_id, seg.start, seg.end))
+        context.append(slot_indices(allocator, seg.seq_id, 0, seg.end) if seg.start > 0 else None)
         offsets.append(offsets[-1] + n)
         if seg.want_logits:
             logit_rows.append(offsets[-1] - 1)

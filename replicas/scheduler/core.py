@@ -40,6 +40,7 @@ from replicas.scheduler.stats import QueueStats, Refusal, late_refusal, pass_sum
 from replicas.scheduler.view import Batch, MemoryView, SchedulerView, UnlimitedMemory
 
 S = RequestState
+_PREFILLING = frozenset({S.WAITING, S.RUNNING, S.SUSPENDED})
 
 
 class Scheduler:
@@ -97,14 +98,68 @@ class Scheduler:
             raise ValueError(f"request_id: {rid!r} is already queued")
         if request.state is not S.WAITING:
             raise ValueError(f"Request.state: a new request must be waiting, got {request.state}")
-        predicted = self.cost_model.predict(request.num_prompt_tokens)
+        predicted = self._predict(request)
         refusal = self._admission_refusal(request, predicted, now)
         if refusal is not None:
             self._refuse(request, refusal, now)
             return Decision(rejected=(rid,))
-        self._requests[rid] = self._q.waiting[rid] = request
+        self._requests[rid] = request
         self._q.predicted[rid] = predicted
+        if self._worth_waiting(request, self._view(now)):
+            self._q.deferred[rid] = request
+        else:
+            self._q.waiting[rid] = request
         return self._pass(now)
+
+    def _predict(self, r: Request) -> float:
+        """Predicted prefill of ``r``'s uncached tokens, attending over its cached ones."""
+        return self.cost_model.predict_suffix(r.num_prompt_tokens - r.cached_tokens, r.cached_tokens)
+
+    def _worth_waiting(self, r: Request, view: SchedulerView) -> bool:
+        """Whether ``r`` should wait for the live request computing its next uncached blocks.
+
+        It waits while that request is still prefilling and, predicting that its whole prefill runs
+        after the work slack-gated EDF puts before it (as admission control predicts), ``r``'s own
+        prefill of the rest then still ends ``alpha * ttft_slo`` before ``r``'s deadline. Otherwise
+        it computes the shared blocks itself: duplicated work, but its SLO first.
+        """
+        owner = self._requests.get(r.shares_with) if r.shares_with is not None else None
+        if owner is None or owner.state not in _PREFILLING:
+            return False
+        own_key = view.key(owner)[:2]
+        ahead = sum(view.predicted_remaining(x) for x in view.prefill_requests() if x is not r
+                    and x is not owner and view.key(x)[:2] <= own_key)
+        published = r.cached_tokens + r.shared_tokens
+        after = self.cost_model.predict_suffix(r.num_prompt_tokens - published, published)
+        finish = view.now + ahead + view.predicted_remaining(owner) + after
+        return finish <= r.deadline - self.config.alpha * r.ttft_slo_s
+
+    def set_cached(self, request_id: str, cached_tokens: int) -> None:
+        """A deferred request's prefix grew in the cache (its owner published it): it now starts at
+        ``cached_tokens``. Only for a deferred request (the engine checks :meth:`is_deferred`)."""
+        r = self._q.deferred.get(request_id)
+        if r is None:
+            raise ValueError(f"set_cached: request {request_id!r} is not waiting for a shared prefix")
+        if not r.cached_tokens <= cached_tokens < r.num_prompt_tokens:
+            raise ValueError(f"set_cached: {cached_tokens} cached tokens for {request_id!r} "
+                             f"(had {r.cached_tokens}, prompt {r.num_prompt_tokens})")
+        r.cached_tokens = r.prefilled = cached_tokens
+        r.shared_tokens = max(r.shared_tokens - cached_tokens, 0)
+        self._q.predicted[request_id] = self._predict(r)
+
+    def is_deferred(self, request_id: str) -> bool:
+        """Whether ``request_id`` waits for another request to publish its shared prefix."""
+        return request_id in self._q.deferred
+
+    def _release_deferred(self, view: SchedulerView) -> None:
+        """Deferred requests whose owner finished (or is gone), or that could no longer wait, queue."""
+        for rid, r in list(self._q.deferred.items()):
+            if not self._worth_waiting(r, view):
+                del self._q.deferred[rid]
+                r.shares_with, r.shared_tokens = None, 0
+                self._q.waiting[rid] = r
+                view.waiting.append(r)
+                view.deferred.remove(r)
 
     def _admission_refusal(self, request: Request, predicted: float, now: float) -> Refusal | None:
         """Why admission refuses ``request`` (see :class:`SchedulerConfig`), or None."""
@@ -266,16 +321,12 @@ class Scheduler:
             predicted[rid] *= rescale
 
     def _profiled_program_s(self, batch: Batch) -> float:
-        """The idle profile's time for ``batch``'s program. A chunk ``[start, end)`` of a prompt is
-        costed as ``predict(end) - predict(start)``, the increment the scheduler itself charges a
-        request for it: it includes attention over the earlier chunks' KV, which costing the chunk
-        as a fresh prompt of ``end - start`` tokens would leave out, and later chunks would then
-        read as a slowdown (the ``chunked`` policy runs every long prompt this way)."""
-        model = self.base_cost_model
-        ranges = [batch.ranges[r.request_id] for r in batch.requests]
-        if all(start == 0 for start, _ in ranges):
-            return model.predict_batch([end for _, end in ranges])
-        return sum(model.predict(end) - model.predict(start) for start, end in ranges)
+        """The idle profile's time for ``batch``'s program: ``predict_ranges`` of its slices. A slice
+        ``[start, end)`` with ``start > 0`` (a later chunk, or the rest after a prefix-cache hit)
+        includes attention over the KV before it, which costing it as a fresh prompt of
+        ``end - start`` tokens would leave out, and later chunks would then read as a slowdown
+        (the ``chunked`` policy runs every long prompt this way)."""
+        return self.base_cost_model.predict_ranges(batch.range_list())
 
     def _view(self, now: float) -> SchedulerView:
         return self._q.view(now, self.cost_model, self.memory)
@@ -293,14 +344,14 @@ class Scheduler:
         """
         factor = self.config.late_reject_factor
         q = self._q
-        if factor is None or not (q.waiting or q.suspended or q.partial):
+        if factor is None or not (q.waiting or q.suspended or q.partial or q.deferred):
             return (), ()
 
         def old(r: Request) -> bool:
             return now - r.arrival_s > factor * r.ttft_slo_s
 
         refused: list[str] = []
-        for r in [r for r in q.waiting.values() if old(r)]:
+        for r in [r for r in (*q.waiting.values(), *q.deferred.values()) if old(r)]:
             self._expire(r, S.WAITING, f"no prefill within {factor:g} x", factor, now)
             refused.append(r.request_id)
         started = [r for r in q.partial.values() if old(r)]
@@ -324,7 +375,10 @@ class Scheduler:
     def _pass(self, now: float) -> Decision:
         t0 = self._perf_clock()
         expired, dropped = self._expire_hopeless(now)
-        decision = self.policy.decide(self._view(now), now)
+        view = self._view(now)
+        if self._q.deferred:
+            self._release_deferred(view)
+        decision = self.policy.decide(view, now)
         if expired:
             decision = Decision(run=decision.run, preempt_running=decision.preempt_running,
                                 dropped=(*decision.dropped, *dropped), freed=decision.freed,

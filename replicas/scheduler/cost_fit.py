@@ -113,3 +113,33 @@ def fit_cost_model(
     report = fit_error_report(fitted, [(int(n), float(y)) for n, y in held_out])
     report["n_outliers"] = int((~keep).sum())
     return CostModel(**{**{f.name: getattr(fitted, f.name) for f in fields(fitted) if f.init}, "fit_error": report})
+
+
+def fit_cached_kappa(model: CostModel, samples: Sequence[tuple[int, int, float]],
+                     held_out: Sequence[tuple[int, int, float]] = ()) -> CostModel:
+    """``model`` with ``cached_kappa`` fitted to ``(new tokens, cached tokens, seconds)`` samples.
+
+    The residual ``y - predict(n)`` of each sample is the attention over its ``c`` cached tokens,
+    modelled as ``kappa * n * c``; ``kappa >= 0`` minimises the squared residuals relative to ``y``
+    (closed form). ``fit_error`` gains ``cached_median_rel`` / ``cached_p90_rel`` on ``held_out``
+    (``|predict_suffix - y| / y``) and ``cached_samples``.
+    """
+    pts = [(int(n), int(c), float(y)) for n, c, y in samples]
+    for n, c, y in [*pts, *held_out]:
+        if n < 1 or c < 1 or not (math.isfinite(y) and y > 0):
+            raise CostModelError(f"invalid cached-context sample ({n!r}, {c!r}, {y!r}): "
+                                 "need n, c >= 1 and seconds > 0")
+    if not pts:
+        raise CostModelError("need at least one cached-context sample")
+    x = np.array([n * c for n, c, _ in pts], dtype=np.float64)
+    y = np.array([yy for _, _, yy in pts], dtype=np.float64)
+    base = np.array([model.predict(n) for n, _, _ in pts], dtype=np.float64)
+    w = 1.0 / y**2
+    kappa = max(float(np.sum(w * x * (y - base)) / np.sum(w * x * x)), 0.0)
+    kw = {f.name: getattr(model, f.name) for f in fields(model) if f.init}
+    fitted = CostModel(**{**kw, "cached_kappa": kappa})
+    errs = [abs(fitted.predict_suffix(n, c) - yy) / yy for n, c, yy in held_out]
+    report = dict(model.fit_error)
+    report.update(cached_median_rel=float(np.median(errs)) if errs else None,
+                  cached_p90_rel=float(np.percentile(errs, 90)) if errs else None, cached_samples=len(pts))
+    return CostModel(**{**kw, "cached_kappa": kappa, "fit_error": report})

@@ -13,6 +13,14 @@ token) pair, with ``kappa = 2c + 3dS`` (the superlinear part of the fitted margi
 This is continuous from the left at every multiple of ``S`` (a step of about ``a``, one extra
 forward pass, right after it), monotone, and ``>= (n/S) * f(S)`` (at least linear scaling).
 
+**Cached context.** Computing ``n`` new tokens after ``c`` tokens whose KV is already in the cache
+(a prefix-cache hit, or a prompt's later chunk) costs ``predict_suffix(n, c)``: with a profiled
+``cached_kappa`` (seconds per new token x cached token, the attention over the cached keys) it
+is ``predict(n) + cached_kappa * n * c``; without one (an older or analytic profile) it is the
+whole-prompt curve's increment, ``v(c + n) - v(c)`` plus one launch overhead per pass, where
+``v(x) = predict(x) - a * ceil(x / S)``. :meth:`CostModel.predict_ranges` prices a whole program
+of such slices.
+
 Nothing here reads the wall clock or touches tensors: timestamps and measurements are supplied
 by the caller (the engine). Fitting a model to measurements is :mod:`replicas.scheduler.cost_fit`;
 measuring them (progress bars, hardware names, cache files) is :mod:`replicas.cost_profiling`.
@@ -29,6 +37,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 _MEMO_SIZE = 1 << 16  # distinct lengths CostModel.predict remembers
+_OPTIONAL_FIELDS = ("cached_kappa",)  # may be absent from a stored profile (it predates them)
 
 
 class CostModelError(ValueError):
@@ -57,6 +66,8 @@ def _check(name: str, v: object) -> str | None:
         return None if ok else f"expected an integer >= 1, got {v!r}"
     if name in ("model", "dtype", "device", "hardware", "created_at"):
         return None if isinstance(v, str) else f"expected a string, got {v!r}"
+    if name == "cached_kappa":
+        return None if v is None or (_is_num(v) and v >= 0) else f"expected null or a finite number >= 0, got {v!r}"
     if name == "fit_error":
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
             return f"expected an object with string keys, got {v!r}"
@@ -91,6 +102,7 @@ class CostModel:
     hardware: str = ""
     created_at: str = ""
     fit_error: dict[str, float | int | None] = field(default_factory=dict)
+    cached_kappa: float | None = None  # s per (new token x cached token); None: not profiled
     # Derived constants for the hot path (not serialized, not compared).
     _span: int = field(init=False, repr=False, compare=False)
     _f_span: float = field(init=False, repr=False, compare=False)
@@ -124,6 +136,8 @@ class CostModel:
         kw = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         for name in ("a", "b", "c", "d", "floor_s"):
             kw[name] = kw[name] * factor
+        if kw["cached_kappa"] is not None:
+            kw["cached_kappa"] *= factor
         return CostModel(**kw)
 
     # ------------------------------------------------------------------ prediction
@@ -168,6 +182,36 @@ class CostModel:
         var = sum(self.predict(n) - a * -(-n // span) for n in ns)
         return max(self.floor_s, a * -(-sum(ns) // span) + var)
 
+    def _variable(self, n: int) -> float:
+        """``predict(n)`` without its per-pass launch overhead."""
+        return self.predict(n) - self.a * -(-n // self._span) if n > 0 else 0.0
+
+    def predict_suffix(self, n_tokens: int, cached_tokens: int) -> float:
+        """Predicted latency of computing ``n_tokens`` new tokens after ``cached_tokens`` tokens whose KV
+        is already cached (module docstring); ``predict(n)`` when nothing is cached."""
+        if n_tokens <= 0:
+            return 0.0
+        if cached_tokens <= 0:
+            return self.predict(n_tokens)
+        if self.cached_kappa is not None:
+            return self.predict(n_tokens) + self.cached_kappa * n_tokens * cached_tokens
+        span = self._span
+        increment = self._variable(cached_tokens + n_tokens) - self._variable(cached_tokens)
+        return max(self.floor_s, self.a * -(-n_tokens // span) + increment)
+
+    def predict_ranges(self, ranges: Sequence[tuple[int, int]]) -> float:
+        """Predicted latency of one prefill program computing prompt slices ``[start, end)`` of several
+        sequences (``start``: tokens already in the KV cache): :meth:`predict_batch` of fresh prompts,
+        and with cached context the launch overhead once per pass of the whole program plus each
+        slice's own :meth:`predict_suffix` without its overhead."""
+        items = [(s, e) for s, e in ranges if e > s]
+        if all(s <= 0 for s, _ in items):
+            return self.predict_batch([e for _, e in items])
+        span, a = self._span, self.a
+        total = sum(e - s for s, e in items)
+        var = sum(self.predict_suffix(e - s, s) - a * -(-(e - s) // span) for s, e in items)
+        return max(self.floor_s, a * -(-total // span) + var)
+
     def predict_remaining(self, n_tokens: int, done_fraction: float) -> float:
         """Remaining latency of a prefill whose ``done_fraction`` of work (e.g. layers or operators
         completed / total) is finished: ``(1 - f) * predict(n)``, with ``f`` clamped to [0, 1]."""
@@ -211,6 +255,7 @@ class CostModel:
         for key in data:
             if key != "schema_version" and key not in names:
                 raise CostModelError("unknown field", source=source, field=str(key))
+        data = {**{name: None for name in _OPTIONAL_FIELDS}, **data}  # profiles written before these existed
         for name in names:
             if name not in data:
                 raise CostModelError("missing", source=source, field=name)
@@ -220,6 +265,8 @@ class CostModel:
         for n in ("a", "b", "c", "d", "floor_s"):
             kw[n] = float(kw[n])
         kw["fit_error"] = dict(kw["fit_error"])
+        if kw["cached_kappa"] is not None:
+            kw["cached_kappa"] = float(kw["cached_kappa"])
         return cls(**kw)
 
     @classmethod

@@ -89,22 +89,23 @@ class FlowPrefillPolicy(SchedulingPolicy):
         members = [(head, total)]
         short = cfg.short_threshold
         margin = cfg.alpha * head.ttft_slo_s
-        if head.num_prompt_tokens > short or view.slack(head) < margin:
+        if total > short or view.slack(head) < margin:  # short: its uncached tokens (a cache hit is short work)
             return members
         limit = head.deadline - margin
-        others = [kr for kr in queued if kr[1] is not head and kr[1].num_prompt_tokens <= short]
+        others = [kr for kr in queued if kr[1] is not head and kr[1].remaining_tokens <= short]
         heapq.heapify(others)  # pop in priority order; usually only a few are taken
-        lengths = [total]
+        ranges = [(head.prefilled, head.prefilled + total)]
         while others:
             req = heapq.heappop(others)[1]
             n = req.remaining_tokens
             if total + n > cfg.batch_token_budget:
                 break
             need = view.kv_tokens(req, n)
-            if now + view.cost_model.predict_batch([*lengths, n]) > limit or not memory.can_admit(kv + need):
+            slice_ = (req.prefilled, req.prefilled + n)
+            if now + view.cost_model.predict_ranges([*ranges, slice_]) > limit or not memory.can_admit(kv + need):
                 break
             members.append((req, n))
-            lengths.append(n)
+            ranges.append(slice_)
             total += n
             kv += need
         return members

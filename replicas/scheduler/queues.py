@@ -19,6 +19,7 @@ class Queues:
 
     def __init__(self) -> None:
         self.waiting: dict[str, Request] = {}  # never started, arrival order
+        self.deferred: dict[str, Request] = {}  # waiting for another request to publish their shared prefix
         self.partial: dict[str, Request] = {}  # partly prefilled, no program (chunked)
         self.suspended: dict[int, Batch] = {}
         self.running: Batch | None = None
@@ -37,11 +38,12 @@ class Queues:
             memory=memory,
             next_batch_id=self.next_batch_id,
             predicted_total=self.predicted,
+            deferred=list(self.deferred.values()),
         )
 
     def has_pending(self) -> bool:
         """Whether any prefill work is queued or suspended."""
-        return bool(self.waiting or self.partial or self.suspended)
+        return bool(self.waiting or self.partial or self.suspended or self.deferred)
 
     def find(self, batch_id: int) -> Batch | None:
         """The running or suspended batch ``batch_id``."""
@@ -99,8 +101,9 @@ class Queues:
         return False
 
     def requeue(self, r: Request) -> None:
-        """Queue a request without a program: waiting if nothing is prefilled, else partial."""
-        if r.prefilled == 0:
+        """Queue a request without a program: waiting if nothing beyond its cached prefix is prefilled,
+        else partial."""
+        if r.prefilled == r.cached_tokens:
             r.state = S.WAITING
             self.waiting[r.request_id] = r
         else:
@@ -131,6 +134,7 @@ class Queues:
         if r.batch_id is None:
             self.waiting.pop(rid, None)
             self.partial.pop(rid, None)
+            self.deferred.pop(rid, None)
             return None, False
         batch = self.running if prev is S.RUNNING else self.suspended[r.batch_id]
         assert batch is not None and batch.batch_id == r.batch_id

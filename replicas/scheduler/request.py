@@ -44,6 +44,10 @@ class Request:
     ``priority`` follows vLLM (lower = more urgent) and only breaks ties between equal deadlines.
     ``prefilled`` counts prompt tokens whose KV is computed; ``executed_s`` is the time the
     request's prefill batches have actually been running (from the engine's start/suspend marks).
+
+    Prefix cache (set by the engine at arrival): ``cached_tokens`` of the prompt were found in the
+    cache, so ``prefilled`` starts there; ``shares_with`` names a live request whose prefill will
+    publish the next ``shared_tokens`` of this prompt (the scheduler may let this one wait for it).
     """
 
     request_id: str
@@ -64,6 +68,9 @@ class Request:
     finish_s: float | None = None
     reject_reason: str | None = None
     retry_after_s: float | None = None  # with reject_reason: when a retry may be admitted
+    cached_tokens: int = 0
+    shares_with: str | None = None
+    shared_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -82,6 +89,15 @@ class Request:
             raise ValueError(f"Request.max_tokens: expected an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.prefilled <= len(self.prompt_ids):
             raise ValueError(f"Request.prefilled: expected 0..{len(self.prompt_ids)}, got {self.prefilled!r}")
+        if not (isinstance(self.cached_tokens, int) and 0 <= self.cached_tokens < len(self.prompt_ids)):
+            raise ValueError(f"Request.cached_tokens: expected 0..{len(self.prompt_ids) - 1} (one token is always "
+                             f"computed), got {self.cached_tokens!r}")
+        if not (isinstance(self.shared_tokens, int) and 0 <= self.shared_tokens <= len(self.prompt_ids)
+                - self.cached_tokens - 1) or (self.shares_with is None) != (self.shared_tokens == 0):
+            raise ValueError("Request.shares_with / shared_tokens: a request and a positive count of tokens past the "
+                             f"cached ones (leaving one to compute), or neither; got {self.shares_with!r}, "
+                             f"{self.shared_tokens!r}")
+        self.prefilled = max(self.prefilled, self.cached_tokens)
         if self.state.__class__ is not RequestState:
             self.state = RequestState(self.state)
 

@@ -50,12 +50,13 @@ def pending_work_s(view: SchedulerView) -> float:
     """Predicted seconds of all prefill work on the replica: running and suspended programs, queue."""
     running = batch_remaining_s(view, view.running) if view.running is not None else 0.0
     suspended = sum(batch_remaining_s(view, b) for b in view.suspended.values())
-    return running + suspended + sum(view.predicted_remaining(r) for r in view.queued())
+    queued = sum(view.predicted_remaining(r) for r in view.queued())
+    return running + suspended + queued + sum(view.predicted_remaining(r) for r in view.deferred)
 
 
 def batch_remaining_s(view: SchedulerView, batch: Batch) -> float:
-    """Predicted seconds left in ``batch``'s program: ``predict_batch(tokens) - executed``."""
-    total = view.cost_model.predict_batch(batch.token_counts())
+    """Predicted seconds left in ``batch``'s program: ``predict_ranges(its slices) - executed``."""
+    total = view.cost_model.predict_ranges(batch.range_list())
     return max(total - batch.executed_s - batch.open_s(view.now), 0.0)
 
 
@@ -126,7 +127,7 @@ def queue_stats(view: SchedulerView, *, decoding: int, per_request: bool = True)
     running_reqs = running.requests if running is not None else []
     return QueueStats(
         view.now,
-        waiting=tuple(_entry(view, r) for r in view.waiting),
+        waiting=tuple(_entry(view, r) for r in (*view.waiting, *view.deferred)),
         running=tuple(_entry(view, r) for r in running_reqs),
         suspended=tuple(_entry(view, r) for r in suspended_reqs),
         running_batch_id=None if running is None else running.batch_id,

@@ -123,6 +123,10 @@ class Batch:
         """Tokens each live member computes in this program."""
         return [self.ranges[r.request_id][1] - self.ranges[r.request_id][0] for r in self.requests]
 
+    def range_list(self) -> list[tuple[int, int]]:
+        """The prompt slice each live member computes in this program (``start``: tokens already in KV)."""
+        return [self.ranges[r.request_id] for r in self.requests]
+
     def open_s(self, now: float) -> float:
         """Running time since the last start mark, not yet added to ``executed_s``."""
         return max(now - self.run_since, 0.0) if self.run_since is not None else 0.0
@@ -147,7 +151,10 @@ class SchedulerView:
 
     ``waiting``: never-started requests in arrival order. ``partial``: partly prefilled requests
     with no program (``chunked`` between chunks; state suspended, KV held). ``suspended``:
-    preempted programs by batch id. ``predicted_total``: cached ``predict(num_prompt_tokens)``.
+    preempted programs by batch id. ``predicted_total``: cached predictions of each request's
+    whole prefill (its uncached tokens after its cached ones). ``deferred``: waiting requests
+    held back until another request's prefill publishes their shared prefix; policies do not plan
+    them, but they count as queued work.
     """
 
     now: float
@@ -159,6 +166,7 @@ class SchedulerView:
     memory: MemoryView
     next_batch_id: int
     predicted_total: Mapping[str, float]
+    deferred: list[Request] = field(default_factory=list)
 
     def batch_of(self, req: Request) -> Batch | None:
         """The running or suspended batch ``req`` belongs to."""
@@ -179,7 +187,9 @@ class SchedulerView:
     def predicted(self, req: Request) -> float:
         """Predicted prefill latency of the whole prompt, alone."""
         pred = self.predicted_total.get(req.request_id)
-        return self.cost_model.predict(req.num_prompt_tokens) if pred is None else pred
+        if pred is None:
+            return self.cost_model.predict_suffix(req.num_prompt_tokens - req.cached_tokens, req.cached_tokens)
+        return pred
 
     def predicted_remaining(self, req: Request) -> float:
         """``max(predicted - executed, 0)``."""
@@ -242,6 +252,7 @@ class SchedulerView:
     def prefill_requests(self) -> Iterator[Request]:
         """Every request whose prefill is not complete."""
         yield from self.waiting
+        yield from self.deferred
         yield from self.partial
         for batch in self.suspended.values():
             yield from batch.requests
