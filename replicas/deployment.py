@@ -39,6 +39,7 @@ class ReplicaServer:
         self._dirty = asyncio.Event()
         self._latest: EngineStats | None = None
         self._seq = 0
+        self._prefix_version = 0  # the prefix summary version last written to Redis
         self.state_ttl_s = state_ttl_s
         self.engine: ReplicaEngineAPI = await asyncio.to_thread(
             make_engine, engine_kind, engine or {}, clock=WALL_CLOCK, on_state_change=self._on_state_change)
@@ -81,11 +82,16 @@ class ReplicaServer:
                 continue
             self._seq += 1
             try:
-                state = self._latest.queue_state(self.replica_id, self.engine.kind, self._seq, WALL_CLOCK())
-                if await self.cluster.publish_replica_state(self.replica_id, state):
+                latest = self._latest
+                state = latest.queue_state(self.replica_id, self.engine.kind, self._seq, WALL_CLOCK())
+                prefix = latest.prefix if latest.prefix and latest.prefix.version != self._prefix_version else None
+                if await self.cluster.publish_replica_state(self.replica_id, state, prefix=prefix):
                     log.info("replica %s: not in Redis's registry (Redis restarted?); registering again",
                              self.replica_id)
                     await self._register()
+                    self._prefix_version = 0  # Redis lost it too: write it again next time
+                elif prefix is not None:
+                    self._prefix_version = prefix.version
             except StateUnavailable as exc:
                 log.warning("replica %s: cannot publish queue state (%s)", self.replica_id, exc)
                 await asyncio.sleep(heartbeat)
@@ -120,9 +126,11 @@ class ReplicaServer:
         return self.autoscaling.snapshot(self.engine.stats().pending_work_s)
 
     def tokenizer_info(self) -> dict[str, Any]:
-        """What the router needs to validate prompts: context length and vocabulary size."""
+        """What the router needs to validate prompts (context length, vocabulary size) and to name a
+        prompt's prefix as this engine's cache does (``prefix``: salt, block size and routing stride,
+        or None without a prefix cache)."""
         return {"model": self.engine.model_name, "max_model_len": self.engine.max_model_len,
-                "vocab_size": self.engine.vocab_size}
+                "vocab_size": self.engine.vocab_size, "prefix": self.engine.prefix_naming()}
 
     def check_health(self) -> None:
         """Serve's health probe: the engine loop must be alive."""

@@ -94,6 +94,10 @@ class EchoEngine:
         """No scheduling policy: requests run concurrently."""
         return "echo"
 
+    def prefix_naming(self) -> dict[str, object] | None:
+        """No prefix cache."""
+        return None
+
     def start(self) -> None:
         """Mark the engine alive (there is no loop thread)."""
         self._alive = True

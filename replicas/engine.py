@@ -33,7 +33,7 @@ from replicas.kv_blocks import KVCacheFull
 from replicas.kv_cache import PagedKVCache
 from replicas.model.batch import Segment
 from replicas.model.decoder import DecoderModel
-from replicas.prefix_hash import prefix_salt
+from replicas.prefix_hash import PrefixNaming, prefix_salt
 from replicas.prefix_tracker import PrefixTracker
 from replicas.programs import PrefillItem, prefill_program
 from replicas.sampling import RequestSampler, sample_next_tokens
@@ -181,6 +181,13 @@ class ReplicaEngine:
     def policy_name(self) -> str:
         """The scheduling policy: flowprefill, chunked or fcfs."""
         return self.config.policy
+
+    def prefix_naming(self) -> dict[str, object] | None:
+        """How this engine names prompt prefixes (:class:`~replicas.prefix_hash.PrefixNaming`), or None
+        without a prefix cache."""
+        if not self.prefix.enabled:
+            return None
+        return PrefixNaming(self.prefix.salt, self.kv.allocator.block_size, self.prefix.stride).to_dict()
 
     def is_alive(self) -> bool:
         """Whether the loop runs."""

@@ -57,6 +57,9 @@ class ReplicaEngineAPI(Protocol):
     @property
     def policy_name(self) -> str: ...
 
+    def prefix_naming(self) -> dict[str, object] | None:
+        """How the engine names prompt prefixes for placement (``PrefixNaming.to_dict()``), or None."""
+
     def start(self) -> None: ...
 
     def shutdown(self, timeout_s: float = 10.0) -> None: ...

@@ -82,6 +82,7 @@ class EngineStats:
             prefix_version=self.prefix.version if self.prefix is not None else 0,
             prefix_hit_tokens=int(self.counters.get("prefix_hit_tokens", 0)),
             prefix_queried_tokens=int(self.counters.get("prefix_queried_tokens", 0)),
+            prefix_evictions=int(self.counters.get("prefix_evictions", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ ones (a prefix stays matchable as long as possible).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from replicas.prefix_hash import BlockName
 
@@ -60,6 +60,8 @@ class BlockAllocator:
         self._block_of: dict[BlockName, int] = {}  # name -> published block
         self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced published blocks, oldest first
         self.version = 1  # bumped whenever the set of published names changes (0: no cache)
+        # called as on_change(name, index in its sequence, published) whenever a block is (un)published
+        self.on_change: Callable[[BlockName, int, bool], None] | None = None
         self.queried_tokens = 0  # prompt tokens looked up (attach_prefix)
         self.hit_tokens = 0  # of those, found cached
         self.evictions = 0  # cached blocks reused for other content
@@ -109,10 +111,12 @@ class BlockAllocator:
         return block
 
     def _unpublish(self, block: int) -> None:
-        self._index_of.pop(block)
+        index = self._index_of.pop(block)
         name = self._name_of.pop(block)
         del self._block_of[name]
         self.version += 1
+        if self.on_change is not None:
+            self.on_change(name, index, False)
 
     # ------------------------------------------------------------------ prefix cache
     def match(self, names: Sequence[BlockName]) -> int:
@@ -179,6 +183,8 @@ class BlockAllocator:
                 continue
             self._name_of[block], self._block_of[name], self._index_of[block] = name, block, index
             added += 1
+            if self.on_change is not None:
+                self.on_change(name, index, True)
         if added:
             self.version += 1
         return added

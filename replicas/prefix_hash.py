@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 BlockName = bytes  # 8 bytes
 _DIGEST = 8
@@ -63,3 +64,36 @@ def routing_names(names: Sequence[BlockName], stride: int) -> list[str]:
 def routing_names_of(token_ids: Sequence[int], block_size: int, stride: int, salt: str) -> tuple[str, ...]:
     """:func:`routing_names` of a prompt (what the ingress attaches to a request for placement)."""
     return tuple(routing_names(block_names(token_ids, block_size, salt), stride))
+
+
+@dataclass(frozen=True)
+class PrefixNaming:
+    """How a replica names prompt prefixes for placement: its salt, KV block size and routing stride."""
+
+    salt: str
+    block_size: int
+    stride: int
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens per routing name."""
+        return self.block_size * self.stride
+
+    def names_of(self, token_ids: Sequence[int]) -> tuple[str, ...]:
+        """The routing names of ``token_ids``."""
+        return routing_names_of(token_ids, self.block_size, self.stride, self.salt)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (what :meth:`from_dict` parses)."""
+        return {"salt": self.salt, "block_size": self.block_size, "stride": self.stride}
+
+    @classmethod
+    def from_dict(cls, data: object) -> PrefixNaming | None:
+        """Parse ``tokenizer_info``'s ``prefix`` (None when the replica has no prefix cache or it is malformed)."""
+        if not isinstance(data, dict):
+            return None
+        salt, size, stride = data.get("salt"), data.get("block_size"), data.get("stride")
+        if not isinstance(salt, str) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                for v in (size, stride)):
+            return None
+        return cls(salt, size, stride)

@@ -70,14 +70,16 @@ class PrefixTracker:
         """Tokens per routing name (the summary's granularity)."""
         return self.allocator.block_size * self.stride
 
-    def admit(self, request_id: str, seq_id: int, prompt: Sequence[int]) -> PrefixMatch:
-        """Attach the cached prefix of a new request's prompt and find a request computing what follows."""
+    def admit(self, request_id: str, seq_id: int, prompt: Sequence[int],
+              names: Sequence[BlockName] | None = None) -> PrefixMatch:
+        """Attach the cached prefix of a new request's prompt and find a request computing what follows
+        (``names``: the prompt's block names when the caller has them already, e.g. the simulator)."""
         self._seq[request_id], self._rid[seq_id] = seq_id, request_id
         if not self.enabled:
             self.allocator.attach_prefix(seq_id, (), query_tokens=len(prompt))
             return PrefixMatch()
         bs = self.allocator.block_size
-        names = block_names(prompt, bs, self.salt)
+        names = list(names) if names is not None else block_names(prompt, bs, self.salt)
         self._names[request_id] = names
         usable = self._usable[request_id] = (len(prompt) - 1) // bs  # never the block holding the last token
         cached = self.allocator.attach_prefix(seq_id, names[:usable], query_tokens=len(prompt))

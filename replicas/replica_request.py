@@ -34,9 +34,11 @@ class ReplicaRequest:
     priority: int = 0
     slo_class: str = "default"
     sheddable: bool = False
+    prefix_names: tuple[str, ...] = ()  # the prompt's routing names (replicas.prefix_hash), for placement only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+        object.__setattr__(self, "prefix_names", tuple(self.prefix_names))
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InvalidRequestError("request_id", f"request_id must be a non-empty string, got {self.request_id!r}")
         if not self.prompt_token_ids:
@@ -71,6 +73,7 @@ class ReplicaRequest:
             "request_id": self.request_id, "prompt_token_ids": list(self.prompt_token_ids),
             "arrival_s": self.arrival_s, "ttft_slo_s": self.ttft_slo_s, "tpot_slo_s": self.tpot_slo_s,
             "priority": self.priority, "slo_class": self.slo_class, "sheddable": self.sheddable,
+            "prefix_names": list(self.prefix_names),
             "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                          "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop),
                          "stop_token_ids": list(s.stop_token_ids), "ignore_eos": s.ignore_eos},
@@ -99,7 +102,15 @@ class ReplicaRequest:
             slo_class=r.text("slo_class", "default", non_empty=True),
             sheddable=r.boolean("sheddable", False),
             sampling=params,
+            prefix_names=_names(r),
         )
+
+
+def _names(r: FieldReader) -> tuple[str, ...]:
+    names = r.array("prefix_names", [])
+    if not all(isinstance(n, str) and len(n) == 8 and all(c in "0123456789abcdef" for c in n) for n in names):
+        raise r.fail("prefix_names", "expected a list of 8-character lowercase hex routing names")
+    return tuple(names)
 
 
 def replica_request_of(payload: ReplicaRequest | Mapping[str, Any]) -> ReplicaRequest:

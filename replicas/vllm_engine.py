@@ -165,6 +165,10 @@ class VLLMEngine:
         """The vLLM server's base URL (loopback)."""
         return str(self.server.url)
 
+    def prefix_naming(self) -> dict[str, object] | None:
+        """vLLM's own prefix cache is not visible to placement."""
+        return None
+
     def start(self) -> None:
         """Start polling vLLM's ``/metrics`` (the server itself started when the engine was built)."""
         if self._poller is None:

@@ -261,7 +261,7 @@ async def generate_stream(
         for chunk in _failed(grpc_context, err, error_chunk, msg.request_id):
             yield chunk
         return
-    payload = build_payload(req, arrival)
+    payload = build_payload(req, arrival, config.prefix_naming)
     usage_prompt = payload.prompt_tokens
     stream = send(payload)
     finished = False

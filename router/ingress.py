@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from replicas.prefix_hash import PrefixNaming
 from replicas.replica_request import ReplicaRequest
 from router.api_errors import APIError
 from router.auth import AccessPolicy
@@ -55,6 +56,7 @@ class RouterIngress:
         self.protocol = ProtocolConfig(
             served_models=(model_name,), slo_policy=SLOPolicy.from_dict(slo) if slo else SLOPolicy.default(),
             max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
+            prefix_naming=PrefixNaming.from_dict(info.get("prefix")),
         )
         self.metrics = RouterMetrics()
         self.journal = RequestJournal.from_url(redis_url, namespace)
@@ -151,7 +153,7 @@ class RouterIngress:
             self.metrics.rejections.labels(str(err.status)).inc()
             self.metrics.requests.labels(endpoint, "rejected").inc()
             return _error_response(err)
-        payload = build_payload(req, arrival)
+        payload = build_payload(req, arrival, self.protocol.prefix_naming)
         if req.stream:
             # The status line waits for the first output, so a refusal (shed, replica queue full, no
             # replica) is an HTTP 429/503 with Retry-After that clients retry on, not a 200 whose

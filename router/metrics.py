@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from router.routing_stats import ReplicaGauges
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _PrefixCacheCounters:
+    """The replicas' prefix-cache running totals, from their latest queue states, as Prometheus counters
+    (``flowprefill_prefix_cache_{hit_tokens,queried_tokens,evictions}_total`` per replica)."""
+
+    def __init__(self) -> None:
+        self.gauges: Mapping[str, ReplicaGauges] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        """The counter families (prometheus_client's collector hook)."""
+        hit = CounterMetricFamily("flowprefill_prefix_cache_hit_tokens", "Prompt tokens found in a replica's "
+                                  "prefix cache (KV reused, not computed)", labels=["replica"])
+        queried = CounterMetricFamily("flowprefill_prefix_cache_queried_tokens",
+                                      "Prompt tokens looked up in a replica's prefix cache", labels=["replica"])
+        evictions = CounterMetricFamily("flowprefill_prefix_cache_evictions",
+                                        "Cached prefix blocks a replica evicted for other content", labels=["replica"])
+        for rid, g in sorted(self.gauges.items()):
+            hit.add_metric([rid], g.prefix_hit_tokens)
+            queried.add_metric([rid], g.prefix_queried_tokens)
+            evictions.add_metric([rid], g.prefix_evictions)
+        yield hit
+        yield queried
+        yield evictions
 
 
 class RouterMetrics:
@@ -38,20 +67,23 @@ class RouterMetrics:
         self.redis_fallbacks = Counter("flowprefill_redis_fallbacks_total",
                                        "Decisions made from local estimates because Redis was unavailable",
                                        registry=r)
+        self.prefix_cache = _PrefixCacheCounters()
+        r.register(self.prefix_cache)
         self.retries = Counter("flowprefill_replica_retries_total",
                                "Requests sent again because their replica failed before the first output",
                                ["error"], registry=r)
 
-    def set_replicas(self, gauges: dict[str, tuple[int, int, float]]) -> None:
-        """Per-replica gauges (depth, preemptions, cost scale) from the latest queue states;
-        replicas that left are dropped."""
+    def set_replicas(self, gauges: Mapping[str, ReplicaGauges]) -> None:
+        """Per-replica gauges (depth, preemptions, cost scale, prefix-cache totals) from the latest queue
+        states; replicas that left are dropped."""
         for rid in self._replicas - set(gauges):
             for gauge in (self.queue_depth, self.preemptions, self.cost_scale):
                 gauge.remove(rid)
-        for rid, (depth, preemptions, cost_scale) in gauges.items():
-            self.queue_depth.labels(rid).set(depth)
-            self.preemptions.labels(rid).set(preemptions)
-            self.cost_scale.labels(rid).set(cost_scale)
+        for rid, g in gauges.items():
+            self.queue_depth.labels(rid).set(g.depth)
+            self.preemptions.labels(rid).set(g.preemptions)
+            self.cost_scale.labels(rid).set(g.cost_scale)
+        self.prefix_cache.gauges = dict(gauges)
         self._replicas = set(gauges)
 
     def observe_ttft(self, slo_class: str, ttft_s: float, slo_s: float) -> None:

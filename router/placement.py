@@ -4,7 +4,9 @@ TTFT model of a request ``q`` placed on replica ``r`` (seconds from ``now``)::
 
     ttft(q, r) = max(W_ahead - age, 0) + I_r + P_r + c(q)
 
-* ``c(q) = cost_model.predict(prompt_tokens)``: the request's own prefill.
+* ``c(q, r) = cost_model.predict_suffix(prompt_tokens - h, h)``: the request's own prefill on ``r``,
+  where ``h`` is the prefix the replica's published cache summary holds (:func:`expected_hit_tokens`:
+  the leading routing names of the prompt found in the summary; 0 without one).
 * ``W_ahead``: predicted remaining work that the replica's scheduler runs before ``q``.  It orders
   by ``(slack <= 0, deadline)`` (:mod:`replicas.scheduler.priority`: feasible work first, EDF,
   then late work, EDF) and preempts the running batch for more urgent work, so only work whose
@@ -30,8 +32,10 @@ and the priority tie-break are not modelled; feasibility is classified when the 
 (drifts for a few ms in a cached index); the cost model's error carries over; requests placed by
 other routers after the last state/in-flight read are unseen.
 
-Policies (:func:`rank_replicas`): ``slo_aware`` (default), ``round_robin``, ``least_loaded``.
-``pow2`` is Serve's own power-of-two router: choosing it means *not* setting
+Policies (:func:`rank_replicas`): ``slo_aware`` (default: SLO first, a cache hit is cheaper work),
+``round_robin``, ``least_loaded`` and ``prefix_affinity`` (the behaviour of Ray Serve LLM's
+``PrefixCacheAffinityRouter``: the longest prefix match while load is balanced, a baseline that
+ignores deadlines). ``pow2`` is Serve's own power-of-two router: choosing it means *not* setting
 ``request_router_class`` on the replica deployment, so nothing here is involved.
 """
 
@@ -40,13 +44,19 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from replicas.scheduler.cost_model import CostModel
-from state.schema import QueuedRequest, ReplicaQueueState
+from state.schema import PrefixSummary, QueuedRequest, ReplicaQueueState
 
-POLICIES = ("slo_aware", "round_robin", "least_loaded")
+POLICIES = ("slo_aware", "round_robin", "least_loaded", "prefix_affinity")
+#: prefix_affinity: above this difference in requests between the busiest and the idlest replica, balance
+#: load instead of following the cache (Ray Serve LLM's ``imbalanced_threshold``)
+AFFINITY_IMBALANCE = 10
+#: prefix_affinity: follow the cache only when the best replica holds at least this share of the prompt
+AFFINITY_MATCH_RATE = 0.1
 NON_PREEMPTIVE_ENGINES = frozenset({"vllm"})  # engine kinds whose running prefill is never preempted
 PREEMPT_LATENCY_S = 0.002  # finish the operator in flight before a preemption takes effect
 
@@ -67,6 +77,7 @@ class PlacementRequest:
     ttft_slo_s: float
     sheddable: bool = False
     priority: int = 0
+    prefix_names: tuple[str, ...] = ()  # routing names of the prompt (replicas.prefix_hash)
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,8 @@ class ReplicaLoad:
     known: bool = True
     index: QueueIndex | None = field(default=None, compare=False, repr=False)
     preemptive: bool = True  # False (vLLM): a running prefill finishes first, the queue is plain EDF
+    cached: AbstractSet[str] = field(default=frozenset(), compare=False, repr=False)  # its cache summary's names
+    cache_block_tokens: int = 0  # tokens per routing name in ``cached``
 
     @property
     def usable(self) -> bool:
@@ -163,10 +176,32 @@ class PlacementDecision:
     late_by_s: float = 0.0  # when shed: how late the best replica is predicted
 
 
+def expected_hit_tokens(req: PlacementRequest, load: ReplicaLoad) -> int:
+    """Prompt tokens the replica's cache summary holds: its leading routing names found there, as the
+    engine would attach them (never the whole prompt: one token is always computed)."""
+    if not load.cached or not req.prefix_names:
+        return 0
+    count = 0
+    for name in req.prefix_names:
+        if name not in load.cached:
+            break
+        count += 1
+    block = load.cache_block_tokens
+    return min(count * block, (req.prompt_tokens - 1) // block * block)
+
+
+def own_cost(req: PlacementRequest, load: ReplicaLoad, cost_model: CostModel) -> float:
+    """The request's predicted prefill on ``load``'s replica, its expected cache hit included."""
+    hit = expected_hit_tokens(req, load)
+    return cost_model.predict_suffix(req.prompt_tokens - hit, hit)
+
+
 def load_from_state(
-    state: ReplicaQueueState, inflight_s: float, now: float, max_age_s: float, index: QueueIndex | None = None
+    state: ReplicaQueueState, inflight_s: float, now: float, max_age_s: float, index: QueueIndex | None = None,
+    prefix: PrefixSummary | None = None,
 ) -> ReplicaLoad:
-    """A :class:`ReplicaLoad` from a published state (``index``: a cached one for this state)."""
+    """A :class:`ReplicaLoad` from a published state (``index``: a cached one for this state;
+    ``prefix``: the replica's cache summary, if the router has one)."""
     reqs: Sequence[QueuedRequest] = state.requests
     age = max(now - state.updated_at, 0.0)
     return ReplicaLoad(
@@ -179,6 +214,8 @@ def load_from_state(
         stale=age > max_age_s,
         index=index,
         preemptive=state.engine_kind not in NON_PREEMPTIVE_ENGINES,
+        cached=frozenset(prefix.names) if prefix is not None else frozenset(),
+        cache_block_tokens=prefix.block_tokens if prefix is not None else 0,
     )
 
 
@@ -246,7 +283,7 @@ def predict_ttft(
     preempt_latency_s: float = PREEMPT_LATENCY_S,
 ) -> float:
     """Predicted TTFT (seconds from ``now``) of ``req`` on ``load`` (model: module docstring)."""
-    return evaluate(req.deadline, cost_model.predict(req.prompt_tokens), load, now, preempt_latency_s).ttft
+    return evaluate(req.deadline, own_cost(req, load, cost_model), load, now, preempt_latency_s).ttft
 
 
 def rank_replicas(
@@ -263,43 +300,51 @@ def rank_replicas(
 ) -> PlacementDecision:
     """Rank ``loads`` under ``policy`` (``req=None``: no metadata, falls back to least-loaded).
 
-    ``slo_aware`` tiers: (1) replicas meeting the deadline with ``margin_s`` to spare, ones that
-    harm no later work first, then ones where it displaces nothing, then least slack (bin packing
+    The request's own cost is per replica: a replica whose cache summary holds a prefix of the
+    prompt charges only the rest (:func:`own_cost`). ``slo_aware`` tiers: (1) replicas meeting the
+    deadline with ``margin_s`` to spare, ones that harm no later work first, then ones where it
+    displaces nothing, then the least work for it (a cache hit), then least slack (bin packing
     keeps idle headroom for urgent work);
     (2) meeting it with less than ``margin_s``, ones that harm no later work first, then most
-    slack (spreading: a ``margin_s`` of the whole TTFT SLO puts every feasible replica here);
+    slack (spreading: a ``margin_s`` of the whole TTFT SLO puts every feasible replica here; a
+    hit leaves more slack);
     (3) replicas without a usable state (no state or stale), by predicted TTFT; (4) late ones,
     least late first.  ``shed`` when ``req`` is sheddable, ``allow_shed`` and no replica is
-    predicted to meet the deadline.
+    predicted to meet the deadline. ``cost_s`` of the decision is the request's cost on the first
+    replica (what goes in flight there).
     """
     if not loads:
         return PlacementDecision([], {}, False, "no candidate replicas")
-    cost = cost_model.predict(req.prompt_tokens) if req is not None else 0.0
+    costs = {ld.replica_id: own_cost(req, ld, cost_model) for ld in loads} if req is not None else {}
     if policy == "round_robin":
         ids = sorted(ld.replica_id for ld in loads)
         start = rr_counter % len(ids)
-        return PlacementDecision(ids[start:] + ids[:start], {}, False, "round robin", cost)
+        ids = ids[start:] + ids[:start]
+        return PlacementDecision(ids, {}, False, "round robin", costs.get(ids[0], 0.0))
     if policy == "least_loaded" or req is None:
         order = sorted(loads, key=lambda ld: (ld.pending_s(now), ld.replica_id))
         why = "least loaded" if req is not None else "no request metadata: least loaded"
-        return PlacementDecision([ld.replica_id for ld in order], {}, False, why, cost)
+        return PlacementDecision([ld.replica_id for ld in order], {}, False, why, costs.get(order[0].replica_id, 0.0))
+    if policy == "prefix_affinity":
+        return _prefix_affinity(req, loads, costs, now)
     if policy != "slo_aware":
         raise ValueError(f"unknown placement policy {policy!r}; expected one of {POLICIES}")
     ttfts: dict[str, float] = {}
-    ranked: list[tuple[tuple[int, float, float, float, float, str], str]] = []
+    ranked: list[tuple[tuple[int, float, float, float, float, float, str], str]] = []
     budget = req.deadline - now
     for ld in loads:
+        cost = costs[ld.replica_id]
         place = evaluate(req.deadline, cost, ld, now, preempt_latency_s)
         ttft = ttfts[ld.replica_id] = place.ttft
         slack = budget - ttft
         if not ld.usable:
-            key = (2, ttft, 0.0, 0.0, 0.0, ld.replica_id)
+            key = (2, ttft, 0.0, 0.0, 0.0, 0.0, ld.replica_id)
         elif slack < 0.0:
-            key = (3, -slack, 0.0, 0.0, 0.0, ld.replica_id)
+            key = (3, -slack, 0.0, 0.0, 0.0, 0.0, ld.replica_id)
         elif slack < margin_s:
-            key = (1, float(place.harm), -slack, 0.0, 0.0, ld.replica_id)
+            key = (1, float(place.harm), -slack, 0.0, 0.0, 0.0, ld.replica_id)
         else:
-            key = (0, float(place.harm), float(place.displaces), slack, ld.pending_s(now), ld.replica_id)
+            key = (0, float(place.harm), float(place.displaces), cost, slack, ld.pending_s(now), ld.replica_id)
         ranked.append((key, ld.replica_id))
     ranked.sort()
     best_key, best = ranked[0]
@@ -309,7 +354,7 @@ def rank_replicas(
     if shed:
         reason = f"shed: no replica meets the deadline (best {best} late by {late_by:.4f}s)"
     elif best_key[0] == 0:
-        reason = f"packed on {best}: {best_key[3]:.4f}s to spare" + (
+        reason = f"packed on {best}: {best_key[4]:.4f}s to spare" + (
             " (harms later work)" if best_key[1] else " (displaces later work)" if best_key[2] else "")
     elif best_key[0] == 1:
         reason = f"spread to {best}: {budget - ttfts[best]:.4f}s to spare" + (
@@ -318,7 +363,35 @@ def rank_replicas(
         reason = f"no usable state for {best}: predicted {ttfts[best]:.4f}s"
     else:
         reason = f"none meets the deadline: least late {best} by {ttfts[best] - budget:.4f}s"
-    return PlacementDecision([r for _, r in ranked], ttfts, shed, reason, cost, late_by)
+    return PlacementDecision([r for _, r in ranked], ttfts, shed, reason, costs[best], late_by)
+
+
+def _prefix_affinity(req: PlacementRequest, loads: Sequence[ReplicaLoad], costs: dict[str, float],
+                     now: float) -> PlacementDecision:
+    """Ray Serve LLM's prefix-cache affinity, by its three rules: while the busiest replica holds at
+    most :data:`AFFINITY_IMBALANCE` more requests than the idlest, the replicas holding the largest
+    share of the prompt (at least :data:`AFFINITY_MATCH_RATE`) first; below that share, the replicas
+    with the smallest caches; when imbalanced, the least loaded. Deadlines play no part."""
+    order, why = affinity_order([len(ld.queued) + len(ld.running) for ld in loads],
+                                [ld.pending_s(now) for ld in loads],
+                                [expected_hit_tokens(req, ld) / max(req.prompt_tokens, 1) for ld in loads],
+                                [len(ld.cached) for ld in loads], [ld.replica_id for ld in loads])
+    ids = [loads[i].replica_id for i in order]
+    return PlacementDecision(ids, {}, False, why, costs[ids[0]])
+
+
+def affinity_order(depths: Sequence[int], pending_s: Sequence[float], match_rates: Sequence[float],
+                   cache_sizes: Sequence[int], ids: Sequence[str]) -> tuple[list[int], str]:
+    """``prefix_affinity``'s ranking of replicas ``0..n-1`` (requests queued, pending seconds, share of
+    the prompt cached, names cached, id), and why: the rules of :func:`_prefix_affinity`."""
+    n = range(len(ids))
+    if max(depths) - min(depths) > AFFINITY_IMBALANCE:
+        return sorted(n, key=lambda i: (pending_s[i], ids[i])), "prefix affinity: load imbalanced, least loaded"
+    best = max(match_rates)
+    if best >= AFFINITY_MATCH_RATE:
+        order = sorted(n, key=lambda i: (-match_rates[i], pending_s[i], ids[i]))
+        return order, f"prefix affinity: {best:.0%} of the prompt cached"
+    return sorted(n, key=lambda i: (cache_sizes[i], pending_s[i], ids[i])), "prefix affinity: no match, smallest cache"
 
 
 class LocalLoadEstimator:

@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 import jinja2
 
 from replicas.errors import InvalidRequestError
+from replicas.prefix_hash import PrefixNaming
 from replicas.sampling_params import MAX_SEED, SamplingParams
 from router.api_errors import APIError
 from router.chat_messages import parse_messages
@@ -71,7 +72,8 @@ class PromptTokenizer(Protocol):
 class ProtocolConfig:
     """What request parsing needs to know about the deployment.
 
-    ``max_model_len`` and ``vocab_size`` (None: unknown) enable the context and token-id checks.
+    ``max_model_len`` and ``vocab_size`` (None: unknown) enable the context and token-id checks;
+    ``prefix_naming`` (None: replicas have no prefix cache) names a prompt's prefix for placement.
     """
 
     served_models: tuple[str, ...]
@@ -81,6 +83,7 @@ class ProtocolConfig:
     vocab_size: int | None = None
     default_max_tokens: int = 16
     max_tokens_limit: int | None = None
+    prefix_naming: PrefixNaming | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "served_models", tuple(self.served_models))

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -48,10 +49,10 @@ from router.placement import (
     load_from_state,
     rank_replicas,
 )
-from router.routing_stats import STATS, RequestShed, RouterStats  # noqa: F401 (re-exported)
+from router.routing_stats import STATS, ReplicaGauges, RequestShed, RouterStats  # noqa: F401 (re-exported)
 from state.client import ClusterState, StateUnavailable
 from state.clock import WALL_CLOCK, Clock, require_clock
-from state.schema import ReplicaQueueState
+from state.schema import PrefixSummary, ReplicaQueueState
 
 log = logging.getLogger("ray.serve")
 _INDEX_TTL_S = 0.05  # re-classify a cached queue index after this long even if the state is unchanged
@@ -83,7 +84,7 @@ def placement_request(payload: ReplicaRequest | None, fallback_id: str = "") -> 
         return None
     return PlacementRequest(request_id=payload.request_id or fallback_id, prompt_tokens=payload.prompt_tokens,
                             deadline=payload.deadline, ttft_slo_s=payload.ttft_slo_s, sheddable=payload.sheddable,
-                            priority=payload.priority)
+                            priority=payload.priority, prefix_names=payload.prefix_names)
 
 
 class SLOAwareRequestRouter(RequestRouter):
@@ -133,7 +134,9 @@ class SLOAwareRequestRouter(RequestRouter):
         self._read: asyncio.Task | None = None
         self._outage = False
         self._retry_at = 0.0
-        self._bases: dict[str, tuple[int, float, float, ReplicaLoad]] = {}  # id -> (seq, updated_at, built, load)
+        # replica id -> (seq, updated_at, built, load, the prefix summary it was built with)
+        self._bases: dict[str, tuple[int, float, float, ReplicaLoad, PrefixSummary | None]] = {}
+        self._prefixes: dict[str, PrefixSummary] = {}  # replica id -> its latest cache summary read
         self._provisional: dict[str, tuple[str, PlacementRequest, float, float]] = {}  # internal id -> decision
         # request id -> (replica, s, when add_inflight landed in Redis or None) until a snapshot includes it
         self._unconfirmed: dict[str, tuple[str, float, float | None]] = {}
@@ -240,14 +243,15 @@ class SLOAwareRequestRouter(RequestRouter):
     def _load(self, rid: str, state: ReplicaQueueState | None, inflight_s: float, now: float) -> ReplicaLoad:
         if state is None:
             return ReplicaLoad(rid, inflight_s=inflight_s, known=False)
+        prefix = self._prefixes.get(rid)
         cached = self._bases.get(rid)
-        if cached and cached[:2] == (state.seq, state.updated_at) and now - cached[2] <= _INDEX_TTL_S:
+        if cached and cached[:2] == (state.seq, state.updated_at) and now - cached[2] <= _INDEX_TTL_S \
+                and cached[4] is prefix:
             b, age = cached[3], max(now - state.updated_at, 0.0)
-            return ReplicaLoad(rid, b.queued, b.running, b.running_remaining_s, inflight_s, age, age > self._max_age_s,
-                               True, b.index)
-        load = load_from_state(state, inflight_s, now, self._max_age_s)
+            return replace(b, inflight_s=inflight_s, age_s=age, stale=age > self._max_age_s)
+        load = load_from_state(state, inflight_s, now, self._max_age_s, prefix=prefix)
         load.get_index(now)
-        self._bases[rid] = (state.seq, state.updated_at, now, load)
+        self._bases[rid] = (state.seq, state.updated_at, now, load, prefix)
         return load
 
     # ------------------------------------------------------------------ Redis
@@ -291,11 +295,25 @@ class SLOAwareRequestRouter(RequestRouter):
         if self._outage:
             log.info("SLO-aware router: Redis is back; routing on cluster state again")
         self._outage = False
+        await self._refresh_prefixes(states)
         self._snapshot = (started, states, inflight)
-        routing_stats.STATS.replica_states({rid: (len(st.requests), st.preemptions, st.cost_scale)
-                                            for rid, st in states.items()})
+        routing_stats.STATS.replica_states({rid: ReplicaGauges.of(st) for rid, st in states.items()})
         if self._cost_from_redis and states and self._clock() >= self._profile_retry_at:
             await self._load_profile(states)
+
+    async def _refresh_prefixes(self, states: Mapping[str, ReplicaQueueState]) -> None:
+        """Re-read the cache summaries whose version the states say changed (usually none)."""
+        for rid in [r for r in self._prefixes if states.get(r) is None or not states[r].prefix_version]:
+            del self._prefixes[rid]
+        known = self._prefixes
+        changed = [rid for rid, st in states.items()
+                   if st.prefix_version and (rid not in known or known[rid].version != st.prefix_version)]
+        if not changed:
+            return
+        try:
+            self._prefixes.update(await self._cluster.read_prefix_summaries(changed, skip_invalid=True))
+        except StateUnavailable as exc:  # keep the older summaries; the states themselves were read
+            log.debug("SLO-aware router: prefix summaries not read: %s", exc)
 
     async def _load_profile(self, states: Mapping[str, ReplicaQueueState]) -> None:
         """Adopt the cost profile a replica saved (model from its state, hardware from its info)."""

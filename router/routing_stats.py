@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("ray.serve")
@@ -31,6 +32,24 @@ class RequestShed(Exception):
         return (RequestShed, (str(self), self.retry_after_s))
 
 
+@dataclass(frozen=True)
+class ReplicaGauges:
+    """One replica's numbers from its latest queue state, for ``/metrics`` and ``/v1/router/stats``."""
+
+    depth: int = 0
+    preemptions: int = 0
+    cost_scale: float = 1.0
+    prefix_hit_tokens: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_evictions: int = 0
+
+    @classmethod
+    def of(cls, state: Any) -> ReplicaGauges:  # noqa: ANN401 (a state.schema.ReplicaQueueState)
+        """The gauges of a queue state."""
+        return cls(len(state.requests), state.preemptions, state.cost_scale, state.prefix_hit_tokens,
+                   state.prefix_queried_tokens, state.prefix_evictions)
+
+
 class RouterStats:
     """Process-wide routing metrics: counters, the last decision times (ms) and optional hooks
     ``hook(event, value)`` with events ``"decision_ms"``, ``"redis_fallback"`` and ``"shed"``
@@ -42,7 +61,7 @@ class RouterStats:
         self.redis_fallbacks = 0
         self.sheds = 0
         self.decision_ms: deque[float] = deque(maxlen=history)
-        self.replicas: dict[str, tuple[int, int, float]] = {}  # replica id -> (depth, preemptions, cost scale)
+        self.replicas: dict[str, ReplicaGauges] = {}
         self.hooks: list[Callable[[str, float], None]] = []
         self._ray: tuple[Any, Any] | None = None
 
@@ -80,13 +99,21 @@ class RouterStats:
         def pct(q: float) -> float | None:
             return times[min(len(times) - 1, int(q * len(times)))] if times else None
 
+        hits = sum(g.prefix_hit_tokens for g in self.replicas.values())
+        queried = sum(g.prefix_queried_tokens for g in self.replicas.values())
         return {"decisions": self.decisions, "redis_fallbacks": self.redis_fallbacks, "sheds": self.sheds,
                 "decision_ms": {"n": len(times), "p50": pct(0.5), "p99": pct(0.99),
-                                "max": times[-1] if times else None}}
+                                "max": times[-1] if times else None},
+                "prefix_cache": {"hit_tokens": hits, "queried_tokens": queried,
+                                 "hit_rate": hits / queried if queried else None,
+                                 "replicas": {rid: {"hit_tokens": g.prefix_hit_tokens,
+                                                    "queried_tokens": g.prefix_queried_tokens,
+                                                    "evictions": g.prefix_evictions}
+                                              for rid, g in sorted(self.replicas.items())}}}
 
-    def replica_states(self, gauges: dict[str, tuple[int, int, float]]) -> None:
-        """The replicas' queue depth, preemption totals and cost scale from the latest Redis read
-        (hooks get ``("replicas", 0.0)`` and read :attr:`replicas`)."""
+    def replica_states(self, gauges: dict[str, ReplicaGauges]) -> None:
+        """The replicas' queue depth, preemption totals, cost scale and prefix-cache totals from the
+        latest Redis read (hooks get ``("replicas", 0.0)`` and read :attr:`replicas`)."""
         self.replicas = dict(gauges)
         self._emit("replicas", 0.0)
 

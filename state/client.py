@@ -32,6 +32,7 @@ from state.schema import (
     JOURNAL_STATUSES,
     JournalEntry,
     Keys,
+    PrefixSummary,
     ReplicaInfo,
     ReplicaQueueState,
     SchemaError,
@@ -144,13 +145,15 @@ class ClusterState:
         await self._call("register_replica", op)
 
     async def deregister_replica(self, replica_id: str) -> None:
-        """Remove the replica, its info, state and in-flight work (its journal stays for re-dispatch)."""
+        """Remove the replica, its info, state, prefix summary and in-flight work (its journal stays for
+        re-dispatch)."""
         k = self.keys
 
         async def op() -> None:
             async with self._redis.pipeline(transaction=True) as p:
                 p.srem(k.replicas(), replica_id)
-                p.delete(k.replica_info(replica_id), k.replica_state(replica_id), k.replica_inflight(replica_id))
+                p.delete(k.replica_info(replica_id), k.replica_state(replica_id), k.replica_inflight(replica_id),
+                         k.replica_prefixes(replica_id))
                 await p.execute()
 
         await self._call("deregister_replica", op)
@@ -166,21 +169,28 @@ class ClusterState:
         return None if raw is None else ReplicaInfo.from_json(raw, key)
 
     async def publish_replica_state(
-        self, replica_id: str, state: ReplicaQueueState, reported_ids: Iterable[str] | None = None
+        self, replica_id: str, state: ReplicaQueueState, reported_ids: Iterable[str] | None = None,
+        prefix: PrefixSummary | None = None,
     ) -> bool:
         """Write the state with the heartbeat TTL and, atomically, drop the in-flight fields of
         ``reported_ids`` (default: every request the state lists; pass also ids that finished) and
-        keep the replica in the registry.  True when it was missing from the registry (Redis lost
+        keep the replica in the registry; with ``prefix``, write the prefix-cache summary too (its
+        TTL is refreshed with every state).  True when it was missing from the registry (Redis lost
         its data, e.g. a restart without persistence): the caller should register its info again."""
         if state.replica_id != replica_id:
             raise ValueError(f"state.replica_id {state.replica_id!r} != {replica_id!r}")
         ids = list(state.request_ids if reported_ids is None else reported_ids)
         payload, ttl_ms = state.to_json(), max(1, round(self.state_ttl_s * 1000))
+        summary = prefix.to_json() if prefix is not None else None
 
         async def op() -> bool:
             async with self._redis.pipeline(transaction=True) as p:
                 p.set(self.keys.replica_state(replica_id), payload, px=ttl_ms)
                 p.sadd(self.keys.replicas(), replica_id)
+                if summary is not None:
+                    p.set(self.keys.replica_prefixes(replica_id), summary, px=ttl_ms)
+                elif state.prefix_version:
+                    p.pexpire(self.keys.replica_prefixes(replica_id), ttl_ms)
                 if ids:
                     p.hdel(self.keys.replica_inflight(replica_id), *ids)
                 results = await p.execute()
@@ -215,6 +225,27 @@ class ClusterState:
                 if not skip_invalid:
                     raise
                 log.warning("skipping replica %s: invalid state", rid, exc_info=True)
+        return out
+
+    async def read_prefix_summaries(self, replica_ids: Iterable[str], *,
+                                    skip_invalid: bool = False) -> dict[str, PrefixSummary]:
+        """The prefix-cache summaries of ``replica_ids`` that have one (one round trip); invalid JSON
+        raises :class:`SchemaError` naming the key, or with ``skip_invalid`` is logged and left out."""
+        ids = list(replica_ids)
+        if not ids:
+            return {}
+        keys = [self.keys.replica_prefixes(i) for i in ids]
+        raws = await self._call("read_prefix_summaries", lambda: self._redis.mget(keys))
+        out: dict[str, PrefixSummary] = {}
+        for rid, key, raw in zip(ids, keys, raws):
+            if raw is None:
+                continue
+            try:
+                out[rid] = PrefixSummary.from_json(raw, key)
+            except SchemaError:
+                if not skip_invalid:
+                    raise
+                log.warning("ignoring replica %s's prefix summary: invalid", rid, exc_info=True)
         return out
 
     # ------------------------------------------------------------------ in-flight work

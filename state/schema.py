@@ -202,6 +202,7 @@ class ReplicaQueueState:
     prefix_version: int = 0  # the version of the replica's PrefixSummary (0: none published)
     prefix_hit_tokens: int = 0  # running totals of the prefix cache: prompt tokens found cached ...
     prefix_queried_tokens: int = 0  # ... of the prompt tokens looked up
+    prefix_evictions: int = 0  # ... and cached blocks evicted for other content
 
     @property
     def request_ids(self) -> tuple[str, ...]:
@@ -247,6 +248,7 @@ class ReplicaQueueState:
             prefix_version=r.integer("prefix_version", 0, minimum=0),
             prefix_hit_tokens=r.integer("prefix_hit_tokens", 0, minimum=0),
             prefix_queried_tokens=r.integer("prefix_queried_tokens", 0, minimum=0),
+            prefix_evictions=r.integer("prefix_evictions", 0, minimum=0),
         )
 
 

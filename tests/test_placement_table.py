@@ -11,7 +11,7 @@ import pytest
 
 from bench.sim.placement_table import PlacementTable, reclassify_after
 from replicas.scheduler.cost_model import CostModel
-from router.placement import PlacementRequest, QueueIndex, ReplicaLoad, evaluate, rank_replicas
+from router.placement import PlacementRequest, QueueIndex, ReplicaLoad, evaluate, own_cost, rank_replicas
 
 COST = CostModel.from_coefficients(2e-3, 1e-4)
 NOW = 1000.0
@@ -64,6 +64,42 @@ def test_table_choice_equals_rank_replicas(seed):
             ttft, harm, displaces = table.ttft(req.deadline, cost, NOW)
             places = [evaluate(req.deadline, cost, ld, NOW) for ld in loads]
             assert ttft.tolist() == [p.ttft for p in places]  # bit for bit
+            assert harm.tolist() == [p.harm for p in places] and displaces.tolist() == [p.displaces for p in places]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_table_choice_with_a_cost_per_row_equals_rank_replicas_with_prefix_hits(seed):
+    """A prefix-cache hit makes the request cheaper on some replicas: the table takes one cost per row
+    and still picks what rank_replicas picks (its own key then differs per row, late or not)."""
+    rng = random.Random(100 + seed)
+    cost_model = CostModel.from_coefficients(2e-3, 1e-4, cached_kappa=1e-8)
+    names = tuple(f"{i:08x}" for i in range(40))
+    for trial in range(150):
+        n = rng.choice([2, 3, 8, 30])
+        usable_only = trial % 2 == 0
+        loads = []
+        for i in range(n):
+            ld = random_load(rng, f"r{i:02d}", usable_only)
+            held = frozenset(names[:rng.choice([0, 0, 1, 5, 20, 40])])
+            loads.append(ReplicaLoad(ld.replica_id, ld.queued, ld.running, ld.running_remaining_s, ld.inflight_s,
+                                     ld.age_s, ld.stale, ld.known, cached=held, cache_block_tokens=64))
+        table = PlacementTable(n, width=2)
+        for i, ld in enumerate(loads):
+            if ld.usable:
+                table.set_index(i, ld.get_index(NOW))
+            table.age[i], table.inflight[i], table.usable[i] = ld.age_s, ld.inflight_s, ld.usable
+        for _ in range(10):
+            slo = rng.choice([0.05, 0.1, 0.3, 1.0, rng.uniform(0.01, 2.0)])
+            req = PlacementRequest("q", rng.randint(65, 3000), NOW + slo, slo, sheddable=rng.random() < 0.5,
+                                   prefix_names=names)
+            margin = rng.choice([slo, 0.0, 0.5 * slo])
+            costs = np.array([own_cost(req, ld, cost_model) for ld in loads])
+            want = rank_replicas("slo_aware", req, loads, cost_model, NOW, margin_s=margin)
+            got, shed = table.choose("slo_aware", req.deadline, costs, NOW, sheddable=req.sheddable, margin_s=margin)
+            assert loads[got].replica_id == want.ranked[0] and shed == want.shed, want.reason
+            ttft, harm, displaces = table.ttft(req.deadline, costs, NOW)
+            places = [evaluate(req.deadline, c, ld, NOW) for c, ld in zip(costs.tolist(), loads)]
+            assert ttft.tolist() == [p.ttft for p in places]
             assert harm.tolist() == [p.harm for p in places] and displaces.tolist() == [p.displaces for p in places]
 
 

@@ -149,9 +149,13 @@ class PlacementTable:
         """``ReplicaLoad.pending_s`` of every row."""
         return np.where(self.usable, np.maximum(self.total - self.age, 0.0) + self.inflight, self.inflight)
 
-    def _evaluate(self, deadline: float, cost_s: float, now: float, preempt_latency_s: float,
-                  all_usable: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        """``(ttft, harm, k, own_late)``: ``k`` counts the row's deadlines (of own's class) ``<= deadline``."""
+    def _evaluate(self, deadline: float, cost_s: float | np.ndarray, now: float, preempt_latency_s: float,
+                  all_usable: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool | np.ndarray]:
+        """``(ttft, harm, k, own_late)``: ``k`` counts the row's deadlines (of own's class) ``<= deadline``.
+        ``cost_s`` per row (an array: a prefix-cache hit makes the request cheaper on some replicas)
+        makes ``own_late`` per row too."""
+        if isinstance(cost_s, np.ndarray):
+            return self._evaluate_rows(deadline, cost_s, now, preempt_latency_s, all_usable)
         age, inflight, deep = self.age, self.inflight, self.deep
         own_late = deadline - now - cost_s <= 0.0
         if own_late:  # late already: all feasible work first, then late work EDF
@@ -173,22 +177,48 @@ class PlacementTable:
             harm &= self.usable
         return ttft, harm, k, own_late
 
-    def _displaces(self, k: np.ndarray, own_late: bool) -> np.ndarray:
-        out = k < self.nl if own_late else (k < self.nf) | (self.nl > 0)
+    def _evaluate_rows(self, deadline: float, cost: np.ndarray, now: float, preempt_latency_s: float,
+                       all_usable: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_evaluate` with a cost per row: both of ``evaluate``'s branches, each row taking the one
+        its own key (late or not, at its own cost) selects."""
+        age, inflight, deep = self.age, self.inflight, self.deep
+        own_late = deadline - now - cost <= 0.0
+        zero = np.zeros(self.n, np.intp)
+        k_f = np.add.reduce(self.fd[:deep] <= deadline, axis=0) if deep else zero
+        k_l = np.add.reduce(self.ld[:deep] <= deadline, axis=0) if deep else zero
+        ahead_f, later_slack = self._pf_flat.take(self.base + k_f, axis=1)
+        slack = later_slack - (now - age + inflight)
+        harm = (slack >= 0.0) & (slack < cost) & ~own_late
+        ahead = np.where(own_late, self.f_total + self.lp.take(self.base + k_l), ahead_f)
+        preempts = np.where(own_late, self.run_l > deadline, self.run_f > deadline)
+        ttft = np.maximum(ahead - age, 0.0) + inflight + cost
+        np.add(ttft, preempt_latency_s, out=ttft, where=preempts)
+        if not all_usable:
+            off = ~self.usable
+            ttft[off] = inflight[off] + cost[off]
+            harm &= self.usable
+        return ttft, harm, np.where(own_late, k_l, k_f), own_late
+
+    def _displaces(self, k: np.ndarray, own_late: bool | np.ndarray) -> np.ndarray:
+        if isinstance(own_late, np.ndarray):
+            out = np.where(own_late, k < self.nl, (k < self.nf) | (self.nl > 0))
+        else:
+            out = k < self.nl if own_late else (k < self.nf) | (self.nl > 0)
         return out & self.usable
 
-    def ttft(self, deadline: float, cost_s: float, now: float,
+    def ttft(self, deadline: float, cost_s: float | np.ndarray, now: float,
              preempt_latency_s: float = PREEMPT_LATENCY_S) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ttft, harm, displaces)`` per row: :func:`~router.placement.evaluate` for every row."""
         ttft, harm, k, own_late = self._evaluate(deadline, cost_s, now, preempt_latency_s, bool(self.usable.all()))
         return ttft, harm, self._displaces(k, own_late)
 
-    def choose(self, policy: str, deadline: float, cost_s: float, now: float, *, sheddable: bool = False,
+    def choose(self, policy: str, deadline: float, cost_s: float | np.ndarray, now: float, *, sheddable: bool = False,
                margin_s: float = 0.0, allow_shed: bool = True, preempt_latency_s: float = PREEMPT_LATENCY_S,
                all_usable: bool | None = None) -> tuple[int, bool]:
         """``(row, shed)``: the row ``rank_replicas(policy, ...)`` ranks first and its shed verdict
         (``policy``: ``slo_aware`` or ``least_loaded``; the request has ``deadline`` and own cost
-        ``cost_s``; ``all_usable``: whether ``usable`` is all true, when the caller knows)."""
+        ``cost_s``, one per row or the same on every row; ``all_usable``: whether ``usable`` is all true,
+        when the caller knows)."""
         if policy == "least_loaded":
             return int(np.argmin(self.pending())), False  # argmin: the first (lowest id) of equals
         if policy != "slo_aware":
@@ -217,7 +247,10 @@ class PlacementTable:
             keys = (-slack[cand],)
         elif best_tier == 2:  # (ttft, id)
             keys = (ttft[cand],)
-        else:  # (harm, displaces, slack, pending, id)
+        else:  # (harm, displaces, cost, slack, pending, id)
             displaces = self._displaces(k, own_late)
-            keys = (self.pending()[cand], slack[cand], displaces[cand], harm[cand])
+            if isinstance(cost_s, np.ndarray):
+                keys = (self.pending()[cand], slack[cand], cost_s[cand], displaces[cand], harm[cand])
+            else:
+                keys = (self.pending()[cand], slack[cand], displaces[cand], harm[cand])
         return int(cand[np.lexsort((cand, *keys))[0]]), shed

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 
 from bench.sim.snapshot import queue_snapshot
 from replicas.decode_cadence import DecodeCadence
+from replicas.kv_blocks import BlockAllocator
+from replicas.prefix_hash import BlockName
+from replicas.prefix_tracker import PrefixTracker
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
@@ -60,6 +63,9 @@ class ExecConfig:
     scheduler still plans with the cost model, as the engine does), e.g. a machine under load.
     ``seq_overhead_s``: extra seconds per sequence beyond the first in a prefill program or decode
     step (per-sequence operator launches that ``predict_batch`` does not charge).
+    ``cache_blocks``: model the engine's prefix cache (the engine's own
+    :class:`~replicas.kv_blocks.BlockAllocator` and :class:`~replicas.prefix_tracker.PrefixTracker`)
+    in a pool of this many ``block_size``-token blocks, for requests that carry block names.
     """
 
     boundary_delay_s: float = 0.002
@@ -69,6 +75,9 @@ class ExecConfig:
     exec_time_scale: float = 1.0
     seq_overhead_s: float = 0.0
     decode_curve: tuple[tuple[int, float], ...] = ()
+    cache_blocks: int = 0  # the replica's KV pool in blocks, with prefix caching (0: no prefix cache)
+    block_size: int = 16
+    cache_share: float = 1.0  # EngineConfig.prefix_cache_share
 
     def __post_init__(self) -> None:
         sizes = [k for k, _ in self.decode_curve]
@@ -105,15 +114,18 @@ def decode_curve_seconds(curve: tuple[tuple[int, float], ...], batch: int) -> fl
 class SimRequest:
     """A request in flight in the simulation: the scheduler's :class:`Request` plus decode state."""
 
-    __slots__ = ("idx", "request", "cost_s", "tokens_left", "token_s", "tpot_s")
+    __slots__ = ("idx", "request", "cost_s", "tokens_left", "token_s", "tpot_s", "names", "routing")
 
-    def __init__(self, idx: int, request: Request, cost_s: float) -> None:
+    def __init__(self, idx: int, request: Request, cost_s: float, names: tuple[BlockName, ...] = (),
+                 routing: tuple[str, ...] = ()) -> None:
         self.idx = idx
         self.request = request
-        self.cost_s = cost_s  # predicted isolated prefill seconds (what the router puts in flight)
+        self.cost_s = cost_s  # predicted prefill seconds on its replica (what the router puts in flight)
         self.tokens_left = 0
         self.token_s = 0.0
         self.tpot_s = request.tpot_slo_s
+        self.names = names  # the prompt's block names (prefix caching; empty: not modelled)
+        self.routing = routing  # its routing names, for prefix-aware placement
 
 
 Recorder = Callable[[int, float | None], None]  # (request index, TTFT or None for rejected)
@@ -127,6 +139,12 @@ class SimReplica:
         self.index, self.replica_id = index, replica_id
         self.cost, self.cfg = cost, exec_config
         self.sched = Scheduler(cost, sched_config, perf_clock=float, max_pass_samples=1)
+        self.cache: BlockAllocator | None = None
+        self.prefix: PrefixTracker | None = None
+        if exec_config.cache_blocks:
+            self.cache = BlockAllocator(exec_config.cache_blocks, exec_config.block_size, enable_prefix_caching=True,
+                                        max_cached_blocks=int(exec_config.cache_share * exec_config.cache_blocks))
+            self.prefix = PrefixTracker(self.cache, "sim")
         self.preemptible = sched_config.granularity != "none"
         self._schedule, self._record = schedule, record
         self.live: dict[str, SimRequest] = {}  # admitted or in the inbox, until finished
@@ -202,7 +220,12 @@ class SimReplica:
             self.publish_hook(self, t)
 
     def _admit(self, t: float, sr: SimRequest) -> None:
-        self._apply(self.sched.on_arrival(sr.request, t), t)
+        r = sr.request
+        if self.prefix is not None and sr.names:
+            match = self.prefix.admit(r.request_id, sr.idx, r.prompt_ids, names=sr.names)
+            r.cached_tokens = r.prefilled = match.cached_tokens
+            r.shares_with, r.shared_tokens = match.shares_with, match.shared_tokens
+        self._apply(self.sched.on_arrival(r, t), t)
         self._publish(t)
 
     def _drain(self, t: float) -> None:
@@ -229,6 +252,7 @@ class SimReplica:
         sr = self.live.pop(request_id, None)
         if sr is not None:
             self._record(sr.idx, None)
+            self._release(sr)
 
     def drop_program(self, batch_id: int) -> None:
         """Forget a program whose members are gone."""
@@ -246,6 +270,11 @@ class SimReplica:
         """A new program costs :func:`program_seconds` of its slices; a resumed one keeps what it had left."""
         bid = plan.batch_id
         if not plan.resume:
+            if self.cache is not None:  # the KV the program writes (no memory limit on execution itself)
+                for rid, (_, end) in zip(plan.request_ids, plan.ranges):
+                    sr = self.live.get(rid)
+                    if sr is not None and sr.names and self.cache.can_allocate(sr.idx, end):
+                        self.cache.ensure_capacity(sr.idx, end)
             extra = self.cfg.seq_overhead_s * (len(plan.ranges) - 1)
             self.work[bid] = program_seconds(self.cost, plan.ranges) * self.cfg.exec_time_scale + extra
             self.prefill_batches += 1
@@ -262,9 +291,22 @@ class SimReplica:
 
     def _complete(self, t: float, bid: int) -> None:
         self.work.pop(bid, None)
-        self.plans.pop(bid, None)
+        plan = self.plans.pop(bid, None)
         self.cur = self.since = None
+        prefix = self.prefix
+        if prefix is not None and plan is not None:  # as the engine: publish, then let waiters attach
+            for rid, (_, end) in zip(plan.request_ids, plan.ranges):
+                sr = self.live.get(rid)
+                if sr is not None:
+                    prefix.passed(sr.idx, end)
+            for rid in plan.request_ids:
+                for waiter in prefix.waiting_on(rid):
+                    if self.sched.is_deferred(waiter):
+                        self.sched.set_cached(waiter, prefix.extend(waiter))
         d = self.sched.on_prefill_complete(bid, t)
+        if prefix is not None:
+            for rid in d.prefilled:
+                prefix.prefilled(rid)
         self._apply(d, t)
         for rid in d.prefilled:
             sr = self.live.get(rid)
@@ -288,9 +330,16 @@ class SimReplica:
             self._drain(t)
             self._settle(t)
 
+    def _release(self, sr: SimRequest) -> None:
+        """Free what a request held in the prefix cache model (its published blocks stay cached)."""
+        if self.prefix is not None and self.cache is not None:
+            self.cache.free(sr.idx)
+            self.prefix.forget(sr.request.request_id)
+
     def _finish(self, t: float, sr: SimRequest) -> None:
         rid = sr.request.request_id
         self.live.pop(rid, None)
+        self._release(sr)
         if self.decoding.pop(rid, None) is not None:
             self.tpot_decoding -= sr.tpot_s is not None
             self.decode_token_s -= sr.token_s
@@ -395,6 +444,13 @@ class SimReplica:
         :func:`router.placement.load_from_state` makes of the published queue state: ``(deadline,
         predicted_remaining_s)`` of waiting and suspended requests, and of the running batch's members."""
         return queue_snapshot(self.sched, self.event_at)
+
+    def queued_work_s(self) -> float:
+        """Predicted seconds of prefill work here: the published queue and what is in the inbox."""
+        if not self.has_prefill_work:
+            return self.inbox_cost_s
+        queued, _, running_s = self.queue_snapshot()
+        return sum(s for _, s in queued) + running_s + self.inbox_cost_s
 
     @property
     def has_prefill_work(self) -> bool:

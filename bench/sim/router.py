@@ -29,16 +29,26 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from bench.sim.replica import INF, SimReplica, SimRequest
 from bench.sim.router_table import FreshStates
 from replicas.scheduler.cost_model import CostModel
-from router.placement import PREEMPT_LATENCY_S, PlacementRequest, QueueIndex, ReplicaLoad, rank_replicas
+from router.placement import (
+    PREEMPT_LATENCY_S,
+    PlacementRequest,
+    QueueIndex,
+    ReplicaLoad,
+    affinity_order,
+    rank_replicas,
+)
 
-ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "pow2")
+ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "pow2", "prefix_affinity")
 INDEX_TTL_S = 0.05  # router.request_router._INDEX_TTL_S (not imported: that module imports Ray)
+_EMPTY: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,13 @@ class _Published:
 
 
 class Router:
-    """Places each request on a replica (or sheds it) as the serving router would."""
+    """Places each request on a replica (or sheds it) as the serving router would.
+
+    With prefix caching modelled, each replica's cache summary is exact and current (the router
+    keeps, per routing name, the replicas holding it, updated as they publish and evict): a
+    request's cost on a replica is priced with its expected hit, as ``rank_replicas`` does with the
+    summaries replicas publish (bounded to 512 names, which a default-sized cache never exceeds).
+    """
 
     def __init__(self, replicas: Sequence[SimReplica], cost: CostModel, cfg: RouterConfig) -> None:
         self.replicas, self.cost, self.cfg = list(replicas), cost, cfg
@@ -99,6 +115,12 @@ class Router:
         self.rng = random.Random(cfg.seed)
         self.rr = 0
         n = len(self.replicas)
+        self.holders: dict[str, set[int]] = {}  # routing name -> replicas whose cache holds it
+        self.cached: list[set[str]] = [set() for _ in self.replicas]
+        for rep in self.replicas:
+            if rep.cache is not None and rep.prefix is not None:
+                rep.cache.on_change = self._cache_hook(rep.index, rep.prefix.stride)
+        self.block_tokens = self.replicas[0].prefix.routing_block_tokens if self.replicas[0].prefix else 0
         self.fresh: FreshStates | None = None
         if cfg.uses_table:
             self.fresh = FreshStates(self.replicas, cfg.heartbeat_s, INDEX_TTL_S)
@@ -115,11 +137,59 @@ class Router:
                 r.publish_hook = r.deliver_hook = self._watch
                 self._watch(r, 0.0)
 
+    def _cache_hook(self, i: int, stride: int) -> Callable[[bytes, int, bool], None]:
+        def changed(name: bytes, index: int, published: bool) -> None:
+            if index % stride != stride - 1:
+                return
+            rname = name[:4].hex()
+            if published:
+                self.holders.setdefault(rname, set()).add(i)
+                self.cached[i].add(rname)
+            else:
+                self.cached[i].discard(rname)
+                rows = self.holders.get(rname)
+                if rows is not None:
+                    rows.discard(i)
+                    if not rows:
+                        del self.holders[rname]
+        return changed
+
+    def hits(self, sr: SimRequest) -> dict[int, int]:
+        """Expected hit tokens per replica holding a prefix of ``sr``'s prompt (``expected_hit_tokens``)."""
+        names = sr.routing
+        rows = self.holders.get(names[0]) if names else None
+        if not rows:
+            return {}
+        count = dict.fromkeys(rows, 1)
+        for name in names[1:]:
+            rows = rows & self.holders.get(name, _EMPTY)
+            if not rows:
+                break
+            for i in rows:
+                count[i] += 1
+        bt = self.block_tokens
+        cap = (sr.request.num_prompt_tokens - 1) // bt * bt
+        return {i: min(c * bt, cap) for i, c in count.items()}
+
+    def _costs(self, sr: SimRequest, hits: dict[int, int]) -> float | np.ndarray:
+        """The request's prefill on every replica: one number without a hit anywhere, else one per replica."""
+        n, cost = sr.request.num_prompt_tokens, self.cost
+        base = cost.predict(n)
+        if not hits:
+            return base
+        out = np.full(len(self.replicas), base)
+        for i, h in hits.items():
+            out[i] = cost.predict_suffix(n - h, h)
+        return out
+
     # ------------------------------------------------------------------ choice
     def choose(self, sr: SimRequest, now: float) -> SimReplica | None:
-        """The replica for ``sr`` at ``now``; None when the router sheds it."""
+        """The replica for ``sr`` at ``now``; None when the router sheds it (``sr.cost_s`` becomes its
+        predicted prefill on the chosen replica)."""
         policy = self.cfg.policy
         n = len(self.replicas)
+        if policy == "prefix_affinity":
+            return self._affinity(sr, now)
         if policy == "round_robin":
             rep = self.replicas[self.rr % n]
             self.rr += 1
@@ -133,13 +203,16 @@ class Router:
         cfg = self.cfg
         if self.fresh is not None:  # rows are indices: the zero-padded ids sort alike (rank_replicas' tie-break)
             table = self.fresh.refresh(now)
-            row, shed = table.choose(policy, r.deadline, self.cost.predict(r.num_prompt_tokens), now,
+            costs = self._costs(sr, self.hits(sr)) if sr.routing else self.cost.predict(r.num_prompt_tokens)
+            row, shed = table.choose(policy, r.deadline, costs, now,
                                      sheddable=r.sheddable, margin_s=cfg.slack_margin_frac * r.ttft_slo_s,
                                      allow_shed=cfg.shed, preempt_latency_s=cfg.preempt_latency_s, all_usable=True)
             self.rr += 1
+            sr.cost_s = float(costs[row]) if isinstance(costs, np.ndarray) else costs
             return None if shed else self.replicas[row]
-        loads = self._loads(now)
-        req = PlacementRequest(r.request_id, r.num_prompt_tokens, r.deadline, r.ttft_slo_s, r.sheddable, r.priority)
+        loads = self._loads(now, bool(sr.routing))
+        req = PlacementRequest(r.request_id, r.num_prompt_tokens, r.deadline, r.ttft_slo_s, r.sheddable, r.priority,
+                               sr.routing)
         decision = rank_replicas(policy, req, loads, self.cost, now, self.rr,
                                  margin_s=cfg.slack_margin_frac * r.ttft_slo_s, allow_shed=cfg.shed,
                                  preempt_latency_s=cfg.preempt_latency_s)
@@ -147,6 +220,7 @@ class Router:
         if decision.shed:
             return None
         rep = self.by_id[decision.ranked[0]]
+        sr.cost_s = decision.cost_s
         if cfg.staleness_s > 0:
             self.dispatched[rep.index].append((now, sr.cost_s))
         return rep
@@ -167,7 +241,20 @@ class Router:
             else:
                 self.busy.add(i)
 
-    def _loads(self, now: float) -> list[ReplicaLoad]:
+    def _affinity(self, sr: SimRequest, now: float) -> SimReplica:
+        """Ray Serve LLM's prefix-cache affinity (``router.placement.affinity_order``) on the replicas'
+        current queues and caches."""
+        reps = self.replicas
+        hits = self.hits(sr)
+        n = max(sr.request.num_prompt_tokens, 1)
+        order, _ = affinity_order([len(r.live) - len(r.decoding) for r in reps],
+                                  [r.queued_work_s() for r in reps], [hits.get(i, 0) / n for i in range(len(reps))],
+                                  [len(c) for c in self.cached], [r.replica_id for r in reps])
+        costs = self._costs(sr, hits)
+        sr.cost_s = float(costs[order[0]]) if isinstance(costs, np.ndarray) else costs
+        return reps[order[0]]
+
+    def _loads(self, now: float, with_caches: bool = False) -> list[ReplicaLoad]:
         cfg, stale_mode = self.cfg, self.cfg.staleness_s > 0
         hb, max_age, lag = cfg.heartbeat_s, cfg.max_state_age_s, cfg.staleness_s
         if stale_mode:
@@ -205,7 +292,9 @@ class Router:
                 pub.index = QueueIndex.build(pub.queued, pub.running, pub.running_s, now)
                 pub.built_at = now
             loads.append(ReplicaLoad(rep.replica_id, pub.queued, pub.running, pub.running_s, inflight, age,
-                                     age > max_age, True, pub.index))
+                                     age > max_age, True, pub.index,
+                                     cached=self.cached[i] if with_caches else frozenset(),
+                                     cache_block_tokens=self.block_tokens))
         return loads
 
     def _visible_stale(self, rep: SimReplica, pub: _Published, now: float) -> float:
