@@ -209,7 +209,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     rtr.add_argument("--engine", choices=["echo", "flowprefill"], default="echo",
                      help="echo: model-free replicas (default); flowprefill: the real engine")
     rtr.add_argument("--replicas", type=int, default=2)
-    rtr.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"],
+    rtr.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "prefix_affinity", "pow2"],
                      default="slo_aware")
     rtr.add_argument("--requests", type=int, default=200, help="sequential requests for the overhead")
     rtr.add_argument("--rates", type=float, nargs="+", default=None, help="open-loop rates to try, ascending")

@@ -15,7 +15,7 @@ from typing import Any
 
 from replicas.engine_config import EngineConfig, EngineConfigError
 
-ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "pow2")
+ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "prefix_affinity", "pow2")
 REQUEST_ROUTER_CLASS = "router.request_router.SLOAwareRequestRouter"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from bench.cli import add_engine_args, model_dir
 from bench.cli import register as register_bench_commands
 from bench.stack import ServingStack
+from cluster.app import ROUTER_POLICIES
 
 
 def _local_stack() -> ServingStack:
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--grpc-port", type=int, default=9000)
     srv.add_argument("--policy", choices=["flowprefill", "chunked", "fcfs"], default=None)
-    srv.add_argument("--router-policy", choices=["slo_aware", "round_robin", "least_loaded", "pow2"], default=None)
+    srv.add_argument("--router-policy", choices=list(ROUTER_POLICIES), default=None)
     srv.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: all)")
     srv.add_argument("--engine", choices=["flowprefill", "echo", "vllm"], default=None,
                      help="replica engine kind (default: the config's engine_kind); vllm runs vLLM's server from "
