@@ -26,7 +26,7 @@ from bench.traces import MOONCAKE_BLOCK_TOKENS, Trace, TraceFormatError, TraceRe
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 MOONCAKE = SHARED / "mooncake" / "synthetic_trace.jsonl"
 AZURE_CODE = SHARED / "azure_llm_2023" / "AzureLLMInferenceTrace_code.csv"
-needs_mooncake = pytest.mark.skipif(not MOONCAKE.is_file(), reason=f"{MOONCAKE} not found (shared/ not beside the repo)")
+needs_mooncake = pytest.mark.skipif(not MOONCAKE.is_file(), reason=f"{MOONCAKE} not found (no shared/ beside the repo)")
 needs_azure = pytest.mark.skipif(not AZURE_CODE.is_file(), reason=f"{AZURE_CODE} not found")
 
 
