@@ -15,10 +15,8 @@ a prefix, the prompt's block ids). :func:`load_trace` reads four formats:
     ``hash_ids``; other keys are ignored. Timestamps are converted to seconds but not re-based.
     ``hash_ids`` names the prompt as a list of 512-token blocks (:data:`MOONCAKE_BLOCK_TOKENS`):
     requests whose lists start with the same ids share exactly that prompt prefix, and the last
-    block may be partial, since ``input_length`` is exact. The list must hold exactly
-    ``ceil(input_length / 512)`` distinct non-negative integers, and an id keeps one position in
-    every request (it names a prefix, not a block's content alone); a line without ``hash_ids``
-    shares no prefix. The trace is Apache-2.0; cite Qin et al., "Mooncake: A KVCache-centric
+    block may be partial, since ``input_length`` is exact (checks: :mod:`bench.trace_blocks`); a
+    line without ``hash_ids`` shares no prefix. The trace is Apache-2.0; cite Qin et al., "Mooncake: A KVCache-centric
     Disaggregated Architecture for LLM Serving", FAST'25 (``shared/traces/mooncake/PROVENANCE.md``).
 ``csv``
     Generic CSV with header ``arrival_s,input_tokens,output_tokens`` (extra columns are ignored);
@@ -56,8 +54,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.trace_blocks import MOONCAKE_BLOCK_TOKENS, BlockIdChecker
+
 FORMATS = ("azure", "mooncake", "csv", "jsonl")
-MOONCAKE_BLOCK_TOKENS = 512  # tokens per block of a Mooncake trace's ``hash_ids``
 _AZURE_COLS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _GENERIC_COLS = ("arrival_s", "input_tokens", "output_tokens")
 _MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
@@ -340,39 +339,6 @@ def _json_number(path: Path, line: int, key: str, v: object, integer: bool, mini
     raise TraceFormatError(path, line, key, f"expected {what}, got {json.dumps(v)}", "field")
 
 
-class _HashIds:
-    """Validates Mooncake ``hash_ids`` line by line: their type, their count against ``input_length``,
-    and that an id keeps one position across the file (it names a prefix)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.positions: dict[int, tuple[int, int]] = {}  # id -> (position, first line)
-
-    def parse(self, line: int, v: object, input_length: int) -> tuple[int, ...]:
-        def bad(reason: str) -> TraceFormatError:
-            return TraceFormatError(self.path, line, "hash_ids", reason, "field")
-
-        if not isinstance(v, list):
-            raise bad(f"expected a list of block ids, got {json.dumps(v)}")
-        for k, h in enumerate(v):
-            if isinstance(h, bool) or not isinstance(h, int) or h < 0:
-                raise bad(f"element {k}: expected a non-negative integer block id, got {json.dumps(h)}")
-        need = -(-input_length // MOONCAKE_BLOCK_TOKENS)
-        if len(v) != need:
-            what = "more" if len(v) > need else "fewer"
-            raise bad(f"{len(v)} block ids is {what} than input_length {input_length} needs: "
-                      f"ceil({input_length} / {MOONCAKE_BLOCK_TOKENS}) = {need}")
-        if len(set(v)) != len(v):
-            dup = next(h for k, h in enumerate(v) if h in v[:k])
-            raise bad(f"block id {dup} appears twice (ids name prefixes, so each comes once in a prompt)")
-        for k, h in enumerate(v):
-            pos, first = self.positions.setdefault(h, (k, line))
-            if pos != k:
-                raise bad(f"block id {h} at position {k} was at position {pos} on line {first} "
-                          "(an id names a prefix, so it keeps its position)")
-        return tuple(v)
-
-
 def _json_error(path: Path, line: int, e: json.JSONDecodeError) -> TraceFormatError:
     return TraceFormatError(path, line, None, f"invalid JSON: {e.msg} (column {e.colno})")
 
@@ -380,7 +346,7 @@ def _json_error(path: Path, line: int, e: json.JSONDecodeError) -> TraceFormatEr
 def _load_jsonl(path: Path, text: str, mooncake: bool) -> Trace:
     keys = _MOONCAKE_KEYS if mooncake else _GENERIC_COLS
     out = _Collector(path, keys[0], "field")
-    hashes = _HashIds(path)
+    blocks = BlockIdChecker()
     line = 0
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -397,7 +363,12 @@ def _load_jsonl(path: Path, text: str, mooncake: bool) -> Trace:
         t = _json_number(path, line, keys[0], obj[keys[0]], False, 0)
         inp = int(_json_number(path, line, keys[1], obj[keys[1]], True, 1))
         outp = int(_json_number(path, line, keys[2], obj[keys[2]], True, 0))
-        ids = hashes.parse(line, obj["hash_ids"], inp) if mooncake and "hash_ids" in obj else None
+        ids = None
+        if mooncake and "hash_ids" in obj:
+            try:
+                ids = blocks.check(line, obj["hash_ids"], inp)
+            except ValueError as exc:
+                raise TraceFormatError(path, line, "hash_ids", str(exc), "field") from None
         out.add(line, t, inp, outp, json.dumps(obj[keys[0]]), ids)
     return out.build(max(line, 1), (lambda t: t / 1000.0) if mooncake else float)
 
