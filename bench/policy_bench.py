@@ -167,7 +167,8 @@ class Replays:
         self.count = 0
 
     def _counters(self) -> PrefixCounters | None:
-        return engine_prefix_counters(self.engine.stats().counters)
+        # the engine's live counters where it keeps them there, else its last stats snapshot's
+        return engine_prefix_counters({**self.engine.stats().counters, **getattr(self.engine, "counters", {})})
 
     def __call__(self, scale: float, tag: str) -> dict[str, Any]:
         """Replay at rate ``scale``; the summary, with ``prefix_cache`` (None: the engine counts nothing)."""
