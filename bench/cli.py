@@ -46,6 +46,44 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+PREFIX_MODES = ("unique", "trace", "multiturn")  # bench.shared_prefix.PREFIX_MODES, without importing it here
+
+
+def _fraction(text: str) -> float:
+    """A number or a ratio such as ``1/32`` (an argparse type)."""
+    num, sep, den = text.partition("/")
+    try:
+        return float(num) / float(den) if sep else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a ratio such as 1/32, got {text!r}") from None
+
+
+def add_prefix_args(p: argparse.ArgumentParser) -> None:
+    """``--prefix-mode`` and the multi-turn generator's settings (``bench serve`` and ``bench policies``)."""
+    p.add_argument("--prefix-mode", choices=PREFIX_MODES, default=None,
+                   help="which prompts share prefixes: trace (the trace's hash_ids, Mooncake), multiturn (generated "
+                        "conversations with a shared system prompt, for Azure) or unique (every prompt its own, "
+                        "vLLM without prefix caching); default: trace if the trace has hash_ids, else unique")
+    p.add_argument("--prefix-groups", type=_fraction, default=None, metavar="FRACTION",
+                   help="trace mode: keep this seeded fraction of the prefix groups over the whole trace (Mooncake "
+                        "shares over hundreds of requests; 1/32 leaves ~100 requests, 62%% reusable); then pick the "
+                        "window, e.g. --window-start-s 0")
+    p.add_argument("--multiturn-system-tokens", type=int, default=None,
+                   help="multiturn: system prompt tokens at full length, a multiple of 512 (default 1024)")
+    p.add_argument("--multiturn-continue", type=float, default=None,
+                   help="multiturn: probability that a request long enough continues an open conversation "
+                        "(default 0.5)")
+
+
+def _prefix_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The prefix flags as config fields (flags not given keep the config's defaults)."""
+    out: dict[str, object] = {"prefix_mode": args.prefix_mode}
+    for name in ("prefix_groups", "multiturn_system_tokens", "multiturn_continue"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
+
+
 def _write_json(path: str | None, report: object) -> None:
     """Write a benchmark's JSON report where ``--json`` asked (and say so on stderr)."""
     if path:
@@ -68,7 +106,7 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     cfg = PolicyBenchConfig(
         trace=args.trace, window_start_s=args.window_start_s, window_s=args.window_s, quick=args.quick,
         length_scale=args.length_scale, max_requests=args.max_requests, seed=args.seed,
-        chunk_sizes=tuple(args.chunk_sizes),
+        chunk_sizes=tuple(args.chunk_sizes), **_prefix_settings(args),
         engine={"dtype": args.dtype, "device": args.device, **({"profile": args.profile} if args.profile else {})},
     )
     report = run_policy_bench(cfg, Path(args.model) if args.model else None)
@@ -91,7 +129,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
         vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
-        engine_settings=parse_engine_settings(args.engine_set),
+        engine_settings=parse_engine_settings(args.engine_set), **_prefix_settings(args),
     )
 
     def save(report: dict[str, object]) -> None:  # after each system, and at the end
@@ -182,7 +220,8 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     eng.add_argument("--quick", action="store_true", help="finish within about a minute")
     eng.add_argument("--json", default=None)
     eng.set_defaults(func=_cmd_bench_engine)
-    pol = bsub.add_parser("policies", help="in-process goodput of flowprefill, chunked and fcfs on a trace")
+    pol = bsub.add_parser("policies", help="in-process goodput of flowprefill, chunked and fcfs on a trace "
+                          "(and flowprefill without its prefix cache on shared-prefix traffic)")
     add_engine_args(pol)
     pol.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
     pol.add_argument("--window-start-s", type=float, default=0.0)
@@ -193,6 +232,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     pol.add_argument("--seed", type=int, default=0)
     pol.add_argument("--profile", default=None, help="cost-model JSON (default: cached or profiled now)")
     pol.add_argument("--quick", action="store_true", help="fewer requests and search steps (under 10 minutes)")
+    add_prefix_args(pol)
     pol.add_argument("--json", default=None)
     pol.add_argument("--plot", default=None, help="PNG of attainment against request rate per policy")
     pol.set_defaults(func=_cmd_bench_policies)
@@ -253,7 +293,9 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     sim.set_defaults(func=_cmd_bench_sim)
     bsrv = bsub.add_parser("serve", help="HTTP goodput of FlowPrefill's policies and vLLM, each as a server")
     bsrv.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
-    bsrv.add_argument("--systems", default="flowprefill,chunked,fcfs,vllm", help="comma-separated, in run order")
+    bsrv.add_argument("--systems", default="flowprefill,chunked,fcfs,vllm",
+                      help="comma-separated, in run order: flowprefill, chunked (one per --chunk-sizes), chunked-N, "
+                           "fcfs, flowprefill-nocache (prefix cache off), vllm, flowprefill-vllm")
     bsrv.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
     bsrv.add_argument("--window-start-s", type=float, default=29.0)
     bsrv.add_argument("--window-s", type=float, default=None)
@@ -271,6 +313,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
     bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
     bsrv.add_argument("--quick", action="store_true", help="fewer requests and runs (all systems in ~25 minutes)")
+    add_prefix_args(bsrv)
     bsrv.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
                       help="a FlowPrefill engine setting for every FlowPrefill system (repeatable), e.g. cpu_threads=1")
     bsrv.add_argument("--json", default=None)

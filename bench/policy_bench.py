@@ -14,23 +14,48 @@ for a CPU run, every length-valued setting (reference prompt, class threshold, t
 batching threshold, batch budget and long-prompt chunk) is scaled by the same factor, so the
 pressure stays what it is unscaled; chunk sizes of the ``chunked`` baseline are given as used.
 
-Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024.
+Shared prefixes (``--prefix-mode``, :mod:`bench.shared_prefix`): ``trace`` (the default for a trace
+with block ids, Mooncake) and ``multiturn`` (generated conversations, for Azure) build prompts that
+share exactly the prefixes their block ids say (:meth:`bench.prompts.PromptBuilder.build_shared`),
+and add the configuration ``flowprefill-nocache``: ``flowprefill`` with ``enable_prefix_caching:
+false``, the same trace with the engine's cache off. ``unique`` (the default otherwise) keeps
+today's prompts. Every replay sends new prompts with the same sharing (a new block namespace, or
+in ``unique`` mode a new first token, :func:`bench.replay.fresh_prompts`), so the cache keeps
+nothing from one replay that the next could hit; warm-up uses run 0's. Each replay's prefix-cache
+hit rate comes from the engine's counters (``prefix_queried_tokens``, ``prefix_hit_tokens``;
+unknown when the engine keeps none) and is reported beside the goodput, at the goodput rate.
+
+Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024; Mooncake
+(Apache-2.0), Qin et al., "Mooncake: A KVCache-centric Disaggregated Architecture for LLM Serving", FAST'25.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from bench.multiturn import MultiTurnConfig
+from bench.prefix_stats import PrefixCounters, engine_prefix_counters, format_hit_rate, total
+from bench.prompts import PromptBuilder
 from bench.rate_search import search_rate_scale
-from bench.replay import ReplayRequest, make_prompts, replay, summarize
+from bench.replay import ReplayRequest, fresh_prompts, make_prompts, replay, summarize
+from bench.shared_prefix import (
+    PREFIX_MODES,
+    apply_prefix_mode,
+    resolve_prefix_mode,
+    reusable_fraction,
+    sample_prefix_groups,
+)
 from bench.slo_classes import DEFAULT_REF_TOKENS, LengthRule, assign_classes, classes_for_predictor, ttft_slo_for
 from bench.traces import Trace, load_trace
 from replicas.engine import ReplicaEngine
 from replicas.engine_config import EngineConfig
+
+NOCACHE = "flowprefill-nocache"
 
 
 @dataclass
@@ -48,20 +73,42 @@ class PolicyBenchConfig:
     refine_steps: int = 2
     quick: bool = False
     engine: dict[str, Any] = field(default_factory=dict)  # extra EngineConfig settings
+    prefix_mode: str | None = None  # unique | trace | multiturn; None: trace if the trace has block ids
+    multiturn_system_tokens: int = MultiTurnConfig.system_prompt_tokens  # full-length tokens
+    multiturn_continue: float = MultiTurnConfig.continue_probability
+    prefix_groups: float = 1.0  # trace mode: keep this fraction of the prefix groups (whole trace, seeded)
 
     def __post_init__(self) -> None:
+        if self.prefix_mode is not None and self.prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"--prefix-mode: expected one of {', '.join(PREFIX_MODES)}, got {self.prefix_mode!r}")
+        try:
+            self.multiturn()
+        except ValueError as exc:
+            raise ValueError(f"--multiturn-*: {exc}") from None
+        if not 0.0 < self.prefix_groups <= 1.0:
+            raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
         if self.quick:  # under 10 minutes on 2 cores: fewer requests, two chunk sizes, no bisection
             self.max_requests = min(self.max_requests, 16)
             self.refine_steps = 0
             self.chunk_sizes = self.chunk_sizes[-2:]
 
+    def multiturn(self) -> MultiTurnConfig:
+        """The multi-turn generator's settings (``--prefix-mode multiturn``)."""
+        return MultiTurnConfig(system_prompt_tokens=self.multiturn_system_tokens,
+                               continue_probability=self.multiturn_continue, seed=self.seed)
+
 
 def build_workload(cfg: PolicyBenchConfig, tokenizer: object, predict: Any) -> tuple[list[ReplayRequest], Trace]:  # noqa: ANN401
-    """The trace window, scaled, with prompts and per-request SLOs (seeded, deterministic)."""
+    """The trace window, scaled, with run 0's prompts and per-request SLOs (seeded, deterministic).
+
+    The trace returned has block ids when prompts share prefixes (see :func:`workload_prompts`)."""
     trace = load_trace(cfg.trace)
+    mode = resolve_prefix_mode(cfg.prefix_mode, trace)
+    trace = sample_prefix_groups(trace, cfg.prefix_groups, cfg.seed) if cfg.prefix_groups < 1 else trace
     if cfg.window_s is not None:
         trace = trace.window(cfg.window_start_s, cfg.window_s)
-    trace = trace.head(cfg.max_requests).scale_lengths(cfg.length_scale, max_output=cfg.max_output_tokens)
+    trace = apply_prefix_mode(trace.head(cfg.max_requests), mode, cfg.multiturn())
+    trace = trace.scale_lengths(cfg.length_scale, max_output=cfg.max_output_tokens)
     if len(trace) < 2:
         raise ValueError(f"trace window holds {len(trace)} requests; widen --window-s")
     first = trace.requests[0].arrival_s
@@ -70,7 +117,7 @@ def build_workload(cfg: PolicyBenchConfig, tokenizer: object, predict: Any) -> t
     by_name = {c.name: c for c in classes}
     rule = LengthRule().scaled(cfg.length_scale)
     names = assign_classes(trace, classes, seed=cfg.seed, rule=rule)
-    prompts = make_prompts(tokenizer, [r.input_tokens for r in trace.requests])
+    prompts = workload_prompts(tokenizer, trace, cfg.seed, 0)
     requests = [
         ReplayRequest(r.arrival_s - first, prompt, max(r.output_tokens, 1), by_name[name],
                       ttft_slo_for(r.input_tokens, by_name[name], predict))
@@ -79,13 +126,28 @@ def build_workload(cfg: PolicyBenchConfig, tokenizer: object, predict: Any) -> t
     return requests, trace
 
 
-def policy_configs(cfg: PolicyBenchConfig) -> dict[str, dict[str, Any]]:
-    """Engine settings per compared configuration (length settings scaled like the trace)."""
+def workload_prompts(tokenizer: object, trace: Trace, seed: int, run: int,
+                     base: list[list[int]] | None = None) -> list[list[int]]:
+    """The prompts of replay ``run``: sharing the trace's block ids (block namespace ``run``) when it
+    has them, else :func:`bench.replay.make_prompts`'s unique ones (``base`` when given) made new
+    for the run by :func:`bench.replay.fresh_prompts`."""
+    if trace.has_prefixes:
+        builder = PromptBuilder(tokenizer, seed, add_special_tokens=False)  # type: ignore[arg-type]
+        return [list(builder.build_shared(i, r.input_tokens, r.hash_ids, trace.block_tokens, namespace=run).token_ids)
+                for i, r in enumerate(trace.requests)]
+    return fresh_prompts(tokenizer, base or make_prompts(tokenizer, [r.input_tokens for r in trace.requests]), run)
+
+
+def policy_configs(cfg: PolicyBenchConfig, nocache: bool = False) -> dict[str, dict[str, Any]]:
+    """Engine settings per compared configuration (length settings scaled like the trace); with
+    ``nocache`` (shared-prefix traffic), ``flowprefill-nocache`` second: flowprefill with its prefix cache off."""
     f = cfg.length_scale
     scaled = {"short_threshold": max(int(2048 * f), 1), "batch_token_budget": max(int(8192 * f), 1),
               "chunk_tokens": max(int(8192 * f), 1)}
-    out = {"flowprefill": {"policy": "flowprefill", "granularity": "block", **scaled},
-           "fcfs": {"policy": "fcfs", "granularity": "none", **scaled}}
+    out = {"flowprefill": {"policy": "flowprefill", "granularity": "block", **scaled}}
+    if nocache:
+        out[NOCACHE] = {**out["flowprefill"], "enable_prefix_caching": False}
+    out["fcfs"] = {"policy": "fcfs", "granularity": "none", **scaled}
     for c in cfg.chunk_sizes:
         out[f"chunked-{c}"] = {"policy": "chunked", "granularity": "none", "policy_chunk_tokens": c, **scaled}
     return out
@@ -95,27 +157,61 @@ def _scaled(requests: list[ReplayRequest], rate_scale: float) -> list[ReplayRequ
     return [replace(r, arrival_s=r.arrival_s / rate_scale) for r in requests]
 
 
-def find_goodput(engine: ReplicaEngine, requests: list[ReplayRequest], base_rate: float, cfg: PolicyBenchConfig,
-                 bar: tqdm, start_scale: float) -> dict[str, Any]:
+class Replays:
+    """One engine's replays of the workload: replay ``k`` (1, 2, ...) sends ``prompts_for(k)`` (the
+    same prompts every time when None) and records its prefix-cache counts from the engine."""
+
+    def __init__(self, engine: ReplicaEngine, requests: list[ReplayRequest],
+                 prompts_for: Callable[[int], list[list[int]]] | None = None) -> None:
+        self.engine, self.requests, self.prompts_for = engine, requests, prompts_for
+        self.count = 0
+
+    def _counters(self) -> PrefixCounters | None:
+        # the engine's live counters where it keeps them there, else its last stats snapshot's
+        return engine_prefix_counters({**self.engine.stats().counters, **getattr(self.engine, "counters", {})})
+
+    def __call__(self, scale: float, tag: str) -> dict[str, Any]:
+        """Replay at rate ``scale``; the summary, with ``prefix_cache`` (None: the engine counts nothing)."""
+        self.count += 1
+        prompts = self.prompts_for(self.count) if self.prompts_for else [r.prompt_ids for r in self.requests]
+        reqs = [replace(r, prompt_ids=p, arrival_s=r.arrival_s / scale) for r, p in zip(self.requests, prompts)]
+        before = self._counters()
+        summary = summarize(replay(self.engine, reqs, drain_s=30 + 3 * self.requests[-1].arrival_s / scale, tag=tag))
+        after = self._counters()
+        summary["prefix_cache"] = None if after is None else after.since(before).to_dict()
+        return summary
+
+
+def _counts(point: dict[str, Any]) -> PrefixCounters | None:
+    c = point.get("prefix_cache")
+    return None if c is None else PrefixCounters(c["queried_tokens"], c["hit_tokens"], c["evictions"])
+
+
+def find_goodput(replays: Replays, base_rate: float, cfg: PolicyBenchConfig, bar: tqdm,
+                 start_scale: float) -> dict[str, Any]:
     """Step the rate by 1.5x (3x when far below the goal) from ``start_scale`` until attainment crosses 90%,
     then bisect geometrically.
 
-    Returns the goodput and every point measured.
+    Returns the goodput, the prefix-cache hit rate at it (over every replay when no rate passed;
+    None when unknown) and every point measured.
     """
     points: dict[float, dict[str, Any]] = {}
-    span = requests[-1].arrival_s
 
     def measure(scale: float) -> float:
-        results = replay(engine, _scaled(requests, scale), drain_s=30 + 3 * span / scale, tag=f"s{scale:g}")
-        summary = summarize(results)
+        summary = replays(scale, f"s{scale:g}")
         summary["rate_rps"] = scale * base_rate
         points[scale] = summary
         bar.update(1)
-        bar.set_postfix(scale=f"{scale:.3g}", attain=f"{summary['attainment']:.2f}")
+        hit = (summary["prefix_cache"] or {}).get("hit_rate")
+        bar.set_postfix(scale=f"{scale:.3g}", attain=f"{summary['attainment']:.2f}",
+                        **({"hit": f"{hit:.0%}"} if hit is not None else {}))
         return summary["attainment"]
 
     good, _ = search_rate_scale(measure, start_scale, max_steps=8, refine_steps=cfg.refine_steps)
-    return {"goodput": good * base_rate, "goodput_scale": good, "points": {f"{k:g}": v for k, v in points.items()}}
+    counted = total([_counts(points[good])] if good in points else [_counts(p) for p in points.values()])
+    return {"goodput": good * base_rate, "goodput_scale": good,
+            "prefix_hit_rate": None if counted is None else counted.hit_rate,
+            "points": {f"{k:g}": v for k, v in points.items()}}
 
 
 def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> dict[str, Any]:
@@ -129,6 +225,11 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
 
     model_dir = model_dir or prepare_default_model()
     base = EngineConfig(model=str(model_dir), **cfg.engine)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    mode = resolve_prefix_mode(cfg.prefix_mode, load_trace(cfg.trace))
+    configs = policy_configs(cfg, nocache=mode != "unique")  # flowprefill first: its goodput is the common rate
+    for name, settings in configs.items():  # a setting the engine does not know fails now, named, not mid-run
+        EngineConfig.from_dict({**cfg.engine, **settings}, prefix=f"bench policies {name}")
 
     def load() -> tuple[DecoderModel, CostModel]:
         model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
@@ -136,8 +237,15 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
 
     # not on this thread: each engine computes on a thread of its own (see replicas.compute_thread)
     model, cost = run_on_fresh_thread(load)
-    tokenizer = Tokenizer.from_dir(model_dir)
     requests, trace = build_workload(cfg, tokenizer, cost.predict)
+    base_prompts = [r.prompt_ids for r in requests]
+    runs: dict[int, list[list[int]]] = {}
+
+    def prompts_for(run: int) -> list[list[int]]:  # the same prompts for replay k of every configuration
+        if run not in runs:
+            runs[run] = workload_prompts(tokenizer, trace, cfg.seed, run, base_prompts)
+        return runs[run]
+
     base_rate = len(requests) / max(requests[-1].arrival_s, 1e-9)
     # Start each search near 70% predicted utilisation so replays are neither idle nor hopeless.
     work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)
@@ -146,22 +254,22 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
         "trace": cfg.trace, "window_requests": len(requests), "base_rate_rps": base_rate,
         "length_scale": cfg.length_scale, "config": asdict(cfg), "cost_model_fit_error": cost.fit_error,
         "slo_classes": sorted({(r.slo_class.name, round(r.slo_class.ttft_slo_s, 4)) for r in requests}),
+        "prefix_mode": mode, "block_tokens": trace.block_tokens, "reusable_token_fraction": reusable_fraction(trace),
         "policies": [],
     }
-    configs = policy_configs(cfg)  # flowprefill first: its goodput is the common rate for the table
     common: float | None = None
     with tqdm(total=len(configs) * (3 + cfg.refine_steps), desc="bench policies", unit="replay") as bar:
         for name, settings in configs.items():
+            bar.set_description(f"bench policies: {name}")
             engine = ReplicaEngine(replace(base, **settings), model=model, tokenizer=tokenizer, cost_model=cost)
             engine.start()
             try:
                 replay(engine, _scaled(requests[:3], 100.0), drain_s=60, tag="warmup")  # first-call costs
-                result = find_goodput(engine, requests, base_rate, cfg, bar, start_scale)
+                replays = Replays(engine, requests, prompts_for)
+                result = find_goodput(replays, base_rate, cfg, bar, start_scale)
                 common = common or result["goodput_scale"] or None
                 if common and f"{common:g}" not in result["points"]:
-                    at = summarize(replay(engine, _scaled(requests, common), drain_s=30 + 3 * requests[-1].arrival_s
-                                          / common, tag="common"))
-                    result["points"][f"{common:g}"] = {**at, "rate_rps": common * base_rate}
+                    result["points"][f"{common:g}"] = {**replays(common, "common"), "rate_rps": common * base_rate}
                 result["common_scale"] = common
                 passes = engine.scheduler.pass_stats()
                 result.update(policy=name, settings=settings, preemptions=engine.counters["preemptions"],
@@ -177,12 +285,17 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """Goodput table, with attainment per class at a common rate (the flowprefill goodput scale)."""
+    """Goodput and prefix-cache hit rate table, with attainment per class at a common rate (the
+    flowprefill goodput scale)."""
     rows = report["policies"]
     common = rows[0].get("common_scale") if rows else None
     print(f"\n{report['trace']}: {report['window_requests']} requests, base rate {report['base_rate_rps']:.2f} req/s, "
           f"lengths x{report['length_scale']:g}")
-    print(f"{'policy':>14} {'goodput r/s':>12} {'p50 TTFT s':>11} {'p99 TTFT s':>11} {'preempt':>8} "
+    if report.get("prefix_mode"):
+        print(f"prefix mode {report['prefix_mode']}: {report.get('reusable_token_fraction', 0.0):.1%} of prompt "
+              "tokens reusable within a replay (unbounded cache); hit % at each goodput rate")
+    w = max([14, *(len(r["policy"]) for r in rows)])
+    print(f"{'policy':>{w}} {'goodput r/s':>12} {'hit %':>6} {'p50 TTFT s':>11} {'p99 TTFT s':>11} {'preempt':>8} "
           f"{'sched p50 ms':>13}  attainment per class at scale {common if common is None else f'{common:.3g}'}")
     for r in rows:
         pts = r["points"]
@@ -192,8 +305,8 @@ def print_report(report: dict[str, Any]) -> None:
         sched = r["scheduling_pass"].get("median_s", float("nan")) * 1000
         p50 = at["ttft_p50_s"] if at["ttft_p50_s"] is not None else float("nan")
         p99 = at["ttft_p99_s"] if at["ttft_p99_s"] is not None else float("nan")
-        print(f"{r['policy']:>14} {r['goodput']:>12.3f} {p50:>11.3f} {p99:>11.3f} {r['preemptions']:>8} "
-              f"{sched:>13.3f}  {per_class}")
+        print(f"{r['policy']:>{w}} {r['goodput']:>12.3f} {format_hit_rate(r.get('prefix_hit_rate'))} {p50:>11.3f} "
+              f"{p99:>11.3f} {r['preemptions']:>8} {sched:>13.3f}  {per_class}")
     deep = report.get("scheduling_pass_1000_waiting")
     if deep:
         print(f"scheduling pass with {deep['n_waiting']} waiting ({deep['policy']}): median "

@@ -1,4 +1,4 @@
-"""Unique prompts of exact token lengths for the HTTP benchmark.
+"""Prompts of exact token lengths for the benchmarks: unique ones, or ones that share prefixes.
 
 A prompt of ``n`` tokens is built from English words that each encode, with their leading space,
 to exactly one token of the model's tokenizer. Byte-level BPE tokenizers (Llama 3, Qwen, SmolLM2,
@@ -10,6 +10,18 @@ Each prompt is unique from its first tokens on: its first words spell the reques
 ``len(pool)``, and the rest is drawn by a generator seeded with ``(seed, index)``. Servers with
 prefix caching therefore share no cached block between two prompts, and the same seed gives the
 same prompts on every run and for every system.
+
+Shared prefixes (:meth:`PromptBuilder.build_shared`): a request names its prompt as block ids
+(Mooncake ``hash_ids``, or the multi-turn generator's, see :mod:`bench.traces`), each block
+``block_tokens`` words drawn by a generator seeded with ``(seed, namespace, block id)``; the
+prompt is the first words of its blocks laid end to end, then words of its own (seeded with the
+request index) if its blocks run out. Since every word is one token, prompts whose block ids
+start alike share exactly those leading tokens, in the text and in the ids; distinct blocks are
+drawn independently, so prompts stay apart from the first differing block on (two different
+blocks share a first word with probability ``1 / len(pool)``, a whole block practically never).
+The ids are checked against the tokenizer's encoding of the text, so both forms are the same
+prompt. A new ``namespace`` gives every block new words: a benchmark uses one per measured run, so
+a server's cache keeps nothing from one run that the next could hit.
 
 A :class:`Prompt` carries both the text and the token ids, so a load generator can send either
 (``prompt: "..."`` or ``prompt: [ids]``; both are OpenAI ``/v1/completions`` forms).
@@ -74,7 +86,8 @@ class Prompt:
 
 
 class PromptBuilder:
-    """Builds unique prompts of exact token lengths for one tokenizer (see the module docstring)."""
+    """Builds prompts of exact token lengths for one tokenizer, unique (:meth:`build`) or sharing
+    prefixes by block ids (:meth:`build_shared`); see the module docstring."""
 
     def __init__(self, tokenizer: _Tokenizer, seed: int = 0, *, add_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -87,6 +100,8 @@ class PromptBuilder:
         self.pool = pool
         # Tokens the server adds around any text (a BOS, say): subtracted from the word budget.
         self.special = len(self._encode("")) if add_special_tokens else 0
+        self._word_ids = [tokenizer.encode(" " + w)[0] for w in pool]
+        self._blocks: dict[tuple[int, int, int], list[int]] = {}  # (namespace, id, size) -> word indices
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
@@ -126,6 +141,49 @@ class PromptBuilder:
                 raise ValueError(f"cannot build a {num_tokens}-token prompt for request {index}: "
                                  f"its text re-tokenizes to {len(ids)} tokens")
         return Prompt(text, tuple(ids))
+
+    def build_shared(self, index: int, num_tokens: int, hash_ids: Sequence[int] | None, block_tokens: int | None,
+                     *, namespace: int = 0) -> Prompt:
+        """The prompt of request ``index``: ``num_tokens`` tokens, the first words of the blocks
+        ``hash_ids`` names (``block_tokens`` words each), then words of its own if they run out.
+
+        ``hash_ids`` None: the whole prompt is the request's own. Raises ``ValueError`` for a length
+        below the server's own tokens plus one, or a tokenizer whose encoding of the text differs
+        from the words' ids (the prefixes could not be exact).
+        """
+        if index < 0:
+            raise ValueError(f"index must be >= 0, got {index}")
+        need = num_tokens - self.special
+        if need < 1:
+            raise ValueError(f"num_tokens must be >= {self.special + 1} for this tokenizer, got {num_tokens}")
+        if hash_ids is not None and (block_tokens is None or block_tokens < 1):
+            raise ValueError(f"block ids need a positive block_tokens, got {block_tokens!r}")
+        words: list[int] = []
+        for h in hash_ids or ():
+            if len(words) >= need:
+                break
+            words += self._block(namespace, h, block_tokens or 1)
+        del words[need:]
+        if len(words) < need:
+            rng = random.Random(f"{self.seed}:{namespace}:own:{index}")
+            words += [rng.randrange(len(self.pool)) for _ in range(need - len(words))]
+        text = " " + " ".join(self.pool[w] for w in words)
+        ids = self._encode(text)
+        expected = [self._word_ids[w] for w in words]
+        extra = len(ids) - len(expected)  # the server's own tokens, around the words
+        if len(ids) != num_tokens or not any(ids[s:s + len(expected)] == expected for s in range(extra + 1)):
+            raise ValueError(f"the tokenizer does not encode the pool's words one token each in request {index}'s "
+                             "prompt: shared prefixes would not be exact")
+        return Prompt(text, tuple(ids))
+
+    def _block(self, namespace: int, block_id: int, size: int) -> list[int]:
+        """Word indices of one block, drawn once per ``(seed, namespace, id)``."""
+        key = (namespace, block_id, size)
+        words = self._blocks.get(key)
+        if words is None:
+            rng = random.Random(f"{self.seed}:{namespace}:block:{block_id}")
+            words = self._blocks[key] = [rng.randrange(len(self.pool)) for _ in range(size)]
+        return words
 
     def _repair(self, text: str, ids: list[int], num_tokens: int) -> list[int]:
         if len(ids) > num_tokens:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -42,6 +43,28 @@ def make_prompts(tokenizer: object, lengths: Sequence[int]) -> list[list[int]]:
     tiled = base * (max(lengths, default=1) // len(base) + 2)
     offsets = [(7 * i) % len(base) for i in range(len(lengths))]  # distinct prompts, no shared prefix
     return [tiled[off : off + n] for off, n in zip(offsets, lengths)]
+
+
+def fresh_prompts(tokenizer: object, prompts: Sequence[list[int]], run: int) -> list[list[int]]:
+    """:func:`make_prompts`'s prompts for replay ``run``: as they are for run 0; for a later run each
+    one's first token is replaced by a marker of that run, so no two runs share a prefix (a prefix
+    cache keeps nothing from one replay that the next could hit) and lengths stay the same.
+
+    Markers are distinct tokens that start no run-0 prompt: the corpus's tokens first, then the
+    vocabulary's ids in order.
+    """
+    if run == 0:
+        return [list(p) for p in prompts]
+    seen = {p[0] for p in prompts if p}  # run 0's first tokens, then each marker taken
+    count = 0
+    for t in chain(tokenizer.encode(_CORPUS), range(int(getattr(tokenizer, "vocab_size", 0)))):  # type: ignore[attr-defined]
+        if t in seen:
+            continue
+        seen.add(t)
+        count += 1
+        if count == run:
+            return [[t, *p[1:]] for p in prompts]
+    raise ValueError(f"no marker token left for replay {run}")
 
 
 @dataclass(frozen=True)

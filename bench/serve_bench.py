@@ -32,14 +32,25 @@ prefill; ``chunked-N`` can also be named directly. vLLM runs with BASELINES.md's
 The report ends with FlowPrefill's goodput ratio to vLLM and to its best own baseline (the best
 of ``fcfs`` and every ``chunked-N``), in the JSON under ``comparison``.
 
-Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024.
+Shared prefixes (``--prefix-mode``, :mod:`bench.shared_prefix`): ``trace`` replays the trace's
+block ids (Mooncake ``hash_ids``; the default for such a trace), ``multiturn`` generates
+conversations on the window (:mod:`bench.multiturn`; for Azure), ``unique`` (the default for a
+trace without ids) keeps every prompt unique, today's comparison with vLLM's prefix caching off.
+In a shared-prefix mode vLLM runs at its defaults, prefix caching on, and FlowPrefill's engines
+with their own settings (``flowprefill-nocache`` is ``flowprefill`` with its cache off). Every
+measured run sends new prompts with the same sharing (:mod:`bench.serve_workload`), so nothing
+cached by one run is hit by the next. Each system's prefix-cache hit rate is read from its own
+``/metrics`` before and after every run (:mod:`bench.prefix_stats`) and reported beside its
+goodput, at the goodput rate (None when the server exports no such counters), together with the
+window's reusable token fraction (what an unbounded cache could hit).
+
+Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024; Mooncake
+(Apache-2.0), Qin et al., "Mooncake: A KVCache-centric Disaggregated Architecture for LLM Serving", FAST'25.
 """
 
 from __future__ import annotations
 
-import math
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -50,27 +61,27 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
-from bench.prompts import PromptBuilder, max_tokens_for
+from bench.multiturn import MultiTurnConfig
+from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
 from bench.rate_search import find_goodput
 from bench.serve_compare import format_comparison, goodput_comparison
+from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning  # noqa: F401 - re-exported
 from bench.servers import (
     CHUNKED_PREFIX,
     FLOWPREFILL_SYSTEMS,
+    NOCACHE,
     ManagedServer,
     ServerStartError,
     check_engine_settings,
+    metrics_text,
     serve_app_args,
     server_spec,
     split_system,
     vllm_available,
 )
-from bench.slo_classes import THREE_TIER_RULE, assign_classes
-from bench.traces import Trace, load_trace
+from bench.shared_prefix import PREFIX_MODES
 from replicas.vllm_process import CPU_LIST
 from router.slo import SLOClass
-
-IDLE_GAP_FRACTION = 0.25  # an idle gap longer than this share of the window ...
-IDLE_GAP_VS_MEDIAN = 10.0  # ... and this many median gaps gets a warning
 
 
 @dataclass
@@ -100,6 +111,10 @@ class ServeBenchConfig:
     log_dir: str = "out/serve-bench"
     quick: bool = False
     engine_settings: dict[str, Any] = field(default_factory=dict)  # FlowPrefill engine settings on top
+    prefix_mode: str | None = None  # unique | trace | multiturn; None: trace if the trace has block ids
+    multiturn_system_tokens: int = MultiTurnConfig.system_prompt_tokens  # full-length tokens
+    multiturn_continue: float = MultiTurnConfig.continue_probability
+    prefix_groups: float = 1.0  # trace mode: keep this fraction of the prefix groups (whole trace, seeded)
 
     def __post_init__(self) -> None:
         if not self.chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
@@ -109,6 +124,18 @@ class ServeBenchConfig:
         if self.prompt_format not in ("text", "ids"):
             raise ValueError(f"prompt_format must be text or ids, got {self.prompt_format!r}")
         check_engine_settings(self.engine_settings)
+        if NOCACHE in self.systems:  # refused now, by name, if the engine has no such setting
+            from replicas.engine_config import EngineConfig
+
+            EngineConfig.from_dict({**self.engine_settings, "enable_prefix_caching": False}, prefix=NOCACHE)
+        if self.prefix_mode is not None and self.prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"--prefix-mode: expected one of {', '.join(PREFIX_MODES)}, got {self.prefix_mode!r}")
+        try:
+            self.multiturn()
+        except ValueError as exc:
+            raise ValueError(f"--multiturn-*: {exc}") from None
+        if not 0.0 < self.prefix_groups <= 1.0:
+            raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
         if not CPU_LIST.match(self.vllm_threads_bind):
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
         if self.quick:  # the default six servers in about 25 minutes on 2 cores
@@ -116,6 +143,11 @@ class ServeBenchConfig:
             self.max_output_tokens = min(self.max_output_tokens, 8)
             self.max_runs, self.refine_steps, self.repeats = min(self.max_runs, 4), min(self.refine_steps, 1), 0
             self.max_run_s = min(self.max_run_s, 60.0)
+
+    def multiturn(self) -> MultiTurnConfig:
+        """The multi-turn generator's settings (``--prefix-mode multiturn``)."""
+        return MultiTurnConfig(system_prompt_tokens=self.multiturn_system_tokens,
+                               continue_probability=self.multiturn_continue, seed=self.seed)
 
 
 def expand_systems(systems: tuple[str, ...], chunk_sizes: tuple[int, ...]) -> tuple[str, ...]:
@@ -147,46 +179,9 @@ def slo_classes(config: str | None = None) -> tuple[SLOClass, ...]:
 
 
 def build_requests(cfg: ServeBenchConfig, tokenizer: Any, classes: tuple[SLOClass, ...]) -> list[LoadRequest]:  # noqa: ANN401
-    """The trace window at rate scale 1: scaled lengths, unique prompts, classes and SLOs."""
-    trace = load_trace(cfg.trace)
-    if cfg.window_start_s or cfg.window_s is not None:
-        span = cfg.window_s if cfg.window_s is not None else math.inf
-        trace = trace.window(cfg.window_start_s, span if math.isfinite(span) else 1e12)
-    trace = trace.head(cfg.max_requests).scale_lengths(cfg.length_scale)
-    if len(trace) < 2:
-        raise ValueError(f"the trace window holds {len(trace)} requests; move or widen it")
-    warning = idle_gap_warning(trace)
-    if warning:
-        print(f"bench serve: WARNING: {warning}", file=sys.stderr, flush=True)
-    names = assign_classes(trace, classes, seed=cfg.seed, rule=THREE_TIER_RULE.scaled(cfg.length_scale))
-    by_name = {c.name: c for c in classes}
-    builder = PromptBuilder(tokenizer, cfg.seed)
-    first = trace.requests[0].arrival_s
-    out = []
-    for i, (r, name) in enumerate(zip(trace.requests, names)):
-        p = builder.build(i, max(r.input_tokens, builder.special + 1))
-        prompt: str | tuple[int, ...] = p.text if cfg.prompt_format == "text" else p.token_ids
-        c = by_name[name]
-        out.append(LoadRequest(r.arrival_s - first, prompt, p.num_tokens, max_tokens_for(r.output_tokens,
-                                                                                            cfg.max_output_tokens),
-                               c.name, c.priority, c.ttft_slo_s))
-    return out
-
-
-def idle_gap_warning(trace: Trace, max_fraction: float = IDLE_GAP_FRACTION,
-                     vs_median: float = IDLE_GAP_VS_MEDIAN) -> str | None:
-    """A warning when one idle gap takes more than ``max_fraction`` of the window and is over
-    ``vs_median`` times the median gap: rates are then averages over the gap, and the bursts on
-    either side arrive far faster than the rate says."""
-    gap, i = trace.longest_gap()
-    span = trace.duration_s
-    arrivals = [r.arrival_s for r in trace.requests]
-    typical = statistics.median(b - a for a, b in zip(arrivals, arrivals[1:])) if len(arrivals) > 1 else 0.0
-    if span <= 0 or gap <= max_fraction * span or gap <= vs_median * typical:
-        return None
-    return (f"the window has an idle gap of {gap:.1f} s before request {i} ({gap / span:.0%} of its {span:.1f} s): "
-            f"request rates average over it; pick a window without it (--max-requests {i}, --window-start-s, "
-            f"--window-s)")
+    """The trace window at rate scale 1: scaled lengths, prompts (run 0), classes and SLOs
+    (see :mod:`bench.serve_workload`)."""
+    return build_workload(cfg, tokenizer, classes).requests(0)
 
 
 def at_scale(requests: list[LoadRequest], scale: float) -> list[LoadRequest]:
@@ -230,10 +225,27 @@ def _warm_prompt(prompt: str | tuple[int, ...], i: int) -> str | tuple[int, ...]
     return f" warm{i}{prompt}" if isinstance(prompt, str) else (prompt[-1], *prompt[:-1])
 
 
-def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest], model_dir: Path, model_name: str,
+def _prefix_counters(base_url: str) -> PrefixCounters | None:
+    """The server's prefix-cache counters now, None when it exports none or does not answer."""
+    try:
+        return prefix_counters_from_metrics(metrics_text(base_url, timeout_s=5.0))
+    except OSError:
+        return None
+
+
+def _hit_rate(runs: list[PrefixCounters | None]) -> float | None:
+    counted = total(runs)
+    return None if counted is None else counted.hit_rate
+
+
+def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, model_dir: Path, model_name: str,
                  start: float | None, bar: tqdm) -> dict[str, Any]:
-    """Start ``system``, search its goodput, stop it; the report entry (``error`` set on failure)."""
-    entry: dict[str, Any] = {"system": system, "goodput": None, "goodput_scale": None, "points": [], "error": None}
+    """Start ``system``, search its goodput, stop it; the report entry (``error`` set on failure).
+
+    Warm-up and the start-scale probe send run 0's prompts; measured run ``k`` sends run ``k``'s,
+    with the server's prefix-cache counters read before and after it."""
+    entry: dict[str, Any] = {"system": system, "goodput": None, "goodput_scale": None, "prefix_hit_rate": None,
+                             "points": [], "error": None}
     kind, chunk = split_system(system)
     if chunk is not None:
         entry["chunk_tokens"] = chunk
@@ -244,12 +256,15 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
             entry["error"] = f"skipped: {why}"
             return entry
     log_dir = Path(cfg.log_dir)
-    engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if kind in FLOWPREFILL_SYSTEMS else None
+    ours = kind in FLOWPREFILL_SYSTEMS or kind == NOCACHE
+    engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if ours else None
     spec = server_spec(kind, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=chunk or 256,
                        vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill,
-                       threads_bind=cfg.vllm_threads_bind)
+                       threads_bind=cfg.vllm_threads_bind, prefix_caching=workload.shared)
     entry["command"] = spec.argv
     results: dict[float, list[list[RequestResult]]] = {}
+    prefix: dict[float, list[PrefixCounters | None]] = {}
+    requests = workload.requests(0)
     base_rate = len(requests) / requests[-1].arrival_s
     bar.set_description(f"{system}: starting")
     try:
@@ -264,12 +279,17 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
 
             def measure(scale: float) -> float:
                 bar.set_description(f"{system}: {scale * base_rate:.2f} req/s")
-                res = run_load_sync(load, at_scale(requests, scale))
+                run = sum(len(v) for v in results.values()) + 1
+                before = _prefix_counters(spec.base_url)
+                res = run_load_sync(load, at_scale(workload.requests(run), scale))
                 results.setdefault(scale, []).append(res)
                 att = summarize(res)["attainment"]
                 bar.update(1)
-                bar.set_postfix(attain=f"{att:.2f}")
                 time.sleep(1.0)  # let cancelled requests leave the server before the next run
+                after = _prefix_counters(spec.base_url)
+                prefix.setdefault(scale, []).append(None if after is None else after.since(before))
+                hit = _hit_rate(prefix[scale][-1:])
+                bar.set_postfix(attain=f"{att:.2f}", **({"hit": f"{hit:.0%}"} if hit is not None else {}))
                 return att
 
             floor = float(f"{requests[-1].arrival_s / cfg.max_run_s:.3g}")
@@ -281,10 +301,17 @@ def bench_system(system: str, cfg: ServeBenchConfig, requests: list[LoadRequest]
         entry["error"] = str(exc)
         return entry
     entry.update(goodput=good * base_rate, goodput_scale=good)
+    # the hit rate at the goodput rate; over every run when no rate passed
+    entry["prefix_hit_rate"] = _hit_rate(prefix[good] if good in prefix else [c for v in prefix.values() for c in v])
+    counted = total(c for v in prefix.values() for c in v)
+    entry["prefix_cache"] = None if counted is None else counted.to_dict()
     for scale in sorted(results):
         summaries = [summarize(r) for r in results[scale]]
+        for summary, counts in zip(summaries, prefix.get(scale, [])):
+            summary["prefix_cache"] = None if counts is None else counts.to_dict()
         entry["points"].append({
             "scale": scale, "rate_rps": scale * base_rate, "attainment": sum(runs[scale]) / len(runs[scale]),
+            "prefix_hit_rate": _hit_rate(prefix.get(scale, [None])),
             "runs": summaries, "results": [[x.to_dict() for x in r] for r in results[scale]],
         })
     return entry
@@ -308,18 +335,19 @@ def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
 
     model_dir = Path(model_dir or prepare_default_model()).resolve()
     classes = slo_classes(cfg.config)
-    requests = build_requests(cfg, Tokenizer.from_dir(model_dir), classes)
+    workload = build_workload(cfg, Tokenizer.from_dir(model_dir), classes)
+    requests = workload.requests(0)
     base_rate = len(requests) / requests[-1].arrival_s
     report: dict[str, Any] = {
         "trace": cfg.trace, "requests": len(requests), "base_rate_rps": base_rate,
-        "length_scale": cfg.length_scale, "config": asdict(cfg), "goal": ATTAINMENT_GOAL,
+        "length_scale": cfg.length_scale, "config": asdict(cfg), "goal": ATTAINMENT_GOAL, **workload.describe(),
         "slo_classes": [asdict(c) for c in classes],
         "requests_per_class": {c.name: sum(r.slo_class == c.name for r in requests) for c in classes},
         "systems": [],
     }
     previous = signal.signal(signal.SIGTERM, _interrupt)  # so `timeout` or a kill still stops the servers
     try:
-        _bench_all(cfg, requests, model_dir, report, checkpoint)
+        _bench_all(cfg, workload, model_dir, report, checkpoint)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print_report(report)
@@ -330,14 +358,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _bench_all(cfg: ServeBenchConfig, requests: list[LoadRequest], model_dir: Path, report: dict[str, Any],
+def _bench_all(cfg: ServeBenchConfig, workload: ServeWorkload, model_dir: Path, report: dict[str, Any],
                checkpoint: Callable[[dict[str, Any]], None] | None) -> None:
     start = cfg.start_scale
     per_system = cfg.max_runs + cfg.refine_steps + cfg.repeats
     with tqdm(total=per_system * len(cfg.systems), desc="bench serve", unit="run") as bar:
         for system in cfg.systems:
             before = bar.n
-            entry = bench_system(system, cfg, requests, model_dir, model_dir.name, start, bar)
+            entry = bench_system(system, cfg, workload, model_dir, model_dir.name, start, bar)
             start = start or entry.get("start_scale")
             bar.update(max(per_system - (bar.n - before), 0))  # searches that ended early
             report["systems"].append(entry)
@@ -349,28 +377,33 @@ def _bench_all(cfg: ServeBenchConfig, requests: list[LoadRequest], model_dir: Pa
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """Goodput per system, with attainment per class and TTFT at the common scale."""
+    """Goodput and prefix-cache hit rate per system, with attainment per class and TTFT at the common scale."""
     common = report.get("common_scale")
     print(f"\n{report['trace']}: {report['requests']} requests, base rate {report['base_rate_rps']:.2f} req/s, "
           f"lengths x{report['length_scale']:g}, classes {report['requests_per_class']}")
+    if report.get("prefix_mode"):
+        print(f"prefix mode {report['prefix_mode']}: {report.get('reusable_token_fraction', 0.0):.1%} of prompt "
+              "tokens reusable within a run (unbounded cache); hit % at each system's goodput rate")
     rate = "-" if common is None else f"{common * report['base_rate_rps']:.2f} req/s"
-    print(f"{'system':>12} {'goodput r/s':>12} {'startup s':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} "
+    w = max([12, *(len(e["system"]) for e in report["systems"])])
+    print(f"{'system':>{w}} {'goodput r/s':>12} {'hit %':>6} {'startup s':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} "
           f"{'errors':>7} {'cancel':>7}  attainment per class at {rate}")
     for e in report["systems"]:
         if e["error"] and not e["points"]:
-            print(f"{e['system']:>12} {'-':>12}  {e['error'].splitlines()[0][:100]}")
+            print(f"{e['system']:>{w}} {'-':>12}  {e['error'].splitlines()[0][:100]}")
             continue
         at = next((p for p in e["points"] if p["scale"] == common), None)
         summary = at["runs"][0] if at else {}
 
-        def num(v: float | None, w: int) -> str:
-            return f"{v:>{w}.3f}" if isinstance(v, int | float) else f"{'-':>{w}}"
+        def num(v: float | None, width: int) -> str:
+            return f"{v:>{width}.3f}" if isinstance(v, int | float) else f"{'-':>{width}}"
 
         per_class = " ".join(f"{k}={v:.2f}" for k, v in (summary.get("attainment_per_class") or {}).items())
         goodput = num(e["goodput"], 12) if e["goodput"] or not e.get("min_rate_rps") \
             else f"{'<' + format(e['min_rate_rps'], '.3f'):>12}"
-        print(f"{e['system']:>12} {goodput} {num(e.get('startup_s'), 10)} "
-              f"{num(summary.get('ttft_p50_s'), 11)} {num(summary.get('ttft_p99_s'), 11)} "
-              f"{summary.get('errors', '-'):>7} {summary.get('cancelled', '-'):>7}  {per_class}")
+        print(f"{e['system']:>{w}} {goodput} {format_hit_rate(e.get('prefix_hit_rate'))} "
+              f"{num(e.get('startup_s'), 10)} {num(summary.get('ttft_p50_s'), 11)} "
+              f"{num(summary.get('ttft_p99_s'), 11)} {summary.get('errors', '-'):>7} "
+              f"{summary.get('cancelled', '-'):>7}  {per_class}")
     for line in format_comparison(goodput_comparison(report["systems"])):
         print(line)

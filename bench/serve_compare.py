@@ -5,14 +5,15 @@ at every chunk size measured (``chunked-N``); "best chunked" and "best own basel
 highest goodputs among them. A system whose search failed even at the slowest rate tried has
 goodput 0 and a ``min_rate_rps``: its goodput is below that rate, so a ratio against it is a
 lower bound (``ratio_is_lower_bound``). A system that errored or was skipped has no goodput and
-is left out of every comparison.
+is left out of every comparison. ``flowprefill-nocache`` (FlowPrefill with its prefix cache off),
+when measured, gives the ratio of what the cache adds; it is no baseline of the other ratios.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bench.servers import CHUNKED_PREFIX
+from bench.servers import CHUNKED_PREFIX, NOCACHE
 
 FLOWPREFILL = "flowprefill"
 VLLM = "vllm"
@@ -54,6 +55,7 @@ def goodput_comparison(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "flowprefill": pick(fp), "vllm": pick(vllm), "best_chunked": pick(chunked), "best_own_baseline": pick(own),
         "flowprefill_vs_vllm": _ratio(fp, vllm), "flowprefill_vs_best_own_baseline": _ratio(fp, own),
+        "flowprefill_vs_nocache": _ratio(fp, by_name.get(NOCACHE)),
     }
 
 
@@ -63,7 +65,8 @@ def format_comparison(cmp: dict[str, Any]) -> list[str]:
     for key, what in (("best_chunked", "best chunked"), ("best_own_baseline", "best own baseline")):
         if cmp.get(key):
             lines.append(f"{what}: {cmp[key]['system']} ({cmp[key]['goodput']:.3f} req/s)")
-    for key, what in (("flowprefill_vs_vllm", "vLLM"), ("flowprefill_vs_best_own_baseline", "best own baseline")):
+    for key, what in (("flowprefill_vs_vllm", "vLLM"), ("flowprefill_vs_best_own_baseline", "best own baseline"),
+                      ("flowprefill_vs_nocache", "its prefix cache off")):
         r = cmp.get(key)
         if r:
             bound = ">= " if r["ratio_is_lower_bound"] else ""

@@ -49,16 +49,19 @@ def plot_attainment(report: dict[str, Any], path: str | Path) -> None:
         pts = sorted(e["points"], key=lambda p: p["rate_rps"])
         if not pts:
             continue
+        hit = e.get("prefix_hit_rate")
         ax.plot([p["rate_rps"] for p in pts], [p["attainment"] for p in pts], marker="o",
-                label=f"{e['system']} (goodput {e['goodput'] or 0:.2f} r/s)")
+                label=f"{e['system']} (goodput {e['goodput'] or 0:.2f} r/s"
+                      + (f", prefix hits {hit:.0%})" if hit is not None else ")"))
     ax.axhline(report.get("goal", 0.9), color="grey", linestyle="--", linewidth=1, label="goal")
     ax.set_xscale("log")
     _plain_ticks(ax.xaxis)
     ax.set_xlabel("request rate (req/s, log scale)")
     ax.set_ylabel("TTFT SLO attainment")
     ax.set_ylim(0, 1.02)
+    mode = f", prefixes: {report['prefix_mode']}" if report.get("prefix_mode") else ""
     ax.set_title(f"{Path(report['trace']).name}: {report['requests']} requests over HTTP, "
-                 f"lengths x{report['length_scale']:g}", fontsize=9)
+                 f"lengths x{report['length_scale']:g}{mode}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

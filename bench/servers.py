@@ -12,9 +12,14 @@ Systems (:func:`server_spec`):
   overrides (the chunk size of the ``chunked`` baseline is the engine's ``policy_chunk_tokens``,
   for which ``serve`` has no flag). A benchmark names a ``chunked`` server of chunk ``N`` as
   ``chunked-N`` (:func:`split_system`);
+* ``flowprefill-nocache``: ``flowprefill`` with the engine's prefix cache off
+  (``enable_prefix_caching: false``), to measure what the cache adds on shared-prefix traffic;
 * ``vllm``: vLLM's OpenAI server from ``.venv-vllm`` (``scripts/vllm_env.sh``) with the flags of
   ``shared/BASELINES.md``: chunked prefill, priority scheduling, no prefix caching, float32, both
-  cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``), chunk budget 512 and long-prefill threshold 256.
+  cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``), chunk budget 512 and long-prefill threshold 256. With
+  ``prefix_caching`` (shared-prefix benchmarks) ``--no-enable-prefix-caching`` is dropped: vLLM
+  runs at its defaults, prefix caching on; ``flowprefill-vllm`` gets the same through its
+  engine setting ``enable_prefix_caching``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SERVE_CONFIG = REPO / "ray_config.yaml"
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 FLOWPREFILL_SYSTEMS = ("flowprefill", "chunked", "fcfs")
-SYSTEMS = (*FLOWPREFILL_SYSTEMS, "vllm", "flowprefill-vllm")  # the last: vLLM engine behind our router
+NOCACHE = "flowprefill-nocache"  # flowprefill with its prefix cache off
+SYSTEMS = (*FLOWPREFILL_SYSTEMS, NOCACHE, "vllm", "flowprefill-vllm")  # the last: vLLM engine behind our router
 HOST = "127.0.0.1"
 CHUNKED_PREFIX = "chunked-"
 
@@ -142,14 +148,20 @@ def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], ba
 def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path,
                 engine: Mapping[str, Any] | None = None, chunk_tokens: int = 256,
                 vllm_budget: int = 512, vllm_long_prefill: int | None = 256, threads_bind: str = "0-1",
-                port: int | None = None) -> ServerSpec:
+                port: int | None = None, prefix_caching: bool = False) -> ServerSpec:
     """The command line of ``system`` (one of :data:`SYSTEMS`) serving ``model_dir`` as ``model_name``.
 
-    ``engine`` holds FlowPrefill engine overrides (all three FlowPrefill systems get them);
+    ``engine`` holds FlowPrefill engine overrides (every FlowPrefill system gets them);
     ``chunk_tokens`` is the chunk of the ``chunked`` baseline; ``vllm_budget`` and
     ``vllm_long_prefill`` are vLLM's ``--max-num-batched-tokens`` and
-    ``--long-prefill-token-threshold`` (None: not passed).
+    ``--long-prefill-token-threshold`` (None: not passed); ``prefix_caching`` turns vLLM's prefix
+    caching on (both vLLM systems; FlowPrefill's engines keep their own setting).
     """
+    if system == NOCACHE:
+        spec = server_spec("flowprefill", model_dir, model_name, work_dir=work_dir,
+                           engine={**(engine or {}), "enable_prefix_caching": False}, port=port)
+        spec.name = NOCACHE
+        return spec
     port = port or free_port()
     if system in FLOWPREFILL_SYSTEMS:
         settings = dict(engine or {})
@@ -170,8 +182,9 @@ def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path
         argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", model_name, "--host", HOST, "--port", str(port),
                 "--max-model-len", "8192", "--dtype", "float32", "--enable-chunked-prefill",
-                "--max-num-batched-tokens", str(vllm_budget), "--scheduling-policy", "priority",
-                "--no-enable-prefix-caching"]
+                "--max-num-batched-tokens", str(vllm_budget), "--scheduling-policy", "priority"]
+        if not prefix_caching:
+            argv.append("--no-enable-prefix-caching")
         if vllm_long_prefill is not None:
             argv += ["--long-prefill-token-threshold", str(vllm_long_prefill)]
         env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": threads_bind,
@@ -182,7 +195,8 @@ def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path
         if not ok:
             raise ServerStartError(why)
         settings: dict[str, Any] = {"model": str(model_dir), "dtype": "float32", "max_num_batched_tokens": vllm_budget,
-                                    "kv_cache_gib": 4, "omp_threads_bind": threads_bind}
+                                    "kv_cache_gib": 4, "omp_threads_bind": threads_bind,
+                                    "enable_prefix_caching": prefix_caching}
         if vllm_long_prefill is not None:
             settings["long_prefill_token_threshold"] = vllm_long_prefill
         config = flowprefill_config(work_dir, "vllm", settings, engine_kind="vllm")

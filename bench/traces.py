@@ -1,7 +1,8 @@
 """Request traces for the FlowPrefill benchmarks: loading, validation, windowing and scaling.
 
 A :class:`Trace` is an immutable, arrival-sorted sequence of :class:`TraceRequest` records
-(arrival time in seconds, input tokens, output tokens). :func:`load_trace` reads four formats:
+(arrival time in seconds, input tokens, output tokens and, for traces that say which prompts share
+a prefix, the prompt's block ids). :func:`load_trace` reads four formats:
 
 ``azure``
     The Azure LLM inference trace 2023 CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``, wall-clock
@@ -10,8 +11,13 @@ A :class:`Trace` is an immutable, arrival-sorted sequence of :class:`TraceReques
     generative LLM inference using phase splitting", ISCA 2024, wherever the trace or results derived
     from it are published (see ``shared/traces/azure_llm_2023/PROVENANCE.md``).
 ``mooncake``
-    JSON lines with ``timestamp`` (milliseconds), ``input_length`` and ``output_length``; other keys
-    (``hash_ids`` ...) are ignored. Timestamps are converted to seconds but not re-based.
+    JSON lines with ``timestamp`` (milliseconds), ``input_length``, ``output_length`` and
+    ``hash_ids``; other keys are ignored. Timestamps are converted to seconds but not re-based.
+    ``hash_ids`` names the prompt as a list of 512-token blocks (:data:`MOONCAKE_BLOCK_TOKENS`):
+    requests whose lists start with the same ids share exactly that prompt prefix, and the last
+    block may be partial, since ``input_length`` is exact (checks: :mod:`bench.trace_blocks`); a
+    line without ``hash_ids`` shares no prefix. The trace is Apache-2.0; cite Qin et al., "Mooncake: A KVCache-centric
+    Disaggregated Architecture for LLM Serving", FAST'25 (``shared/traces/mooncake/PROVENANCE.md``).
 ``csv``
     Generic CSV with header ``arrival_s,input_tokens,output_tokens`` (extra columns are ignored);
     arrivals are seconds from the trace start, taken as given.
@@ -22,6 +28,14 @@ Every file must be sorted by arrival time (an unsorted file is refused, not sile
 that usually means a broken export), hold at least one request, use finite non-negative times,
 non-negative integer token counts and ``input_tokens >= 1``. Violations raise
 :class:`TraceFormatError` naming the file, the 1-based line and the column or field.
+
+Blocks and length scaling: a trace with block ids carries its block size in tokens
+(:attr:`Trace.block_tokens`). A request's prompt is the first ``input_tokens`` tokens of its
+blocks laid end to end, ``block_tokens`` each. :meth:`Trace.scale_lengths` scales the block size
+like the input lengths (rounded half up, at least 1 token: 512 x 1/16 = 32), so two requests
+sharing ``k`` leading blocks share ``k x block_tokens`` scaled tokens (or all of the shorter
+prompt); ids beyond the scaled length are dropped. When rounding (or the ``min_input`` clamp)
+makes a scaled prompt longer than its blocks, the remaining tokens are the request's own.
 """
 
 from __future__ import annotations
@@ -33,12 +47,14 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.trace_blocks import MOONCAKE_BLOCK_TOKENS, BlockIdChecker
 
 FORMATS = ("azure", "mooncake", "csv", "jsonl")
 _AZURE_COLS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -58,11 +74,16 @@ class TraceFormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TraceRequest:
-    """One request: arrival in seconds from the trace (or window) start, and its token counts."""
+    """One request: arrival in seconds from the trace (or window) start, and its token counts.
+
+    ``hash_ids``: the prompt's blocks (:attr:`Trace.block_tokens` tokens each), or None for a prompt
+    that shares no prefix with any other.
+    """
 
     arrival_s: float
     input_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] | None = None
 
 
 def _positive(name: str, value: float) -> None:
@@ -72,21 +93,41 @@ def _positive(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class Trace:
-    """An immutable, arrival-sorted request trace; ``source`` says where it came from."""
+    """An immutable, arrival-sorted request trace; ``source`` says where it came from.
+
+    ``block_tokens`` is the size of the blocks the requests' ``hash_ids`` name (None when no
+    request has any).
+    """
 
     requests: tuple[TraceRequest, ...]
     source: str = ""
+    block_tokens: int | None = None
 
     def __post_init__(self) -> None:
         reqs = tuple(self.requests)
         object.__setattr__(self, "requests", reqs)
+        bt = self.block_tokens
+        if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int) or bt < 1):
+            raise ValueError(f"block_tokens must be a positive integer or None, got {bt!r}")
         prev = 0.0
         for i, r in enumerate(reqs):
             if not (math.isfinite(r.arrival_s) and r.arrival_s >= prev):
                 raise ValueError(f"request {i}: arrival {r.arrival_s!r} is not finite, >= 0 and sorted")
             if r.input_tokens < 1 or r.output_tokens < 0:
                 raise ValueError(f"request {i}: needs input_tokens >= 1 and output_tokens >= 0, got {r}")
+            if r.hash_ids is not None and (bt is None or not r.hash_ids):
+                raise ValueError(f"request {i}: hash_ids need a non-empty list and the trace's block_tokens")
             prev = r.arrival_s
+
+    @property
+    def has_prefixes(self) -> bool:
+        """Whether any request names its prompt's blocks (``hash_ids``)."""
+        return any(r.hash_ids is not None for r in self.requests)
+
+    def without_prefixes(self) -> Trace:
+        """The same requests with no block ids: every prompt its own."""
+        reqs = [replace(r, hash_ids=None) for r in self.requests]
+        return Trace(tuple(reqs), f"{self.source}|unique", None)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -112,8 +153,8 @@ class Trace:
         return max(((b.arrival_s - a.arrival_s, i + 1) for i, (a, b) in enumerate(zip(reqs, reqs[1:]))),
                    default=(0.0, 0))
 
-    def _derive(self, requests: list[TraceRequest], note: str) -> Trace:
-        return Trace(tuple(requests), f"{self.source}|{note}")
+    def _derive(self, requests: list[TraceRequest], note: str, block_tokens: int | None = None) -> Trace:
+        return Trace(tuple(requests), f"{self.source}|{note}", block_tokens or self.block_tokens)
 
     def window(self, start_s: float, duration_s: float) -> Trace:
         """Requests arriving in ``[start_s, start_s + duration_s)``, with arrivals made relative to
@@ -124,8 +165,7 @@ class Trace:
         arrivals = [r.arrival_s for r in self.requests]
         lo = bisect.bisect_left(arrivals, start_s)
         hi = bisect.bisect_left(arrivals, start_s + duration_s)
-        reqs = [TraceRequest(r.arrival_s - start_s, r.input_tokens, r.output_tokens)
-                for r in self.requests[lo:hi]]
+        reqs = [replace(r, arrival_s=r.arrival_s - start_s) for r in self.requests[lo:hi]]
         return self._derive(reqs, f"window({start_s:g},{duration_s:g})")
 
     def head(self, n: int) -> Trace:
@@ -138,14 +178,17 @@ class Trace:
         """Compress time by ``factor``: every arrival (hence every gap) is divided by it, so
         ``factor=2`` doubles the request rate. Token counts are unchanged."""
         _positive("factor", factor)
-        reqs = [TraceRequest(r.arrival_s / factor, r.input_tokens, r.output_tokens) for r in self.requests]
+        reqs = [replace(r, arrival_s=r.arrival_s / factor) for r in self.requests]
         return self._derive(reqs, f"rate*{factor:g}")
 
     def scale_lengths(self, factor: float, *, min_input: int = 1, max_input: int | None = None,
                       max_output: int | None = None) -> Trace:
         """Multiply input lengths by ``factor`` (rounded half up), then clamp them to
         ``[min_input, max_input]``; output lengths are only capped at ``max_output``.
-        Meant for CPU runs, where production prompt lengths are too slow to prefill."""
+        Meant for CPU runs, where production prompt lengths are too slow to prefill.
+
+        The block size is scaled alike (rounded half up, at least 1) and each request keeps the
+        block ids its scaled prompt covers (see the module docstring)."""
         _positive("factor", factor)
         if min_input < 1 or (max_input is not None and max_input < min_input):
             raise ValueError(f"need 1 <= min_input <= max_input, got {min_input}, {max_input}")
@@ -157,9 +200,13 @@ class Trace:
         def new_input(n: int) -> int:
             return int(min(max(math.floor(n * factor + 0.5), min_input), hi_in))
 
-        reqs = [TraceRequest(r.arrival_s, new_input(r.input_tokens), int(min(r.output_tokens, hi_out)))
-                for r in self.requests]
-        return self._derive(reqs, f"len*{factor:g}")
+        bt = None if self.block_tokens is None else max(math.floor(self.block_tokens * factor + 0.5), 1)
+        reqs = []
+        for r in self.requests:
+            n = new_input(r.input_tokens)
+            ids = r.hash_ids if r.hash_ids is None or bt is None else r.hash_ids[: -(-n // bt)]
+            reqs.append(TraceRequest(r.arrival_s, n, int(min(r.output_tokens, hi_out)), ids))
+        return self._derive(reqs, f"len*{factor:g}", bt)
 
     def summary(self) -> dict[str, Any]:
         """Count, span, rate and input/output mean/min/p50/p90/p99/max (numpy linear percentiles,
@@ -185,9 +232,11 @@ class _Collector:
         self.path, self.time_field, self.kind = path, time_field, kind
         self.times: list[float] = []
         self.sizes: list[tuple[int, int]] = []
+        self.hashes: list[tuple[int, ...] | None] = []
         self.prev_line = 0
 
-    def add(self, line: int, t: float, inp: int, out: int, shown: str) -> None:
+    def add(self, line: int, t: float, inp: int, out: int, shown: str,
+            hash_ids: tuple[int, ...] | None = None) -> None:
         if self.times and t < self.times[-1]:
             raise TraceFormatError(self.path, line, self.time_field,
                                    f"arrival {shown} is earlier than the previous request's (line "
@@ -195,13 +244,15 @@ class _Collector:
                                    self.kind)
         self.times.append(t)
         self.sizes.append((inp, out))
+        self.hashes.append(hash_ids)
         self.prev_line = line
 
     def build(self, last_line: int, to_seconds: Callable[[float], float]) -> Trace:
         if not self.times:
             raise TraceFormatError(self.path, last_line, None, "empty trace: no requests found")
-        reqs = [TraceRequest(to_seconds(t), i, o) for t, (i, o) in zip(self.times, self.sizes)]
-        return Trace(tuple(reqs), str(self.path))
+        reqs = [TraceRequest(to_seconds(t), i, o, h) for t, (i, o), h in zip(self.times, self.sizes, self.hashes)]
+        blocks = MOONCAKE_BLOCK_TOKENS if any(h is not None for h in self.hashes) else None
+        return Trace(tuple(reqs), str(self.path), blocks)
 
 
 def _csv_int(path: Path, line: int, col: str, text: str, minimum: int) -> int:
@@ -295,6 +346,7 @@ def _json_error(path: Path, line: int, e: json.JSONDecodeError) -> TraceFormatEr
 def _load_jsonl(path: Path, text: str, mooncake: bool) -> Trace:
     keys = _MOONCAKE_KEYS if mooncake else _GENERIC_COLS
     out = _Collector(path, keys[0], "field")
+    blocks = BlockIdChecker()
     line = 0
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -311,7 +363,13 @@ def _load_jsonl(path: Path, text: str, mooncake: bool) -> Trace:
         t = _json_number(path, line, keys[0], obj[keys[0]], False, 0)
         inp = int(_json_number(path, line, keys[1], obj[keys[1]], True, 1))
         outp = int(_json_number(path, line, keys[2], obj[keys[2]], True, 0))
-        out.add(line, t, inp, outp, json.dumps(obj[keys[0]]))
+        ids = None
+        if mooncake and "hash_ids" in obj:
+            try:
+                ids = blocks.check(line, obj["hash_ids"], inp)
+            except ValueError as exc:
+                raise TraceFormatError(path, line, "hash_ids", str(exc), "field") from None
+        out.add(line, t, inp, outp, json.dumps(obj[keys[0]]), ids)
     return out.build(max(line, 1), (lambda t: t / 1000.0) if mooncake else float)
 
 

@@ -17,7 +17,8 @@ router, Redis publishing and the OpenAI API in front stay exactly as for the nat
 * ``stats`` reports the replica's own accounting of its requests before their first token: each
   request's prefill predicted by the cost model, worked off at one second per second in vLLM's
   order (started ones first, then by deadline), plus vLLM's own counters from ``/metrics``
-  (``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``).
+  (``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``, and its
+  prefix-cache counters as ``prefix_queried_tokens`` / ``prefix_hit_tokens``, the native engine's names).
   Decode steps interleaved with prefill chunks are not modelled.
 * ``cost_model`` is profiled through the running server (:mod:`replicas.vllm_profile`), cached on disk.
 """
@@ -54,7 +55,11 @@ log = logging.getLogger("flowprefill.vllm")
 
 PRIORITY_EPOCH = 1_700_000_000.0  # vLLM priority = ms from here to the deadline (int64: ~292 million years)
 MAX_ONGOING = 1024  # Serve's bound on requests in progress per vLLM replica (vLLM queues what it cannot run)
-_WATCHED = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "kv_total_tokens")
+_WATCHED = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "kv_total_tokens",
+            "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
+# vLLM's prefix-cache counters, under the names the native engine's counters use
+_PREFIX_COUNTERS = {"prefix_queried_tokens": "vllm:prefix_cache_queries_total",
+                    "prefix_hit_tokens": "vllm:prefix_cache_hits_total"}
 
 
 def deadline_priority(deadline: float) -> int:
@@ -337,7 +342,7 @@ class VLLMEngine:
             self._name, now, policy=self.policy_name, waiting=tuple(rows[False]), running=tuple(rows[True]),
             running_remaining_s=running, pending_work_s=running + waiting,
             kv_free_tokens=max(int(kv_total * (1.0 - usage)), 0), kv_total_tokens=kv_total, decoding=decoding,
-            counters=dict(self.counters),
+            counters={**self.counters, **self._prefix_counters()},
             details={"vllm_url": self.url, "vllm_pid": getattr(self.server, "pgid", None),
                      "vllm_log": str(getattr(self.server, "log_path", "")),
                      "vllm": {"waiting": int(self._vllm.get("vllm:num_requests_waiting", 0)),
@@ -349,6 +354,10 @@ class VLLMEngine:
                 self.on_state_change(self._stats)
             except Exception:  # publishing is best effort; serving goes on
                 log.exception("on_state_change failed")
+
+    def _prefix_counters(self) -> dict[str, int]:
+        """vLLM's prefix-cache counters from its last ``/metrics`` (none before it reports them)."""
+        return {k: int(self._vllm[m]) for k, m in _PREFIX_COUNTERS.items() if m in self._vllm}
 
     def _kv_tokens_estimate(self) -> int:
         """KV tokens ``kv_cache_gib`` holds (keys and values of every layer) until vLLM reports its own."""

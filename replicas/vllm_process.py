@@ -159,6 +159,9 @@ class VLLMConfig:
     profile: str | None = None  # cost-model JSON; None = cached vLLM profile, else profiled at start
     profile_max_tokens: int = 2048
     metrics_interval_s: float = 1.0  # how often vLLM's /metrics is polled
+    # vLLM's automatic prefix caching (its own default is on). Off by default here: the unique-prompt
+    # comparison runs without it; shared-prefix benchmarks turn it on (vLLM at its defaults).
+    enable_prefix_caching: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], prefix: str = "engine") -> VLLMConfig:
@@ -195,6 +198,8 @@ class VLLMConfig:
         bind = data.get("omp_threads_bind", "auto")
         if not isinstance(bind, str) or not (bind in ("auto", "nobind") or CPU_LIST.match(bind)):
             raise bad("omp_threads_bind", "must be auto, nobind or a CPU list such as 0-3 or 0,2,4")
+        if "enable_prefix_caching" in data and not isinstance(data["enable_prefix_caching"], bool):
+            raise bad("enable_prefix_caching", "must be true or false")
         if "venv" in data and not (isinstance(data["venv"], str) and data["venv"]):
             raise bad("venv", "must be a non-empty path")
         if "extra_args" in data:
@@ -215,11 +220,14 @@ class VLLMConfig:
             raise EngineConfigError(f"{prefix}.venv", str(exc)) from None
 
     def server_args(self, model_dir: str, served_name: str) -> list[str]:
-        """vLLM's server flags (after ``--host``/``--port``) for these settings."""
+        """vLLM's server flags (after ``--host``/``--port``) for these settings; with prefix caching
+        on, vLLM's own default, no flag names it."""
         args = ["--model", model_dir, "--served-model-name", served_name, "--max-model-len", str(self.max_model_len),
                 "--dtype", self.dtype, "--enable-chunked-prefill", "--max-num-batched-tokens",
-                str(self.max_num_batched_tokens), "--scheduling-policy", "priority", "--no-enable-prefix-caching",
+                str(self.max_num_batched_tokens), "--scheduling-policy", "priority",
                 "--disable-access-log-for-endpoints", "/metrics,/v1/models"]  # polled: keep them out of the log
+        if not self.enable_prefix_caching:
+            args.append("--no-enable-prefix-caching")
         if self.long_prefill_token_threshold is not None:
             args += ["--long-prefill-token-threshold", str(self.long_prefill_token_threshold)]
         return [*args, *self.extra_args]
@@ -243,7 +251,7 @@ def parse_vllm_metrics(text: str) -> dict[str, Any]:
         except ValueError:
             continue
         if name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:generation_tokens_total",
-                    "vllm:prompt_tokens_total"):
+                    "vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
             out[name] = out.get(name, 0.0) + value
         elif name == "vllm:kv_cache_usage_perc":
             out[name] = max(out.get(name, 0.0), value)

@@ -91,10 +91,11 @@ def test_generic_csv_and_jsonl(tmp_path: Path) -> None:
 
 
 def test_mooncake_ms_to_seconds(tmp_path: Path) -> None:
+    # hash_ids name 512-token blocks: 6955 tokens take 14 (tests/test_trace_prefixes.py covers them)
     p = _write(tmp_path, "m.jsonl", '{"timestamp": 0, "input_length": 6955, "output_length": 52, '
-               '"hash_ids": [0, 1]}\n{"timestamp": 27482, "input_length": 6472, "output_length": 26}\n')
+               f'"hash_ids": {list(range(14))}}}\n{{"timestamp": 27482, "input_length": 6472, "output_length": 26}}\n')
     tr = load_trace(p)
-    assert tr.requests == (TraceRequest(0.0, 6955, 52), TraceRequest(27.482, 6472, 26))
+    assert tr.requests == (TraceRequest(0.0, 6955, 52, tuple(range(14))), TraceRequest(27.482, 6472, 26))
     # Auto-detection does not depend on the extension for JSON content.
     q = _write(tmp_path, "m.txt", p.read_text())
     assert load_trace(q).requests == tr.requests
