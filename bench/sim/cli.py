@@ -43,7 +43,15 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
     p.add_argument("--replicas", type=_csv(int), default=(1, 4, 16, 64, 256), help="comma-separated replica counts")
     p.add_argument("--router-policies", type=_csv(str), default=("slo_aware", "round_robin", "pow2"),
-                   help="comma-separated: slo_aware, round_robin, least_loaded, pow2")
+                   help="comma-separated: slo_aware, round_robin, least_loaded, pow2, prefix_affinity")
+    p.add_argument("--prefix-mode", choices=["unique", "trace", "multiturn"], default=None,
+                   help="shared prefixes: the trace's block ids, generated conversations, or none (default: trace "
+                        "when the trace has block ids, else unique)")
+    p.add_argument("--prefix-groups", type=float, default=1.0,
+                   help="keep this seeded fraction of the prefix groups over the whole trace (Mooncake's sharing "
+                        "is long-range; see bench/shared_prefix.py)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="each replica's KV pool in tokens, for the prefix cache (default: the engine's default pool)")
     p.add_argument("--policy", choices=["flowprefill", "chunked", "fcfs"], default="flowprefill")
     p.add_argument("--profile", default=None, help="cost-model JSON, CPU or GPU (default: the cached CPU profile)")
     p.add_argument("--length-scale", type=float, default=1 / 16,
@@ -108,6 +116,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             decode_curve=tuple(args.decode_curve),
             exec_time_scale=args.exec_time_scale, seq_overhead_s=args.seq_overhead_s,
             early_stop=not args.no_early_stop, shed=not args.no_shed, jobs=args.jobs,
+            prefix_mode=args.prefix_mode, prefix_groups=args.prefix_groups, kv_cache_tokens=args.kv_cache_tokens,
         )
         report = run_sweep(cfg)
         if args.plot:

@@ -47,6 +47,8 @@ class RunResult:
     events: int
     simulated: int  # arrivals processed (fewer than the workload when stopped early)
     wall_s: float
+    prefix_hit_tokens: int = 0  # the replicas' prefix caches: prompt tokens found cached ...
+    prefix_queried_tokens: int = 0  # ... of those looked up
 
 
 class ClusterSim:
@@ -90,6 +92,7 @@ class ClusterSim:
         arrivals, slos, tokens = workload.arrival_s, workload.ttft_slo_s, workload.tokens
         max_tokens, prio, cls, shed_ok = workload.max_tokens, workload.priority, workload.slo_class, workload.sheddable
         costs = workload.cost_s
+        names, routing = workload.block_names, workload.routing_names
         deadlines: list[tuple[float, int]] = []  # (deadline, idx) of requests not yet known met or missed
         misses = shed = events = 0
         stopped = False
@@ -111,7 +114,7 @@ class ClusterSim:
             t = t_next
             req = Request(str(i), self._prompt(tokens[i]), arrival_s=t, ttft_slo_s=slos[i], priority=prio[i],
                           slo_class=cls[i], sheddable=shed_ok[i], max_tokens=max_tokens[i])
-            sr = SimRequest(i, req, costs[i])
+            sr = SimRequest(i, req, costs[i]) if names is None else SimRequest(i, req, costs[i], names[i], routing[i])
             rep = router.choose(sr, t)
             if rep is None:
                 shed += 1
@@ -133,4 +136,6 @@ class ClusterSim:
             preemptions=sum(r.preemptions for r in replicas), prefill_batches=sum(r.prefill_batches for r in replicas),
             decode_steps=sum(r.decode_steps for r in replicas), events=events, simulated=i,
             wall_s=time.perf_counter() - t_wall,
+            prefix_hit_tokens=sum(r.cache.hit_tokens for r in replicas if r.cache is not None),
+            prefix_queried_tokens=sum(r.cache.queried_tokens for r in replicas if r.cache is not None),
         )

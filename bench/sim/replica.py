@@ -144,7 +144,7 @@ class SimReplica:
         if exec_config.cache_blocks:
             self.cache = BlockAllocator(exec_config.cache_blocks, exec_config.block_size, enable_prefix_caching=True,
                                         max_cached_blocks=int(exec_config.cache_share * exec_config.cache_blocks))
-            self.prefix = PrefixTracker(self.cache, "sim")
+            self.prefix = PrefixTracker(self.cache, "sim")  # names come with the requests (bench.sim.workload)
         self.preemptible = sched_config.granularity != "none"
         self._schedule, self._record = schedule, record
         self.live: dict[str, SimRequest] = {}  # admitted or in the inbox, until finished

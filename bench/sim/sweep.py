@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.rate_search import ATTAINMENT_GOAL, search_rate_scale
+from bench.shared_prefix import reusable_fraction
 from bench.sim.cluster import ROUTER_POLICIES, ClusterSim, RouterConfig, RunResult, SimSetup
 from bench.sim.floor import scheduler_floor
 from bench.sim.replica import ExecConfig
@@ -71,6 +72,9 @@ class SimBenchConfig:
     early_stop: bool = True
     shed: bool = True
     jobs: int = 0  # worker processes, one router policy each (0: one per usable CPU, at most one per policy)
+    prefix_mode: str | None = None  # unique | trace | multiturn (None: trace when the trace has block ids)
+    prefix_groups: float = 1.0  # keep this fraction of the prefix groups (bench.shared_prefix.sample_prefix_groups)
+    kv_cache_tokens: int | None = None  # each replica's KV pool, in tokens (None: the engine's default pool)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.router_policies if p not in ROUTER_POLICIES]
@@ -111,6 +115,30 @@ def load_profile(path: str | None) -> tuple[CostModel, str]:
     return load_or_profile(model), str(profile_cache_path(model))
 
 
+def default_kv_cache_tokens(block_size: int = 16) -> int:
+    """Tokens the engine's default KV pool (``EngineConfig.kv_cache_bytes``, float32) holds for the
+    default model: what a simulated replica's prefix cache may hold by default."""
+    from replicas.engine_config import EngineConfig
+    from replicas.model.config import ModelConfig
+    from replicas.model.default_model import prepare_default_model
+
+    c = ModelConfig.from_dir(prepare_default_model())
+    per_block = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * 4
+    return EngineConfig().kv_cache_bytes // per_block * block_size
+
+
+def prepare_trace(cfg: SimBenchConfig) -> tuple[Trace, str]:
+    """The trace as ``--prefix-mode`` replays it (block ids kept, dropped or generated), and the mode."""
+    from bench.shared_prefix import apply_prefix_mode, resolve_prefix_mode, sample_prefix_groups  # noqa: I001
+
+    trace = load_trace(cfg.trace)
+    mode = resolve_prefix_mode(cfg.prefix_mode, trace)
+    trace = apply_prefix_mode(trace, mode)
+    if cfg.prefix_groups < 1.0:
+        trace = sample_prefix_groups(trace, cfg.prefix_groups, cfg.seed)
+    return trace, mode
+
+
 def sched_config(policy: str, length_scale: float, chunk_tokens: int) -> SchedulerConfig:
     """Scheduler settings as ``bench.policy_bench.policy_configs`` sets them for the engine (lengths scaled)."""
     f = length_scale
@@ -129,6 +157,7 @@ def summarize_run(wl: SimWorkload, run: RunResult, scale: float) -> dict[str, An
         "simulated": run.simulated, "ttft_p50_s": None if np.isnan(p50) else float(p50),
         "ttft_p90_s": None if np.isnan(p90) else float(p90), "shed": run.shed, "preemptions": run.preemptions,
         "decode_steps": run.decode_steps, "wall_s": run.wall_s,
+        "prefix_hit_rate": run.prefix_hit_tokens / run.prefix_queried_tokens if run.prefix_queried_tokens else None,
     }
 
 
@@ -176,9 +205,10 @@ def _policy_chain(cfg: SimBenchConfig, cost: CostModel, trace: Trace, rp: str, w
     from the previous count's goodput per replica); returns the results and the CPU seconds taken.
     ``workloads`` caches the tiled workload per replica count (shared by the chains of one process)."""
     cpu0 = time.process_time()
+    cache_blocks = (cfg.kv_cache_tokens or 0) // 16 if trace.has_prefixes else 0
     setup_base = dict(cost=cost, sched=sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens),
                       exec=ExecConfig(boundary_delay_s=cfg.boundary_delay_s, decode_step_s=cfg.decode_step_s,
-                                      decode_curve=cfg.decode_curve,
+                                      decode_curve=cfg.decode_curve, cache_blocks=cache_blocks,
                                       exec_time_scale=cfg.exec_time_scale, seq_overhead_s=cfg.seq_overhead_s))
     results: list[dict[str, Any]] = []
     prev_scale: float | None = None
@@ -261,7 +291,9 @@ def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
     """
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     cost, profile_src = load_profile(cfg.profile)
-    trace = load_trace(cfg.trace)
+    trace, mode = prepare_trace(cfg)
+    if trace.has_prefixes and cfg.kv_cache_tokens is None:
+        cfg = replace(cfg, kv_cache_tokens=default_kv_cache_tokens())
     jobs = min(cfg.jobs or usable_cpus(), len(cfg.router_policies))
     with tqdm(total=len(cfg.replicas) * len(cfg.router_policies), desc="bench sim", unit="search") as bar:
         if jobs <= 1:
@@ -280,7 +312,8 @@ def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
     report = {
         "trace": cfg.trace, "profile": profile_src, "cost_model": {"model": cost.model, "device": cost.device,
                                                                    "hardware": cost.hardware},
-        "config": asdict(cfg), "results": results, "simulated_requests": simulated, "wall_s": wall, "cpu_s": cpu,
+        "config": asdict(cfg), "prefix_mode": mode, "reusable_fraction": reusable_fraction(trace),
+        "results": results, "simulated_requests": simulated, "wall_s": wall, "cpu_s": cpu,
         "jobs": jobs, "simulated_requests_per_s": simulated / wall,
         "simulated_requests_per_cpu_s": simulated / max(cpu, 1e-9),
         "load_average": [load0, os.getloadavg()[0]], "speed_by_router_policy": _speeds(results),
@@ -308,6 +341,10 @@ def print_table(report: dict[str, Any]) -> None:
     cfg = report["config"]
     print(f"\n{Path(report['trace']).name}: policy {cfg['policy']}, lengths x{cfg['length_scale']:g}, "
           f"profile {report['cost_model']['model']} on {report['cost_model']['hardware']}")
+    if report.get("prefix_mode") not in (None, "unique"):
+        print(f"prefix mode {report['prefix_mode']}: {report['reusable_fraction']:.0%} of prompt tokens reusable "
+              f"(unbounded cache); replicas' KV pools of {cfg['kv_cache_tokens']:,} tokens each. Prefix-cache hit rate "
+              "at the goodput point in brackets")
     print("goodput per replica, req/s (cluster goodput in parentheses)")
     print(f"{'replicas':>8} {'requests':>9} " + " ".join(f"{p:>22}" for p in policies))
     for n in counts:
@@ -315,8 +352,11 @@ def print_table(report: dict[str, Any]) -> None:
         vals = []
         for p in policies:
             r = cell.get((n, p))
-            vals.append(f"{r['goodput_per_replica']:>9.3f} ({r['goodput']:>9.2f})" if r else f"{'-':>22}")
-        print(f"{n:>8} {reqs:>9} " + " ".join(f"{v:>22}" for v in vals))
+            hit = _hit_at_goodput(r) if r else None
+            text = f"{r['goodput_per_replica']:>9.3f} ({r['goodput']:>9.2f})" if r else "-"
+            vals.append(text + (f" [{hit:.0%}]" if hit is not None else ""))
+        width = 28 if report.get("prefix_mode") not in (None, "unique") else 22
+        print(f"{n:>8} {reqs:>9} " + " ".join(f"{v:>{width}}" for v in vals))
     brackets = [r["bracket"] for r in rows if r.get("bracket")]
     if brackets:
         print(f"search resolution: each goodput is within {max(brackets) - 1:.1%} below the lowest failing rate, "
@@ -331,6 +371,12 @@ def print_table(report: dict[str, Any]) -> None:
     if floor:
         print(f"the real scheduler alone, one request at a time on an idle replica (bench.sim.floor): {floor:,.0f} "
               f"req/s per process, a bound on this simulator's speed per process")
+
+
+def _hit_at_goodput(result: dict[str, Any]) -> float | None:
+    """The prefix-cache hit rate of the run at the goodput scale (None without a cache)."""
+    at = [p for p in result["points"] if p["scale"] == result["goodput_scale"]]
+    return at[0].get("prefix_hit_rate") if at else None
 
 
 def plot_goodput(report: dict[str, Any], path: str | Path) -> None:

@@ -10,6 +10,13 @@ horizon of the tiled copies (``max_requests``): the mix and the rate stay the sa
 Lengths are scaled like ``bench policies`` (``length_scale``, outputs capped at
 ``max_output_tokens``); SLO classes and per-request TTFT SLOs come from
 :mod:`bench.slo_classes` with the same seeded, length-scaled rule as the in-process benchmark.
+
+**Shared prefixes.** When the trace names its prompts' blocks (Mooncake ``hash_ids``, or the
+multi-turn generator's), each request gets a synthetic prompt in which a block id always stands for
+the same tokens, and the engine's block names of it (:func:`replicas.prefix_hash.block_names`, in
+``block_size``-token blocks) plus its routing names: the simulated replicas' prefix caches and the
+simulated router see exactly the sharing the trace describes. Each tiled copy gets its own block
+ids (copies are independent users: they share nothing with each other).
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ from typing import Any
 
 from bench.slo_classes import DEFAULT_REF_TOKENS, LengthRule, assign_classes, classes_for_predictor, ttft_slo_for
 from bench.traces import Trace, TraceRequest
+from replicas.prefix_hash import BlockName, block_names, routing_names
+from replicas.prefix_tracker import ROUTING_STRIDE
+
+SIM_SALT = "sim"  # the simulated replicas' block-name salt (one model everywhere)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class SimWorkload:
     span_s: float
     copies: int = 1
     source: str = ""
+    block_names: tuple[tuple[BlockName, ...], ...] | None = None  # per request, with shared prefixes
+    routing_names: tuple[tuple[str, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -75,20 +88,50 @@ def tile_window(window: Trace, copies: int, *, seed: int = 0, horizon_s: float |
     period = window.duration_s * len(reqs) / max(len(reqs) - 1, 1) if len(reqs) > 1 else 1.0
     horizon = period if horizon_s is None else min(horizon_s, period)
     rng = random.Random(seed)
+    ids_per_copy = 1 + max((max(r.hash_ids) for r in reqs if r.hash_ids), default=-1)
     out: list[TraceRequest] = []
     for i in range(copies):
         shift = 0.0 if i == 0 else rng.uniform(0.0, period)
+        base = i * ids_per_copy  # each copy its own block ids: independent users share nothing
         for r in reqs:
             t = (r.arrival_s - first + shift) % period
             if t < horizon:
-                out.append(TraceRequest(t, r.input_tokens, r.output_tokens))
+                ids = None if r.hash_ids is None else tuple(base + h for h in r.hash_ids)
+                out.append(TraceRequest(t, r.input_tokens, r.output_tokens, ids))
     out.sort(key=lambda r: r.arrival_s)
-    return Trace(tuple(out), f"{window.source}|tile({copies},seed={seed},horizon={horizon:g})"), horizon
+    return Trace(tuple(out), f"{window.source}|tile({copies},seed={seed},horizon={horizon:g})",
+                 window.block_tokens), horizon
+
+
+def block_tokens_of(block_id: int, count: int) -> list[int]:
+    """The synthetic tokens a trace block id stands for (its first ``count``): the same in every prompt."""
+    return [(block_id * 2_654_435_761 + j * 40_503) % 49_999 + 1 for j in range(count)]
+
+
+def prefix_names(trace: Trace, block_size: int, stride: int) -> tuple[tuple[tuple[BlockName, ...], ...],
+                                                                       tuple[tuple[str, ...], ...]]:
+    """Every request's block names and routing names (empty for a request without block ids)."""
+    bt = trace.block_tokens or 1
+    names_out, routing_out = [], []
+    for r in trace.requests:
+        if r.hash_ids is None:
+            names_out.append(())
+            routing_out.append(())
+            continue
+        tokens: list[int] = []
+        for k, h in enumerate(r.hash_ids):
+            tokens.extend(block_tokens_of(h, min(bt, r.input_tokens - k * bt)))
+        names = block_names(tokens[:r.input_tokens], block_size, SIM_SALT)
+        names_out.append(tuple(names))
+        routing_out.append(tuple(routing_names(names, stride)))
+    return tuple(names_out), tuple(routing_out)
 
 
 def from_trace(trace: Trace, predict: Callable[[int], float], *, span_s: float, length_scale: float = 1 / 16,
-               max_output_tokens: int | None = 4, seed: int = 0, copies: int = 1) -> SimWorkload:
-    """Scale lengths and assign SLO classes exactly as ``bench.policy_bench.build_workload`` does."""
+               max_output_tokens: int | None = 4, seed: int = 0, copies: int = 1, block_size: int = 16,
+               stride: int = ROUTING_STRIDE) -> SimWorkload:
+    """Scale lengths and assign SLO classes exactly as ``bench.policy_bench.build_workload`` does
+    (and name shared prefixes, see the module docstring)."""
     trace = trace.scale_lengths(length_scale, max_output=max_output_tokens)
     if len(trace) == 0:
         raise ValueError("the workload window holds no requests; widen --window-s")
@@ -107,6 +150,8 @@ def from_trace(trace: Trace, predict: Callable[[int], float], *, span_s: float, 
         sheddable=tuple(by_name[n].sheddable for n in names),
         cost_s=tuple(predict(r.input_tokens) for r in reqs),
         span_s=span_s, copies=copies, source=trace.source,
+        **(dict(zip(("block_names", "routing_names"), prefix_names(trace, block_size, stride)))
+           if trace.has_prefixes else {}),
     )
 
 
