@@ -359,9 +359,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_parameters(name: str) -> int:
-    """Parameter count of preset ``name`` (without building it)."""
-    v = PRESETS[name]
+def preset_parameters(name: str, **overrides: Any) -> int:
+    """Parameter count of preset ``name`` with ``overrides`` (as :func:`build_preset_checkpoint`), unbuilt."""
+    v = {**PRESETS[name], **overrides}
     vocab, h, inter, hd = v["model_vocab_size"], v["hidden_size"], v["intermediate_size"], v["head_dim"]
     q, kv = v["num_heads"] * hd, v["num_kv_heads"] * hd
     layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
