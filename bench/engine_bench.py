@@ -131,7 +131,8 @@ def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchCon
     placement = {"device_map": str(model.device)} if model.device.type == "cuda" else {}
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=model.dtype, attn_implementation="sdpa", **placement
-    ).to(model.device).eval()
+    )
+    hf = (hf if placement else hf.to(model.device)).eval()
     prefiller = _Prefiller(model, max(cfg.lengths))
     rng = random.Random(cfg.seed)
     executors = {g: PreemptibleExecutor(g, device=model.device) for g in ("none", "block")}
@@ -375,10 +376,12 @@ def latency_configs(cfg: EngineBenchConfig) -> list[tuple[str, str, int, int]]:
     return rows + [(f"chunked-{c}", "none", c, default_k) for c in cfg.chunk_sizes]
 
 
-def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
-    """Run every measurement, print a table, return the JSON report."""
+def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig, model: DecoderModel | None = None) -> dict[str, Any]:
+    """Run every measurement, print a table, return the JSON report (``model``: ``model_dir`` already
+    loaded in ``cfg``'s dtype and device, e.g. to profile it afterwards without loading 16 GB again)."""
     torch.manual_seed(cfg.seed)
-    model = DecoderModel.load(model_dir, dtype=cfg.dtype, device=cfg.device)
+    if model is None:
+        model = DecoderModel.load(model_dir, dtype=cfg.dtype, device=cfg.device)
     steps = sum(map(cfg.repeats_at, cfg.lengths)) + len(latency_configs(cfg)) * cfg.latency_runs
     with tqdm(total=steps, desc="bench engine", unit="run") as bar:
         throughput = measure_throughput(model, model_dir, cfg, bar)
@@ -389,7 +392,8 @@ def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
         decode = measure_decode_steps(model, batches=cfg.decode_batches, context=cfg.decode_context,
                                       repeats=2 if cfg.quick else 3)
     lengths = [str(n) for n in cfg.lengths]
-    cost = measure_checkpoint_cost(model, cfg.lengths, {n: int(n) / throughput["ours_none"][n] for n in lengths})
+    cost = measure_checkpoint_cost(model, cfg.lengths, {n: int(n) / throughput["ours_none"][n] for n in lengths},
+                                   points=20_000 if model.device.type == "cuda" else 200_000)  # an event each on CUDA
     peak, peak_source = cfg.peak_tflops, "given"
     if peak is None:
         peak, peak_source = (detect_peak_tflops(torch.cuda.get_device_name(model.device))

@@ -42,7 +42,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from replicas.model.decoder import DecoderModel
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 480.0  # the whole check, on an H100/H200
@@ -78,12 +81,14 @@ class Plan:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
-        """The plan for the command line: a dry run shrinks the repeats, not the steps."""
+        """The plan for the command line: a dry run shrinks repeats, the latency and profile prompts (2048
+        tokens) and the decode context (256), not the steps, the prefill lengths or the report's keys."""
         plan = cls(out_dir=Path(args.dir), dry_run=args.dry_run, peak_tflops=args.peak_tflops,
                    work_dir=Path(args.work_dir) if args.work_dir else None, keep_checkpoint=args.keep_checkpoint,
                    skip_tests=args.skip_tests, strict=args.strict)
         if args.dry_run:
             plan.device, plan.repeats, plan.latency_runs, plan.profile_repeats = "cpu", 1, 1, 1
+            plan.latency_tokens, plan.profile_max_tokens, plan.decode_context = 2048, 2048, 256
         return plan
 
 
@@ -236,8 +241,8 @@ def build_checkpoint(plan: Plan) -> tuple[Path, dict[str, Any]]:
     }
 
 
-def run_bench(plan: Plan, model_dir: Path) -> dict[str, Any]:
-    """``bench engine`` on the benchmark model with the plan's sizes."""
+def run_bench(plan: Plan, model_dir: Path, model: DecoderModel) -> dict[str, Any]:
+    """``bench engine`` on the benchmark model (loaded once: ``model``) with the plan's sizes."""
     from bench.engine_bench import EngineBenchConfig, run_engine_bench
 
     cfg = EngineBenchConfig(dtype=plan.dtype, device=plan.device, lengths=list(plan.lengths), repeats=plan.repeats,
@@ -245,18 +250,17 @@ def run_bench(plan: Plan, model_dir: Path) -> dict[str, Any]:
                             chunk_sizes=(256, 512, 2048), max_inflight=(1, 2, 4),
                             decode_batches=plan.decode_batches, decode_context=plan.decode_context,
                             peak_tflops=plan.peak_tflops)
-    return run_engine_bench(model_dir, cfg)
+    return run_engine_bench(model_dir, cfg, model)
 
 
-def run_profile(plan: Plan, model_dir: Path) -> dict[str, Any]:
+def run_profile(plan: Plan, model: DecoderModel) -> dict[str, Any]:
     """The TTFT cost model of the benchmark model, saved in DIR under its profile-cache name."""
+    import torch
+
     from replicas.cost_profiling import detect_hardware, profile_file_name
-    from replicas.model.decoder import DecoderModel
     from replicas.profiling import profile_model
 
-    model = DecoderModel.load(model_dir, dtype=plan.dtype, device=plan.device)
     cost = profile_model(model, max_tokens=plan.profile_max_tokens, repeats=plan.profile_repeats, progress=False)
-    import torch
 
     threads = torch.get_num_threads() if plan.device == "cpu" else None
     name = profile_file_name(model.name, plan.dtype, plan.device, detect_hardware(plan.device), threads)
@@ -313,16 +317,22 @@ def run_check(plan: Plan, log: TextIO) -> dict[str, Any]:
     with _step(steps, "checkpoint", log):
         model_dir, report["checkpoint"] = build_checkpoint(plan)
         _free_device()
+    model = None
     try:
         if model_dir is not None:
             with _step(steps, "bench_engine", log):
-                bench = run_bench(plan, model_dir)
+                from replicas.model.decoder import DecoderModel
+
+                model = DecoderModel.load(model_dir, dtype=plan.dtype, device=plan.device)
+                bench = run_bench(plan, model_dir, model)
                 if bench["parameters"] != report["checkpoint"]["parameters"]:
                     raise RuntimeError(f"loaded {bench['parameters']} parameters, the preset has "
                                        f"{report['checkpoint']['parameters']}")
             _free_device()
             with _step(steps, "profile", log):
-                profile = run_profile(plan, model_dir)
+                if model is None:
+                    raise RuntimeError("the model did not load (bench_engine failed)")
+                profile = run_profile(plan, model)
     finally:
         if model_dir is not None and not plan.keep_checkpoint:
             shutil.rmtree(model_dir.parent, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.engine_bench import EngineBenchConfig, _timeline_latencies, measure_checkpoint_cost, run_engine_bench
 from bench.flops import prefill_flops
@@ -79,3 +80,24 @@ def test_latency_runs_to_when_the_device_is_free_after_the_next_point():
     assert max(host) <= 1.0 + 1e-9 and min(host) >= 0
     delays = sorted(d - h for d, h in zip(device, host))
     assert delays[0] == pytest.approx(0.0) and delays[-1] == pytest.approx(0.9)  # after the last point: 0
+
+
+def test_point_clock_reads_when_the_device_finished_each_point():
+    """On CUDA each point's event, read against the start event, says when the device got past it;
+    the device is free after a point at the later of that and the host reaching the point."""
+    from bench.engine_bench import _PointClock
+
+    class FakeEvent:
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def elapsed_time(self, other: FakeEvent) -> float:
+            return other.ms - self.ms
+
+    clock = _PointClock(torch.device("cpu"))
+    clock.cuda, clock.begin, clock.start = True, 10.0, FakeEvent(0.0)
+    clock.points = [10.001, 10.002, 10.010]  # the host ran ahead of the first two
+    clock.events = [FakeEvent(4.0), FakeEvent(8.0), FakeEvent(9.0)]  # device done at 10.004, 10.008, 10.009
+    assert clock.free_at() == pytest.approx([10.004, 10.008, 10.010])
+    clock.cuda = False
+    assert clock.free_at() == clock.points
