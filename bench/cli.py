@@ -94,7 +94,7 @@ def _write_json(path: str | None, report: object) -> None:
 def _cmd_bench_engine(args: argparse.Namespace) -> int:
     from bench.engine_bench import EngineBenchConfig, run_engine_bench
 
-    config = EngineBenchConfig(quick=args.quick, dtype=args.dtype, device=args.device)
+    config = EngineBenchConfig(quick=args.quick, dtype=args.dtype, device=args.device, peak_tflops=args.peak_tflops)
     report = run_engine_bench(model_dir(args.model), config)
     _write_json(args.json, report)
     return 0
@@ -215,9 +215,11 @@ def _cmd_bench_faults(args: argparse.Namespace) -> int:
 def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]) -> None:
     """Add every bench subcommand to ``bsub``; ``stack()`` gives the launcher's :class:`ServingStack`
     to the commands that run the Serve app in this process (called only when one runs)."""
-    eng = bsub.add_parser("engine", help="prefill throughput, checkpoint overhead, preemption latency")
+    eng = bsub.add_parser("engine", help="prefill throughput and MFU, checkpoint overhead, preemption latency")
     add_engine_args(eng)
     eng.add_argument("--quick", action="store_true", help="finish within about a minute")
+    eng.add_argument("--peak-tflops", type=float, default=None,
+                     help="dense bf16 peak for MFU (default: from the CUDA device name, bench/flops.py; none on CPU)")
     eng.add_argument("--json", default=None)
     eng.set_defaults(func=_cmd_bench_engine)
     pol = bsub.add_parser("policies", help="in-process goodput of flowprefill, chunked and fcfs on a trace "

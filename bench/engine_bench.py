@@ -18,17 +18,26 @@
   (a queue emptiness test), gives microseconds per point; times the points in one pass at each
   length, over that pass's time, it is the overhead the points add (``direct_overhead``), free
   of the run-to-run noise above.
+- ``prefill_tflops`` and ``mfu``: the model FLOPs of one prefill at each length
+  (:mod:`bench.flops`: GEMMs, causal attention pairs, the LM head on the last token) over the
+  best time, and that over the chip's dense bf16 peak (``peak_tflops``: given, or detected from
+  the CUDA device name; none on CPU unless given).
 - ``preempt_latency_ms``: a background thread asks for a preemption at random moments while a
-  long prefill runs; the latency is the time from the request to the executor returning (free
-  for other work). The program is resumed at once and asked again, so one run yields many
-  samples. Chunked execution (separate programs of C tokens, checked between chunks) is
-  measured the same way for C in 256, 512 and 2048.
+  long prefill runs; the latency is the time from the request until the device is free for
+  other work: on CPU the executor returning, on CUDA the end of the operators it had already
+  launched (up to ``max_inflight`` K of them, recorded with an event at every point). The
+  program is resumed at once and asked again, so one run yields many samples. ``block`` runs
+  at the engine's default K (2) and as ``block-K1``, ``block-K2``, ``block-K4``. Chunked
+  execution (separate programs of C tokens, checked between chunks, the device synchronised at
+  each boundary as an iteration-level scheduler does) is measured the same way for C in 256,
+  512 and 2048.
 - ``decode_step_ms``: one decode step per batch size, small-row GEMM path on and off
   (:mod:`bench.decode_bench`).
 """
 
 from __future__ import annotations
 
+import gc
 import queue
 import random
 import statistics
@@ -43,7 +52,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.decode_bench import measure_decode_steps, print_decode
+from bench.decode_bench import DECODE_BATCHES, measure_decode_steps, print_decode
+from bench.flops import detect_peak_tflops, prefill_flops
 from replicas.executor import Granularity, PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import Boundary, DecoderModel
@@ -62,6 +72,10 @@ class EngineBenchConfig:
     latency_tokens: int = 0
     latency_runs: int = 0
     chunk_sizes: tuple[int, ...] = (256, 512, 2048)
+    max_inflight: tuple[int, ...] = (1, 2, 4)  # K for the block-K preemption rows
+    decode_batches: tuple[int, ...] = DECODE_BATCHES
+    decode_context: int = 150
+    peak_tflops: float | None = None  # dense bf16 peak for MFU; None: detected from the CUDA device name
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -113,9 +127,12 @@ def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchCon
     """Tokens per second per length for ours (none, block) and transformers, interleaved."""
     import transformers  # slow import; only the benchmark needs it
 
+    # On a GPU, load straight onto it (an 8B model staged through host memory takes much longer).
+    placement = {"device_map": str(model.device)} if model.device.type == "cuda" else {}
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=model.dtype, attn_implementation="sdpa"
-    ).to(model.device).eval()
+        model_dir, dtype=model.dtype, attn_implementation="sdpa", **placement
+    )
+    hf = (hf if placement else hf.to(model.device)).eval()
     prefiller = _Prefiller(model, max(cfg.lengths))
     rng = random.Random(cfg.seed)
     executors = {g: PreemptibleExecutor(g, device=model.device) for g in ("none", "block")}
@@ -157,6 +174,21 @@ def measure_throughput(model: DecoderModel, model_dir: Path, cfg: EngineBenchCon
         result["overhead"][str(n)] = statistics.median(1 - o / b for o, b in zip(t_none, t_block))
         result["repeats"][str(n)] = repeats
     return result
+
+
+def prefill_mfu(model: DecoderModel, tokens_per_s: dict[str, dict[str, float]],
+                peak_tflops: float | None) -> dict[str, Any]:
+    """Model FLOPs of each length's prefill, TFLOP/s per variant, and MFU against ``peak_tflops``."""
+    flops = {n: prefill_flops(model.config, int(n)) for n in next(iter(tokens_per_s.values()))}
+    tflops = {key: {n: flops[n].total * rate / int(n) / 1e12 for n, rate in rates.items()}
+              for key, rates in tokens_per_s.items()}
+    return {
+        "flops": {n: {"linear": f.linear, "attention": f.attention, "lm_head": f.lm_head, "total": f.total}
+                  for n, f in flops.items()},
+        "tflops": tflops,
+        "mfu": None if not peak_tflops else {
+            key: {n: value / peak_tflops for n, value in rates.items()} for key, rates in tflops.items()},
+    }
 
 
 def _yield_only_program(points: int) -> Any:  # noqa: ANN401
@@ -231,12 +263,52 @@ def _latency_stats(samples_s: list[float]) -> dict[str, float | int]:
             "samples": len(samples_s)}
 
 
-def _timeline_latencies(points: list[float], begin: float, end: float, draws: int, seed: int) -> list[float]:
-    """Latency a request arriving uniformly in ``[begin, end)`` sees: time to the next point."""
-    marks = np.array(sorted([*points, end]))
+def _timeline_latencies(points: list[float], begin: float, end: float, draws: int, seed: int,
+                        free_at: list[float] | None = None) -> list[float]:
+    """Latency a request arriving uniformly in ``[begin, end)`` sees: from then until the device is
+    free after the next point (``free_at[j]``: when point ``j``'s launched work has finished; on CPU
+    the point itself). Points are host times, in order."""
+    marks = np.array([*points, end])
+    free = np.array([*(points if free_at is None else free_at), end])
     t = np.random.default_rng(seed).uniform(begin, end, draws)
-    nxt = marks[np.searchsorted(marks, t, side="left")]
-    return list(nxt - t)
+    nxt = np.searchsorted(marks, t, side="left")
+    return list(free[nxt] - t)
+
+
+class _PointClock:
+    """Host time of every preemption point and, on CUDA, when the device finished what was
+    launched before it (an event per point, read against a start event after the run)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.points: list[float] = []
+        self.events: list[torch.cuda.Event] = []
+        self.begin = 0.0
+        self.start: torch.cuda.Event | None = None
+
+    def open(self) -> None:
+        """Mark the start of a run (the device idle: synchronised before)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.begin = time.perf_counter()
+
+    def mark(self) -> None:
+        """A preemption point, now."""
+        self.points.append(time.perf_counter())
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def free_at(self) -> list[float]:
+        """When the device was free after each point (host clock; call after a synchronise)."""
+        if not self.cuda or self.start is None:
+            return list(self.points)
+        # the start event ran at once on the idle device, at host time ~begin (within a launch)
+        device = [self.begin + self.start.elapsed_time(e) / 1000 for e in self.events]
+        return [max(h, d) for h, d in zip(self.points, device)]
 
 
 def measure_preemption(model: DecoderModel, cfg: EngineBenchConfig, bar: tqdm) -> dict[str, Any]:
@@ -256,57 +328,89 @@ def measure_preemption(model: DecoderModel, cfg: EngineBenchConfig, bar: tqdm) -
                            prefiller.reset()), model.device)
     out: dict[str, Any] = {"prompt_tokens": n, "uninterrupted_s": whole,
                            "method": "timeline of measured preemption points, 2000 uniform request times"}
-    configs: list[tuple[str, str, int]] = [(g.value, g.value, n) for g in Granularity]
-    configs += [(f"chunked-{c}", "none", c) for c in cfg.chunk_sizes]
-    for index, (name, granularity, chunk) in enumerate(configs):
-        executor = PreemptibleExecutor(granularity, device=model.device)
+    out["max_inflight_default"] = PreemptibleExecutor().max_inflight
+    for index, (name, granularity, chunk, k) in enumerate(latency_configs(cfg)):
+        executor = PreemptibleExecutor(granularity, max_inflight=k, device=model.device)
         measured: list[float] = []
         timeline: list[float] = []
         for run in range(cfg.latency_runs):
-            points: list[float] = []
+            clock = _PointClock(model.device)
             gap = whole / max(min(-(-n // chunk), 40) if granularity == "none" else 40, 2)
             with _PreemptionProbe(gap, seed=cfg.seed + 97 * index + run) as probe:
 
-                def check(points: list[float] = points, probe: _PreemptionProbe = probe) -> bool:
-                    points.append(time.perf_counter())
+                def check(clock: _PointClock = clock, probe: _PreemptionProbe = probe) -> bool:
+                    clock.mark()
                     return probe.should_stop()
 
-                begin = time.perf_counter()
+                def served(probe: _PreemptionProbe = probe) -> None:
+                    _sync(model.device)  # free only once the launched operators have run
+                    probe.record_and_rearm()
+
+                clock.open()
                 for start in range(0, n, chunk):
                     task = executor.start(prefiller.program(ids, start, min(start + chunk, n), chunk))
                     while not executor.run(task, check):
-                        probe.record_and_rearm()
-                    if start + chunk < n and check():  # a chunk boundary is a preemption point
-                        probe.record_and_rearm()
+                        served()
+                    if start + chunk < n:  # a chunk boundary is a preemption point
+                        _sync(model.device)  # an iteration-level scheduler waits for each chunk
+                        if check():
+                            served()
+                _sync(model.device)
                 end = time.perf_counter()
                 if probe.should_stop():  # asked during the last stretch: served at completion
                     probe.record_and_rearm()
                 measured += probe.samples
-            timeline += _timeline_latencies(points, begin, end, 2000 // cfg.latency_runs, cfg.seed + run)
+            timeline += _timeline_latencies(clock.points, clock.begin, end, 2000 // cfg.latency_runs,
+                                            cfg.seed + run, clock.free_at())
             prefiller.reset()
             bar.update(1)
-        out[name] = {**_latency_stats(timeline), "measured": _latency_stats(measured)}
+        out[name] = {**_latency_stats(timeline), "measured": _latency_stats(measured), "max_inflight": k}
     return out
 
 
-def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig) -> dict[str, Any]:
-    """Run every measurement, print a table, return the JSON report."""
+def latency_configs(cfg: EngineBenchConfig) -> list[tuple[str, str, int, int]]:
+    """``(row name, granularity, chunk tokens, K)`` of every preemption-latency row."""
+    n, default_k = cfg.latency_tokens, PreemptibleExecutor().max_inflight
+    rows = [(g.value, g.value, n, default_k) for g in Granularity]
+    rows += [(f"block-K{k}", "block", n, k) for k in cfg.max_inflight]
+    return rows + [(f"chunked-{c}", "none", c, default_k) for c in cfg.chunk_sizes]
+
+
+def run_engine_bench(model_dir: Path, cfg: EngineBenchConfig, model: DecoderModel | None = None) -> dict[str, Any]:
+    """Run every measurement, print a table, return the JSON report (``model``: ``model_dir`` already
+    loaded in ``cfg``'s dtype and device, e.g. to profile it afterwards without loading 16 GB again)."""
     torch.manual_seed(cfg.seed)
-    model = DecoderModel.load(model_dir, dtype=cfg.dtype, device=cfg.device)
-    steps = sum(map(cfg.repeats_at, cfg.lengths)) + (len(Granularity) + len(cfg.chunk_sizes)) * cfg.latency_runs
+    if model is None:
+        model = DecoderModel.load(model_dir, dtype=cfg.dtype, device=cfg.device)
+    steps = sum(map(cfg.repeats_at, cfg.lengths)) + len(latency_configs(cfg)) * cfg.latency_runs
     with tqdm(total=steps, desc="bench engine", unit="run") as bar:
         throughput = measure_throughput(model, model_dir, cfg, bar)
+        if model.device.type == "cuda":  # the reference's weights (gigabytes) went with that call
+            gc.collect()
+            torch.cuda.empty_cache()
         latency = measure_preemption(model, cfg, bar)
-        decode = measure_decode_steps(model, repeats=2 if cfg.quick else 3)
+        decode = measure_decode_steps(model, batches=cfg.decode_batches, context=cfg.decode_context,
+                                      repeats=2 if cfg.quick else 3)
     lengths = [str(n) for n in cfg.lengths]
-    cost = measure_checkpoint_cost(model, cfg.lengths, {n: int(n) / throughput["ours_none"][n] for n in lengths})
+    cost = measure_checkpoint_cost(model, cfg.lengths, {n: int(n) / throughput["ours_none"][n] for n in lengths},
+                                   points=20_000 if model.device.type == "cuda" else 200_000)  # an event each on CUDA
+    peak, peak_source = cfg.peak_tflops, "given"
+    if peak is None:
+        peak, peak_source = (detect_peak_tflops(torch.cuda.get_device_name(model.device))
+                             if model.device.type == "cuda" else (None, "no peak for a CPU unless given"))
+    rates = {"ours": throughput["ours_none"], "ours_block": throughput["ours_block"],
+             "transformers": throughput["transformers"]}
+    flops = prefill_mfu(model, rates, peak)
     report = {
         "model": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
+        "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "config": asdict(cfg),
-        "prefill_tokens_per_s": {
-            "ours": throughput["ours_none"], "ours_block": throughput["ours_block"],
-            "transformers": throughput["transformers"],
-        },
+        "parameters": model.num_parameters,
+        "prefill_tokens_per_s": rates,
+        "prefill_flops": flops["flops"],
+        "prefill_tflops": flops["tflops"],
+        "peak_tflops": peak, "peak_source": peak_source,
+        "mfu": flops["mfu"],
         "speedup_vs_transformers": throughput["speedup"],
         "speedup_vs_transformers_best": {
             n: throughput["ours_block"][n] / throughput["transformers"][n] for n in lengths
@@ -339,15 +443,26 @@ def print_report(report: dict[str, Any]) -> None:
               f"{cost['direct_overhead'][n]:>8.5f} {report['repeats'][n]:>7}")
     print(f"(speedup and ckpt ovh: median of per-repeat ratios; best: ratio of best runs; direct: "
           f"{cost['points_per_pass']} points x {cost['per_point_us']:.2f} us / pass time)")
+    if "prefill_tflops" in report:
+        mfu = report.get("mfu")
+        peak = f"{report['peak_tflops']:.1f} TFLOP/s peak" if report.get("peak_tflops") else report["peak_source"]
+        print(f"\nmodel FLOPs per prefill and MFU ({peak})")
+        print(f"{'tokens':>8} {'GFLOP':>10} {'attn %':>7} {'ours TF/s':>10} {'block TF/s':>11} {'hf TF/s':>8} "
+              f"{'MFU block':>10}")
+        for n, f in report["prefill_flops"].items():
+            tf = report["prefill_tflops"]
+            mfu_text = f"{mfu['ours_block'][n]:>10.1%}" if mfu else f"{'-':>10}"
+            print(f"{n:>8} {f['total'] / 1e9:>10.4g} {f['attention'] / f['total']:>7.1%} {tf['ours'][n]:>10.2f} "
+                  f"{tf['ours_block'][n]:>11.2f} {tf['transformers'][n]:>8.2f} {mfu_text}")
     lat = report["preempt_latency_ms"]
     print(f"\npreemption latency, {lat['prompt_tokens']}-token prefill "
           f"(uninterrupted {lat['uninterrupted_s']:.2f} s)")
-    print(f"{'mode':>14} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'measured p50':>13} {'measured max':>13} "
-          f"{'requests':>8}")
+    print(f"{'mode':>14} {'K':>3} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'measured p50':>13} "
+          f"{'measured max':>13} {'requests':>8}")
     for name, row in lat.items():
         if isinstance(row, dict):
             m = row["measured"]
-            print(f"{name:>14} {row['p50']:>9.1f} {row['p99']:>9.1f} {row['max']:>9.1f} "
-                  f"{m['p50']:>13.1f} {m['max']:>13.1f} {m['samples']:>8}")
+            print(f"{name:>14} {row.get('max_inflight', '-'):>3} {row['p50']:>9.2f} {row['p99']:>9.2f} "
+                  f"{row['max']:>9.2f} {m['p50']:>13.2f} {m['max']:>13.2f} {m['samples']:>8}")
     if "decode_step_ms" in report:
         print_decode(report["decode_step_ms"])

@@ -58,12 +58,16 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
-    from replicas.model.tiny import build_tiny_checkpoint
+    from replicas.model.tiny import build_preset_checkpoint, build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(
-        args.dir, args.arch, seed=args.seed, dtype=args.dtype, num_shards=args.shards,
-        tie_word_embeddings=not args.untied,
-    )
+    given = {k: v for k, v in (("dtype", args.dtype), ("num_shards", args.shards)) if v is not None}
+    if args.preset:
+        if args.arch or args.untied:
+            raise ValueError("--preset fixes the architecture: leave out --arch and --untied")
+        path = build_preset_checkpoint(args.dir, args.preset, seed=args.seed, device=args.device, **given)
+    else:
+        path = build_tiny_checkpoint(args.dir, args.arch or "llama", seed=args.seed, device=args.device,
+                                     tie_word_embeddings=not args.untied, **given)
     print(path)
     return 0
 
@@ -148,11 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_models_prepare)
     tiny = msub.add_parser("tiny", help="write a seeded tiny random-weight checkpoint")
     tiny.add_argument("dir")
-    tiny.add_argument("--arch", default="llama", choices=["llama", "llama3", "mistral", "qwen2", "qwen3"])
+    tiny.add_argument("--arch", default=None, choices=["llama", "llama3", "mistral", "qwen2", "qwen3"],
+                      help="default llama")
+    tiny.add_argument("--preset", default=None, choices=["llama3-8b"],
+                      help="full-size shapes with random weights instead of tiny ones (llama3-8b: Llama-3.1-8B, "
+                           "bfloat16, about 16 GB; draw it with --device cuda)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    tiny.add_argument("--shards", type=int, default=1)
+    tiny.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="default float32 (a preset's own: bfloat16)")
+    tiny.add_argument("--shards", type=int, default=None, help="default 1 (a preset's own: 4)")
     tiny.add_argument("--untied", action="store_true", help="separate lm_head instead of tied embeddings")
+    tiny.add_argument("--device", default="cpu", help="where the random weights are drawn: cpu or cuda")
     tiny.set_defaults(func=_cmd_models_tiny)
 
     prof = sub.add_parser("profile", help="measure prefill latency over input lengths and fit the TTFT cost model")

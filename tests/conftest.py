@@ -21,6 +21,20 @@ from replicas.model.tiny import build_tiny_checkpoint
 TinyFactory = Callable[..., Path]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, saying why, where torch sees no CUDA device (tests/devices.py)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from tests.devices import CUDA_SKIP_REASON
+
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> TinyFactory:
     """``factory(arch="llama", **kwargs) -> Path``: a tiny checkpoint, built once per argument set.

@@ -11,7 +11,14 @@ import torch
 from safetensors import safe_open
 
 from replicas.model import default_model
-from replicas.model.tiny import ARCHES, CHATML_TEMPLATE, build_tiny_checkpoint
+from replicas.model.tiny import (
+    ARCHES,
+    CHATML_TEMPLATE,
+    PRESETS,
+    build_preset_checkpoint,
+    build_tiny_checkpoint,
+    preset_parameters,
+)
 from replicas.model.tokenizer import Tokenizer
 
 ARCH_NAMES = list(ARCHES)
@@ -176,6 +183,55 @@ def test_invalid_arguments(tmp_path):
         build_tiny_checkpoint(tmp_path, dtype="int8")
     with pytest.raises(ValueError, match="num_kv_heads"):
         build_tiny_checkpoint(tmp_path, num_heads=4, num_kv_heads=3)
+
+    with pytest.raises(ValueError, match="below the tokenizer"):
+        build_tiny_checkpoint(tmp_path, model_vocab_size=10)
+    with pytest.raises(ValueError, match="llama3"):
+        build_tiny_checkpoint(tmp_path, "llama", original_max_position_embeddings=8192)
+    with pytest.raises(ValueError, match="llama3-8b"):
+        build_preset_checkpoint(tmp_path, "llama3-70b")
+
+
+def test_llama3_8b_preset_is_llama_3_1_8b_shaped():
+    """The gpu_check benchmark model: Llama-3.1-8B's shapes (its published 8,030,261,248 parameters)."""
+    v = PRESETS["llama3-8b"]
+    assert (v["hidden_size"], v["num_layers"], v["num_heads"], v["num_kv_heads"], v["intermediate_size"]) == (
+        4096, 32, 32, 8, 14336)
+    assert (v["model_vocab_size"], v["rope_theta"], v["arch"], v["dtype"]) == (128256, 500000.0, "llama3", "bfloat16")
+    assert preset_parameters("llama3-8b") == 8_030_261_248
+
+
+def test_preset_scaled_down_writes_its_rope_and_padded_vocabulary(tmp_path):
+    """The preset's config (llama3 RoPE scaling from 8192 positions, theta 500000, a vocabulary padded
+    past the tokenizer's) loads in our decoder and in transformers with the same logits; token ids
+    past the tokenizer's are valid inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from replicas.executor import PreemptibleExecutor
+    from replicas.kv_cache import PagedKVCache
+    from replicas.model.decoder import DecoderModel
+    from replicas.programs import PrefillItem, prefill_program
+
+    path = build_preset_checkpoint(tmp_path / "mini", "llama3-8b", hidden_size=64, num_layers=2, num_heads=8,
+                                   num_kv_heads=2, head_dim=8, intermediate_size=96, model_vocab_size=1000,
+                                   num_shards=2, dtype="float32")
+    config = json.loads((path / "config.json").read_text())
+    assert config["vocab_size"] == 1000 > Tokenizer.from_dir(path).vocab_size
+    assert config["rope_scaling"]["original_max_position_embeddings"] == 8192
+    assert config["max_position_embeddings"] == 131072 and config["rope_theta"] == 500000.0
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == 1e-5
+    assert json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == 4 * (
+        2 * 1000 * 64 + 2 * (64 * (64 + 2 * 16) + 64 * 64 + 3 * 64 * 96 + 2 * 64) + 64)
+    ours = DecoderModel.load(path)
+    assert ours.config.rope.rope_type == "llama3" and ours.config.vocab_size == 1000
+    ids = [999, 3, 512, 7, 998, 1, 640]
+    kv = PagedKVCache(ours.kv_spec(), num_blocks=4)
+    kv.allocator.ensure_capacity(0, len(ids))
+    logits = PreemptibleExecutor("none").run_to_completion(prefill_program(ours, kv, [PrefillItem(0, ids)]))[0]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 # --- default model preparation (conversion replaced by a fake so no transformers is needed) ---

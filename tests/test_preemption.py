@@ -1,4 +1,11 @@
-"""Operator-level preemption is exact: suspend anywhere, run other work, resume, same bits."""
+"""Operator-level preemption is exact: suspend anywhere, run other work, resume, same bits.
+
+Each test runs on the CPU and, under ``scripts/gpu_check``, in float32 on CUDA at K = 1, 2 and 4
+operators launched ahead (``DEVICE_K``): there the executor does not synchronise at every point,
+so a suspension leaves up to K operators running, and the results must still be bitwise equal.
+"""
+
+import copy
 
 import pytest
 import torch
@@ -8,12 +15,34 @@ from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
 from replicas.model.tiny import build_tiny_checkpoint
 from replicas.programs import PrefillItem, decode_program, prefill_program
+from tests.devices import DEVICE_K
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> DecoderModel:
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3, num_layers=3)
-    return DecoderModel.load(path)
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=3, num_layers=3)
+
+
+@pytest.fixture(scope="module", params=DEVICE_K)
+def target(request) -> tuple[str, int]:
+    """``(device, K)``: where the model runs and how many operators the executor launches ahead."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint, target) -> DecoderModel:
+    return DecoderModel.load(checkpoint, device=target[0])
+
+
+def _executor(model: DecoderModel, granularity, k: int = 2) -> PreemptibleExecutor:
+    return PreemptibleExecutor(granularity, max_inflight=k, device=model.device)
+
+
+def _host(kv: PagedKVCache) -> PagedKVCache:
+    """The same cache with its tensors copied to the CPU (block tables shared), to read KV back."""
+    host = copy.copy(kv)
+    host.keys, host.values = [t.cpu() for t in kv.keys], [t.cpu() for t in kv.values]
+    return host
 
 
 def _prompt(seed: int, n: int, vocab: int) -> list[int]:
@@ -27,29 +56,29 @@ def _kv_of(kv: PagedKVCache, seq_id: int, n: int) -> list[torch.Tensor]:
 
 
 def _fresh_kv(model: DecoderModel) -> PagedKVCache:
-    return PagedKVCache(model.kv_spec(block_size=8), num_blocks=256)
+    return PagedKVCache(model.kv_spec(block_size=8), num_blocks=256, device=model.device)
 
 
 def _reference(model: DecoderModel, items: list[PrefillItem], chunk: int):
     kv = _fresh_kv(model)
     for it in items:
         kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
-    logits = PreemptibleExecutor("none").run_to_completion(prefill_program(model, kv, items, chunk))
-    return logits, {it.seq_id: _kv_of(kv, it.seq_id, len(it.token_ids)) for it in items}
+    logits = _executor(model, "none").run_to_completion(prefill_program(model, kv, items, chunk))
+    return logits, {it.seq_id: _kv_of(_host(kv), it.seq_id, len(it.token_ids)) for it in items}
 
 
 def _count_points(model: DecoderModel, items: list[PrefillItem], chunk: int, granularity: str) -> int:
     kv = _fresh_kv(model)
     for it in items:
         kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
-    ex = PreemptibleExecutor(granularity)
+    ex = _executor(model, granularity)
     task = ex.start(prefill_program(model, kv, items, chunk))
     ex.run(task)
     return task.points_passed
 
 
 @pytest.mark.parametrize("granularity", ["layer", "block", "op"])
-def test_suspend_at_every_point_then_resume_is_bitwise_exact(model, granularity):
+def test_suspend_at_every_point_then_resume_is_bitwise_exact(model, target, granularity):
     vocab = model.config.vocab_size
     # Two prompts in one batch, the long one split into chunks, so points fall in every pass.
     items = [PrefillItem(1, _prompt(1, 45, vocab)), PrefillItem(2, _prompt(2, 13, vocab))]
@@ -63,9 +92,10 @@ def test_suspend_at_every_point_then_resume_is_bitwise_exact(model, granularity)
         kv = _fresh_kv(model)
         for it in items:
             kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids))
-        ex = PreemptibleExecutor(granularity)
+        ex = _executor(model, granularity, target[1])
         task = ex.start(prefill_program(model, kv, items, chunk))
         suspended = ex.run(task, should_stop=lambda t=task, k=stop_at: t.points_passed >= k) is False
+        assert len(ex._events) <= target[1]  # suspended with at most K operators still in flight
         assert suspended or stop_at == points
         # Something else in between: another prefill and a decode step on the same cache.
         other = PrefillItem(9, _prompt(9, 30, vocab))
@@ -77,10 +107,10 @@ def test_suspend_at_every_point_then_resume_is_bitwise_exact(model, granularity)
             assert torch.equal(task.result[seq_id], ref_logits[seq_id]), f"logits differ after stop {stop_at}"
             n = len(items[seq_id - 1].token_ids)
             for layer, ref in enumerate(ref_kv[seq_id]):
-                assert torch.equal(_kv_of(kv, seq_id, n)[layer], ref), f"KV layer {layer} differs"
+                assert torch.equal(_kv_of(_host(kv), seq_id, n)[layer], ref), f"KV layer {layer} differs"
 
 
-def test_interleaving_two_prefills_and_a_decode_matches_running_each_alone(model):
+def test_interleaving_two_prefills_and_a_decode_matches_running_each_alone(model, target):
     vocab = model.config.vocab_size
     a = [PrefillItem(1, _prompt(11, 37, vocab)), PrefillItem(2, _prompt(12, 5, vocab))]
     b = [PrefillItem(3, _prompt(13, 52, vocab))]
@@ -90,18 +120,18 @@ def test_interleaving_two_prefills_and_a_decode_matches_running_each_alone(model
         kv = _fresh_kv(model)
         for it in [*a, *b, ctx]:
             kv.allocator.ensure_capacity(it.seq_id, len(it.token_ids) + 1)
-        PreemptibleExecutor("none").run_to_completion(prefill_program(model, kv, [ctx]))
+        _executor(model, "none").run_to_completion(prefill_program(model, kv, [ctx]))
         return kv
 
     kv = setup()
-    ex = PreemptibleExecutor("none")
+    ex = _executor(model, "none")
     alone = {
         "a": ex.run_to_completion(prefill_program(model, kv, a, 16)),
         "b": ex.run_to_completion(prefill_program(model, kv, b, 64)),
         "d": ex.run_to_completion(decode_program(model, kv, [(4, 7, 20)])),
     }
     kv = setup()
-    ex = PreemptibleExecutor(Granularity.OP)
+    ex = _executor(model, Granularity.OP, target[1])
     tasks = {
         "a": ex.start(prefill_program(model, kv, a, 16)),
         "b": ex.start(prefill_program(model, kv, b, 64)),
@@ -122,7 +152,7 @@ def test_interleaving_two_prefills_and_a_decode_matches_running_each_alone(model
 def test_granularity_none_never_stops(model):
     kv = _fresh_kv(model)
     kv.allocator.ensure_capacity(1, 40)
-    ex = PreemptibleExecutor("none")
+    ex = _executor(model, "none")
     task = ex.start(prefill_program(model, kv, [PrefillItem(1, _prompt(3, 40, model.config.vocab_size))]))
     assert ex.run(task, should_stop=lambda: True) is True
     assert task.points_passed == 0 and task.suspensions == 0
