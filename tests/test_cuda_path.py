@@ -1,8 +1,8 @@
 """The CUDA path: launch-ahead bounded by events, the engine on the device, KV accounting.
 
 ``scripts/gpu_check`` runs every ``cuda``-marked test (``-m cuda``); the CPU twins of the
-parametrized ones (``DEVICES``, ``DEVICE_K``) run in the default suite. Prefix-cache equality on
-CUDA belongs here too: :func:`test_prefix_cache_hit_equals_a_cold_prefill_on_cuda` is its hook.
+parametrized ones (``DEVICES``, ``DEVICE_K``) run in the default suite, prefix-cache equality
+(:func:`test_prefix_cache_hit_equals_a_cold_prefill`) included.
 """
 
 from __future__ import annotations
@@ -95,13 +95,13 @@ def test_kv_accounting_matches_the_device_memory_it_takes(device):
         assert torch.cuda.memory_allocated() - before == held
     cache.allocator.ensure_capacity(0, 37)
     cache.allocator.ensure_capacity(1, 20)
-    slots = cache.allocator.slots(0, 0, 37).to(device)
+    slots = cache.slots(0, 0, 37).to(device)
     k = torch.randn(37, 2, 64, device=device).to(torch.bfloat16)
     cache.write(2, slots, k, -k)
     gk, gv = cache.gather(2, slots)
     assert torch.equal(gk, k) and torch.equal(gv, -k)
     assert int(torch.count_nonzero(cache.keys[2].abs().sum((1, 2)))) == 37  # nothing else was written
-    other = cache.gather(2, cache.allocator.slots(1, 0, 20).to(device))[0]
+    other = cache.gather(2, cache.slots(1, 0, 20).to(device))[0]
     assert int(torch.count_nonzero(other)) == 0
     assert cache.allocator.free(0) == 3 and cache.allocator.free(1) == 2
     cache.allocator.check_invariants()
@@ -208,9 +208,49 @@ def test_interleaving_decode_steps_with_a_long_prefill_keeps_both_outputs(model_
         engine.shutdown()
 
 
-@pytest.mark.cuda
-def test_prefix_cache_hit_equals_a_cold_prefill_on_cuda():
-    """Hook for the prefix cache's CUDA check: a prefill that reuses cached prefix blocks must give
-    the logits and KV of a cold prefill of the same prompt, on the device. gpu_check counts tests
-    named ``prefix_cache`` in its own row; replace this skip with the check once prefix caching is in."""
-    pytest.skip("prefix caching is not in this checkout yet: this hook awaits its CUDA equality test")
+@pytest.mark.parametrize("device_k", DEVICE_K)
+def test_prefix_cache_hit_equals_a_cold_prefill(tiny_checkpoint_factory, device_k):
+    """A prefill that reuses a cached prefix, including one published by a program suspended at every
+    preemption point with K operators launched ahead, gives a cold prefill's logits and greedy token on
+    the device; the suspended program itself resumes bitwise equal to an uninterrupted run."""
+    from replicas.model.decoder import DecoderModel
+    from replicas.prefix_tracker import PrefixTracker
+    from replicas.programs import PrefillItem, prefill_program
+
+    device, k = device_k
+    model = DecoderModel.load(tiny_checkpoint_factory("llama", seed=5, num_layers=3), device=device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(9)
+    long = torch.randint(0, vocab, (56,), generator=g).tolist()
+    short = long[:32] + torch.randint(0, vocab, (6,), generator=g).tolist()
+
+    def cold(tokens: list[int]) -> torch.Tensor:
+        kv = PagedKVCache(model.kv_spec(8), num_blocks=32, device=device)
+        kv.allocator.ensure_capacity(0, len(tokens))
+        return PreemptibleExecutor("none", device=device).run_to_completion(
+            prefill_program(model, kv, [PrefillItem(0, tokens)]))[0]
+
+    def started(kv: PagedKVCache, tracker: PrefixTracker, rid: str, seq: int, tokens: list[int], ex):
+        match = tracker.admit(rid, seq, tokens)
+        kv.allocator.ensure_capacity(seq, len(tokens))
+        item = PrefillItem(seq, tokens, match.cached_tokens, len(tokens))
+        program = prefill_program(model, kv, [item], 16, on_pass=lambda segs: [tracker.passed(x.seq_id, x.end)
+                                                                               for x in segs])
+        return match.cached_tokens, ex.start(program)
+
+    cold_short = cold(short)
+    ex = PreemptibleExecutor("block", max_inflight=k, device=device)
+    reference = None
+    for stop_at in range(1, 13):  # 4 passes of 3 layers, 2 points each: every point in the first two passes
+        kv = PagedKVCache(model.kv_spec(8), num_blocks=32, device=device, enable_prefix_caching=True)
+        tracker = PrefixTracker(kv.allocator, "tiny")
+        _, task = started(kv, tracker, "long", 1, long, ex)
+        ex.run(task, should_stop=lambda t=task, n=stop_at: t.points_passed >= n)
+        cached, other = started(kv, tracker, "short", 2, short, PreemptibleExecutor("none", device=device))
+        assert cached in (0, 16, 32)
+        PreemptibleExecutor("none", device=device).run(other)
+        assert torch.allclose(other.result[2], cold_short, atol=2e-5, rtol=0)
+        assert int(other.result[2].argmax()) == int(cold_short.argmax())
+        assert ex.run(task)
+        reference = task.result[1] if reference is None else reference
+        assert torch.equal(task.result[1], reference), f"the suspended program differs after stop {stop_at}"
