@@ -129,7 +129,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
         vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
-        engine_settings=parse_engine_settings(args.engine_set), **_prefix_settings(args),
+        engine_settings=parse_engine_settings(args.engine_set), repeats=args.repeats, budget_s=args.budget_s,
+        **_prefix_settings(args),
     )
 
     def save(report: dict[str, object]) -> None:  # after each system, and at the end
@@ -314,7 +315,13 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
                       help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
     bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
-    bsrv.add_argument("--quick", action="store_true", help="fewer requests and runs (all systems in ~25 minutes)")
+    bsrv.add_argument("--quick", action="store_true",
+                      help="fewer requests and runs, all searches within --budget-s (default 2400 s with --quick)")
+    bsrv.add_argument("--repeats", type=int, default=3,
+                      help="runs at each boundary rate; goodput is decided on their median (1 elsewhere)")
+    bsrv.add_argument("--budget-s", type=float, default=None,
+                      help="wall-time budget of all searches together; a search stops where it is when its share "
+                           "is spent (default: unbounded, 2400 with --quick)")
     add_prefix_args(bsrv)
     bsrv.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
                       help="a FlowPrefill engine setting for every FlowPrefill system (repeatable), e.g. cpu_threads=1")

@@ -1,6 +1,6 @@
 """Goodput searches: the one shared by the in-process benchmark and the simulator, and the
-HTTP benchmark's (:func:`find_goodput`: a common grid across systems, repeats at the boundary and
-a rate floor).
+HTTP benchmark's (:func:`find_goodput`: a common grid across systems, medians of repeats at the
+boundary, a rate floor and a time budget).
 
 Goodput is the highest rate scale whose replay reaches the attainment goal.  From ``start`` the
 scale steps up by 1.5x while the goal is met and down (by 1.5x, or 3x when attainment is far below
@@ -11,7 +11,9 @@ bisected geometrically ``refine_steps`` times.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 
 ATTAINMENT_GOAL = 0.9
 FAR_BELOW = 0.75  # attainment under this steps down 3x instead of 1.5x
@@ -51,50 +53,92 @@ def grid(start: float, k: int) -> float:
     return float(f"{start * STEP ** k:.6g}")
 
 
+@dataclass
+class GoodputSearch:
+    """What :func:`find_goodput` found: the goodput scale, the bracket and every run per scale.
+
+    ``good`` is the highest scale whose median attainment reached the goal (0.0 if none) and
+    ``bad`` the lowest scale above it whose median did not (None if none was tried): the true
+    goodput lies in ``[good, bad)``. ``runs`` holds every attainment measured, per scale, in order;
+    ``budget_spent`` says the search stopped because its time budget ran out."""
+
+    good: float
+    bad: float | None
+    runs: dict[float, list[float]]
+    budget_spent: bool = False
+
+    def median(self, scale: float) -> float:
+        """The median attainment of the runs at ``scale``."""
+        return statistics.median(self.runs[scale])
+
+
+class BudgetSpent(Exception):
+    """Raised inside :func:`find_goodput` when its time budget runs out before a run."""
+
+
 def find_goodput(measure: Callable[[float], float], start: float, *, max_runs: int = 6, refine_steps: int = 2,
-                 repeats: int = 1, goal: float = ATTAINMENT_GOAL,
-                 min_scale: float = 0.0) -> tuple[float, dict[float, list[float]]]:
-    """Search the highest scale whose mean attainment reaches ``goal``; ``measure(scale)`` runs once
+                 repeats: int = 1, goal: float = ATTAINMENT_GOAL, min_scale: float = 0.0,
+                 out_of_budget: Callable[[], bool] | None = None) -> GoodputSearch:
+    """Search the highest scale whose median attainment reaches ``goal``; ``measure(scale)`` runs once
     and returns the attainment. No scale below ``min_scale`` is tried (runs there would take too
     long); if ``min_scale`` itself fails, the goodput is reported as 0.0 (below the floor).
-    Returns the goodput scale (0.0 if none passed) and all runs per scale."""
+
+    The search runs each scale once. Then the two scales at the boundary (the best passing and the
+    lowest failing above it) are run until each has ``repeats`` runs and judged on their median: a
+    boundary scale whose median flips moves the boundary (down to the next passing scale, or up to
+    the next failing one) and the new boundary scale is repeated in turn. ``out_of_budget()``,
+    asked before every run, stops the search where it is (``budget_spent``)."""
     runs: dict[float, list[float]] = {}
 
-    def mean(s: float) -> float:
-        return sum(runs[s]) / len(runs[s])
+    def median(s: float) -> float:
+        return statistics.median(runs[s])
 
     def run(s: float) -> bool:
+        if out_of_budget is not None and out_of_budget():
+            raise BudgetSpent
         runs.setdefault(s, []).append(measure(s))
-        return mean(s) >= goal
+        return median(s) >= goal
+
+    def settled(s: float) -> bool:  # the verdict at s after `repeats` runs
+        while len(runs[s]) < repeats:
+            run(s)
+        return median(s) >= goal
 
     start = max(start, min_scale)  # the same for every system, so they still share one grid
-    good, bad, k = None, None, 0
-    s = grid(start, 0)
-    for _ in range(max_runs):
-        if run(s):
-            good = s
-            if bad is not None:
+    good: float | None = None
+    bad: float | None = None
+    try:
+        k = 0
+        s = grid(start, 0)
+        for _ in range(max_runs):
+            if run(s):
+                good = s
+                if bad is not None:
+                    break
+                k += 1
+            else:
+                bad = s
+                if good is not None or s <= min_scale:
+                    break
+                k -= 1 if runs[s][-1] >= FAR_BELOW else 2  # far below the goal: step down faster
+            s = max(grid(start, k), min_scale)
+        for _ in range(refine_steps if good is not None and bad is not None else 0):
+            mid = float(f"{math.sqrt(good * bad):.6g}")
+            if mid in runs:
                 break
-            k += 1
-        else:
-            bad = s
-            if good is not None or s <= min_scale:
+            if run(mid):
+                good = mid
+            else:
+                bad = mid
+        while True:  # settle the boundary on medians of `repeats` runs
+            if good is not None and not settled(good):
+                bad = good
+                good = max((x for x in runs if x < bad and median(x) >= goal), default=None)
+            elif bad is not None and settled(bad):
+                good = bad
+                bad = min((x for x in runs if x > good and median(x) < goal), default=None)
+            else:
                 break
-            k -= 1 if runs[s][-1] >= FAR_BELOW else 2  # far below the goal: step down faster
-        s = max(grid(start, k), min_scale)
-    for _ in range(refine_steps if good is not None and bad is not None else 0):
-        mid = float(f"{math.sqrt(good * bad):.6g}")
-        if mid in runs:
-            break
-        if run(mid):
-            good = mid
-        else:
-            bad = mid
-    while good is not None and repeats > 0:  # confirm the boundary; fall back to the next passing scale
-        for _ in range(repeats):
-            run(good)
-        if mean(good) >= goal:
-            break
-        lower = [s for s in runs if s < good and mean(s) >= goal]
-        good = max(lower) if lower else None
-    return (good or 0.0), runs
+    except BudgetSpent:
+        return GoodputSearch(good or 0.0, bad, runs, budget_spent=True)
+    return GoodputSearch(good or 0.0, bad, runs)

@@ -7,8 +7,13 @@ For each system in turn: start its server (:mod:`bench.servers`), send a few war
 find its goodput, stop it. A window of the trace is replayed open loop over the OpenAI API
 (:mod:`bench.loadgen`) at rate scales on a common geometric grid (``start_scale * 1.5**k``):
 up while attainment stays >= 90%, down (by 3x when far below) until it passes, then geometric
-bisection. The best passing scale is re-run ``repeats`` times and kept only if the mean
-attainment of all its runs still reaches 90%; otherwise the next passing scale below is checked.
+bisection. Every rate runs once, except the two at the boundary (the best passing and the lowest
+failing above it), which run ``repeats`` times (3 by default) and are judged on their median
+attainment; a median that flips moves the boundary and the new boundary rate is repeated in turn
+(:func:`bench.rate_search.find_goodput`). The JSON keeps every run under ``repeats`` beside each
+rate's median, min and max, and the ratios between systems come with the interval the grid allows.
+``--budget-s`` (2400 s with ``--quick``) bounds the wall time: each system gets its share from its
+server's start, and a search whose share is spent stops there and says so (``budget_spent``).
 Goodput is that scale times the window's base rate (requests/s). Rates at which sending the
 window would take longer than ``max_run_s`` (60 s with ``--quick``) are not tried: a system that
 fails there is reported as below that rate (goodput 0 in the JSON, with ``min_rate_rps``).
@@ -83,6 +88,8 @@ from bench.shared_prefix import PREFIX_MODES
 from replicas.vllm_process import CPU_LIST
 from router.slo import SLOClass
 
+QUICK_BUDGET_S = 2400.0  # --quick: all searches together, whatever the trace's prompt lengths
+
 
 @dataclass
 class ServeBenchConfig:
@@ -100,7 +107,7 @@ class ServeBenchConfig:
     start_scale: float | None = None  # None: from a probe of the first system
     max_runs: int = 6  # search runs per system before refinement
     refine_steps: int = 2
-    repeats: int = 1  # extra runs at the goodput boundary
+    repeats: int = 3  # runs at each boundary rate (the best passing and the lowest failing); 1 elsewhere
     max_run_s: float = 300.0  # no rate so low that sending the window takes longer (goodput reported below it)
     drain_s: float = 65.0
     chunk_sizes: tuple[int, ...] = (64, 128, 256)  # of the chunked baseline (scaled lengths)
@@ -110,6 +117,7 @@ class ServeBenchConfig:
     config: str | None = None  # Serve config with the SLO classes (default ray_config.yaml)
     log_dir: str = "out/serve-bench"
     quick: bool = False
+    budget_s: float | None = None  # wall-time budget of all searches (None: unbounded; --quick: 40 min)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # FlowPrefill engine settings on top
     prefix_mode: str | None = None  # unique | trace | multiturn; None: trace if the trace has block ids
     multiturn_system_tokens: int = MultiTurnConfig.system_prompt_tokens  # full-length tokens
@@ -138,11 +146,20 @@ class ServeBenchConfig:
             raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
         if not CPU_LIST.match(self.vllm_threads_bind):
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
-        if self.quick:  # the default six servers in about 25 minutes on 2 cores
+        if self.repeats < 1:
+            raise ValueError(f"--repeats: need at least 1, got {self.repeats}")
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise ValueError(f"--budget-s: need a positive number of seconds, got {self.budget_s}")
+        if self.quick:  # bounded wall time on any trace: the budget stops a search where it is
             self.max_requests = min(self.max_requests, 32)
             self.max_output_tokens = min(self.max_output_tokens, 8)
-            self.max_runs, self.refine_steps, self.repeats = min(self.max_runs, 4), min(self.refine_steps, 1), 0
+            self.max_runs, self.refine_steps = min(self.max_runs, 4), min(self.refine_steps, 1)
             self.max_run_s = min(self.max_run_s, 60.0)
+            self.budget_s = self.budget_s or QUICK_BUDGET_S
+
+    def budget_per_system_s(self) -> float | None:
+        """Each system's share of ``budget_s``, from its server's start (None: unbounded)."""
+        return None if self.budget_s is None else self.budget_s / len(self.systems)
 
     def multiturn(self) -> MultiTurnConfig:
         """The multi-turn generator's settings (``--prefix-mode multiturn``)."""
@@ -267,6 +284,8 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
     requests = workload.requests(0)
     base_rate = len(requests) / requests[-1].arrival_s
     bar.set_description(f"{system}: starting")
+    share = cfg.budget_per_system_s()
+    deadline = None if share is None else time.monotonic() + share
     try:
         with ManagedServer(spec, log_dir / f"{system}.log") as server:
             entry["startup_s"] = server.startup_s
@@ -294,13 +313,20 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
 
             floor = float(f"{requests[-1].arrival_s / cfg.max_run_s:.3g}")
             entry["min_rate_rps"] = floor * base_rate
-            good, runs = find_goodput(measure, start, max_runs=cfg.max_runs, refine_steps=cfg.refine_steps,
-                                      repeats=cfg.repeats, min_scale=floor)
+            found = find_goodput(measure, start, max_runs=cfg.max_runs, refine_steps=cfg.refine_steps,
+                                 repeats=cfg.repeats, min_scale=floor,
+                                 out_of_budget=None if deadline is None else lambda: time.monotonic() > deadline)
     except ServerStartError as exc:
         print(f"\n*** bench serve: {system} failed to start: {exc} ***\n", file=sys.stderr, flush=True)
         entry["error"] = str(exc)
         return entry
-    entry.update(goodput=good * base_rate, goodput_scale=good)
+    good, runs = found.good, found.runs
+    entry.update(goodput=good * base_rate, goodput_scale=good,
+                 next_failing_rate_rps=None if found.bad is None else found.bad * base_rate,
+                 budget_spent=found.budget_spent)
+    if found.budget_spent:
+        print(f"\n*** bench serve: {system}: its {share:.0f} s budget is spent; goodput is the best rate "
+              "found so far ***\n", file=sys.stderr, flush=True)
     # the hit rate at the goodput rate; over every run when no rate passed
     entry["prefix_hit_rate"] = _hit_rate(prefix[good] if good in prefix else [c for v in prefix.values() for c in v])
     counted = total(c for v in prefix.values() for c in v)
@@ -310,9 +336,10 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
         for summary, counts in zip(summaries, prefix.get(scale, [])):
             summary["prefix_cache"] = None if counts is None else counts.to_dict()
         entry["points"].append({
-            "scale": scale, "rate_rps": scale * base_rate, "attainment": sum(runs[scale]) / len(runs[scale]),
+            "scale": scale, "rate_rps": scale * base_rate, "attainment": found.median(scale),
+            "attainment_min": min(runs[scale]), "attainment_max": max(runs[scale]),
             "prefix_hit_rate": _hit_rate(prefix.get(scale, [None])),
-            "runs": summaries, "results": [[x.to_dict() for x in r] for r in results[scale]],
+            "repeats": summaries, "results": [[x.to_dict() for x in r] for r in results[scale]],
         })
     return entry
 
@@ -322,6 +349,12 @@ def common_scale(entries: list[dict[str, Any]]) -> float | None:
     sets = [{p["scale"] for p in e["points"]} for e in entries if e["points"]]
     shared = set.intersection(*sets) if sets else set()
     return max(shared) if shared else None
+
+
+def _median_run(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose attainment is the median of ``summaries`` (the lower middle for an even count)."""
+    ordered = sorted(summaries, key=lambda r: r.get("attainment", 0.0))
+    return ordered[(len(ordered) - 1) // 2] if ordered else {}
 
 
 def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
@@ -393,7 +426,7 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{e['system']:>{w}} {'-':>12}  {e['error'].splitlines()[0][:100]}")
             continue
         at = next((p for p in e["points"] if p["scale"] == common), None)
-        summary = at["runs"][0] if at else {}
+        summary = _median_run(at["repeats"]) if at else {}
 
         def num(v: float | None, width: int) -> str:
             return f"{v:>{width}.3f}" if isinstance(v, int | float) else f"{'-':>{width}}"
@@ -405,5 +438,18 @@ def print_report(report: dict[str, Any]) -> None:
               f"{num(e.get('startup_s'), 10)} {num(summary.get('ttft_p50_s'), 11)} "
               f"{num(summary.get('ttft_p99_s'), 11)} {summary.get('errors', '-'):>7} "
               f"{summary.get('cancelled', '-'):>7}  {per_class}")
+    print("attainment per rate (req/s: median [min-max] xruns)")
+    for e in report["systems"]:
+        if e["points"]:
+            spent = "  (budget spent)" if e.get("budget_spent") else ""
+            print(f"{e['system']:>{w}}: " + ", ".join(_point_text(p) for p in e["points"]) + spent)
     for line in format_comparison(goodput_comparison(report["systems"])):
         print(line)
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    runs = len(point.get("repeats") or [])
+    if runs <= 1:
+        return f"{point['rate_rps']:.2f}: {point['attainment']:.2f}"
+    return (f"{point['rate_rps']:.2f}: {point['attainment']:.2f} "
+            f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")

@@ -39,7 +39,21 @@ def _ratio(numerator: dict[str, Any] | None, denominator: dict[str, Any] | None)
         if not floor:
             return None
         den, lower_bound = float(floor), True
-    return {"of": denominator["system"], "ratio": num / den, "ratio_is_lower_bound": lower_bound}
+    return {"of": denominator["system"], "ratio": num / den, "ratio_is_lower_bound": lower_bound,
+            "interval": _interval(numerator, denominator, den, lower_bound)}
+
+
+def _interval(numerator: dict[str, Any], denominator: dict[str, Any], den: float,
+              lower_bound: bool) -> list[float | None]:
+    """The ratio's range the search grid allows: each goodput lies between its best passing rate and
+    the next rate that failed on the median of its repeats (``next_failing_rate_rps``); an upper
+    end is None where it is unbounded (a numerator that passed every rate tried, a denominator
+    below the rate floor); a lower end is None where the denominator passed every rate tried."""
+    num = float(numerator["goodput"])
+    num_hi, den_hi = numerator.get("next_failing_rate_rps"), denominator.get("next_failing_rate_rps")
+    if lower_bound:  # the denominator is below the floor `den`: the ratio is above num / den
+        return [num / den, None]
+    return [num / den_hi if den_hi else None, num_hi / den if num_hi else None]
 
 
 def goodput_comparison(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -70,5 +84,12 @@ def format_comparison(cmp: dict[str, Any]) -> list[str]:
         r = cmp.get(key)
         if r:
             bound = ">= " if r["ratio_is_lower_bound"] else ""
-            lines.append(f"FlowPrefill goodput / {what} ({r['of']}): {bound}{r['ratio']:.2f}x")
+            low, high = r.get("interval") or (None, None)
+            span = "" if r["ratio_is_lower_bound"] or (low is None and high is None) else \
+                f"  (grid interval {_end(low)}-{_end(high)}x, medians of repeats)"
+            lines.append(f"FlowPrefill goodput / {what} ({r['of']}): {bound}{r['ratio']:.2f}x{span}")
     return lines
+
+
+def _end(v: float | None) -> str:
+    return "?" if v is None else f"{v:.2f}"

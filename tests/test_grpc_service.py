@@ -15,8 +15,6 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from router.grpc_gen import flowprefill_pb2 as pb
-from router.grpc_gen import flowprefill_pb2_grpc as pb_grpc
 
 from replicas.replica_request import ReplicaRequest
 from router.api_errors import APIError
@@ -28,6 +26,8 @@ from router.grpc_build import (
     ensure_stubs,
     stubs_current,
 )
+from router.grpc_gen import flowprefill_pb2 as pb
+from router.grpc_gen import flowprefill_pb2_grpc as pb_grpc
 from router.grpc_service import (
     api_error_to_grpc_status,
     generate_stream,

@@ -265,7 +265,7 @@ def test_max_tokens_follows_the_trace_capped():
         max_tokens_for(3, 0)
 
 
-def test_goodput_search_finds_the_boundary_and_confirms_it():
+def test_goodput_search_finds_the_boundary_and_confirms_it_on_medians():
     capacity = 3.0  # attainment falls below 90% above this scale
 
     def measure(s: float) -> float:
@@ -273,27 +273,48 @@ def test_goodput_search_finds_the_boundary_and_confirms_it():
         return 1.0 if s <= capacity else 0.8
 
     calls: list[float] = []
-    good, runs = find_goodput(measure, 1.0, max_runs=8, refine_steps=3, repeats=1)
+    found = find_goodput(measure, 1.0, max_runs=8, refine_steps=3, repeats=3)
     assert grid(1.0, 2) == 2.25 and grid(1.0, 3) == 3.375
-    assert 2.25 < good <= capacity  # 2.25 passes, 3.375 fails, bisection in between
-    assert len(runs[good]) == 2  # re-run once at the boundary
-    assert calls[:4] == [1.0, 1.5, 2.25, 3.375] and len(calls) == 4 + 3 + 1
-    assert all(v == [0.8] for s, v in runs.items() if s > capacity)
+    assert 2.25 < found.good <= capacity < found.bad  # 2.25 passes, 3.375 fails, bisection in between
+    assert len(found.runs[found.good]) == 3 and len(found.runs[found.bad]) == 3  # both boundary scales repeated
+    assert calls[:4] == [1.0, 1.5, 2.25, 3.375] and len(calls) == 4 + 3 + 2 + 2
+    assert all(len(v) == 1 for s, v in found.runs.items() if s not in (found.good, found.bad))
+    assert not found.budget_spent
     calls.clear()
-    good, runs = find_goodput(lambda s: 0.0, 1.0, max_runs=3, refine_steps=2, repeats=1)
-    assert good == 0.0 and sorted(runs) == [grid(1.0, -4), grid(1.0, -2), 1.0]  # big steps down, no pass
+    found = find_goodput(lambda s: 0.0, 1.0, max_runs=3, refine_steps=2, repeats=1)
+    assert found.good == 0.0 and sorted(found.runs) == [grid(1.0, -4), grid(1.0, -2), 1.0]  # big steps, no pass
 
 
-def test_goodput_search_falls_back_when_the_boundary_does_not_repeat():
-    flaky = {grid(1.0, 1): [0.95, 0.5]}  # passes once, then fails: the mean is below the goal
+def test_goodput_search_falls_back_when_the_boundary_median_fails():
+    flaky = {grid(1.0, 1): [0.95, 0.5, 0.6]}  # passes once, then fails twice: the median is below the goal
 
     def measure(s: float) -> float:
         if s in flaky:
             return flaky[s].pop(0)
         return 1.0 if s <= 1.5 else 0.0
 
-    good, runs = find_goodput(measure, 1.0, max_runs=4, refine_steps=0, repeats=1)
-    assert good == 1.0 and runs[grid(1.0, 1)] == [0.95, 0.5]
+    found = find_goodput(measure, 1.0, max_runs=4, refine_steps=0, repeats=3)
+    assert found.good == 1.0 and found.bad == grid(1.0, 1) and found.runs[grid(1.0, 1)] == [0.95, 0.5, 0.6]
+    assert found.median(1.0) == 1.0 and len(found.runs[1.0]) == 3
+
+
+def test_goodput_search_moves_up_when_the_failing_boundary_median_passes():
+    flaky = {grid(1.0, 1): [0.5, 0.95, 0.92]}  # one unlucky first run: its median passes
+
+    def measure(s: float) -> float:
+        if s in flaky:
+            return flaky[s].pop(0)
+        return 1.0 if s <= 1.5 else 0.0
+
+    found = find_goodput(measure, 1.0, max_runs=4, refine_steps=0, repeats=3)
+    assert found.good == grid(1.0, 1) and found.median(found.good) == 0.92
+    assert found.bad is None  # nothing failing was tried above it: the goodput is a lower bound
+
+
+def test_goodput_search_stops_when_its_budget_is_spent():
+    budget = iter([False, False, True])
+    found = find_goodput(lambda s: 1.0, 1.0, max_runs=6, refine_steps=2, repeats=3, out_of_budget=lambda: next(budget))
+    assert found.budget_spent and found.good == 1.5 and sorted(found.runs) == [1.0, 1.5]
 
 
 def test_priority_field_can_be_left_out():
@@ -394,12 +415,12 @@ def test_goodput_search_never_goes_below_the_floor():
         tried.append(s)
         return 0.5
 
-    good, runs = find_goodput(measure, 1.0, max_runs=6, refine_steps=2, repeats=1, min_scale=0.3)
-    assert good == 0.0 and tried == [1.0, grid(1.0, -2), 0.3]  # 0.444 then the floor, then stop
+    found = find_goodput(measure, 1.0, max_runs=6, refine_steps=2, repeats=1, min_scale=0.3)
+    assert found.good == 0.0 and tried == [1.0, grid(1.0, -2), 0.3]  # 0.444 then the floor, then stop
     tried.clear()
-    good, runs = find_goodput(lambda s: tried.append(s) or (1.0 if s <= 0.3 else 0.0), 0.1, max_runs=6,
-                              refine_steps=0, repeats=0, min_scale=0.3)
-    assert good == 0.3 and tried == [0.3, 0.45]  # a start below the floor starts at the floor
+    found = find_goodput(lambda s: tried.append(s) or (1.0 if s <= 0.3 else 0.0), 0.1, max_runs=6,
+                         refine_steps=0, repeats=0, min_scale=0.3)
+    assert found.good == 0.3 and tried == [0.3, 0.45]  # a start below the floor starts at the floor
 
 
 def test_soak_tiles_the_window_at_the_requested_mean_rate():

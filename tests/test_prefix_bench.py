@@ -85,7 +85,7 @@ def _serve_entry(system: str, goodput: float, hit: float | None) -> dict:
     runs = [{"attainment_per_class": {"interactive": 1.0}, "ttft_p50_s": 0.1, "ttft_p99_s": 0.3, "errors": 0,
              "cancelled": 0}]
     return {"system": system, "goodput": goodput, "prefix_hit_rate": hit, "startup_s": 5.0, "error": None,
-            "points": [{"scale": 1.0, "rate_rps": 2.0, "attainment": 1.0, "runs": runs, "results": [[]]}]}
+            "points": [{"scale": 1.0, "rate_rps": 2.0, "attainment": 1.0, "repeats": runs, "results": [[]]}]}
 
 
 def test_serve_report_shows_each_hit_rate_beside_its_goodput(capsys):

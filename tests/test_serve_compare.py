@@ -42,7 +42,8 @@ def test_comparison_takes_the_best_chunk_size_and_the_best_own_baseline():
     cmp = goodput_comparison(entries)
     assert cmp["best_chunked"] == {"system": "chunked-128", "goodput": 1.5}
     assert cmp["best_own_baseline"] == {"system": "chunked-128", "goodput": 1.5}
-    assert cmp["flowprefill_vs_vllm"] == {"of": "vllm", "ratio": pytest.approx(2.5), "ratio_is_lower_bound": False}
+    assert cmp["flowprefill_vs_vllm"] == {"of": "vllm", "ratio": pytest.approx(2.5), "ratio_is_lower_bound": False,
+                                          "interval": [None, None]}  # no failing rate recorded: no bracket
     assert cmp["flowprefill_vs_best_own_baseline"]["ratio"] == pytest.approx(4.0)
     lines = format_comparison(cmp)
     assert "FlowPrefill goodput / vLLM (vllm): 2.50x" in lines
@@ -57,10 +58,33 @@ def test_comparison_takes_the_best_chunk_size_and_the_best_own_baseline():
 def test_a_baseline_below_the_rate_floor_gives_a_lower_bound_and_a_skipped_one_no_ratio():
     entries = [_entry("flowprefill", 3.0), _entry("vllm", 0.0, min_rate=0.6), _entry("fcfs", None)]
     cmp = goodput_comparison(entries)
-    assert cmp["flowprefill_vs_vllm"] == {"of": "vllm", "ratio": pytest.approx(5.0), "ratio_is_lower_bound": True}
+    assert cmp["flowprefill_vs_vllm"] == {"of": "vllm", "ratio": pytest.approx(5.0), "ratio_is_lower_bound": True,
+                                          "interval": [pytest.approx(5.0), None]}
     assert cmp["best_own_baseline"] is None and cmp["flowprefill_vs_best_own_baseline"] is None
     assert "FlowPrefill goodput / vLLM (vllm): >= 5.00x" in format_comparison(cmp)
     assert goodput_comparison([_entry("vllm", 2.0)])["flowprefill_vs_vllm"] is None
+
+
+def test_the_ratio_comes_with_the_interval_the_grid_brackets_allow():
+    fp = {**_entry("flowprefill", 3.0), "next_failing_rate_rps": 4.5}  # its goodput lies in [3.0, 4.5)
+    vllm = {**_entry("vllm", 1.0), "next_failing_rate_rps": 1.5}  # in [1.0, 1.5)
+    cmp = goodput_comparison([fp, vllm])
+    assert cmp["flowprefill_vs_vllm"]["ratio"] == pytest.approx(3.0)
+    assert cmp["flowprefill_vs_vllm"]["interval"] == [pytest.approx(2.0), pytest.approx(4.5)]
+    assert "FlowPrefill goodput / vLLM (vllm): 3.00x  (grid interval 2.00-4.50x, medians of repeats)" \
+        in format_comparison(cmp)
+    top = {**fp, "next_failing_rate_rps": None}  # passed every rate tried: no upper end
+    assert goodput_comparison([top, vllm])["flowprefill_vs_vllm"]["interval"] == [pytest.approx(2.0), None]
+
+
+def test_repeats_and_budget_are_checked_and_quick_bounds_its_wall_time():
+    with pytest.raises(ValueError, match="--repeats"):
+        ServeBenchConfig(trace="t.csv", repeats=0)
+    with pytest.raises(ValueError, match="--budget-s"):
+        ServeBenchConfig(trace="t.csv", budget_s=-1.0)
+    quick = ServeBenchConfig(trace="t.csv", systems=("flowprefill", "vllm"), quick=True)
+    assert quick.repeats == 3 and quick.budget_s == 2400.0 and quick.budget_per_system_s() == 1200.0
+    assert ServeBenchConfig(trace="t.csv").budget_per_system_s() is None
 
 
 def test_a_window_with_a_long_idle_gap_gets_a_warning_naming_where_it_starts():
