@@ -70,7 +70,7 @@ from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
 from bench.rate_search import find_goodput
 from bench.serve_compare import format_comparison, goodput_comparison
-from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning  # noqa: F401 - re-exported
+from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning, prefix_groups  # noqa: F401
 from bench.servers import (
     CHUNKED_PREFIX,
     FLOWPREFILL_SYSTEMS,
@@ -122,7 +122,9 @@ class ServeBenchConfig:
     prefix_mode: str | None = None  # unique | trace | multiturn; None: trace if the trace has block ids
     multiturn_system_tokens: int = MultiTurnConfig.system_prompt_tokens  # full-length tokens
     multiturn_continue: float = MultiTurnConfig.continue_probability
-    prefix_groups: float = 1.0  # trace mode: keep this fraction of the prefix groups (whole trace, seeded)
+    # trace mode: keep this fraction of the prefix groups (whole trace, seeded); None: all of them, except
+    # QUICK_PREFIX_GROUPS with --quick (bench.serve_workload.prefix_groups)
+    prefix_groups: float | None = None
 
     def __post_init__(self) -> None:
         if not self.chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
@@ -142,7 +144,7 @@ class ServeBenchConfig:
             self.multiturn()
         except ValueError as exc:
             raise ValueError(f"--multiturn-*: {exc}") from None
-        if not 0.0 < self.prefix_groups <= 1.0:
+        if self.prefix_groups is not None and not 0.0 < self.prefix_groups <= 1.0:
             raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
         if not CPU_LIST.match(self.vllm_threads_bind):
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
@@ -374,6 +376,7 @@ def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
     report: dict[str, Any] = {
         "trace": cfg.trace, "requests": len(requests), "base_rate_rps": base_rate,
         "length_scale": cfg.length_scale, "config": asdict(cfg), "goal": ATTAINMENT_GOAL, **workload.describe(),
+        "prefix_groups": prefix_groups(cfg, workload.mode),
         "slo_classes": [asdict(c) for c in classes],
         "requests_per_class": {c.name: sum(r.slo_class == c.name for r in requests) for c in classes},
         "systems": [],
@@ -415,8 +418,11 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\n{report['trace']}: {report['requests']} requests, base rate {report['base_rate_rps']:.2f} req/s, "
           f"lengths x{report['length_scale']:g}, classes {report['requests_per_class']}")
     if report.get("prefix_mode"):
-        print(f"prefix mode {report['prefix_mode']}: {report.get('reusable_token_fraction', 0.0):.1%} of prompt "
-              "tokens reusable within a run (unbounded cache); hit % at each system's goodput rate")
+        groups = report.get("prefix_groups", 1.0)
+        sampled = f", {groups:.3g} of the trace's prefix groups" \
+            if report["prefix_mode"] == "trace" and groups < 1 else ""
+        print(f"prefix mode {report['prefix_mode']}{sampled}: {report.get('reusable_token_fraction', 0.0):.1%} of "
+              "prompt tokens reusable within a run (unbounded cache); hit % at each system's goodput rate")
     rate = "-" if common is None else f"{common * report['base_rate_rps']:.2f} req/s"
     w = max([12, *(len(e["system"]) for e in report["systems"])])
     print(f"{'system':>{w}} {'goodput r/s':>12} {'hit %':>6} {'startup s':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} "

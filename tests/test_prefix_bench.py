@@ -47,7 +47,7 @@ def test_prefix_flags_parse_with_defaults_left_to_the_trace(command):
 @pytest.mark.parametrize("make", [lambda **kw: ServeBenchConfig(trace="t", systems=("flowprefill",), **kw),
                                   lambda **kw: PolicyBenchConfig(trace="t", **kw)])
 def test_bad_prefix_settings_are_refused_by_flag(make):
-    assert make().prefix_mode is None and make().prefix_groups == 1.0
+    assert make().prefix_mode is None and make().prefix_groups in (None, 1.0)  # None: see prefix_groups()
     assert make().multiturn().system_prompt_tokens == 1024 and make(seed=4).multiturn().seed == 4
     with pytest.raises(ValueError, match="--prefix-mode: expected one of unique, trace, multiturn"):
         make(prefix_mode="shared")
@@ -129,3 +129,14 @@ def test_plots_label_the_hit_rate(tmp_path):
     plot_attainment({"trace": "m.jsonl", "window_requests": 4, "length_scale": 1.0, "prefix_mode": "trace",
                      "policies": [row, {**row, "policy": NOCACHE, "prefix_hit_rate": None}]}, path)
     assert path.stat().st_size > 1000
+
+
+def test_quick_on_a_trace_with_block_ids_samples_prefix_groups_unless_told():
+    from bench.serve_workload import QUICK_PREFIX_GROUPS, prefix_groups
+
+    quick = ServeBenchConfig(trace="t.jsonl", systems=("flowprefill",), quick=True)
+    assert prefix_groups(quick, "trace") == QUICK_PREFIX_GROUPS == 1 / 64
+    assert prefix_groups(quick, "multiturn") == 1.0 and prefix_groups(quick, "unique") == 1.0
+    assert prefix_groups(ServeBenchConfig(trace="t.jsonl", systems=("flowprefill",)), "trace") == 1.0
+    told = ServeBenchConfig(trace="t.jsonl", systems=("flowprefill",), quick=True, prefix_groups=0.5)
+    assert prefix_groups(told, "trace") == 0.5
