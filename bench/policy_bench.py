@@ -5,7 +5,9 @@
 A window of the trace is replayed open loop against one replica engine per policy
 configuration, all sharing one loaded model and one TTFT cost model. Goodput is the highest
 request rate at which at least 90% of requests meet their TTFT SLO (DistServe's definition),
-found by doubling the arrival-rate scale until attainment drops below 90% and then bisecting.
+found by stepping the arrival-rate scale by 1.5x until attainment crosses 90% and then bisecting;
+the two boundary rates are replayed ``--repeats`` times (3) and judged on their median attainment
+(:func:`bench.rate_search.find_goodput`), and each point keeps every replay under ``repeats``.
 
 SLOs follow :mod:`bench.slo_classes`: a request's class comes from its (scaled) input length,
 class SLOs are multiples of the cost model's prediction for a reference prompt, and no request's
@@ -31,6 +33,7 @@ Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 20
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,7 +44,7 @@ from tqdm import tqdm
 from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, engine_prefix_counters, format_hit_rate, total
 from bench.prompts import PromptBuilder
-from bench.rate_search import search_rate_scale
+from bench.rate_search import find_goodput as search_goodput
 from bench.replay import ReplayRequest, fresh_prompts, make_prompts, replay, summarize
 from bench.shared_prefix import (
     PREFIX_MODES,
@@ -71,6 +74,7 @@ class PolicyBenchConfig:
     chunk_sizes: tuple[int, ...] = (64, 128, 256)
     seed: int = 0
     refine_steps: int = 2
+    repeats: int = 3  # replays at each boundary rate (the best passing and the lowest failing); 1 elsewhere
     quick: bool = False
     engine: dict[str, Any] = field(default_factory=dict)  # extra EngineConfig settings
     prefix_mode: str | None = None  # unique | trace | multiturn; None: trace if the trace has block ids
@@ -87,6 +91,8 @@ class PolicyBenchConfig:
             raise ValueError(f"--multiturn-*: {exc}") from None
         if not 0.0 < self.prefix_groups <= 1.0:
             raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats: need at least 1, got {self.repeats}")
         if self.quick:  # under 10 minutes on 2 cores: fewer requests, two chunk sizes, no bisection
             self.max_requests = min(self.max_requests, 16)
             self.refine_steps = 0
@@ -190,28 +196,44 @@ def _counts(point: dict[str, Any]) -> PrefixCounters | None:
 def find_goodput(replays: Replays, base_rate: float, cfg: PolicyBenchConfig, bar: tqdm,
                  start_scale: float) -> dict[str, Any]:
     """Step the rate by 1.5x (3x when far below the goal) from ``start_scale`` until attainment crosses 90%,
-    then bisect geometrically.
+    bisect geometrically, then replay both boundary rates ``cfg.repeats`` times and decide on the median
+    (:func:`bench.rate_search.find_goodput`).
 
-    Returns the goodput, the prefix-cache hit rate at it (over every replay when no rate passed;
-    None when unknown) and every point measured.
+    Returns the goodput, the next failing rate, the prefix-cache hit rate at the goodput (over every
+    replay when no rate passed; None when unknown) and every point measured: each point is its median
+    replay's summary with ``attainment`` the median, ``attainment_min``/``attainment_max`` and every
+    replay's summary under ``repeats``.
     """
-    points: dict[float, dict[str, Any]] = {}
+    replays_at: dict[float, list[dict[str, Any]]] = {}
 
     def measure(scale: float) -> float:
         summary = replays(scale, f"s{scale:g}")
         summary["rate_rps"] = scale * base_rate
-        points[scale] = summary
+        replays_at.setdefault(scale, []).append(summary)
         bar.update(1)
         hit = (summary["prefix_cache"] or {}).get("hit_rate")
         bar.set_postfix(scale=f"{scale:.3g}", attain=f"{summary['attainment']:.2f}",
                         **({"hit": f"{hit:.0%}"} if hit is not None else {}))
         return summary["attainment"]
 
-    good, _ = search_rate_scale(measure, start_scale, max_steps=8, refine_steps=cfg.refine_steps)
-    counted = total([_counts(points[good])] if good in points else [_counts(p) for p in points.values()])
+    found = search_goodput(measure, start_scale, max_runs=8, refine_steps=cfg.refine_steps, repeats=cfg.repeats)
+    good = found.good
+    points = {scale: median_point(runs) for scale, runs in replays_at.items()}
+    counted = total([_counts(r) for r in replays_at[good]] if good in replays_at
+                    else [_counts(r) for runs in replays_at.values() for r in runs])
     return {"goodput": good * base_rate, "goodput_scale": good,
+            "next_failing_rate_rps": None if found.bad is None else found.bad * base_rate,
             "prefix_hit_rate": None if counted is None else counted.hit_rate,
-            "points": {f"{k:g}": v for k, v in points.items()}}
+            "points": {f"{k:g}": v for k, v in sorted(points.items())}}
+
+
+def median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replay with the median attainment (the lower middle for an even count), with the median,
+    min and max attainment and every replay under ``repeats``."""
+    ordered = sorted(runs, key=lambda r: r["attainment"])
+    attained = [r["attainment"] for r in runs]
+    return {**ordered[(len(ordered) - 1) // 2], "attainment": statistics.median(attained),
+            "attainment_min": min(attained), "attainment_max": max(attained), "repeats": runs}
 
 
 def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> dict[str, Any]:
@@ -258,7 +280,8 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
         "policies": [],
     }
     common: float | None = None
-    with tqdm(total=len(configs) * (3 + cfg.refine_steps), desc="bench policies", unit="replay") as bar:
+    with tqdm(total=len(configs) * (3 + cfg.refine_steps + 2 * cfg.repeats), desc="bench policies",
+              unit="replay") as bar:
         for name, settings in configs.items():
             bar.set_description(f"bench policies: {name}")
             engine = ReplicaEngine(replace(base, **settings), model=model, tokenizer=tokenizer, cost_model=cost)
@@ -269,7 +292,8 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
                 result = find_goodput(replays, base_rate, cfg, bar, start_scale)
                 common = common or result["goodput_scale"] or None
                 if common and f"{common:g}" not in result["points"]:
-                    result["points"][f"{common:g}"] = {**replays(common, "common"), "rate_rps": common * base_rate}
+                    extra = {**replays(common, "common"), "rate_rps": common * base_rate}
+                    result["points"][f"{common:g}"] = median_point([extra])
                 result["common_scale"] = common
                 passes = engine.scheduler.pass_stats()
                 result.update(policy=name, settings=settings, preemptions=engine.counters["preemptions"],
@@ -307,7 +331,19 @@ def print_report(report: dict[str, Any]) -> None:
         p99 = at["ttft_p99_s"] if at["ttft_p99_s"] is not None else float("nan")
         print(f"{r['policy']:>{w}} {r['goodput']:>12.3f} {format_hit_rate(r.get('prefix_hit_rate'))} {p50:>11.3f} "
               f"{p99:>11.3f} {r['preemptions']:>8} {sched:>13.3f}  {per_class}")
+    print("attainment per rate (req/s: median [min-max] xreplays)")
+    for r in rows:
+        print(f"{r['policy']:>{w}}: " + ", ".join(_point_text(p) for p in r["points"].values()))
     deep = report.get("scheduling_pass_1000_waiting")
     if deep:
         print(f"scheduling pass with {deep['n_waiting']} waiting ({deep['policy']}): median "
               f"{deep['median_s'] * 1000:.3f} ms, p99 {deep['p99_s'] * 1000:.3f} ms over {deep['passes']} passes")
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    runs = len(point.get("repeats") or [])
+    rate = point.get("rate_rps", float("nan"))
+    if runs <= 1:
+        return f"{rate:.2f}: {point['attainment']:.2f}"
+    return (f"{rate:.2f}: {point['attainment']:.2f} "
+            f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")

@@ -455,7 +455,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 def _point_text(point: dict[str, Any]) -> str:
     runs = len(point.get("repeats") or [])
+    rate = point.get("rate_rps", float("nan"))
     if runs <= 1:
-        return f"{point['rate_rps']:.2f}: {point['attainment']:.2f}"
-    return (f"{point['rate_rps']:.2f}: {point['attainment']:.2f} "
+        return f"{rate:.2f}: {point['attainment']:.2f}"
+    return (f"{rate:.2f}: {point['attainment']:.2f} "
             f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")

@@ -140,3 +140,30 @@ def test_quick_on_a_trace_with_block_ids_samples_prefix_groups_unless_told():
     assert prefix_groups(ServeBenchConfig(trace="t.jsonl", systems=("flowprefill",)), "trace") == 1.0
     told = ServeBenchConfig(trace="t.jsonl", systems=("flowprefill",), quick=True, prefix_groups=0.5)
     assert prefix_groups(told, "trace") == 0.5
+
+
+def test_policies_decide_goodput_on_the_median_of_boundary_replays():
+    from bench.policy_bench import find_goodput, median_point
+
+    class Replays:  # fault injection: replays whose attainment is scripted per scale
+        def __init__(self) -> None:
+            self.script = {1.5: [0.95, 0.5, 0.6]}  # one lucky replay at 1.5, then two misses
+
+        def __call__(self, scale: float, tag: str) -> dict:
+            att = self.script[scale].pop(0) if scale in self.script else (1.0 if scale <= 1.5 else 0.0)
+            return {"attainment": att, "prefix_cache": None}
+
+    class Bar:
+        def update(self, n: int) -> None: ...
+        def set_postfix(self, **kw: object) -> None: ...
+
+    cfg = PolicyBenchConfig(trace="t", refine_steps=0, repeats=3)
+    result = find_goodput(Replays(), 2.0, cfg, Bar(), 1.0)
+    assert result["goodput_scale"] == 1.0 and result["goodput"] == 2.0 and result["next_failing_rate_rps"] == 3.0
+    at = result["points"]["1.5"]
+    assert at["attainment"] == 0.6 and at["attainment_min"] == 0.5 and at["attainment_max"] == 0.95
+    assert [r["attainment"] for r in at["repeats"]] == [0.95, 0.5, 0.6]
+    assert len(result["points"]["1"]["repeats"]) == 3
+    assert median_point([{"attainment": 0.2}, {"attainment": 0.9}])["attainment"] == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="--repeats"):
+        PolicyBenchConfig(trace="t", repeats=0)
