@@ -32,7 +32,7 @@ from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import class_outcomes
 from bench.serve_bench import engine_overrides, warm_up
 from bench.servers import ManagedServer, metric_values, metrics_text, router_journal, server_spec
-from bench.soak import tiled, window_requests
+from bench.soak import tiled, window_workload
 
 PHASES = ("before crash", "crash", "after crash", "outage", "after outage")
 REPLICA_TITLE = "ServeReplica:flowprefill:FlowPrefillReplica"  # the Ray worker title of a replica actor
@@ -164,8 +164,10 @@ def run_faults(cfg: FaultConfig, model_dir: Path | None = None) -> dict[str, Any
     from state.redis_server import RedisServer
 
     model_dir = model_dir or prepare_default_model()
-    base = window_requests(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens, cfg.seed)
-    requests = tiled(base, cfg.rate_rps, cfg.duration_s)
+    workload = window_workload(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens,
+                               cfg.seed)
+    base = workload.requests(0)
+    requests = tiled(base, cfg.rate_rps, cfg.duration_s, copies=workload.requests)
     work = Path(cfg.log_dir)
     work.mkdir(parents=True, exist_ok=True)
     events: list[dict[str, Any]] = []

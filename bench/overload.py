@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import finish_rows, tally
 from bench.serve_bench import engine_overrides, warm_up
 from bench.servers import ManagedServer, check_engine_settings, max_cost_scale, router_journal, server_spec
-from bench.soak import process_tree_rss_mib, tiled, window_requests
+from bench.soak import copies_used, process_tree_rss_mib, tiled, window_workload
 
 PHASES = ("before", "overload", "after")
 
@@ -48,12 +49,15 @@ class OverloadConfig:
     seed: int = 0
     log_dir: str = "out/overload"
     engine_settings: dict[str, Any] = field(default_factory=dict)  # on top of the trace-scaled ones
+    repeats: int = 1  # the three phases run this many times on one server; attainment is their median
 
     def __post_init__(self) -> None:
         if not self.goodput_rps > 0 or not self.factor >= 1 or not 0 < self.base_fraction <= 1:
             raise ValueError("--goodput-rps must be positive, --factor >= 1, --base-fraction in (0, 1]")
         if min(self.before_s, self.overload_s, self.after_s) <= 0:
             raise ValueError("every phase must last a positive number of seconds")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats: need at least 1, got {self.repeats}")
         check_engine_settings(self.engine_settings)
 
     def bounds(self) -> tuple[float, float, float]:
@@ -61,15 +65,20 @@ class OverloadConfig:
         return self.before_s, self.before_s + self.overload_s, self.before_s + self.overload_s + self.after_s
 
 
-def schedule(cfg: OverloadConfig, base: list[LoadRequest]) -> list[LoadRequest]:
-    """The three phases' arrivals, back to back."""
+def schedule(cfg: OverloadConfig, base: list[LoadRequest], copies: Callable[[int], list[LoadRequest]] | None = None,
+             first_copy: int = 0) -> tuple[list[LoadRequest], int]:
+    """The three phases' arrivals, back to back, and the next unused copy number: the window is tiled
+    with copy ``first_copy`` onwards (:func:`bench.soak.tiled`), so no prompt repeats in a run or
+    across repeats."""
     rates = (cfg.base_fraction * cfg.goodput_rps, cfg.factor * cfg.goodput_rps, cfg.base_fraction * cfg.goodput_rps)
     out: list[LoadRequest] = []
-    start = 0.0
+    start, copy = 0.0, first_copy
     for rate, end in zip(rates, cfg.bounds(), strict=True):
-        out += [replace(r, arrival_s=r.arrival_s + start) for r in tiled(base, rate, end - start)]
+        phase = tiled(base, rate, end - start, copies=copies, first_copy=copy)
+        copy += copies_used(base, phase)
+        out += [replace(r, arrival_s=r.arrival_s + start) for r in phase]
         start = end
-    return out
+    return out, copy
 
 
 def phase_of(cfg: OverloadConfig, arrival_s: float) -> str:
@@ -147,8 +156,14 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
     from replicas.model.default_model import prepare_default_model
 
     model_dir = model_dir or prepare_default_model()
-    base = window_requests(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens, cfg.seed)
-    requests = schedule(cfg, base)
+    workload = window_workload(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens,
+                               cfg.seed)
+    base = workload.requests(0)
+    runs: list[list[LoadRequest]] = []
+    copy = 1  # copy 0's prompts are the warm-up's lengths; every measured prompt is new
+    for _ in range(cfg.repeats):
+        requests, copy = schedule(cfg, base, workload.requests, copy)
+        runs.append(requests)
     work = Path(cfg.log_dir)
     work.mkdir(parents=True, exist_ok=True)
     spec = server_spec("flowprefill", model_dir, model_dir.name, work_dir=work,
@@ -156,21 +171,57 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
     with ManagedServer(spec, work / "server.log") as server:
         assert server.proc is not None
         warm_up(spec.base_url, server.model_name, base, count=len(base))  # every prompt length once, unscored
-        with tqdm(total=len(requests), desc=f"overload {cfg.factor:g}x for {cfg.overload_s:g} s", unit="req") as bar:
-            results, samples = asyncio.run(_run(cfg, spec.base_url, server.model_name, requests,
-                                                server.proc.pid, bar))
+        repeats: list[tuple[list[RequestResult], list[dict[str, Any]]]] = []
+        with tqdm(total=sum(map(len, runs)), desc=f"overload {cfg.factor:g}x for {cfg.overload_s:g} s x{cfg.repeats}",
+                  unit="req") as bar:
+            for requests in runs:
+                repeats.append(asyncio.run(_run(cfg, spec.base_url, server.model_name, requests, server.proc.pid,
+                                                bar)))
         journal = router_journal(spec.base_url)
         healthy_after = _health_ok(spec.base_url)
-    phases = summarize_phases(cfg, results)
+    per_repeat = [summarize_phases(cfg, results) for results, _ in repeats]
+    phases = median_phases(per_repeat)
+    results = [r for rs, _ in repeats for r in rs]
+    samples = [s for _, ss in repeats for s in ss]
     rss = {p: max((s["rss_mib"] for s in samples if s["phase"] == p), default=None) for p in PHASES}
     scales = {p: _median([s["cost_scale"] for s in samples if s["phase"] == p and s["cost_scale"] is not None])
               for p in PHASES}
     return {
-        "config": asdict(cfg), "requests": len(results), "phases": phases, "rss_mib_peak": rss,
+        "config": asdict(cfg), "requests": len(results), "phases": phases, "repeats": per_repeat, "rss_mib_peak": rss,
         "cost_scale_median": scales,
         "health_failures": sum(not s["healthy"] for s in samples), "healthy_after": healthy_after,
         "journal_after": journal, "samples": samples,
     }
+
+
+COUNTS = ("requests", "completed", "met", "rejected_429", "retry_after", "other_errors", "cancelled")
+
+
+def median_phases(per_repeat: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """One table from the repeats' tables: per phase and class, counts summed over the repeats, and
+    ``attainment`` and ``bound`` their medians, with ``attainment_min``/``attainment_max``."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for phase in PHASES:
+        names = sorted({c for table in per_repeat for c in table.get(phase, {})})
+        out[phase] = {}
+        for name in names:
+            rows = [table[phase][name] for table in per_repeat if name in table.get(phase, {})]
+            merged = dict(rows[0])
+            for key in COUNTS:
+                merged[key] = sum(r.get(key, 0) for r in rows)
+            reasons: dict[str, int] = {}
+            for r in rows:
+                for reason, n in (r.get("refusal_reasons") or {}).items():
+                    reasons[reason] = reasons.get(reason, 0) + n
+            if reasons or "refusal_reasons" in merged:
+                merged["refusal_reasons"] = reasons
+            attained = [r["attainment"] for r in rows if r.get("attainment") is not None]
+            merged["attainment"] = statistics.median(attained) if attained else None
+            merged["attainment_min"] = min(attained) if attained else None
+            merged["attainment_max"] = max(attained) if attained else None
+            merged["bound"] = statistics.median(r["bound"] for r in rows)
+            out[phase][name] = merged
+    return out
 
 
 def _median(values: list[float]) -> float | None:
@@ -179,16 +230,18 @@ def _median(values: list[float]) -> float | None:
 
 def print_overload(report: dict[str, Any]) -> None:
     """Per phase and class: requests, completed, attainment and its capacity bound, 429s (with
-    Retry-After), errors."""
+    Retry-After), errors; over repeats, counts summed and attainment the median [min-max]."""
     print(f"{'phase':<9} {'class':<12} {'req':>5} {'done':>5} {'attain':>7} {'bound':>6} {'429':>5} {'w/RA':>5} "
           f"{'err':>4} {'cancel':>6} {'RSS MiB':>8}")
     for phase, rows in report["phases"].items():
         for name, row in sorted(rows.items()):
             att = "-" if row["attainment"] is None else f"{row['attainment']:.2f}"
+            spread = "" if row.get("attainment_min") is None or len(report.get("repeats") or []) < 2 \
+                else f" [{row['attainment_min']:.2f}-{row['attainment_max']:.2f}]"
             rss = report["rss_mib_peak"][phase]
             print(f"{phase:<9} {name:<12} {row['requests']:>5} {row['completed']:>5} {att:>7} {row['bound']:>6.2f} "
                   f"{row['rejected_429']:>5} {row['retry_after']:>5} {row['other_errors']:>4} {row['cancelled']:>6} "
-                  f"{'-' if rss is None else f'{rss:.0f}':>8}")
+                  f"{'-' if rss is None else f'{rss:.0f}':>8}{spread}")
     scales = report.get("cost_scale_median", {})
     print("prefill time over its profile (median of samples): "
           + ", ".join(f"{p} {'-' if scales.get(p) is None else f'{scales[p]:.2f}x'}" for p in PHASES))

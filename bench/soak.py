@@ -14,13 +14,15 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import class_outcomes
-from bench.serve_bench import ServeBenchConfig, build_requests, engine_overrides, slo_classes, warm_up
+from bench.serve_bench import ServeBenchConfig, engine_overrides, slo_classes, warm_up
+from bench.serve_workload import ServeWorkload, build_workload
 from bench.servers import ManagedServer, max_cost_scale, server_spec
 
 
@@ -44,30 +46,50 @@ class SoakConfig:
             raise ValueError("--goodput-rps and --minutes must be positive, --fraction in (0, 10]")
 
 
-def window_requests(trace: str, model_dir: Path, max_requests: int, length_scale: float, max_output_tokens: int,
-                    seed: int) -> list[LoadRequest]:
-    """The trace window ``bench serve`` measures goodput on (from 29 s), as requests at rate scale 1."""
+def window_workload(trace: str, model_dir: Path, max_requests: int, length_scale: float, max_output_tokens: int,
+                    seed: int) -> ServeWorkload:
+    """The trace window ``bench serve`` measures goodput on (from 29 s); ``.requests(k)`` is copy ``k``
+    at rate scale 1, with prompts of its own (see :func:`tiled`)."""
     from replicas.model.tokenizer import Tokenizer
 
     cfg = ServeBenchConfig(trace=trace, systems=("flowprefill",), max_requests=max_requests,
                            length_scale=length_scale, max_output_tokens=max_output_tokens, seed=seed,
                            window_start_s=29.0)
-    return build_requests(cfg, Tokenizer.from_dir(model_dir), slo_classes(None))
+    return build_workload(cfg, Tokenizer.from_dir(model_dir), slo_classes(None))
 
 
-def tiled(requests: list[LoadRequest], rate_rps: float, duration_s: float) -> list[LoadRequest]:
-    """``requests`` repeated back to back at ``rate_rps`` on average until ``duration_s``."""
+def window_requests(trace: str, model_dir: Path, max_requests: int, length_scale: float, max_output_tokens: int,
+                    seed: int) -> list[LoadRequest]:
+    """Copy 0 of :func:`window_workload`'s window."""
+    return window_workload(trace, model_dir, max_requests, length_scale, max_output_tokens, seed).requests(0)
+
+
+def tiled(requests: list[LoadRequest], rate_rps: float, duration_s: float,
+          copies: Callable[[int], list[LoadRequest]] | None = None, first_copy: int = 0) -> list[LoadRequest]:
+    """``requests`` repeated back to back at ``rate_rps`` on average until ``duration_s``.
+
+    With ``copies``, copy ``k`` (numbered from ``first_copy``) sends ``copies(k)``'s prompts at
+    ``requests``' arrivals: a prefix cache then hits only what a window shares within itself, never a
+    prompt an earlier copy sent (the same prompts over and over would be served from the cache)."""
     span = max(requests[-1].arrival_s, 1e-9)
     scale = (max(len(requests) - 1, 1) / span) / rate_rps  # stretch factor of the inter-arrival gaps
     out: list[LoadRequest] = []
     offset = 0.0
+    copy = first_copy
     while True:
-        for r in requests:
+        prompts = requests if copies is None or copy == 0 else copies(copy)
+        for r, p in zip(requests, prompts, strict=True):
             t = offset + r.arrival_s * scale
             if t >= duration_s:
                 return out
-            out.append(replace(r, arrival_s=t))
+            out.append(replace(r, arrival_s=t, prompt=p.prompt, input_tokens=p.input_tokens))
         offset += span * scale + scale * span / max(len(requests) - 1, 1)
+        copy += 1
+
+
+def copies_used(requests: list[LoadRequest], tiled_out: list[LoadRequest]) -> int:
+    """How many copies of ``requests`` :func:`tiled` started in ``tiled_out`` (the next ``first_copy``)."""
+    return -(-len(tiled_out) // max(len(requests), 1))
 
 
 def process_tree_rss_mib(root_pid: int) -> float:
@@ -134,9 +156,11 @@ def run_soak(cfg: SoakConfig, model_dir: Path | None = None) -> dict[str, Any]:
     from replicas.model.default_model import prepare_default_model
 
     model_dir = model_dir or prepare_default_model()
-    base = window_requests(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens, cfg.seed)
+    workload = window_workload(cfg.trace, model_dir, cfg.max_requests, cfg.length_scale, cfg.max_output_tokens,
+                               cfg.seed)
+    base = workload.requests(0)
     rate = cfg.fraction * cfg.goodput_rps
-    requests = tiled(base, rate, cfg.minutes * 60.0)
+    requests = tiled(base, rate, cfg.minutes * 60.0, copies=workload.requests)
     work = Path(cfg.log_dir)
     work.mkdir(parents=True, exist_ok=True)
     spec = server_spec("flowprefill", model_dir, model_dir.name, work_dir=work,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.loadgen import LoadRequest, RequestResult
-from bench.overload import OverloadConfig, phase_of, schedule, summarize_phases
+from bench.overload import OverloadConfig, median_phases, phase_of, schedule, summarize_phases
 
 
 def _base(n: int = 20) -> list[LoadRequest]:
@@ -15,7 +17,8 @@ def _base(n: int = 20) -> list[LoadRequest]:
 def test_schedule_runs_each_phase_at_its_rate() -> None:
     cfg = OverloadConfig(trace="t", goodput_rps=2.0, factor=10, base_fraction=0.5,
                          before_s=20, overload_s=30, after_s=40)
-    arrivals = [r.arrival_s for r in schedule(cfg, _base())]
+    requests, next_copy = schedule(cfg, _base())
+    arrivals = [r.arrival_s for r in requests]
     assert arrivals == sorted(arrivals) and arrivals[-1] < 90
     counts = {p: sum(phase_of(cfg, t) == p for t in arrivals) for p in ("before", "overload", "after")}
     assert abs(counts["before"] / 20 - 1.0) < 0.15  # 0.5 x 2 req/s
@@ -106,3 +109,33 @@ def test_metric_values_match_the_whole_name_across_labels() -> None:
     assert sum(metric_values(text, "flowprefill_replica_retries_total")) == 3.0
     assert metric_values(text, "flowprefill_redis_fallbacks_total") == [17.0]
     assert metric_values(text, "flowprefill_replica_retries") == []
+
+
+def test_every_copy_of_the_window_sends_prompts_of_its_own() -> None:
+    """A prefix cache would serve a tiled window's repeats from memory: each copy gets new prompts."""
+    cfg = OverloadConfig(trace="t", goodput_rps=2.0, before_s=20, overload_s=30, after_s=40)
+    base = _base()
+
+    def copies(k: int) -> list[LoadRequest]:
+        return [LoadRequest(r.arrival_s, (1000 + k, 2), 2, 4, r.slo_class, r.priority, 1.0) for r in base]
+
+    first, next_copy = schedule(cfg, base, copies, first_copy=1)
+    second, _ = schedule(cfg, base, copies, first_copy=next_copy)
+    prompts = [r.prompt for r in first + second]
+    per_copy = len(base)
+    assert len(set(prompts)) == -(-len(prompts) // per_copy) and len(set(r.prompt for r in first)) == next_copy - 1
+    assert not {r.prompt for r in first} & {r.prompt for r in second}
+    assert (1000, 2) not in prompts  # copy 0, the warm-up's, is never measured
+
+
+def test_repeats_merge_into_medians_with_counts_summed() -> None:
+    row = {"requests": 4, "completed": 4, "met": 2, "rejected_429": 1, "retry_after": 1, "other_errors": 0,
+           "cancelled": 0, "bound": 0.5}
+    tables = [{"before": {}, "overload": {"interactive": {**row, "attainment": a, "refusal_reasons": {"shed": 1}}},
+               "after": {}} for a in (0.5, 0.9, 0.7)]
+    merged = median_phases(tables)["overload"]["interactive"]
+    assert merged["attainment"] == 0.7 and merged["attainment_min"] == 0.5 and merged["attainment_max"] == 0.9
+    assert merged["requests"] == 12 and merged["rejected_429"] == 3 and merged["refusal_reasons"] == {"shed": 3}
+    assert merged["bound"] == 0.5
+    with pytest.raises(ValueError, match="--repeats"):
+        OverloadConfig(trace="t", goodput_rps=1.0, repeats=0)
