@@ -321,12 +321,12 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
     bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
     bsrv.add_argument("--quick", action="store_true",
-                      help="fewer requests and runs, all searches within --budget-s (default 2400 s with --quick)")
+                      help="fewer requests and runs, all searches within --budget-s (default 3600 s with --quick)")
     bsrv.add_argument("--repeats", type=int, default=3,
                       help="runs at each boundary rate; goodput is decided on their median (1 elsewhere)")
     bsrv.add_argument("--budget-s", type=float, default=None,
                       help="wall-time budget of all searches together; a search stops where it is when its share "
-                           "is spent (default: unbounded, 2400 with --quick)")
+                           "is spent (default: unbounded, 3600 with --quick)")
     add_prefix_args(bsrv)
     bsrv.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
                       help="a FlowPrefill engine setting for every FlowPrefill system (repeatable), e.g. cpu_threads=1")

@@ -88,7 +88,7 @@ from bench.shared_prefix import PREFIX_MODES
 from replicas.vllm_process import CPU_LIST
 from router.slo import SLOClass
 
-QUICK_BUDGET_S = 2400.0  # --quick: all searches together, whatever the trace's prompt lengths
+QUICK_BUDGET_S = 3600.0  # --quick: all searches together, whatever the trace's prompt lengths
 
 
 @dataclass

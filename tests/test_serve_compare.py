@@ -83,7 +83,7 @@ def test_repeats_and_budget_are_checked_and_quick_bounds_its_wall_time():
     with pytest.raises(ValueError, match="--budget-s"):
         ServeBenchConfig(trace="t.csv", budget_s=-1.0)
     quick = ServeBenchConfig(trace="t.csv", systems=("flowprefill", "vllm"), quick=True)
-    assert quick.repeats == 3 and quick.budget_s == 2400.0 and quick.budget_per_system_s() == 1200.0
+    assert quick.repeats == 3 and quick.budget_s == 3600.0 and quick.budget_per_system_s() == 1800.0
     assert ServeBenchConfig(trace="t.csv").budget_per_system_s() is None
 
 
