@@ -12,7 +12,7 @@ failing above it), which run ``repeats`` times (3 by default) and are judged on 
 attainment; a median that flips moves the boundary and the new boundary rate is repeated in turn
 (:func:`bench.rate_search.find_goodput`). The JSON keeps every run under ``repeats`` beside each
 rate's median, min and max, and the ratios between systems come with the interval the grid allows.
-``--budget-s`` (2400 s with ``--quick``) bounds the wall time: each system gets its share from its
+``--budget-s`` (3600 s with ``--quick``) bounds the wall time: each system gets its share from its
 server's start, and a search whose share is spent stops there and says so (``budget_spent``).
 Goodput is that scale times the window's base rate (requests/s). Rates at which sending the
 window would take longer than ``max_run_s`` (60 s with ``--quick``) are not tried: a system that
