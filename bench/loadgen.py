@@ -10,7 +10,12 @@ overloaded server builds a queue instead of slowing the client down. Every reque
 * output tokens: the ``usage.completion_tokens`` of the last chunk when the server sends usage
   (``stream_options.include_usage``), else the number of chunks that carried text;
 * TPOT: ``(e2e - TTFT) / (output_tokens - 1)`` when more than one token came back;
-* an error string (HTTP status and body, an SSE error event, a connection failure, a timeout).
+* an error string (HTTP status and body, an SSE error event, a connection failure, a timeout);
+* FlowPrefill's TTFT decomposition (:class:`~replicas.ttft_parts.TTFTParts`): the
+  ``x-flowprefill-ttft-parts`` header, or the ``flowprefill.ttft_parts`` field of a chunk (which
+  wins); None when the server sends neither (vLLM) or sends something malformed (never an error).
+  The client's TTFT less the parts' sum is ``unattributed_s``: the proxy's hops both ways and the
+  client itself (:mod:`bench.ttft_breakdown` tabulates it).
 
 Errors are counted and never abort the run; a request with an error or without a first token
 misses its SLO. The SLO is sent both ways, FlowPrefill's ``x-slo-class`` header and OpenAI's
@@ -34,6 +39,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+
+from replicas.ttft_parts import TTFT_PARTS_HEADER, TTFTParts, parse_ttft_parts
 
 ATTAINMENT_GOAL = 0.9
 
@@ -67,6 +74,14 @@ class RequestResult:
     error: str | None = None
     status: int | None = None  # HTTP status of the response (None: no response)
     retry_after: str | None = None  # the Retry-After header of a refusal
+    ttft_parts: TTFTParts | None = None  # the server's TTFT decomposition, where it sent one
+
+    @property
+    def unattributed_s(self) -> float | None:
+        """Client TTFT less the server's parts (proxy hops, client); None without both."""
+        if self.ttft_s is None or self.ttft_parts is None:
+            return None
+        return self.ttft_s - self.ttft_parts.total_s
 
     @property
     def tpot_s(self) -> float | None:
@@ -81,8 +96,8 @@ class RequestResult:
         return self.ttft_s is not None and self.ttft_s <= self.ttft_slo_s
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with ``tpot_s`` and ``met`` included."""
-        return {**asdict(self), "tpot_s": self.tpot_s, "met": self.met}
+        """A JSON-ready dict with ``tpot_s``, ``met`` and ``unattributed_s`` included."""
+        return {**asdict(self), "tpot_s": self.tpot_s, "met": self.met, "unattributed_s": self.unattributed_s}
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, res: RequestResult, t_sent:
             err = event["error"]
             res.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
             break
+        extra = event.get("flowprefill")
+        if isinstance(extra, dict) and (parts := parse_ttft_parts(extra.get("ttft_parts"))) is not None:
+            res.ttft_parts = parts
         if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens") is not None:
             usage_tokens = int(event["usage"]["completion_tokens"])
         for choice in event.get("choices") or ():
@@ -166,6 +184,7 @@ async def _send(session: aiohttp.ClientSession, cfg: LoadConfig, index: int, req
                 text = (await resp.text())[:200]
                 res.error = f"HTTP {resp.status}: {text}"
                 return
+            res.ttft_parts = parse_ttft_parts(resp.headers.get(TTFT_PARTS_HEADER))
             await _read_stream(resp, res, t_sent)
     except asyncio.CancelledError:
         if res.error is None:  # the run itself was cancelled (the drain names its own cancellations)

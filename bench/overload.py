@@ -8,6 +8,9 @@ process of its tree) and probes ``GET /health``. The report, per phase and SLO c
 completed, TTFT attainment, refusals with 429 and whether each carried ``Retry-After``, other
 errors; plus the memory peak, failed health probes, and the router's journal of accepted but
 unanswered requests after the run (``/v1/router/stats``), which must be empty: nothing lost.
+Per phase and class it also gives the TTFT decomposition (:mod:`bench.ttft_breakdown`): the mean
+and p90 of each part of the requests' TTFT, and of the missed ones alone, so a miss can be
+attributed to queueing, prefill compute, suspension, decode interleave or the router's hops.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from bench.outcomes import finish_rows, tally
 from bench.serve_bench import engine_overrides, warm_up
 from bench.servers import ManagedServer, check_engine_settings, max_cost_scale, router_journal, server_spec
 from bench.soak import copies_used, process_tree_rss_mib, tiled, window_workload
+from bench.ttft_breakdown import format_breakdown, ttft_breakdown
 
 PHASES = ("before", "overload", "after")
 
@@ -96,6 +100,11 @@ def summarize_phases(cfg: OverloadConfig, results: list[RequestResult]) -> dict[
         finish_rows(rows)
     _capacity_bounds(cfg, results, table)
     return table
+
+
+def phase_breakdowns(cfg: OverloadConfig, results: list[RequestResult]) -> dict[str, dict[str, Any]]:
+    """Per phase: the TTFT decomposition per class of the requests that arrived in it."""
+    return {p: ttft_breakdown([r for r in results if phase_of(cfg, r.arrival_s) == p]) for p in PHASES}
 
 
 def _capacity_bounds(cfg: OverloadConfig, results: list[RequestResult],
@@ -188,7 +197,7 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
               for p in PHASES}
     return {
         "config": asdict(cfg), "requests": len(results), "phases": phases, "repeats": per_repeat, "rss_mib_peak": rss,
-        "cost_scale_median": scales,
+        "cost_scale_median": scales, "ttft_breakdown": phase_breakdowns(cfg, results),
         "health_failures": sum(not s["healthy"] for s in samples), "healthy_after": healthy_after,
         "journal_after": journal, "samples": samples,
     }
@@ -249,4 +258,8 @@ def print_overload(report: dict[str, Any]) -> None:
         reasons = sorted(rows.get("all", {}).get("refusal_reasons", {}).items(), key=lambda kv: -kv[1])
         for reason, count in reasons[:3]:
             print(f"{phase:<9} 429 x{count:<4} {reason}")
+    for phase, breakdown in (report.get("ttft_breakdown") or {}).items():
+        print(f"{phase}: TTFT decomposition per class (mean/p90 ms; unattrib = client TTFT - the parts)")
+        for line in format_breakdown(breakdown):
+            print(line)
     print(json.dumps({k: report[k] for k in ("requests", "health_failures", "healthy_after", "journal_after")}))

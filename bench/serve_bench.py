@@ -49,6 +49,11 @@ cached by one run is hit by the next. Each system's prefix-cache hit rate is rea
 goodput, at the goodput rate (None when the server exports no such counters), together with the
 window's reusable token fraction (what an unbounded cache could hit).
 
+Every run's summary carries its TTFT decomposition per class (:mod:`bench.ttft_breakdown`, from
+the ``x-flowprefill-ttft-parts`` each FlowPrefill answer sends); the report prints it, and keeps it
+under ``ttft_breakdown``, for each system's median run at the common scale, so a miss can be
+attributed (queueing, prefill compute, suspension, decode interleave, the router's hops).
+
 Traces: Azure LLM inference 2023 (CC-BY 4.0), Patel et al., "Splitwise", ISCA 2024; Mooncake
 (Apache-2.0), Qin et al., "Mooncake: A KVCache-centric Disaggregated Architecture for LLM Serving", FAST'25.
 """
@@ -85,6 +90,7 @@ from bench.servers import (
     vllm_available,
 )
 from bench.shared_prefix import PREFIX_MODES
+from bench.ttft_breakdown import format_breakdown, ttft_breakdown
 from replicas.vllm_process import CPU_LIST
 from router.slo import SLOClass
 
@@ -334,7 +340,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
     counted = total(c for v in prefix.values() for c in v)
     entry["prefix_cache"] = None if counted is None else counted.to_dict()
     for scale in sorted(results):
-        summaries = [summarize(r) for r in results[scale]]
+        summaries = [{**summarize(r), "ttft_breakdown": ttft_breakdown(r)} for r in results[scale]]
         for summary, counts in zip(summaries, prefix.get(scale, [])):
             summary["prefix_cache"] = None if counts is None else counts.to_dict()
         entry["points"].append({
@@ -386,8 +392,19 @@ def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
         _bench_all(cfg, workload, model_dir, report, checkpoint)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    report["ttft_breakdown"] = common_breakdowns(report)
     print_report(report)
     return report
+
+
+def common_breakdowns(report: dict[str, Any]) -> dict[str, Any]:
+    """Each system's TTFT decomposition per class in its median run at the common scale (None: not run there)."""
+    common = report.get("common_scale")
+    out: dict[str, Any] = {}
+    for e in report["systems"]:
+        at = next((p for p in e["points"] if p["scale"] == common), None)
+        out[e["system"]] = _median_run(at["repeats"]).get("ttft_breakdown") if at else None
+    return out
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -451,6 +468,15 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{e['system']:>{w}}: " + ", ".join(_point_text(p) for p in e["points"]) + spent)
     for line in format_comparison(goodput_comparison(report["systems"])):
         print(line)
+    breakdowns = report.get("ttft_breakdown") or common_breakdowns(report)
+    if any(breakdowns.values()):
+        print(f"TTFT decomposition per class at {rate}, each system's median run (mean/p90 ms; unattrib = "
+              "client TTFT - the parts: proxy hops, client)")
+        for system, breakdown in breakdowns.items():
+            if breakdown is not None:
+                print(f"{system}:")
+                for line in format_breakdown(breakdown):
+                    print(line)
 
 
 def _point_text(point: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 from replicas.scheduler.stats import QueueEntry
+from replicas.ttft_parts import EngineTTFT
 from state.clock import WALL_CLOCK, Clock, require_clock
 
 
@@ -117,7 +118,8 @@ class EchoEngine:
     async def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Stream the first ``max_tokens`` prompt tokens back, one per output."""
         prefill_s = self.config.prefill_s_per_1k_tokens * request.num_prompt_tokens / 1000.0
-        self._live[request.request_id] = (request, self.clock() + prefill_s)
+        accepted = self.clock()
+        self._live[request.request_id] = (request, accepted + prefill_s)
         self._publish()
         try:
             if prefill_s > 0:
@@ -136,6 +138,8 @@ class EchoEngine:
                     request.request_id, (token,), self.tokenizer.decode([token]), "length" if last else None,
                     request.num_prompt_tokens, i + 1,
                     ttft_s=(first_at - request.arrival_s) if i == 0 else None,
+                    # no queue here: its "prefill" is the wait it simulates
+                    ttft_timing=EngineTTFT(accepted, first_at, 0.0, first_at - accepted, 0.0, 0.0) if i == 0 else None,
                 )
         finally:
             if self._live.pop(request.request_id, None) is not None:

@@ -44,6 +44,7 @@ from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.driver import apply_decision
 from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
+from replicas.ttft_parts import EngineTTFT, TTFTTimer
 from state.clock import WALL_CLOCK, Clock, require_clock
 from state.schema import PrefixSummary
 
@@ -223,8 +224,9 @@ class ReplicaEngine:
         self._compute.close(timeout_s)
 
     def add_request(self, request: Request, params: SamplingParams, sink: Sink) -> None:
-        """Queue ``request``; its outputs go to ``sink`` (called on the engine thread)."""
-        self._inbox.put(("add", (request, params, sink)))
+        """Queue ``request``; its outputs go to ``sink`` (called on the engine thread). The engine has
+        accepted it now: its TTFT decomposition's ``queue_s`` starts here."""
+        self._inbox.put(("add", (request, params, sink, self.clock())))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -259,22 +261,37 @@ class ReplicaEngine:
                 self._drain_inbox()
                 task = self._tasks.get(self._current) if self._current is not None else None
                 if task is not None:
+                    ran_from = self.clock()
                     try:
                         finished = self.executor.run(task, self._should_stop)
                     except Exception as exc:  # a broken program must not take the replica down
                         log.exception("prefill batch %s failed", self._current)
                         self._fail_batch(self._current, f"prefill failed: {exc}")
                         continue
+                    ran_s = self.clock() - ran_from
+                    for timer in self._running_timers():
+                        timer.computed(ran_s)
                     if finished:
                         self._complete_prefill(self._current, task)
                 if self.decoder.active and (self._current is None or self._decode_due()):
+                    step_from = self.clock()
                     self._decode_step()
+                    step_s = self.clock() - step_from
+                    for timer in self._running_timers():  # a step between two operators of a running prefill
+                        timer.interleaved(step_s)
                 if self._current is None and not self.decoder.active and self._inbox.empty():
                     self._wake.wait(0.5)
                     self._wake.clear()
         finally:
             for rid in list(self.live):
                 self._emit_final(rid, "abort", "engine shut down")
+
+    def _running_timers(self) -> list[TTFTTimer]:
+        """The TTFT timers of the members of the batch the executor runs now."""
+        plan = self._plans.get(self._current) if self._current is not None else None
+        if plan is None:
+            return []
+        return [lr.timer for rid in plan.request_ids if (lr := self.live.get(rid)) is not None and lr.timer]
 
     def _should_stop(self) -> bool:
         return not self._inbox.empty() or (bool(self.decoder.active) and self._decode_due())
@@ -317,7 +334,7 @@ class ReplicaEngine:
                                           len(lr.stream.token_ids)))
             self._publish(now)
 
-    def _admit(self, request: Request, params: SamplingParams, sink: Sink, now: float) -> None:
+    def _admit(self, request: Request, params: SamplingParams, sink: Sink, accepted_s: float, now: float) -> None:
         waiting = len(self.scheduler.waiting_ids)
         alloc = self.kv.allocator
         error = None
@@ -332,7 +349,7 @@ class ReplicaEngine:
             return
         lr = LiveRequest(request, params, sink, next(self._seq_ids), RequestSampler(params, self.model.device),
                          OutputStream(params, self.eos_token_ids, self.tokenizer.decode),
-                         position=request.num_prompt_tokens)
+                         position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
         match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids)
         request.cached_tokens = request.prefilled = match.cached_tokens
         request.shares_with, request.shared_tokens = match.shares_with, match.shared_tokens
@@ -370,6 +387,8 @@ class ReplicaEngine:
 
     def suspend_current(self, now: float) -> None:
         """The running program stops here (the loop is at an operator boundary); its generator is kept."""
+        for timer in self._running_timers():
+            timer.stopped(now)
         self._current = None
 
     def start_program(self, plan: BatchPlan, now: float) -> bool:
@@ -393,6 +412,8 @@ class ReplicaEngine:
             self.counters["prefill_batches"] += 1
         self._plans[plan.batch_id] = plan
         self._current = plan.batch_id
+        for timer in self._running_timers():
+            timer.started(now)
         return True
 
     def _pass_done(self, segments: Sequence[Segment]) -> None:
@@ -403,6 +424,8 @@ class ReplicaEngine:
     def _complete_prefill(self, batch_id: int, task: Task) -> None:
         now = self.clock()
         self._tasks.pop(batch_id, None)
+        for timer in self._running_timers():  # before the decision, which may start its next chunk
+            timer.stopped(now)
         plan = self._plans.pop(batch_id, None)
         self._current = None
         for rid in plan.request_ids if plan is not None else ():  # requests that waited for these blocks
@@ -418,9 +441,9 @@ class ReplicaEngine:
         if done:
             rows = torch.stack([logits[lr.seq_id] for lr in done])
             tokens = sample_next_tokens(rows, [lr.params for lr in done], [lr.sampler.generator for lr in done])
-            now = self.clock()
+            prefill_end, now = now, self.clock()
             for lr, token in zip(done, tokens.tolist()):
-                self._emit_token(lr, token, now)
+                self._emit_token(lr, token, now, lr.timer.finished(prefill_end, now) if lr.timer else None)
         self._publish(now)
 
     def _decode_step(self) -> None:
@@ -439,13 +462,14 @@ class ReplicaEngine:
                                     lr.position)
             self._emit_token(lr, token, now)
 
-    def _emit_token(self, lr: LiveRequest, token: int, now: float) -> None:
+    def _emit_token(self, lr: LiveRequest, token: int, now: float, ttft_timing: EngineTTFT | None = None) -> None:
         step = lr.stream.append(token)
         first = not lr.emitted_first
         lr.emitted_first = True
         lr.sink(RequestOutput(
             lr.request.request_id, (token,), step.text_delta, step.finish_reason, lr.request.num_prompt_tokens,
             len(lr.stream.token_ids), ttft_s=(now - lr.request.arrival_s) if first else None,
+            ttft_timing=ttft_timing if first else None,
         ))
         if step.finish_reason is not None:
             self._finish_request(lr, None, None)

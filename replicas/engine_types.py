@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from replicas.detokenize import OutputStream
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.request import Request
+from replicas.ttft_parts import EngineTTFT, TTFTTimer
 
 if TYPE_CHECKING:  # torch: only the native engine builds samplers
     from replicas.sampling import RequestSampler
@@ -32,6 +33,7 @@ class RequestOutput:
     ttft_s: float | None = None  # set on the first output: engine arrival to first token
     error: str | None = None
     retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
+    ttft_timing: EngineTTFT | None = None  # on the first output, where the engine measured it (replicas.ttft_parts)
 
 
 Sink = Callable[[RequestOutput], None]
@@ -50,4 +52,5 @@ class LiveRequest:
     stream: OutputStream
     position: int = 0  # next position to decode
     emitted_first: bool = False
+    timer: TTFTTimer | None = None  # its TTFT decomposition until the first token (replicas.ttft_parts)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -5,6 +5,11 @@ deadline, shed sheddable requests that no replica can serve in time (429), then 
 request through the replica deployment's handle. Placement (which replica) is decided by the
 SLO-aware ``RequestRouter`` configured on the replica deployment; ordering (when) happens in
 the replica's scheduler. Outputs stream back as SSE or are collected into one JSON body.
+
+Every answered request carries its TTFT decomposition (:mod:`replicas.ttft_parts`): the
+``x-flowprefill-ttft-parts`` header (streams too: their status line waits for the first output)
+and, in a stream, the ``flowprefill.ttft_parts`` field of the ``finish_reason`` chunk. It is
+absent when the engine did not time the request (vLLM).
 """
 
 
@@ -17,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from replicas.prefix_hash import PrefixNaming
 from replicas.replica_request import ReplicaRequest
+from replicas.ttft_parts import TTFT_PARTS_HEADER, TTFTParts, engine_ttft_of
 from router.api_errors import APIError
 from router.auth import AccessPolicy
 from router.dispatch import replica_outputs
@@ -172,19 +178,24 @@ class RouterIngress:
                 self.metrics.requests.labels(endpoint, "failed").inc()
                 return _error_response(APIError(503, f"request failed: {type(exc).__name__}", type="server_error",
                                                 headers={"Retry-After": "1"}))
+            headers = {"x-flowprefill-request-id": req.request_id}
+            parts = first.get("ttft_parts") if first is not None else None
+            if isinstance(parts, TTFTParts):
+                headers[TTFT_PARTS_HEADER] = parts.to_header()
             return StreamingResponse(self._stream(req, payload, endpoint, first, outputs),
-                                     media_type="text/event-stream",
-                                     headers={"x-flowprefill-request-id": req.request_id})
+                                     media_type="text/event-stream", headers=headers)
         return await self._collect(req, payload, endpoint)
 
-    async def _journalled(self, payload: ReplicaRequest) -> AsyncIterator[dict[str, Any]]:
-        """The replica's raw outputs, with the request's journal entry kept (router/journal.py)."""
+    async def _journalled(self, payload: ReplicaRequest, marks: dict[str, float]) -> AsyncIterator[dict[str, Any]]:
+        """The replica's raw outputs, with the request's journal entry kept (router/journal.py);
+        ``marks["dispatched_s"]`` is when the replica handle was first called."""
         record = self.journal.open(payload)
 
         def on_retry(attempt: int, exc: BaseException) -> None:
             self._on_retry(attempt, exc)
             record.retrying()
 
+        marks["dispatched_s"] = WALL_CLOCK()  # the ingress's part of the TTFT ends here
         try:
             async for out in replica_outputs(self.replicas, payload, on_retry=on_retry):
                 record.assigned(out.get("replica_id", ""))
@@ -193,10 +204,12 @@ class RouterIngress:
             record.close()
 
     async def _outputs(self, payload: ReplicaRequest) -> AsyncIterator[dict[str, Any]]:
-        """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures."""
+        """The replica's outputs, with TTFT/TPOT metrics; raises APIError for refusals and failures.
+        The first output with tokens gets ``ttft_parts`` (:class:`TTFTParts`) where the engine timed it."""
         first_at: float | None = None
         tokens = 0
-        async for out in self._journalled(payload):
+        marks: dict[str, float] = {}
+        async for out in self._journalled(payload, marks):
             if out.get("finish_reason") in ("rejected", "error", "abort"):
                 message = out.get("error") or f"request {out['finish_reason']}"
                 if out["finish_reason"] == "rejected":  # APIError clamps the hint to 1-60 s
@@ -206,6 +219,7 @@ class RouterIngress:
                 first_at = WALL_CLOCK()
                 ttft = first_at - payload.arrival_s
                 self.metrics.observe_ttft(payload.slo_class, ttft, payload.ttft_slo_s)
+                out["ttft_parts"] = _ttft_parts(payload, marks, out, first_at)
             tokens += len(out["token_ids"])
             yield out
         if first_at is not None and tokens > 1:
@@ -219,6 +233,8 @@ class RouterIngress:
                 replica = out.get("replica_id", replica)
                 if out.get("replica_ttft_s") is not None:  # lets clients split TTFT into router and engine
                     headers["x-flowprefill-replica-ttft-ms"] = f"{out['replica_ttft_s'] * 1000:.3f}"
+                if isinstance(out.get("ttft_parts"), TTFTParts):
+                    headers[TTFT_PARTS_HEADER] = out["ttft_parts"].to_header()
                 text.append(out["text"])
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
@@ -238,6 +254,8 @@ class RouterIngress:
         if opening:
             yield opening
         completion = 0
+        parts = first.get("ttft_parts") if first is not None else None
+        ttft_parts = parts.to_dict() if isinstance(parts, TTFTParts) else None
 
         async def outputs() -> AsyncIterator[dict[str, Any]]:
             if first is not None:
@@ -249,7 +267,8 @@ class RouterIngress:
             async for out in outputs():
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
-                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"])
+                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"],
+                                     ttft_parts=ttft_parts)
                     self.metrics.requests.labels(endpoint, "ok").inc()
                     return
                 chunk = enc.delta(out["text"])
@@ -265,6 +284,19 @@ class RouterIngress:
                                      type="server_error"))
         finally:  # finished, failed or the client went away: the replica call and journal entry end now
             await rest.aclose()
+
+
+def _ttft_parts(payload: ReplicaRequest, marks: dict[str, float], out: dict[str, Any],
+                received_s: float) -> TTFTParts | None:
+    """The TTFT decomposition of a request whose first output ``out`` reached the ingress at
+    ``received_s``; None when the engine did not time it (or its timing is malformed)."""
+    engine = engine_ttft_of(out.get("ttft_timing"))
+    if engine is None or "dispatched_s" not in marks:
+        return None
+    try:
+        return TTFTParts.assemble(payload.arrival_s, marks["dispatched_s"], engine, received_s)
+    except ValueError:  # a non-finite value: diagnostics must not fail the request
+        return None
 
 
 def build_ingress_class() -> type:

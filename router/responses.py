@@ -5,13 +5,16 @@ Non-streaming bodies come from :func:`completion_body` / :func:`chat_body`. A st
 text, then ``finish(reason, usage)`` (the chunk carrying ``finish_reason``, the usage chunk when
 ``stream_options.include_usage`` was set, and ``data: [DONE]``), or ``error(err)`` if the request
 fails midway: ``data: {"error": {...}}`` (the OpenAI error body) followed by ``data: [DONE]``.
-With ``include_usage``, every other chunk carries ``"usage": null`` as in the OpenAI API.
+With ``include_usage``, every other chunk carries ``"usage": null`` as in the OpenAI API. The
+``finish_reason`` chunk may carry ``"flowprefill": {"ttft_parts": {...}}``, the request's TTFT
+decomposition (:mod:`replicas.ttft_parts`), a field OpenAI clients ignore.
 The response ``id`` is the request's ``request_id`` (``cmpl-...`` / ``chatcmpl-...``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from router.api_errors import APIError
@@ -20,6 +23,7 @@ from router.protocol import GenerateRequest
 FinishReason = Literal["stop", "length"]
 FINISH_REASONS = ("stop", "length")
 SSE_DONE = b"data: [DONE]\n\n"
+FLOWPREFILL_FIELD = "flowprefill"  # the top-level field of FlowPrefill's own additions to a chunk
 
 
 def _check_reason(reason: str | None) -> None:
@@ -137,12 +141,16 @@ class StreamEncoder:
         chunk = chat_chunk(self.req, text) if self.chat else completion_chunk(self.req, text)
         return self._event(chunk)
 
-    def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "") -> bytes:
-        """The closing events: the ``finish_reason`` chunk (with any last ``text``), usage, ``[DONE]``."""
+    def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "",
+               ttft_parts: Mapping[str, float] | None = None) -> bytes:
+        """The closing events: the ``finish_reason`` chunk (with any last ``text``, and the request's
+        TTFT decomposition as ``"flowprefill": {"ttft_parts": {...}}`` when given), usage, ``[DONE]``."""
         if self.chat:
             chunk = chat_chunk(self.req, text or None, finish_reason)
         else:
             chunk = completion_chunk(self.req, text, finish_reason)
+        if ttft_parts is not None:  # an extra top-level field: OpenAI clients keep and ignore it
+            chunk[FLOWPREFILL_FIELD] = {"ttft_parts": dict(ttft_parts)}
         out = self._event(chunk)
         if self.req.include_usage:
             out += sse_event(usage_chunk(self.req, prompt_tokens, completion_tokens))
