@@ -24,7 +24,7 @@ from router.journal import RequestJournal
 from router.metrics import RouterMetrics
 from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
-from router.responses import StreamEncoder, response_body
+from router.responses import StreamEncoder, body_logprobs, response_body
 from router.slo import SLOPolicy
 from state.clock import WALL_CLOCK
 from state.schema import DEFAULT_NAMESPACE
@@ -135,6 +135,10 @@ class RouterIngress:
 
         return health_reply([self.model_name])
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text for log probabilities: the id decoded alone, special tokens included."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     # ------------------------------------------------------------------ request path
     async def _handle(self, request: Request, parse: Any, endpoint: str) -> Response:  # noqa: ANN401
         arrival = WALL_CLOCK()
@@ -213,13 +217,14 @@ class RouterIngress:
 
     async def _collect(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str) -> Response:
         text, reason, prompt_tokens, completion = [], "length", payload.prompt_tokens, 0
-        replica, headers = "", {}
+        replica, headers, logprobs = "", {}, []
         try:
             async for out in self._outputs(payload):
                 replica = out.get("replica_id", replica)
                 if out.get("replica_ttft_s") is not None:  # lets clients split TTFT into router and engine
                     headers["x-flowprefill-replica-ttft-ms"] = f"{out['replica_ttft_s'] * 1000:.3f}"
                 text.append(out["text"])
+                logprobs.extend(out.get("logprobs") or ())
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
                     reason = out["finish_reason"]
@@ -228,12 +233,13 @@ class RouterIngress:
             self.metrics.requests.labels(endpoint, "failed").inc()
             return _error_response(err)
         self.metrics.requests.labels(endpoint, "ok").inc()
-        return JSONResponse(response_body(req, "".join(text), reason, prompt_tokens, completion),
-                            headers={"x-flowprefill-replica": replica, **headers})
+        body = response_body(req, "".join(text), reason, prompt_tokens, completion,
+                             body_logprobs(req, self.token_text, logprobs))
+        return JSONResponse(body, headers={"x-flowprefill-replica": replica, **headers})
 
     async def _stream(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str,
                       first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-        enc = StreamEncoder(req)
+        enc = StreamEncoder(req, self.token_text)
         opening = enc.start()
         if opening:
             yield opening
@@ -249,10 +255,11 @@ class RouterIngress:
             async for out in outputs():
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
-                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"])
+                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"],
+                                     out.get("logprobs"))
                     self.metrics.requests.labels(endpoint, "ok").inc()
                     return
-                chunk = enc.delta(out["text"])
+                chunk = enc.delta(out["text"], out.get("logprobs"))
                 if chunk:
                     yield chunk
         except APIError as err:

@@ -1,0 +1,72 @@
+"""Log probabilities in OpenAI's response formats, from the engine's per-token entries.
+
+An entry is what a replica sends per sampled token (:class:`replicas.engine_types.TokenLogprob`, as
+an object or as its dict): the token id, its log probability and the requested number of most
+likely alternatives. The values are vLLM's default ``raw_logprobs``: the log-softmax of the model's
+logits before penalties, bias and temperature. A token's text is its id decoded alone, special
+tokens included. ``-inf`` (not JSON) is clamped to -9999.0, as vLLM does.
+
+* completions: ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; each
+  ``top_logprobs`` item maps token text to logprob for the sampled token and the ``logprobs`` most
+  likely ones (as vLLM); ``text_offset`` is the running character offset of each token in the text.
+* chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``; ``top_logprobs``
+  holds the ``top_logprobs`` most likely tokens, most likely first; ``bytes`` is the token text's
+  UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+MIN_LOGPROB = -9999.0
+TokenText = Callable[[int], str]
+
+
+def _entry(raw: object) -> tuple[int, float, list[tuple[int, float]]]:
+    data: Mapping[str, Any] = asdict(raw) if is_dataclass(raw) and not isinstance(raw, type) else raw  # type: ignore[assignment]
+    top = [(int(t), float(v)) for t, v in data.get("top") or ()]
+    return int(data["token_id"]), float(data["logprob"]), top
+
+
+def _clamp(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+class LogprobsFormatter:
+    """Formats entries for one request's endpoint, with at most ``top_n`` alternatives per token;
+    completions' ``text_offset`` runs across calls (one per streamed chunk, or one for a body)."""
+
+    def __init__(self, token_text: TokenText, chat: bool, top_n: int = 0) -> None:
+        self.token_text = token_text
+        self.chat = chat
+        self.top_n = top_n
+        self.offset = 0
+
+    def format(self, entries: Iterable[object]) -> dict[str, Any]:
+        """The ``logprobs`` object of a choice for ``entries`` (in token order)."""
+        parsed = [(t, lp, top[: self.top_n]) for t, lp, top in (_entry(e) for e in entries)]
+        return self._chat(parsed) if self.chat else self._completion(parsed)
+
+    def _chat(self, parsed: Sequence[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any]:
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": _clamp(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+
+        return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]}
+                            for t, lp, top in parsed]}
+
+    def _completion(self, parsed: Sequence[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any]:
+        tokens, values, tops, offsets = [], [], [], []
+        for token_id, logprob, top in parsed:
+            text = self.token_text(token_id)
+            tokens.append(text)
+            values.append(_clamp(logprob))
+            alternatives = {text: _clamp(logprob)}
+            for alt, value in top:
+                alternatives.setdefault(self.token_text(alt), _clamp(value))
+            tops.append(alternatives)
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
