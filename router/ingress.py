@@ -26,6 +26,7 @@ from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
 from router.responses import StreamEncoder, body_logprobs, response_body
 from router.slo import SLOPolicy
+from router.tokenize_api import detokenize, models_list, tokenize
 from state.clock import WALL_CLOCK
 from state.schema import DEFAULT_NAMESPACE
 
@@ -58,6 +59,7 @@ class RouterIngress:
             max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
             prefix_naming=PrefixNaming.from_dict(info.get("prefix")),
         )
+        self.created = int(WALL_CLOCK())  # when this ingress started serving the model (/v1/models)
         self.metrics = RouterMetrics()
         self.journal = RequestJournal.from_url(redis_url, namespace)
         self.access = AccessPolicy.from_sources(**(access or {}))
@@ -93,9 +95,23 @@ class RouterIngress:
         return await self._handle(request, parse_chat_request, "chat.completions")
 
     def models(self) -> dict[str, Any]:
-        """``GET /v1/models``."""
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "flowprefill",
-                                            "created": 0}]}
+        """``GET /v1/models``: the served model, when this ingress started serving it, its context length."""
+        return models_list(self.protocol, self.created)
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize`` (vLLM's): a prompt or chat messages to token ids."""
+        return await self._utility(request, tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize`` (vLLM's): token ids to text."""
+        return await self._utility(request, detokenize)
+
+    async def _utility(self, request: Request, handler: Any) -> Response:  # noqa: ANN401
+        try:
+            self.access.authenticate(request.headers.get("authorization"))
+            return JSONResponse(handler(await request.body(), self.protocol, self.tokenizer))
+        except APIError as err:
+            return _error_response(err)
 
     def health(self) -> dict[str, str]:
         """``GET /health``: the ingress is up (replica health is Serve's job)."""
@@ -287,6 +303,14 @@ def build_ingress_class() -> type:
         @app.post("/v1/chat/completions")
         async def _chat(self, request: Request) -> Response:
             return await self.chat_completions(request)
+
+        @app.post("/tokenize")
+        async def _tokenize(self, request: Request) -> Response:
+            return await self.tokenize(request)
+
+        @app.post("/detokenize")
+        async def _detokenize(self, request: Request) -> Response:
+            return await self.detokenize(request)
 
         @app.get("/v1/models")
         def _models(self) -> dict[str, Any]:
