@@ -24,13 +24,15 @@ MIN_LOGPROB = -9999.0
 TokenText = Callable[[int], str]
 
 
-def _entry(raw: object) -> tuple[int, float, list[tuple[int, float]]]:
+def entry_fields(raw: object) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token id, logprob, [(alternative id, logprob), ...]) of an entry, an object or its dict."""
     data: Mapping[str, Any] = asdict(raw) if is_dataclass(raw) and not isinstance(raw, type) else raw  # type: ignore[assignment]
     top = [(int(t), float(v)) for t, v in data.get("top") or ()]
     return int(data["token_id"]), float(data["logprob"]), top
 
 
-def _clamp(value: float) -> float:
+def clamp_logprob(value: float) -> float:
+    """``value`` with ``-inf`` (and anything lower) raised to -9999.0."""
     return max(value, MIN_LOGPROB)
 
 
@@ -46,13 +48,13 @@ class LogprobsFormatter:
 
     def format(self, entries: Iterable[object]) -> dict[str, Any]:
         """The ``logprobs`` object of a choice for ``entries`` (in token order)."""
-        parsed = [(t, lp, top[: self.top_n]) for t, lp, top in (_entry(e) for e in entries)]
+        parsed = [(t, lp, top[: self.top_n]) for t, lp, top in (entry_fields(e) for e in entries)]
         return self._chat(parsed) if self.chat else self._completion(parsed)
 
     def _chat(self, parsed: Sequence[tuple[int, float, list[tuple[int, float]]]]) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
             text = self.token_text(token_id)
-            return {"token": text, "logprob": _clamp(logprob), "bytes": list(text.encode("utf-8", "replace"))}
+            return {"token": text, "logprob": clamp_logprob(logprob), "bytes": list(text.encode("utf-8", "replace"))}
 
         return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]}
                             for t, lp, top in parsed]}
@@ -62,10 +64,10 @@ class LogprobsFormatter:
         for token_id, logprob, top in parsed:
             text = self.token_text(token_id)
             tokens.append(text)
-            values.append(_clamp(logprob))
-            alternatives = {text: _clamp(logprob)}
+            values.append(clamp_logprob(logprob))
+            alternatives = {text: clamp_logprob(logprob)}
             for alt, value in top:
-                alternatives.setdefault(self.token_text(alt), _clamp(value))
+                alternatives.setdefault(self.token_text(alt), clamp_logprob(value))
             tops.append(alternatives)
             offsets.append(self.offset)
             self.offset += len(text)
