@@ -17,18 +17,22 @@ tokens included. ``-inf`` (not JSON) is clamped to -9999.0, as vLLM does.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any
+
+from replicas.engine_types import TokenLogprob
 
 MIN_LOGPROB = -9999.0
 TokenText = Callable[[int], str]
+LogprobEntry = TokenLogprob | Mapping[str, Any]  # a replica's entry: the object, or its dict after Serve
 
 
-def entry_fields(raw: object) -> tuple[int, float, list[tuple[int, float]]]:
+def entry_fields(raw: LogprobEntry) -> tuple[int, float, list[tuple[int, float]]]:
     """(token id, logprob, [(alternative id, logprob), ...]) of an entry, an object or its dict."""
-    data: Mapping[str, Any] = asdict(raw) if is_dataclass(raw) and not isinstance(raw, type) else raw  # type: ignore[assignment]
-    top = [(int(t), float(v)) for t, v in data.get("top") or ()]
-    return int(data["token_id"]), float(data["logprob"]), top
+    if isinstance(raw, TokenLogprob):
+        token_id, logprob, top = raw.token_id, raw.logprob, raw.top
+    else:
+        token_id, logprob, top = raw["token_id"], raw["logprob"], raw.get("top") or ()
+    return int(token_id), float(logprob), [(int(t), float(v)) for t, v in top]
 
 
 def clamp_logprob(value: float) -> float:
@@ -46,7 +50,7 @@ class LogprobsFormatter:
         self.top_n = top_n
         self.offset = 0
 
-    def format(self, entries: Iterable[object]) -> dict[str, Any]:
+    def format(self, entries: Iterable[LogprobEntry]) -> dict[str, Any]:
         """The ``logprobs`` object of a choice for ``entries`` (in token order)."""
         parsed = [(t, lp, top[: self.top_n]) for t, lp, top in (entry_fields(e) for e in entries)]
         return self._chat(parsed) if self.chat else self._completion(parsed)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from router.api_errors import APIError
-from router.logprobs_format import LogprobsFormatter, TokenText
+from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText
 from router.protocol import GenerateRequest
 
 FinishReason = Literal["stop", "length"]
@@ -81,7 +81,9 @@ def response_body(
     return build(req, text, finish_reason, prompt_tokens, completion_tokens, logprobs)
 
 
-def body_logprobs(req: GenerateRequest, token_text: TokenText, entries: Iterable[object]) -> dict[str, Any] | None:
+def body_logprobs(
+    req: GenerateRequest, token_text: TokenText, entries: Iterable[LogprobEntry]
+) -> dict[str, Any] | None:
     """The ``logprobs`` of a non-streaming body (None unless the request asked for them)."""
     if req.sampling.logprobs is None:
         return None
@@ -142,14 +144,14 @@ class StreamEncoder:
         wanted = req.sampling.logprobs is not None and token_text is not None
         top_n = req.sampling.logprobs or 0
         self._formatter = LogprobsFormatter(token_text, self.chat, top_n) if wanted and token_text else None
-        self._pending: list[object] = []
+        self._pending: list[LogprobEntry] = []
 
     def _event(self, payload: dict[str, Any]) -> bytes:
         if self.req.include_usage:
             payload["usage"] = None
         return sse_event(payload)
 
-    def _take_logprobs(self, entries: Iterable[object] | None, final: bool) -> dict[str, Any] | None:
+    def _take_logprobs(self, entries: Iterable[LogprobEntry] | None, final: bool) -> dict[str, Any] | None:
         if self._formatter is None:
             return None
         self._pending.extend(entries or ())
@@ -163,7 +165,7 @@ class StreamEncoder:
         """The opening event: for chat the assistant-role chunk with empty content; else nothing."""
         return self._event(chat_chunk(self.req, "", role=True)) if self.chat else b""
 
-    def delta(self, text: str, logprobs: Iterable[object] | None = None) -> bytes:
+    def delta(self, text: str, logprobs: Iterable[LogprobEntry] | None = None) -> bytes:
         """A chunk carrying ``text`` and the log probabilities of the tokens so far unsent (nothing for
         empty text: its tokens' entries wait for the next chunk)."""
         if not text:
@@ -175,7 +177,7 @@ class StreamEncoder:
         return self._event(chunk)
 
     def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "",
-               logprobs: Iterable[object] | None = None) -> bytes:
+               logprobs: Iterable[LogprobEntry] | None = None) -> bytes:
         """The closing events: the ``finish_reason`` chunk (with any last ``text`` and log probabilities),
         usage, ``[DONE]``."""
         lp = self._take_logprobs(logprobs, final=True)
