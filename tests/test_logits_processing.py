@@ -279,3 +279,14 @@ def test_logprobs_equal_log_softmax_of_a_direct_forward(model_dir, reference):
             values, ids = ref.topk(p.logprobs)
             assert [t for t, _ in lp.top] == ids.tolist()
             assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_offline_engine_applies_the_same_processing(model_dir, reference):
+    from replicas.llm import OfflineEngine
+
+    engine = OfflineEngine(model_dir, kv_cache_bytes=8 << 20)
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, repetition_penalty=2.5),
+              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, frequency_penalty=1.0, min_tokens=2)]
+    results = engine.generate([PROMPT_A, PROMPT_B], params)
+    for result, prompt, p in zip(results, [PROMPT_A, PROMPT_B], params):
+        assert result.token_ids == _reference_greedy(reference, prompt, p, ())[0]
