@@ -81,7 +81,9 @@ class OutputStream:
     A request finishes with ``"stop"`` on an end-of-sequence token (unless ``ignore_eos``), on one
     of ``stop_token_ids``, or when a stop string appears in the text; otherwise with ``"length"``
     once ``max_tokens`` tokens were appended. Stop tokens and stop strings are not part of the text,
-    but every appended token is part of ``token_ids``.
+    but every appended token is part of ``token_ids``. Before ``min_tokens`` tokens were appended,
+    neither stop tokens nor stop strings finish the request (as vLLM; the sampler masks the stop
+    tokens until then).
     """
 
     def __init__(
@@ -127,10 +129,11 @@ class OutputStream:
         if self.finished:
             raise RuntimeError("append() on a finished output stream")
         self._ids.append(token_id)
-        if token_id in self._stop_ids:
+        may_stop = len(self._ids) >= self._params.min_tokens
+        if token_id in self._stop_ids and may_stop:
             delta, _ = self._release(self._decoder.flush(), final=True)
             return self._step(token_id, delta, "stop")
-        delta, hit = self._release(self._decoder.push(token_id), final=False)
+        delta, hit = self._release(self._decoder.push(token_id), final=False, check=may_stop)
         if hit:
             return self._step(token_id, delta, "stop")
         if len(self._ids) >= self._params.max_tokens:
@@ -144,11 +147,12 @@ class OutputStream:
         self._finish_reason = finish_reason
         return StepOutput(token_id, delta, finish_reason)
 
-    def _release(self, new_text: str, final: bool) -> tuple[str, bool]:
-        """Add decoded text; return the part that can be emitted and whether a stop string was hit."""
+    def _release(self, new_text: str, final: bool, check: bool = True) -> tuple[str, bool]:
+        """Add decoded text; return the part that can be emitted and whether a stop string was hit
+        (``check`` False: stop strings are not looked for yet)."""
         buf = self._pending + new_text
         self._pending = ""
-        if not self._stops:
+        if not self._stops or not check:
             return buf, False
         hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
         if hits:

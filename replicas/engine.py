@@ -27,7 +27,7 @@ from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
 from replicas.engine_stats import EngineStats
-from replicas.engine_types import LiveRequest, RequestOutput, Sink
+from replicas.engine_types import LiveRequest, RequestOutput, Sink, TokenLogprob
 from replicas.executor import PreemptibleExecutor, Task
 from replicas.kv_blocks import KVCacheFull
 from replicas.kv_cache import PagedKVCache
@@ -36,7 +36,7 @@ from replicas.model.decoder import DecoderModel
 from replicas.prefix_hash import PrefixNaming, prefix_salt
 from replicas.prefix_tracker import PrefixTracker
 from replicas.programs import PrefillItem, prefill_program
-from replicas.sampling import RequestSampler, sample_next_tokens
+from replicas.sampling import RequestSampler, sample_batch
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
@@ -347,7 +347,9 @@ class ReplicaEngine:
             self.counters["rejected"] += 1
             sink(RequestOutput(request.request_id, (), "", "rejected", request.num_prompt_tokens, error=error))
             return
-        lr = LiveRequest(request, params, sink, next(self._seq_ids), RequestSampler(params, self.model.device),
+        sampler = RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
+                                 eos_token_ids=self.eos_token_ids)
+        lr = LiveRequest(request, params, sink, next(self._seq_ids), sampler,
                          OutputStream(params, self.eos_token_ids, self.tokenizer.decode),
                          position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
         match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids)
@@ -440,10 +442,10 @@ class ReplicaEngine:
         done = [self.live[rid] for rid in decision.prefilled if rid in self.live]
         if done:
             rows = torch.stack([logits[lr.seq_id] for lr in done])
-            tokens = sample_next_tokens(rows, [lr.params for lr in done], [lr.sampler.generator for lr in done])
+            sampled = sample_batch(rows, [lr.sampler for lr in done])
             prefill_end, now = now, self.clock()
-            for lr, token in zip(done, tokens.tolist()):
-                self._emit_token(lr, token, now, lr.timer.finished(prefill_end, now) if lr.timer else None)
+            for lr, (token, logprob) in zip(done, sampled):
+                self._emit_token(lr, token, now, logprob, lr.timer.finished(prefill_end, now) if lr.timer else None)
         self._publish(now)
 
     def _decode_step(self) -> None:
@@ -456,20 +458,21 @@ class ReplicaEngine:
         now = self.clock()
         self.counters["decode_steps"] += 1
         bs = self.kv.allocator.block_size
-        for lr, token in results:
+        for lr, token, logprob in results:
             if lr.position % bs == 0:  # a block of this sequence just filled: the next turn may reuse it
                 self.prefix.decoded(lr.request.request_id, [*lr.request.prompt_ids, *lr.stream.token_ids],
                                     lr.position)
-            self._emit_token(lr, token, now)
+            self._emit_token(lr, token, now, logprob)
 
-    def _emit_token(self, lr: LiveRequest, token: int, now: float, ttft_timing: EngineTTFT | None = None) -> None:
+    def _emit_token(self, lr: LiveRequest, token: int, now: float, logprob: TokenLogprob | None = None,
+                    ttft_timing: EngineTTFT | None = None) -> None:
         step = lr.stream.append(token)
         first = not lr.emitted_first
         lr.emitted_first = True
         lr.sink(RequestOutput(
             lr.request.request_id, (token,), step.text_delta, step.finish_reason, lr.request.num_prompt_tokens,
             len(lr.stream.token_ids), ttft_s=(now - lr.request.arrival_s) if first else None,
-            ttft_timing=ttft_timing if first else None,
+            ttft_timing=ttft_timing if first else None, logprobs=None if logprob is None else (logprob,),
         ))
         if step.finish_reason is not None:
             self._finish_request(lr, None, None)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from replicas.decode_cadence import DecodeCadence
-from replicas.engine_types import LiveRequest
+from replicas.engine_types import LiveRequest, TokenLogprob
 from replicas.executor import PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
 from replicas.programs import decode_program
-from replicas.sampling import sample_next_tokens
+from replicas.sampling import sample_batch
 from state.clock import WALL_CLOCK, Clock, require_clock
 
 
@@ -43,8 +43,9 @@ class DecodeBatcher:
         """Whether a step should interleave with a running prefill now (:meth:`DecodeCadence.due`)."""
         return self.cadence.due(now, tpot_target_s, prefill_urgent)
 
-    def step(self) -> list[tuple[LiveRequest, int]]:
-        """One decode step; returns each stepped request with its sampled token.
+    def step(self) -> list[tuple[LiveRequest, int, TokenLogprob | None]]:
+        """One decode step; returns each stepped request with its sampled token (and its log
+        probabilities, when the request asked for them).
 
         Raises :class:`~replicas.kv_blocks.KVCacheFull` (nothing stepped) when a sequence cannot grow.
         """
@@ -55,11 +56,11 @@ class DecodeBatcher:
         triples = [(live.seq_id, live.stream.token_ids[-1], live.position) for live in batch]
         logits = self.executor.run_to_completion(decode_program(self.model, self.kv, triples))
         rows = torch.stack([logits[live.seq_id] for live in batch])
-        tokens = sample_next_tokens(rows, [lr.params for lr in batch], [lr.sampler.generator for lr in batch])
+        sampled = sample_batch(rows, [lr.sampler for lr in batch])
         for live in batch:
             live.position += 1
             # round-robin when more requests decode than fit in one step
             rid = live.request.request_id
             self.active[rid] = self.active.pop(rid)
         self.cadence.record_step(started, self.clock())
-        return list(zip(batch, tokens.tolist()))
+        return [(live, token, logprob) for live, (token, logprob) in zip(batch, sampled)]

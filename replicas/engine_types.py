@@ -21,6 +21,16 @@ if TYPE_CHECKING:  # torch: only the native engine builds samplers
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log probability and its most likely alternatives (``(token id, logprob)``,
+    most likely first), as asked by ``SamplingParams.logprobs``."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """One increment of a request's output, as the client stream sees it."""
 
@@ -34,6 +44,7 @@ class RequestOutput:
     error: str | None = None
     retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
     ttft_timing: EngineTTFT | None = None  # on the first output, where the engine measured it (replicas.ttft_parts)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when the request asked for them
 
 
 Sink = Callable[[RequestOutput], None]

@@ -22,7 +22,7 @@ from replicas.kv_cache import PagedKVCache
 from replicas.model.decoder import DecoderModel
 from replicas.model.tokenizer import Tokenizer
 from replicas.programs import PrefillItem, decode_program, prefill_program
-from replicas.sampling import RequestSampler, sample_next_tokens
+from replicas.sampling import RequestSampler, sample_batch
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.config import DEFAULT_CHUNK_TOKENS
 
@@ -101,7 +101,8 @@ class OfflineEngine:
         self, seq_ids: list[int], prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
         logits: dict[int, torch.Tensor], start: float,
     ) -> list[GenerationResult]:
-        samplers = [RequestSampler(p) for p in params]
+        samplers = [RequestSampler(p, prompt_ids=ids, eos_token_ids=self.eos_token_ids)
+                    for p, ids in zip(params, prompts)]
         streams = [OutputStream(p, self.eos_token_ids, self.tokenizer.decode) for p in params]
         positions = [len(ids) for ids in prompts]
         ttft = [0.0] * len(prompts)
@@ -109,9 +110,7 @@ class OfflineEngine:
         first = True
         while active:
             rows = torch.stack([logits[seq_ids[i]] for i in active])
-            tokens = sample_next_tokens(
-                rows, [params[i] for i in active], [samplers[i].generator for i in active]
-            ).tolist()
+            tokens = [token for token, _ in sample_batch(rows, [samplers[i] for i in active])]
             now = self.clock()
             still = []
             for i, token in zip(active, tokens):

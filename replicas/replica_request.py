@@ -68,15 +68,12 @@ class ReplicaRequest:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what :meth:`from_dict` parses)."""
-        s = self.sampling
         return {
             "request_id": self.request_id, "prompt_token_ids": list(self.prompt_token_ids),
             "arrival_s": self.arrival_s, "ttft_slo_s": self.ttft_slo_s, "tpot_slo_s": self.tpot_slo_s,
             "priority": self.priority, "slo_class": self.slo_class, "sheddable": self.sheddable,
             "prefix_names": list(self.prefix_names),
-            "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-                         "top_k": s.top_k, "seed": s.seed, "stop": list(s.stop),
-                         "stop_token_ids": list(s.stop_token_ids), "ignore_eos": s.ignore_eos},
+            "sampling": self.sampling.to_dict(),
         }
 
     @classmethod

@@ -4,6 +4,10 @@
 only on its own logits, parameters and generator, never on the other rows of the batch: the
 decision whether to sort a row (for top-k / top-p) is taken from that row's parameters alone, and
 each seeded row draws from its own ``torch.Generator``.
+
+``sample_batch`` is what the engine's prefill and decode paths call: it applies each row's logits
+processors (:mod:`replicas.logits_processing`: bias, ``min_tokens``, penalties), samples, computes
+the log probabilities a row asked for, and records the sampled tokens in each request's history.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from replicas.engine_types import TokenLogprob
+from replicas.logits_processing import TokenHistory, process_logits, token_logprobs
 from replicas.sampling_params import SamplingParams
 
 
@@ -21,18 +27,39 @@ class RequestSampler:
     A seeded request gets a ``torch.Generator`` on ``device`` seeded with ``params.seed``, so the
     same seed and logits always give the same tokens. An unseeded request has ``generator`` None
     and draws from torch's default generator (which lets unseeded rows be sampled in one call).
+    ``history`` holds the request's prompt and generated tokens for its penalties and ``min_tokens``
+    (``stop_ids``: the tokens ``min_tokens`` masks, i.e. the end-of-sequence ids unless ``ignore_eos``
+    and ``stop_token_ids``).
     """
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu", *,
+                 prompt_ids: Sequence[int] = (), eos_token_ids: Sequence[int] = ()) -> None:
         self.params = params
+        stop_ids = (*(() if params.ignore_eos else eos_token_ids), *params.stop_token_ids)
+        self.history = TokenHistory(params, prompt_ids, tuple(dict.fromkeys(stop_ids)))
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed)
 
     def sample(self, logits: torch.Tensor) -> int:
-        """Sample one token from a ``[V]`` logits vector."""
-        return int(sample_next_tokens(logits.unsqueeze(0), [self.params], [self.generator])[0])
+        """Sample one token from a ``[V]`` logits vector (recorded in the history)."""
+        return sample_batch(logits.unsqueeze(0), [self])[0][0]
+
+
+def sample_batch(
+    logits: torch.Tensor, samplers: Sequence[RequestSampler]
+) -> list[tuple[int, TokenLogprob | None]]:
+    """Process, sample and record one token per row of ``logits`` [B, V]; returns (token, logprob)
+    per row (logprob None unless the row's ``params.logprobs`` is set)."""
+    params = [s.params for s in samplers]
+    processed = process_logits(logits, [s.history for s in samplers])
+    tokens = sample_next_tokens(processed, params, [s.generator for s in samplers])
+    logprobs = token_logprobs(logits, tokens, params)
+    picked = tokens.tolist()
+    for sampler, token in zip(samplers, picked):
+        sampler.history.record(token)
+    return list(zip(picked, logprobs))
 
 
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
@@ -85,7 +112,8 @@ def sample_next_tokens(
     """Pick the next token for each row of ``logits`` [B, V]; returns int64 [B] on the logits' device.
 
     Greedy rows take the argmax (lowest index on ties). Other rows are scaled by their temperature
-    (in float32), restricted by top-k and then top-p (the smallest set of most likely tokens whose
+    (in float32), restricted by ``min_p`` (tokens whose probability is below ``min_p`` times the most
+    likely one's are dropped), by top-k and then top-p (the smallest set of most likely tokens whose
     probability reaches ``top_p``; the top token is always kept), and sampled with the row's
     generator (``None``: torch's default generator).
     """
@@ -108,6 +136,10 @@ def sample_next_tokens(
             continue
         temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
         scaled = logits[idx].float().div_(temps.unsqueeze(1))
+        min_ps = [params[i].min_p for i in rows]
+        if any(m > 0 for m in min_ps):  # p < min_p * p_max  <=>  logit < max_logit + log(min_p)
+            floor = torch.tensor(min_ps, device=device, dtype=torch.float32).log().unsqueeze(1)
+            scaled.masked_fill_(scaled < scaled.max(dim=1, keepdim=True).values + floor, float("-inf"))
         row_params = [params[i] for i in rows]
         row_gens = [generators[i] for i in rows]
         if kind == "plain":

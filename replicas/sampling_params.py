@@ -15,6 +15,9 @@ MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
 MIN_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # top_logprobs / completions logprobs, as vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 100.0
+MAX_TOKEN_ID = 2**31 - 1
 
 
 def _is_int(value: object) -> bool:
@@ -55,6 +58,33 @@ def _normalise_stop_token_ids(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _normalise_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` (keys as OpenAI's strings or ints) as sorted ``(id, bias)`` pairs."""
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        value = dict(value)
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError("logit_bias", f"logit_bias must be an object of token id -> bias, got "
+                                                f"{_type_name(value)}")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key if _is_int(key) else int(key) if isinstance(key, str) and key.isdecimal() else None
+        if token is None or not 0 <= token <= MAX_TOKEN_ID:
+            raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids (non-negative integers), "
+                                                    f"got {key!r}")
+        if not _is_number(bias) or not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidRequestError("logit_bias", f"logit_bias[{key!r}] must be a number in [-100, 100], "
+                                                    f"got {bias!r}")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
+def _check_range(name: str, value: object, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    if not _is_number(value) or not math.isfinite(value) or value > hi or (value <= lo if open_lo else value < lo):
+        interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise InvalidRequestError(name, f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
@@ -62,6 +92,16 @@ class SamplingParams:
     ``temperature`` 0 means greedy; ``top_k`` 0 or -1 disables top-k (stored as 0); ``stop`` also
     accepts a single string or a list and is stored as a tuple. Invalid values raise
     :class:`InvalidRequestError` naming the field.
+
+    Logits processing (vLLM's order and semantics): ``logit_bias`` (token id -> bias in [-100, 100],
+    added to the logits; stored as sorted ``(id, bias)`` pairs) and ``min_tokens`` (end-of-sequence
+    and ``stop_token_ids`` masked until that many tokens were generated), then the penalties:
+    ``repetition_penalty`` (> 0; over prompt and generated tokens, positive logits divided by it,
+    negative ones multiplied), ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2], OpenAI's:
+    subtract ``frequency * count + presence * (count > 0)`` over generated tokens). Sampling rows
+    then apply temperature, ``min_p`` (in [0, 1]: drop tokens below ``min_p`` times the top
+    probability), top-k and top-p. ``logprobs`` (None, or 0..20 alternatives) asks for the log
+    probability of each sampled token and its ``logprobs`` most likely alternatives.
     """
 
     max_tokens: int = 16
@@ -72,6 +112,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -90,6 +137,20 @@ class SamplingParams:
             raise InvalidRequestError("seed", f"seed must be an integer in [0, 2**63 - 1] or null, got {s!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            object.__setattr__(self, name, _check_range(name, getattr(self, name), -2.0, 2.0))
+        object.__setattr__(self, "repetition_penalty",
+                           _check_range("repetition_penalty", self.repetition_penalty, 0.0, math.inf, open_lo=True))
+        object.__setattr__(self, "min_p", _check_range("min_p", self.min_p, 0.0, 1.0))
+        m = self.min_tokens
+        if not _is_int(m) or not 0 <= m <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"min_tokens must be an integer in [0, max_tokens = "
+                                                    f"{self.max_tokens}], got {m!r}")
+        n = self.logprobs
+        if n is not None and (not _is_int(n) or not 0 <= n <= MAX_LOGPROBS):
+            raise InvalidRequestError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, "
+                                                  f"got {n!r}")
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
         object.__setattr__(self, "top_k", max(k, 0))
@@ -112,6 +173,30 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the argmax token is always chosen (temperature ~0 or top_k == 1)."""
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when a presence, frequency or repetition penalty changes the logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """True when logits change before sampling: penalties, ``logit_bias`` or ``min_tokens``."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise :class:`InvalidRequestError` for a ``logit_bias`` key outside ``[0, vocab_size)``."""
+        bad = next((t for t, _ in self.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("logit_bias", f"logit_bias key {bad} is not a token id of the vocabulary "
+                                                    f"(size {vocab_size})")
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (what :meth:`from_dict` parses); ``logit_bias`` keys become strings."""
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["stop"], out["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        out["logit_bias"] = {str(t): b for t, b in self.logit_bias}
+        return out
 
     @property
     def needs_filter(self) -> bool:

@@ -41,6 +41,7 @@ from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 from replicas.scheduler.stats import QueueEntry
+from replicas.vllm_fields import parse_logprobs, sampling_fields
 from replicas.vllm_process import (
     VLLMConfig,
     VLLMProcess,
@@ -213,6 +214,7 @@ class VLLMEngine:
             body["stop"] = list(params.stop)
         if params.stop_token_ids:
             body["stop_token_ids"] = list(params.stop_token_ids)
+        body.update(sampling_fields(params))
         return body
 
     async def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -258,7 +260,8 @@ class VLLMEngine:
                         if reason is not None and reason not in ("stop", "length"):
                             reason, error = "error", f"vLLM finished the request with {reason!r}"
                         finished = reason is not None
-                        yield RequestOutput(rid, ids, text, reason, n_prompt, count, ttft_s=ttft, error=error)
+                        yield RequestOutput(rid, ids, text, reason, n_prompt, count, ttft_s=ttft, error=error,
+                                            logprobs=parse_logprobs(choice, ids, params.logprobs))
                         if finished:
                             return
             if not finished:

@@ -37,6 +37,7 @@ ensure_stubs()
 from replicas.replica_request import ReplicaRequest  # noqa: E402
 from router.api_errors import RATE_LIMIT, SERVER_ERROR, APIError  # noqa: E402
 from router.grpc_gen import flowprefill_pb2 as pb  # noqa: E402
+from router.logprobs_format import clamp_logprob, entry_fields  # noqa: E402
 from router.payload import build_payload  # noqa: E402
 from router.protocol import (  # noqa: E402
     GenerateRequest,
@@ -137,10 +138,20 @@ def grpc_request_body(msg: pb.GenerateRequest) -> tuple[str, bytes, dict[str, st
     for name in ("max_tokens", "top_k", "seed", "priority"):
         if msg.HasField(name):
             body[name] = getattr(msg, name)
-    for name in ("temperature", "top_p"):
+    for name in ("min_tokens",):
+        if msg.HasField(name):
+            body[name] = getattr(msg, name)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
         value = _finite(msg, name)
         if value is not None:
             body[name] = value
+    if msg.logit_bias:
+        body["logit_bias"] = {str(t): (b if math.isfinite(b) else repr(b)) for t, b in msg.logit_bias.items()}
+    if msg.HasField("logprobs"):
+        if endpoint == "chat.completions":
+            body["logprobs"], body["top_logprobs"] = True, msg.logprobs
+        else:
+            body["logprobs"] = msg.logprobs
     if msg.stop:
         body["stop"] = list(msg.stop)
     if msg.slo_class:
@@ -197,6 +208,11 @@ def output_to_chunk(
         finish_reason=out.get("finish_reason") or "", error=out.get("error") or "",
         request_id=request_id or str(out.get("request_id") or ""), replica_id=out.get("replica_id") or "",
     )
+    for entry in out.get("logprobs") or ():
+        token_id, logprob, top = entry_fields(entry)
+        chunk.logprobs.append(pb.TokenLogprob(
+            token_id=token_id, logprob=clamp_logprob(logprob),
+            top=[pb.TopLogprob(token_id=t, logprob=clamp_logprob(v)) for t, v in top]))
     if final_usage is not None:
         chunk.usage.prompt_tokens, chunk.usage.completion_tokens = final_usage
     return chunk

@@ -30,8 +30,9 @@ from router.journal import RequestJournal
 from router.metrics import RouterMetrics
 from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
-from router.responses import StreamEncoder, response_body
+from router.responses import StreamEncoder, body_logprobs, response_body
 from router.slo import SLOPolicy
+from router.tokenize_api import detokenize, models_list, tokenize
 from state.clock import WALL_CLOCK
 from state.schema import DEFAULT_NAMESPACE
 
@@ -64,6 +65,7 @@ class RouterIngress:
             max_body_bytes=max_body_bytes, max_model_len=info["max_model_len"], vocab_size=info["vocab_size"],
             prefix_naming=PrefixNaming.from_dict(info.get("prefix")),
         )
+        self.created = int(WALL_CLOCK())  # when this ingress started serving the model (/v1/models)
         self.metrics = RouterMetrics()
         self.journal = RequestJournal.from_url(redis_url, namespace)
         self.access = AccessPolicy.from_sources(**(access or {}))
@@ -99,9 +101,23 @@ class RouterIngress:
         return await self._handle(request, parse_chat_request, "chat.completions")
 
     def models(self) -> dict[str, Any]:
-        """``GET /v1/models``."""
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "flowprefill",
-                                            "created": 0}]}
+        """``GET /v1/models``: the served model, when this ingress started serving it, its context length."""
+        return models_list(self.protocol, self.created)
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize`` (vLLM's): a prompt or chat messages to token ids."""
+        return await self._utility(request, tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize`` (vLLM's): token ids to text."""
+        return await self._utility(request, detokenize)
+
+    async def _utility(self, request: Request, handler: Any) -> Response:  # noqa: ANN401
+        try:
+            self.access.authenticate(request.headers.get("authorization"))
+            return JSONResponse(handler(await request.body(), self.protocol, self.tokenizer))
+        except APIError as err:
+            return _error_response(err)
 
     def health(self) -> dict[str, str]:
         """``GET /health``: the ingress is up (replica health is Serve's job)."""
@@ -140,6 +156,10 @@ class RouterIngress:
         from router.grpc_service import health_reply
 
         return health_reply([self.model_name])
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text for log probabilities: the id decoded alone, special tokens included."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ------------------------------------------------------------------ request path
     async def _handle(self, request: Request, parse: Any, endpoint: str) -> Response:  # noqa: ANN401
@@ -227,7 +247,7 @@ class RouterIngress:
 
     async def _collect(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str) -> Response:
         text, reason, prompt_tokens, completion = [], "length", payload.prompt_tokens, 0
-        replica, headers = "", {}
+        replica, headers, logprobs = "", {}, []
         try:
             async for out in self._outputs(payload):
                 replica = out.get("replica_id", replica)
@@ -236,6 +256,7 @@ class RouterIngress:
                 if isinstance(out.get("ttft_parts"), TTFTParts):
                     headers[TTFT_PARTS_HEADER] = out["ttft_parts"].to_header()
                 text.append(out["text"])
+                logprobs.extend(out.get("logprobs") or ())
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
                     reason = out["finish_reason"]
@@ -244,12 +265,13 @@ class RouterIngress:
             self.metrics.requests.labels(endpoint, "failed").inc()
             return _error_response(err)
         self.metrics.requests.labels(endpoint, "ok").inc()
-        return JSONResponse(response_body(req, "".join(text), reason, prompt_tokens, completion),
-                            headers={"x-flowprefill-replica": replica, **headers})
+        body = response_body(req, "".join(text), reason, prompt_tokens, completion,
+                             body_logprobs(req, self.token_text, logprobs))
+        return JSONResponse(body, headers={"x-flowprefill-replica": replica, **headers})
 
     async def _stream(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str,
                       first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-        enc = StreamEncoder(req)
+        enc = StreamEncoder(req, self.token_text)
         opening = enc.start()
         if opening:
             yield opening
@@ -268,10 +290,10 @@ class RouterIngress:
                 completion = out["completion_tokens"] or completion
                 if out["finish_reason"] is not None:
                     yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"],
-                                     ttft_parts=ttft_parts)
+                                     out.get("logprobs"), ttft_parts=ttft_parts)
                     self.metrics.requests.labels(endpoint, "ok").inc()
                     return
-                chunk = enc.delta(out["text"])
+                chunk = enc.delta(out["text"], out.get("logprobs"))
                 if chunk:
                     yield chunk
         except APIError as err:
@@ -312,6 +334,14 @@ def build_ingress_class() -> type:
         @app.post("/v1/chat/completions")
         async def _chat(self, request: Request) -> Response:
             return await self.chat_completions(request)
+
+        @app.post("/tokenize")
+        async def _tokenize(self, request: Request) -> Response:
+            return await self.tokenize(request)
+
+        @app.post("/detokenize")
+        async def _detokenize(self, request: Request) -> Response:
+            return await self.detokenize(request)
 
         @app.get("/v1/models")
         def _models(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Each is type- and range-checked like OpenAI does (400 naming the field); a valid but non-neutral
 value is a 422 ``unsupported_parameter`` naming the field. ``user``, ``service_tier``, ``metadata``
-and ``parallel_tool_calls`` are only type-checked: they do not change the result.
+and ``parallel_tool_calls`` are only type-checked: they do not change the result. The sampling
+fields (penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``top_logprobs``) are real
+and parsed by :mod:`router.protocol`.
 """
 
 from __future__ import annotations
@@ -12,41 +14,25 @@ from router.request_fields import BodyFields
 
 
 def check_neutral_completion(f: BodyFields) -> None:
-    """Completions-only fields: ``best_of`` 1, ``echo`` false, ``suffix`` empty, ``logprobs`` null."""
+    """Completions-only fields: ``best_of`` 1, ``echo`` false, ``suffix`` empty."""
     if (f.integer("best_of", 1) or 1) > 1:
         raise APIError.unsupported("best_of", "best_of > 1 is not supported")
     if f.boolean("echo"):
         raise APIError.unsupported("echo", "echo is not supported")
     if f.string("suffix"):
         raise APIError.unsupported("suffix", "suffix is not supported")
-    if f.given("logprobs"):
-        f.integer("logprobs", 0, 5)
-        raise APIError.unsupported("logprobs", "logprobs are not supported")
 
 
 def check_neutral_common(f: BodyFields, chat: bool) -> None:
     """Fields of both endpoints: 400 on a wrong type or range, 422 on a non-neutral value."""
     if (f.integer("n", 1) or 1) > 1:
         raise APIError.unsupported("n", "n > 1 is not supported: send one request per completion")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if f.number(key, -2.0, 2.0):
-            raise APIError.unsupported(key, f"a non-zero {key} is not supported")
-    if f.number("repetition_penalty", 0.0, float("inf"), open_lo=True) not in (None, 1.0):
-        raise APIError.unsupported("repetition_penalty", "a repetition_penalty other than 1 is not supported")
-    if f.number("min_p", 0.0, 1.0):
-        raise APIError.unsupported("min_p", "a non-zero min_p is not supported")
-    if f.obj("logit_bias"):
-        raise APIError.unsupported("logit_bias", "logit_bias is not supported")
     f.string("user")
     f.string("service_tier")
-    if chat and f.boolean("logprobs"):
-        raise APIError.unsupported("logprobs", "logprobs are not supported")
 
 
 def check_neutral_chat(f: BodyFields) -> None:
     """Chat-only fields: 400 on a wrong type or range, 422 on a non-neutral value."""
-    if f.integer("top_logprobs", 0, 20):
-        raise APIError.unsupported("top_logprobs", "top_logprobs are not supported")
     fmt = f.obj("response_format")
     if fmt is not None:
         kind = BodyFields(fmt, "response_format.").string("type", required=True)

@@ -8,10 +8,15 @@ naming the offending field. Pure Python: no Ray, no FastAPI.
 Choices (status codes in :mod:`router.api_errors`):
 
 * Unknown top-level fields are a 400 naming them. Harmless OpenAI fields are accepted at their
-  neutral value (``n``/``best_of`` 1, penalties 0, ``repetition_penalty`` 1, ``min_p`` 0, empty
-  ``logit_bias``/``suffix``/``tools``, ``echo``/``logprobs``/``store`` false, ``tool_choice``
-  none/auto, ``response_format`` text); other values are 422 ``unsupported_parameter``. ``user``,
-  ``metadata``, ``service_tier`` and ``parallel_tool_calls`` are type-checked and ignored.
+  neutral value (``n``/``best_of`` 1, empty ``suffix``/``tools``, ``echo``/``store`` false,
+  ``tool_choice`` none/auto, ``response_format`` text); other values are 422
+  ``unsupported_parameter`` (:mod:`router.neutral_fields`). ``user``, ``metadata``, ``service_tier``
+  and ``parallel_tool_calls`` are type-checked and ignored.
+* Sampling: ``presence_penalty``/``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0,
+  ``min_p`` in [0, 1], ``logit_bias`` (token id string -> bias in [-100, 100]; ids must be in the
+  vocabulary), ``min_tokens`` (vLLM, at most ``max_tokens``). Log probabilities: completions take
+  ``logprobs`` as an integer in [0, 20] (OpenAI allows 5; 20 is vLLM's limit); chat takes
+  ``logprobs`` true with ``top_logprobs`` in [0, 20] (``top_logprobs`` > 0 needs ``logprobs`` true).
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``
@@ -35,7 +40,7 @@ import jinja2
 
 from replicas.errors import InvalidRequestError
 from replicas.prefix_hash import PrefixNaming
-from replicas.sampling_params import MAX_SEED, SamplingParams
+from replicas.sampling_params import MAX_LOGPROBS, MAX_SEED, SamplingParams
 from router.api_errors import APIError
 from router.chat_messages import parse_messages
 from router.neutral_fields import check_neutral_chat, check_neutral_common, check_neutral_completion
@@ -49,7 +54,7 @@ MAX_TOKEN_ID = 2**31 - 1
 _COMMON_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "stop_token_ids", "ignore_eos", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier",
+    "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier", "min_tokens",
 })
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON_FIELDS | {
@@ -282,7 +287,16 @@ def _finish(
             stop=_stop(f),
             stop_token_ids=_token_ids(f.array("stop_token_ids") or [], config, "stop_token_ids"),
             ignore_eos=bool(f.boolean("ignore_eos")),
+            presence_penalty=_default(f.number("presence_penalty", -2.0, 2.0), 0.0),
+            frequency_penalty=_default(f.number("frequency_penalty", -2.0, 2.0), 0.0),
+            repetition_penalty=_default(f.number("repetition_penalty", 0.0, float("inf"), open_lo=True), 1.0),
+            min_p=_default(f.number("min_p", 0.0, 1.0), 0.0),
+            logit_bias=f.obj("logit_bias") or {},
+            min_tokens=_min_tokens(f, max_tokens),
+            logprobs=_logprobs(f, chat),
         )
+        if config.vocab_size is not None:
+            sampling.check_vocab(config.vocab_size)
     except InvalidRequestError as exc:
         raise APIError.from_invalid_request(exc) from None
     slo = config.slo_policy.resolve(headers, f.string("slo_class"), f.integer("priority"))
@@ -303,6 +317,24 @@ def _finish(
         created=int(arrival),
         arrival_time=arrival,
     )
+
+
+def _min_tokens(f: BodyFields, max_tokens: int) -> int:
+    value = f.integer("min_tokens", 0, MAX_INT) or 0
+    if value > max_tokens:
+        raise APIError.invalid("min_tokens", f"min_tokens ({value}) must be at most max_tokens ({max_tokens})")
+    return value
+
+
+def _logprobs(f: BodyFields, chat: bool) -> int | None:
+    """How many alternatives per token to return (None: no logprobs), from either endpoint's fields."""
+    if not chat:
+        return f.integer("logprobs", 0, MAX_LOGPROBS)
+    wanted = f.boolean("logprobs")
+    top = f.integer("top_logprobs", 0, MAX_LOGPROBS)
+    if top and not wanted:
+        raise APIError.invalid("top_logprobs", "top_logprobs requires logprobs to be true")
+    return (top or 0) if wanted else None
 
 
 def _default(value: Any, default: Any) -> Any:

@@ -203,6 +203,10 @@ class Tokenizer:
         """Id of ``token`` (e.g. ``"<|im_end|>"``), or ``None`` if it is not in the vocabulary."""
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's piece for ``token_id`` (e.g. ``"Ġthe"``), or ``None`` outside it."""
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` the post-processor (and BOS) apply."""
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
