@@ -107,6 +107,7 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
         trace=args.trace, window_start_s=args.window_start_s, window_s=args.window_s, quick=args.quick,
         length_scale=args.length_scale, max_requests=args.max_requests, seed=args.seed,
         chunk_sizes=tuple(args.chunk_sizes), repeats=args.repeats, **_prefix_settings(args),
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else None,
         engine={"dtype": args.dtype, "device": args.device, **({"profile": args.profile} if args.profile else {})},
     )
     report = run_policy_bench(cfg, Path(args.model) if args.model else None)
@@ -236,6 +237,9 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     pol.add_argument("--seed", type=int, default=0)
     pol.add_argument("--profile", default=None, help="cost-model JSON (default: cached or profiled now)")
     pol.add_argument("--quick", action="store_true", help="fewer requests and search steps (under 10 minutes)")
+    pol.add_argument("--policies", default=None,
+                     help="comma-separated configurations to run, in order (default all: flowprefill, "
+                          "flowprefill-nocache on shared prefixes, fcfs, chunked-C per --chunk-sizes)")
     pol.add_argument("--repeats", type=int, default=3,
                      help="replays at each boundary rate; goodput is decided on their median (1 elsewhere)")
     add_prefix_args(pol)

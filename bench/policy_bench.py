@@ -75,6 +75,7 @@ class PolicyBenchConfig:
     seed: int = 0
     refine_steps: int = 2
     repeats: int = 3  # replays at each boundary rate (the best passing and the lowest failing); 1 elsewhere
+    policies: tuple[str, ...] | None = None  # only these configurations, in this order (None: all)
     quick: bool = False
     engine: dict[str, Any] = field(default_factory=dict)  # extra EngineConfig settings
     prefix_mode: str | None = None  # unique | trace | multiturn; None: trace if the trace has block ids
@@ -156,7 +157,12 @@ def policy_configs(cfg: PolicyBenchConfig, nocache: bool = False) -> dict[str, d
     out["fcfs"] = {"policy": "fcfs", "granularity": "none", **scaled}
     for c in cfg.chunk_sizes:
         out[f"chunked-{c}"] = {"policy": "chunked", "granularity": "none", "policy_chunk_tokens": c, **scaled}
-    return out
+    if cfg.policies is None:
+        return out
+    unknown = [p for p in cfg.policies if p not in out]
+    if unknown:
+        raise ValueError(f"--policies: unknown {', '.join(unknown)}; this run has {', '.join(out)}")
+    return {p: out[p] for p in cfg.policies}
 
 
 def _scaled(requests: list[ReplayRequest], rate_scale: float) -> list[ReplayRequest]:

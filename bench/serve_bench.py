@@ -161,7 +161,7 @@ class ServeBenchConfig:
         if self.quick:  # bounded wall time on any trace: the budget stops a search where it is
             self.max_requests = min(self.max_requests, 32)
             self.max_output_tokens = min(self.max_output_tokens, 8)
-            self.max_runs, self.refine_steps = min(self.max_runs, 4), min(self.refine_steps, 1)
+            self.max_runs, self.refine_steps = min(self.max_runs, 6), min(self.refine_steps, 1)
             self.max_run_s = min(self.max_run_s, 60.0)
             self.budget_s = self.budget_s or QUICK_BUDGET_S
 
@@ -457,6 +457,8 @@ def print_report(report: dict[str, Any]) -> None:
         per_class = " ".join(f"{k}={v:.2f}" for k, v in (summary.get("attainment_per_class") or {}).items())
         goodput = num(e["goodput"], 12) if e["goodput"] or not e.get("min_rate_rps") \
             else f"{'<' + format(e['min_rate_rps'], '.3f'):>12}"
+        if e["goodput"] and "next_failing_rate_rps" in e and e["next_failing_rate_rps"] is None:
+            goodput = f"{'>=' + format(e['goodput'], '.3f'):>12}"  # every rate tried passed: a lower bound
         print(f"{e['system']:>{w}} {goodput} {format_hit_rate(e.get('prefix_hit_rate'))} "
               f"{num(e.get('startup_s'), 10)} {num(summary.get('ttft_p50_s'), 11)} "
               f"{num(summary.get('ttft_p99_s'), 11)} {summary.get('errors', '-'):>7} "

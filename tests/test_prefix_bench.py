@@ -104,6 +104,11 @@ def test_serve_report_shows_each_hit_rate_beside_its_goodput(capsys):
     assert rows["flowprefill"][1:3] == ["3.000", "62.5%"] and rows[NOCACHE][1:3] == ["2.000", "-"]
     assert rows["vllm"][1:3] == ["1.500", "25.0%"]
     assert "FlowPrefill goodput / its prefix cache off (flowprefill-nocache): 1.50x" in out
+    report["systems"][0]["next_failing_rate_rps"] = None  # passed every rate tried: printed as a lower bound
+    report["systems"][1]["next_failing_rate_rps"] = 3.0
+    print_report(report)
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[4:7]}
+    assert rows["flowprefill"][1] == ">=3.000" and rows[NOCACHE][1] == "2.000"
 
 
 def test_policies_report_shows_each_hit_rate_beside_its_goodput(capsys):
@@ -167,3 +172,10 @@ def test_policies_decide_goodput_on_the_median_of_boundary_replays():
     assert median_point([{"attainment": 0.2}, {"attainment": 0.9}])["attainment"] == pytest.approx(0.55)
     with pytest.raises(ValueError, match="--repeats"):
         PolicyBenchConfig(trace="t", repeats=0)
+
+
+def test_policies_can_be_narrowed_by_name_and_unknown_names_are_refused():
+    cfg = PolicyBenchConfig(trace="t", policies=("flowprefill", NOCACHE))
+    assert list(policy_configs(cfg, nocache=True)) == ["flowprefill", NOCACHE]
+    with pytest.raises(ValueError, match="--policies: unknown flowprefill-nocache"):
+        policy_configs(cfg, nocache=False)  # no cache-off twin on unique prompts
