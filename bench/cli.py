@@ -129,7 +129,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         window_start_s=args.window_start_s, window_s=args.window_s, max_requests=args.max_requests,
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
-        vllm_threads_bind=args.vllm_threads_bind, config=args.config, log_dir=args.log_dir,
+        vllm_threads_bind=args.vllm_threads_bind, vllm_block_size=args.vllm_block_size, config=args.config,
+        log_dir=args.log_dir,
         engine_settings=parse_engine_settings(args.engine_set), repeats=args.repeats, budget_s=args.budget_s,
         **_prefix_settings(args),
     )
@@ -320,6 +321,9 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--start-scale", type=float, default=None, help="first rate scale (default: probed)")
     bsrv.add_argument("--chunk-sizes", type=_positive_ints, default=(64, 128, 256),
                       help="chunk sizes of the chunked baseline, comma-separated: 'chunked' runs one server per size")
+    bsrv.add_argument("--vllm-block-size", type=int, default=None,
+                      help="vllm's --block-size (default: vLLM's own, 128 tokens on the CPU; its prefix cache "
+                           "reuses whole blocks only)")
     bsrv.add_argument("--vllm-threads-bind", default="0-1",
                       help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")

@@ -119,6 +119,7 @@ class ServeBenchConfig:
     chunk_sizes: tuple[int, ...] = (64, 128, 256)  # of the chunked baseline (scaled lengths)
     vllm_budget: int = 512
     vllm_long_prefill: int | None = 256
+    vllm_block_size: int | None = None  # vllm's --block-size (None: its default, 128 tokens on the CPU)
     vllm_threads_bind: str = "0-1"  # cores of vLLM's OpenMP threads (both vLLM systems)
     config: str | None = None  # Serve config with the SLO classes (default ray_config.yaml)
     log_dir: str = "out/serve-bench"
@@ -152,6 +153,8 @@ class ServeBenchConfig:
             raise ValueError(f"--multiturn-*: {exc}") from None
         if self.prefix_groups is not None and not 0.0 < self.prefix_groups <= 1.0:
             raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
+        if self.vllm_block_size is not None and (self.vllm_block_size < 1 or self.vllm_block_size % 16):
+            raise ValueError(f"--vllm-block-size: a positive multiple of 16, got {self.vllm_block_size}")
         if not CPU_LIST.match(self.vllm_threads_bind):
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
         if self.repeats < 1:
@@ -285,7 +288,8 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
     engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if ours else None
     spec = server_spec(kind, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=chunk or 256,
                        vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill,
-                       threads_bind=cfg.vllm_threads_bind, prefix_caching=workload.shared)
+                       threads_bind=cfg.vllm_threads_bind, prefix_caching=workload.shared,
+                       vllm_block_size=cfg.vllm_block_size)
     entry["command"] = spec.argv
     results: dict[float, list[list[RequestResult]]] = {}
     prefix: dict[float, list[PrefixCounters | None]] = {}

@@ -148,14 +148,17 @@ def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], ba
 def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path,
                 engine: Mapping[str, Any] | None = None, chunk_tokens: int = 256,
                 vllm_budget: int = 512, vllm_long_prefill: int | None = 256, threads_bind: str = "0-1",
-                port: int | None = None, prefix_caching: bool = False) -> ServerSpec:
+                port: int | None = None, prefix_caching: bool = False,
+                vllm_block_size: int | None = None) -> ServerSpec:
     """The command line of ``system`` (one of :data:`SYSTEMS`) serving ``model_dir`` as ``model_name``.
 
     ``engine`` holds FlowPrefill engine overrides (every FlowPrefill system gets them);
     ``chunk_tokens`` is the chunk of the ``chunked`` baseline; ``vllm_budget`` and
     ``vllm_long_prefill`` are vLLM's ``--max-num-batched-tokens`` and
     ``--long-prefill-token-threshold`` (None: not passed); ``prefix_caching`` turns vLLM's prefix
-    caching on (both vLLM systems; FlowPrefill's engines keep their own setting).
+    caching on (both vLLM systems; FlowPrefill's engines keep their own setting); ``vllm_block_size``
+    is ``vllm``'s ``--block-size`` (None: its default, 128 tokens on the CPU, whose prefix cache then
+    hits nothing shorter than a block).
     """
     if system == NOCACHE:
         spec = server_spec("flowprefill", model_dir, model_name, work_dir=work_dir,
@@ -187,6 +190,8 @@ def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path
             argv.append("--no-enable-prefix-caching")
         if vllm_long_prefill is not None:
             argv += ["--long-prefill-token-threshold", str(vllm_long_prefill)]
+        if vllm_block_size is not None:
+            argv += ["--block-size", str(vllm_block_size)]
         env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": threads_bind,
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         return ServerSpec(system, argv, port, model_name, env=env, ready_timeout_s=420.0)

@@ -103,6 +103,9 @@ def test_vllm_runs_at_its_defaults_with_prefix_caching_and_without_it_for_unique
     assert "--no-enable-prefix-caching" not in on.argv and "--enable-prefix-caching" not in on.argv  # vLLM's default
     strip = {"--no-enable-prefix-caching", str(off.port), str(on.port)}
     assert [a for a in off.argv if a not in strip] == [a for a in on.argv if a not in strip]  # nothing else differs
+    assert "--block-size" not in on.argv  # vLLM's own block size unless told
+    fine = servers.server_spec("vllm", tmp_path / "m", "m", work_dir=tmp_path, prefix_caching=True, vllm_block_size=16)
+    assert fine.argv[fine.argv.index("--block-size") + 1] == "16"
 
     for caching in (False, True):
         fv = servers.server_spec("flowprefill-vllm", tmp_path / "m", "m", work_dir=tmp_path, prefix_caching=caching)

@@ -80,6 +80,8 @@ def test_the_ratio_comes_with_the_interval_the_grid_brackets_allow():
 def test_repeats_and_budget_are_checked_and_quick_bounds_its_wall_time():
     with pytest.raises(ValueError, match="--repeats"):
         ServeBenchConfig(trace="t.csv", repeats=0)
+    with pytest.raises(ValueError, match="--vllm-block-size"):
+        ServeBenchConfig(trace="t.csv", vllm_block_size=20)
     with pytest.raises(ValueError, match="--budget-s"):
         ServeBenchConfig(trace="t.csv", budget_s=-1.0)
     quick = ServeBenchConfig(trace="t.csv", systems=("flowprefill", "vllm"), quick=True)
