@@ -322,8 +322,8 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--chunk-sizes", type=_positive_ints, default=(64, 128, 256),
                       help="chunk sizes of the chunked baseline, comma-separated: 'chunked' runs one server per size")
     bsrv.add_argument("--vllm-block-size", type=int, default=None,
-                      help="vllm's --block-size (default: vLLM's own, 128 tokens on the CPU; its prefix cache "
-                           "reuses whole blocks only)")
+                      help="vllm's --block-size (default: vLLM's own, 128 tokens on the CPU, where it must be a "
+                           "multiple of 32); its prefix cache reuses whole blocks only")
     bsrv.add_argument("--vllm-threads-bind", default="0-1",
                       help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
