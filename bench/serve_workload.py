@@ -93,7 +93,7 @@ class ServeWorkload:
 
 
 # --quick on a trace with block ids keeps 1/64 of its prefix groups: requests sharing a prefix are a median
-# 262 requests apart in the Mooncake trace, so 32 consecutive ones share nothing; sampled whole groups keep
+# of over 200 requests apart in the Mooncake trace, so 32 consecutive ones share nothing; sampled whole groups keep
 # the trace's sharing structure (30% of the quick window's prompt tokens reusable)
 QUICK_PREFIX_GROUPS = 1 / 64
 
