@@ -45,6 +45,7 @@ from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, engine_prefix_counters, format_hit_rate, total
 from bench.prompts import PromptBuilder
 from bench.rate_search import find_goodput as search_goodput
+from bench.rate_search import point_text
 from bench.replay import ReplayRequest, fresh_prompts, make_prompts, replay, summarize
 from bench.shared_prefix import (
     PREFIX_MODES,
@@ -339,17 +340,8 @@ def print_report(report: dict[str, Any]) -> None:
               f"{p99:>11.3f} {r['preemptions']:>8} {sched:>13.3f}  {per_class}")
     print("attainment per rate (req/s: median [min-max] xreplays)")
     for r in rows:
-        print(f"{r['policy']:>{w}}: " + ", ".join(_point_text(p) for p in r["points"].values()))
+        print(f"{r['policy']:>{w}}: " + ", ".join(point_text(p) for p in r["points"].values()))
     deep = report.get("scheduling_pass_1000_waiting")
     if deep:
         print(f"scheduling pass with {deep['n_waiting']} waiting ({deep['policy']}): median "
               f"{deep['median_s'] * 1000:.3f} ms, p99 {deep['p99_s'] * 1000:.3f} ms over {deep['passes']} passes")
-
-
-def _point_text(point: dict[str, Any]) -> str:
-    runs = len(point.get("repeats") or [])
-    rate = point.get("rate_rps", float("nan"))
-    if runs <= 1:
-        return f"{rate:.2f}: {point['attainment']:.2f}"
-    return (f"{rate:.2f}: {point['attainment']:.2f} "
-            f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")

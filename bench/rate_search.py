@@ -14,6 +14,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 ATTAINMENT_GOAL = 0.9
 FAR_BELOW = 0.75  # attainment under this steps down 3x instead of 1.5x
@@ -142,3 +143,14 @@ def find_goodput(measure: Callable[[float], float], start: float, *, max_runs: i
     except BudgetSpent:
         return GoodputSearch(good or 0.0, bad, runs, budget_spent=True)
     return GoodputSearch(good or 0.0, bad, runs)
+
+
+def point_text(point: dict[str, Any]) -> str:
+    """A measured rate for a report line: ``rate: median [min-max] xruns`` (``rate: attainment`` for one
+    run), from a point with ``rate_rps``, ``attainment`` (the median), its min/max and ``repeats``."""
+    runs = len(point.get("repeats") or [])
+    rate = point.get("rate_rps", float("nan"))
+    if runs <= 1:
+        return f"{rate:.2f}: {point['attainment']:.2f}"
+    return (f"{rate:.2f}: {point['attainment']:.2f} "
+            f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")

@@ -73,7 +73,7 @@ from tqdm import tqdm
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
 from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
-from bench.rate_search import find_goodput
+from bench.rate_search import find_goodput, point_text
 from bench.serve_compare import format_comparison, goodput_comparison
 from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning, prefix_groups  # noqa: F401
 from bench.servers import (
@@ -471,7 +471,7 @@ def print_report(report: dict[str, Any]) -> None:
     for e in report["systems"]:
         if e["points"]:
             spent = "  (budget spent)" if e.get("budget_spent") else ""
-            print(f"{e['system']:>{w}}: " + ", ".join(_point_text(p) for p in e["points"]) + spent)
+            print(f"{e['system']:>{w}}: " + ", ".join(point_text(p) for p in e["points"]) + spent)
     for line in format_comparison(goodput_comparison(report["systems"])):
         print(line)
     breakdowns = report.get("ttft_breakdown") or common_breakdowns(report)
@@ -483,12 +483,3 @@ def print_report(report: dict[str, Any]) -> None:
                 print(f"{system}:")
                 for line in format_breakdown(breakdown):
                     print(line)
-
-
-def _point_text(point: dict[str, Any]) -> str:
-    runs = len(point.get("repeats") or [])
-    rate = point.get("rate_rps", float("nan"))
-    if runs <= 1:
-        return f"{rate:.2f}: {point['attainment']:.2f}"
-    return (f"{rate:.2f}: {point['attainment']:.2f} "
-            f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")
