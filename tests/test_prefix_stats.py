@@ -141,7 +141,8 @@ def test_the_comparison_says_what_the_cache_adds():
                {"system": servers.NOCACHE, "goodput": 2.0, "points": [], "error": None},
                {"system": "vllm", "goodput": 1.5, "points": [], "error": None}]
     cmp = goodput_comparison(entries)
-    assert cmp["flowprefill_vs_nocache"] == {"of": servers.NOCACHE, "ratio": 1.5, "ratio_is_lower_bound": False}
+    assert cmp["flowprefill_vs_nocache"] == {"of": servers.NOCACHE, "ratio": 1.5, "ratio_is_lower_bound": False,
+                                             "interval": [None, None]}  # no failing rate recorded: no bracket
     assert cmp["flowprefill_vs_vllm"]["ratio"] == 2.0 and cmp["best_own_baseline"] is None  # nocache is no baseline
     assert "FlowPrefill goodput / its prefix cache off (flowprefill-nocache): 1.50x" in format_comparison(cmp)
     assert goodput_comparison(entries[2:])["flowprefill_vs_nocache"] is None
