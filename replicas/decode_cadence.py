@@ -56,4 +56,10 @@ class DecodeCadence:
         cadence allows is not urgent yet, or decoding waits for the longest gap."""
         latest = self.last_step_end + MAX_DECODE_GAP_FACTOR * tpot_target_s
         early = max(self.last_step_end + tpot_target_s - self.step_ema_s, not_before)
-        return early if early < latest and early <= urgent_after else max(latest, not_before)
+        if early < latest:
+            if early <= urgent_after:
+                return early
+            # `early` may round just past a tie with the urgency instant, where the prefill is not urgent yet
+            if not_before <= urgent_after < latest and self.due(urgent_after, tpot_target_s, prefill_urgent=False):
+                return urgent_after
+        return max(latest, not_before)

@@ -36,6 +36,14 @@ def test_due_at_is_the_first_instant_the_engine_predicate_turns_true(last, ema, 
         t += step
 
 
+def test_due_at_keeps_a_floating_point_tie_with_the_urgency_instant():
+    """last + tpot - ema can round just past `last` when ema == tpot; the engine is due at `last` itself."""
+    last, ema = 0.4066380448357444, 0.322133830425029
+    c = _cadence(last, ema)
+    assert c.due(last, ema, prefill_urgent=False)
+    assert c.due_at(ema, urgent_after=last, not_before=last) == last
+
+
 def test_an_urgent_prefill_delays_decode_to_twice_the_target_and_never_longer():
     c = _cadence(10.0, 0.05)
     assert c.due_at(0.5) == pytest.approx(10.45)  # as late as the target allows: gap + one step = target
