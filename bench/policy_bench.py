@@ -45,7 +45,7 @@ from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, engine_prefix_counters, format_hit_rate, total
 from bench.prompts import PromptBuilder
 from bench.rate_search import find_goodput as search_goodput
-from bench.rate_search import point_text
+from bench.rate_search import median_run, point_text
 from bench.replay import ReplayRequest, fresh_prompts, make_prompts, replay, summarize
 from bench.shared_prefix import (
     PREFIX_MODES,
@@ -237,9 +237,8 @@ def find_goodput(replays: Replays, base_rate: float, cfg: PolicyBenchConfig, bar
 def median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The replay with the median attainment (the lower middle for an even count), with the median,
     min and max attainment and every replay under ``repeats``."""
-    ordered = sorted(runs, key=lambda r: r["attainment"])
     attained = [r["attainment"] for r in runs]
-    return {**ordered[(len(ordered) - 1) // 2], "attainment": statistics.median(attained),
+    return {**median_run(runs), "attainment": statistics.median(attained),
             "attainment_min": min(attained), "attainment_max": max(attained), "repeats": runs}
 
 

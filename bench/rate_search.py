@@ -154,3 +154,10 @@ def point_text(point: dict[str, Any]) -> str:
         return f"{rate:.2f}: {point['attainment']:.2f}"
     return (f"{rate:.2f}: {point['attainment']:.2f} "
             f"[{point['attainment_min']:.2f}-{point['attainment_max']:.2f}] x{runs}")
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run summary whose ``attainment`` is the median of ``runs`` (the lower middle for an even
+    count; ``{}`` for none): the run a report shows for a repeated rate."""
+    ordered = sorted(runs, key=lambda r: r.get("attainment", 0.0))
+    return ordered[(len(ordered) - 1) // 2] if ordered else {}

@@ -73,7 +73,7 @@ from tqdm import tqdm
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
 from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
-from bench.rate_search import find_goodput, point_text
+from bench.rate_search import find_goodput, median_run, point_text
 from bench.serve_compare import format_comparison, goodput_comparison
 from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning, prefix_groups  # noqa: F401
 from bench.servers import (
@@ -363,12 +363,6 @@ def common_scale(entries: list[dict[str, Any]]) -> float | None:
     return max(shared) if shared else None
 
 
-def _median_run(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run whose attainment is the median of ``summaries`` (the lower middle for an even count)."""
-    ordered = sorted(summaries, key=lambda r: r.get("attainment", 0.0))
-    return ordered[(len(ordered) - 1) // 2] if ordered else {}
-
-
 def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
                     checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Bench every system in ``cfg.systems`` in turn; returns the JSON report (and prints the table).
@@ -407,7 +401,7 @@ def common_breakdowns(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for e in report["systems"]:
         at = next((p for p in e["points"] if p["scale"] == common), None)
-        out[e["system"]] = _median_run(at["repeats"]).get("ttft_breakdown") if at else None
+        out[e["system"]] = median_run(at["repeats"]).get("ttft_breakdown") if at else None
     return out
 
 
@@ -453,7 +447,7 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"{e['system']:>{w}} {'-':>12}  {e['error'].splitlines()[0][:100]}")
             continue
         at = next((p for p in e["points"] if p["scale"] == common), None)
-        summary = _median_run(at["repeats"]) if at else {}
+        summary = median_run(at["repeats"]) if at else {}
 
         def num(v: float | None, width: int) -> str:
             return f"{v:>{width}.3f}" if isinstance(v, int | float) else f"{'-':>{width}}"
