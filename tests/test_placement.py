@@ -13,6 +13,7 @@ from replicas.replica_request import ReplicaRequest
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from router.placement import (
+    OVERDUE_S,
     PREEMPT_LATENCY_S,
     LocalLoadEstimator,
     PlacementRequest,
@@ -174,11 +175,31 @@ def test_local_estimator_spreads_and_drains():
         chosen.append(d.ranked[0])
     assert sorted(chosen) == ["a", "a", "b", "b", "c", "c"]
     assert [ld.pending_s(NOW) for ld in est.loads(ids, NOW)] == pytest.approx([0.2, 0.2, 0.2])
-    assert [ld.pending_s(NOW + 0.15) for ld in est.loads(ids, NOW + 0.15)] == pytest.approx([0.05] * 3)
+    # 0.15 s on: each replica's first request ran out its prediction (charged OVERDUE_S until it
+    # completes), its second has 0.05 s left.
+    assert [ld.pending_s(NOW + 0.15) for ld in est.loads(ids, NOW + 0.15)] == pytest.approx([0.05 + OVERDUE_S] * 3)
     est.completed("r5")
     est.completed("unknown")
-    assert sum(ld.pending_s(NOW + 0.15) for ld in est.loads(ids, NOW + 0.15)) == pytest.approx(0.1)
+    assert sum(ld.pending_s(NOW + 0.15) for ld in est.loads(ids, NOW + 0.15)) == pytest.approx(0.1 + 3 * OVERDUE_S)
+    for i in range(5):
+        est.completed(f"r{i}")
     assert all(ld.pending_s(NOW + 1) == 0.0 for ld in est.loads(ids, NOW + 1))
+
+
+def test_local_estimator_keeps_an_overrun_long_prefill_ahead_of_an_idle_replica():
+    """The flaky CI case: with Redis away, a long prefill running past its prediction must not make
+    its replica look idle (it tied with the idle one, and the replica id sent urgent work behind it)."""
+    est = LocalLoadEstimator(overdue_ttl_s=60.0)
+    est.dispatched("a-busy", "long", 6.0, NOW + 10.0, NOW)
+    later = NOW + 9.0  # 3 s past its prediction, still running
+    urgent = PlacementRequest("short", 8, later + 0.3, 0.3)
+    for policy in ("slo_aware", "least_loaded"):
+        assert rank_replicas(policy, urgent, est.loads(["a-busy", "b-idle"], later), COST, later).ranked[0] == "b-idle"
+    est.completed("long")
+    assert [ld.pending_s(later) for ld in est.loads(["a-busy", "b-idle"], later)] == [0.0, 0.0]
+    est.dispatched("a-busy", "lost", 1.0, later + 10.0, later)  # runs out at later + 1; no callback ever
+    assert est.loads(["a-busy"], later + 60.5)[0].pending_s(later + 60.5) == pytest.approx(OVERDUE_S)
+    assert est.loads(["a-busy"], later + 61.5)[0].pending_s(later + 61.5) == 0.0
 
 
 def test_bench_placement_reports_every_decision_over_every_replica():
