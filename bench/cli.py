@@ -120,6 +120,17 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_spread(args: argparse.Namespace) -> int:
+    from bench.spread import SpreadConfig, run_spread_bench
+
+    cfg = SpreadConfig(trace=args.trace, rate_rps=args.rate, runs=args.runs, max_requests=args.max_requests,
+                       window_start_s=args.window_start_s, length_scale=args.length_scale, seed=args.seed,
+                       variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+                       competitor=args.competitor)
+    _write_json(args.json, run_spread_bench(cfg))
+    return 0
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from bench.serve_bench import ServeBenchConfig, run_serve_bench
     from bench.servers import parse_engine_settings
@@ -247,6 +258,22 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     pol.add_argument("--json", default=None)
     pol.add_argument("--plot", default=None, help="PNG of attainment against request rate per policy")
     pol.set_defaults(func=_cmd_bench_policies)
+    spr = bsub.add_parser("spread", help="run-to-run TTFT spread: one window replayed N times per variant "
+                          "(OpenMP wait policy, threads, malloc), each in a fresh process, with GC pauses, page "
+                          "faults and an idle-prefill probe per replay, optionally beside a busy core")
+    spr.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
+    spr.add_argument("--rate", type=float, required=True, help="request rate (req/s) of every replay")
+    spr.add_argument("--runs", type=int, default=5, help="replays per variant")
+    spr.add_argument("--max-requests", type=int, default=48)
+    spr.add_argument("--window-start-s", type=float, default=0.0)
+    spr.add_argument("--length-scale", type=float, default=1 / 16)
+    spr.add_argument("--seed", type=int, default=0)
+    spr.add_argument("--variants", default="baseline,omp-active",
+                     help="comma-separated: baseline, omp-passive, omp-active, omp-spin, threads-1, malloc-keep")
+    spr.add_argument("--competitor", default="none", choices=("none", "busy-loop"),
+                     help="busy-loop: a process spinning on one core beside the replays")
+    spr.add_argument("--json", default=None)
+    spr.set_defaults(func=_cmd_bench_spread)
     auto = bsub.add_parser("autoscale", help="SLO-driven autoscaling under a load step, on a local cluster")
     auto.add_argument("--minutes", type=float, default=4.5, help="duration of the offered load")
     auto.add_argument("--max-replicas", type=int, default=2)

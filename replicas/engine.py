@@ -194,6 +194,11 @@ class ReplicaEngine:
         """Whether the loop runs."""
         return self._loop_done is not None and not self._loop_done.done()
 
+    @property
+    def compute_thread_ident(self) -> int | None:
+        """``threading.get_ident()`` of the thread all of this engine's torch work runs on."""
+        return self._compute.ident
+
     def start(self) -> None:
         """Start the loop on the compute thread (idempotent); raises after :meth:`shutdown`."""
         if self._stop.is_set():
