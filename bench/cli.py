@@ -141,7 +141,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
         vllm_threads_bind=args.vllm_threads_bind, vllm_block_size=args.vllm_block_size, config=args.config,
-        log_dir=args.log_dir,
+        log_dir=args.log_dir, fixed_rate_rps=args.fixed_rate,
         engine_settings=parse_engine_settings(args.engine_set), repeats=args.repeats, budget_s=args.budget_s,
         **_prefix_settings(args),
     )
@@ -359,6 +359,9 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
                       help="fewer requests and runs, all searches within --budget-s (default 3600 s with --quick)")
     bsrv.add_argument("--repeats", type=int, default=3,
                       help="runs at each boundary rate; goodput is decided on their median (1 elsewhere)")
+    bsrv.add_argument("--fixed-rate", type=float, default=None, metavar="RPS",
+                      help="no goodput search: --repeats identical replays at this rate per system, to measure "
+                           "their attainment spread (max - min)")
     bsrv.add_argument("--budget-s", type=float, default=None,
                       help="wall-time budget of all searches together; a search stops where it is when its share "
                            "is spent (default: unbounded, 3600 with --quick)")

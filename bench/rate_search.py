@@ -145,6 +145,17 @@ def find_goodput(measure: Callable[[float], float], start: float, *, max_runs: i
     return GoodputSearch(good or 0.0, bad, runs)
 
 
+def fixed_rate(measure: Callable[[float], float], scale: float, runs: int, *,
+               goal: float = ATTAINMENT_GOAL) -> GoodputSearch:
+    """No search: ``runs`` identical replays at ``scale`` (their spread is the point), judged on their
+    median like a searched rate (``good`` = ``scale`` when the median meets ``goal``, else ``bad``)."""
+    if runs < 1:
+        raise ValueError(f"need at least 1 run, got {runs}")
+    attained = [measure(scale) for _ in range(runs)]
+    passed = statistics.median(attained) >= goal
+    return GoodputSearch(scale if passed else 0.0, None if passed else scale, {scale: attained})
+
+
 def point_text(point: dict[str, Any]) -> str:
     """A measured rate for a report line: ``rate: median [min-max] xruns`` (``rate: attainment`` for one
     run), from a point with ``rate_rps``, ``attainment`` (the median), its min/max and ``repeats``."""

@@ -73,7 +73,7 @@ from tqdm import tqdm
 from bench.loadgen import ATTAINMENT_GOAL, LoadConfig, LoadRequest, RequestResult, run_load_sync, summarize
 from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
-from bench.rate_search import find_goodput, median_run, point_text
+from bench.rate_search import find_goodput, fixed_rate, median_run, point_text
 from bench.serve_compare import format_comparison, goodput_comparison
 from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning, prefix_groups  # noqa: F401
 from bench.servers import (
@@ -132,6 +132,7 @@ class ServeBenchConfig:
     # trace mode: keep this fraction of the prefix groups (whole trace, seeded); None: all of them, except
     # QUICK_PREFIX_GROUPS with --quick (bench.serve_workload.prefix_groups)
     prefix_groups: float | None = None
+    fixed_rate_rps: float | None = None  # no search: `repeats` identical replays at this rate, per system
 
     def __post_init__(self) -> None:
         if not self.chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
@@ -159,6 +160,8 @@ class ServeBenchConfig:
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
         if self.repeats < 1:
             raise ValueError(f"--repeats: need at least 1, got {self.repeats}")
+        if self.fixed_rate_rps is not None and not (0 < self.fixed_rate_rps < float("inf")):
+            raise ValueError(f"--fixed-rate: need a positive request rate, got {self.fixed_rate_rps}")
         if self.budget_s is not None and self.budget_s <= 0:
             raise ValueError(f"--budget-s: need a positive number of seconds, got {self.budget_s}")
         if self.quick:  # bounded wall time on any trace: the budget stops a search where it is
@@ -303,7 +306,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
             entry["startup_s"] = server.startup_s
             bar.set_description(f"{system}: warm-up")
             warm_up(spec.base_url, server.model_name, requests)
-            if start is None:
+            if start is None and cfg.fixed_rate_rps is None:
                 start = _probe_scale(spec.base_url, server.model_name, requests)
             entry["start_scale"] = start
             load = LoadConfig(spec.base_url, server.model_name, drain_s=cfg.drain_s)
@@ -325,9 +328,12 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
 
             floor = float(f"{requests[-1].arrival_s / cfg.max_run_s:.3g}")
             entry["min_rate_rps"] = floor * base_rate
-            found = find_goodput(measure, start, max_runs=cfg.max_runs, refine_steps=cfg.refine_steps,
-                                 repeats=cfg.repeats, min_scale=floor,
-                                 out_of_budget=None if deadline is None else lambda: time.monotonic() > deadline)
+            if cfg.fixed_rate_rps is not None:  # identical replays at one rate: their spread
+                found = fixed_rate(measure, cfg.fixed_rate_rps / base_rate, cfg.repeats)
+            else:
+                found = find_goodput(measure, start, max_runs=cfg.max_runs, refine_steps=cfg.refine_steps,
+                                     repeats=cfg.repeats, min_scale=floor,
+                                     out_of_budget=None if deadline is None else lambda: time.monotonic() > deadline)
     except ServerStartError as exc:
         print(f"\n*** bench serve: {system} failed to start: {exc} ***\n", file=sys.stderr, flush=True)
         entry["error"] = str(exc)
@@ -350,6 +356,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
         entry["points"].append({
             "scale": scale, "rate_rps": scale * base_rate, "attainment": found.median(scale),
             "attainment_min": min(runs[scale]), "attainment_max": max(runs[scale]),
+            "spread": max(runs[scale]) - min(runs[scale]),
             "prefix_hit_rate": _hit_rate(prefix.get(scale, [None])),
             "repeats": summaries, "results": [[x.to_dict() for x in r] for r in results[scale]],
         })

@@ -16,7 +16,7 @@ import pytest
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load, summarize
 from bench.prompts import PromptBuilder, make_prompts, max_tokens_for
-from bench.rate_search import find_goodput, grid
+from bench.rate_search import find_goodput, fixed_rate, grid
 
 FIRST_DELAY_S = 0.15
 TOKEN_GAP_S = 0.1
@@ -315,6 +315,26 @@ def test_goodput_search_stops_when_its_budget_is_spent():
     budget = iter([False, False, True])
     found = find_goodput(lambda s: 1.0, 1.0, max_runs=6, refine_steps=2, repeats=3, out_of_budget=lambda: next(budget))
     assert found.budget_spent and found.good == 1.5 and sorted(found.runs) == [1.0, 1.5]
+
+
+def test_fixed_rate_replays_one_scale_and_judges_it_on_the_median():
+    seen = iter([0.95, 0.85, 0.92, 0.91, 0.70])
+    tried: list[float] = []
+    found = fixed_rate(lambda s: tried.append(s) or next(seen), 0.7, 5)
+    assert tried == [0.7] * 5 and found.runs == {0.7: [0.95, 0.85, 0.92, 0.91, 0.70]}
+    assert (found.good, found.bad, found.median(0.7)) == (0.7, None, 0.91)
+    failing = fixed_rate(lambda s: 0.5, 2.0, 3)
+    assert (failing.good, failing.bad) == (0.0, 2.0)
+    with pytest.raises(ValueError, match="at least 1 run"):
+        fixed_rate(lambda s: 1.0, 1.0, 0)
+
+
+def test_serve_bench_refuses_a_bad_fixed_rate():
+    from bench.serve_bench import ServeBenchConfig
+
+    with pytest.raises(ValueError, match="--fixed-rate"):
+        ServeBenchConfig(trace="t.csv", systems=("flowprefill",), fixed_rate_rps=0.0)
+    assert ServeBenchConfig(trace="t.csv", systems=("flowprefill",), fixed_rate_rps=2.5).fixed_rate_rps == 2.5
 
 
 def test_priority_field_can_be_left_out():
