@@ -343,4 +343,3 @@ def test_a_failing_loop_is_logged_when_it_fails_and_shutdown_stays_quiet(model_d
         assert any("engine loop failed" in r.message and r.exc_info and "injected loop failure" in str(r.exc_info[1])
                    for r in caplog.records)
         engine.shutdown()  # does not raise
-
