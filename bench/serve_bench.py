@@ -75,6 +75,7 @@ from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
 from bench.rate_search import find_goodput, fixed_rate, median_run, point_text
 from bench.serve_compare import format_comparison, goodput_comparison
+from bench.serve_spread import format_spread, idle_probe_ms
 from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning, prefix_groups  # noqa: F401
 from bench.servers import (
     CHUNKED_PREFIX,
@@ -296,6 +297,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
     entry["command"] = spec.argv
     results: dict[float, list[list[RequestResult]]] = {}
     prefix: dict[float, list[PrefixCounters | None]] = {}
+    probes: dict[float, list[float | None]] = {}
     requests = workload.requests(0)
     base_rate = len(requests) / requests[-1].arrival_s
     bar.set_description(f"{system}: starting")
@@ -314,6 +316,9 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
             def measure(scale: float) -> float:
                 bar.set_description(f"{system}: {scale * base_rate:.2f} req/s")
                 run = sum(len(v) for v in results.values()) + 1
+                if cfg.fixed_rate_rps is not None:  # the machine's speed now, beside this replay
+                    probes.setdefault(scale, []).append(idle_probe_ms(spec.base_url, server.model_name,
+                                                                      workload.requests(run), run))
                 before = _prefix_counters(spec.base_url)
                 res = run_load_sync(load, at_scale(workload.requests(run), scale))
                 results.setdefault(scale, []).append(res)
@@ -353,6 +358,8 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
         summaries = [{**summarize(r), "ttft_breakdown": ttft_breakdown(r)} for r in results[scale]]
         for summary, counts in zip(summaries, prefix.get(scale, [])):
             summary["prefix_cache"] = None if counts is None else counts.to_dict()
+        for summary, probe in zip(summaries, probes.get(scale, [])):
+            summary["probe_ms"] = probe
         entry["points"].append({
             "scale": scale, "rate_rps": scale * base_rate, "attainment": found.median(scale),
             "attainment_min": min(runs[scale]), "attainment_max": max(runs[scale]),
@@ -473,6 +480,9 @@ def print_report(report: dict[str, Any]) -> None:
         if e["points"]:
             spent = "  (budget spent)" if e.get("budget_spent") else ""
             print(f"{e['system']:>{w}}: " + ", ".join(point_text(p) for p in e["points"]) + spent)
+    if report.get("config", {}).get("fixed_rate_rps") is not None:
+        for line in format_spread(report["systems"]):
+            print(line)
     for line in format_comparison(goodput_comparison(report["systems"])):
         print(line)
     breakdowns = report.get("ttft_breakdown") or common_breakdowns(report)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -451,3 +451,37 @@ def test_soak_tiles_the_window_at_the_requested_mean_rate():
     assert abs(len(out) - 60) <= 2 and all(b.arrival_s >= a.arrival_s for a, b in zip(out, out[1:]))
     assert out[4].arrival_s - out[3].arrival_s == pytest.approx(1 / 3.0)  # the gap between copies: one mean gap
     assert out[-1].arrival_s < 20.0
+
+
+def test_idle_probe_times_fresh_median_prompts_one_at_a_time():
+    """bench serve --fixed-rate's probe, against the fake server (first token after FIRST_DELAY_S):
+    three sequential requests, each a new prompt sharing no prefix with the window's, max_tokens 1."""
+    import threading
+
+    from bench.serve_spread import correlation, format_spread, idle_probe_ms, probe_prompt
+
+    loop = asyncio.new_event_loop()
+    server = SlowFaultInjectingSSEServer()
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        window = [_req(0.0, "short"), _req(0.1, "the median prompt"), _req(0.2, "the longest prompt of all")]
+        window = [replace(r, input_tokens=n) for r, n in zip(window, (3, 7, 12))]
+        probe = idle_probe_ms(f"http://127.0.0.1:{server.port}", "fake", window, run=2)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert probe is not None and FIRST_DELAY_S * 1000 <= probe < FIRST_DELAY_S * 1000 + 250
+    sent = [body for _, body, _ in server.received]
+    assert [b["prompt"] for b in sent] == [f" probe{t}the median prompt" for t in (6, 7, 8)]
+    assert all(b["max_tokens"] == 1 for b in sent)
+    ids = (5, 6, 7, 8)
+    assert probe_prompt(ids, 0) == (6, 7, 8, 5) and probe_prompt(ids, 1) == (7, 8, 5, 6)
+    assert correlation([0.9, 0.8, 1.0], [450.0, 600.0, 400.0]) < -0.9 and correlation([1.0, 1.0], [1.0, 2.0]) is None
+    point = {"rate_rps": 4.0, "attainment": 0.9, "spread": 0.2,
+             "repeats": [{"attainment": 0.9, "probe_ms": 450.0}, {"attainment": 0.8, "probe_ms": 600.0},
+                         {"attainment": 1.0, "probe_ms": 400.0}]}
+    (head, line) = format_spread([{"system": "flowprefill", "points": [point]}])
+    assert line.startswith("  flowprefill at 4.00 req/s: 0.90@450, 0.80@600, 1.00@400; median 0.90, spread 0.20, r -0.")
