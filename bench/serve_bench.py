@@ -332,7 +332,8 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
                 return att
 
             floor = float(f"{requests[-1].arrival_s / cfg.max_run_s:.3g}")
-            entry["min_rate_rps"] = floor * base_rate
+            # a fixed rate that fails says only that goodput is below it
+            entry["min_rate_rps"] = cfg.fixed_rate_rps if cfg.fixed_rate_rps is not None else floor * base_rate
             if cfg.fixed_rate_rps is not None:  # identical replays at one rate: their spread
                 found = fixed_rate(measure, cfg.fixed_rate_rps / base_rate, cfg.repeats)
             else:
@@ -436,7 +437,8 @@ def _bench_all(cfg: ServeBenchConfig, workload: ServeWorkload, model_dir: Path, 
             report["systems"].append(entry)
             report["start_scale"] = start
             report["common_scale"] = common_scale(report["systems"])
-            report["comparison"] = goodput_comparison(report["systems"])
+            if cfg.fixed_rate_rps is None:  # a fixed rate measures spread, not goodput
+                report["comparison"] = goodput_comparison(report["systems"])
             if checkpoint is not None:
                 checkpoint(report)
 
@@ -480,11 +482,12 @@ def print_report(report: dict[str, Any]) -> None:
         if e["points"]:
             spent = "  (budget spent)" if e.get("budget_spent") else ""
             print(f"{e['system']:>{w}}: " + ", ".join(point_text(p) for p in e["points"]) + spent)
-    if report.get("config", {}).get("fixed_rate_rps") is not None:
+    if report.get("config", {}).get("fixed_rate_rps") is not None:  # one rate, no search: no goodput ratio
         for line in format_spread(report["systems"]):
             print(line)
-    for line in format_comparison(goodput_comparison(report["systems"])):
-        print(line)
+    else:
+        for line in format_comparison(goodput_comparison(report["systems"])):
+            print(line)
     breakdowns = report.get("ttft_breakdown") or common_breakdowns(report)
     if any(breakdowns.values()):
         print(f"TTFT decomposition per class at {rate}, each system's median run (mean/p90 ms; unattrib = "
