@@ -131,7 +131,7 @@ def test_aborting_an_n_request_frees_every_choice(model_dir):
         async def run() -> int:
             seen = 0
             gen = engine.generate(request, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, n=3))
-            async for out in gen:
+            async for _out in gen:
                 seen += 1
                 if seen == 6:  # two tokens of each choice: then the client goes away
                     break
