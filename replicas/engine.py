@@ -31,6 +31,7 @@ from replicas.engine_types import LiveRequest, RequestOutput, Sink, TokenLogprob
 from replicas.executor import PreemptibleExecutor, Task
 from replicas.kv_blocks import KVCacheFull
 from replicas.kv_cache import PagedKVCache
+from replicas.logits_processing import prompt_token_logprobs
 from replicas.model.batch import Segment
 from replicas.model.decoder import DecoderModel
 from replicas.parallel_sampling import drop_choices, fork_choices, retire_choice
@@ -51,6 +52,13 @@ from state.schema import PrefixSummary
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _score_prompt(lr: LiveRequest, seg: Segment, rows: torch.Tensor) -> None:
+    """Prompt logprobs of the tokens after ``seg``'s positions (row ``j`` predicts token ``start + j + 1``)."""
+    prompt = lr.request.prompt_ids
+    targets = prompt[seg.start + 1:min(seg.end + 1, len(prompt))]
+    lr.prompt_logprobs.extend(prompt_token_logprobs(rows, targets, lr.params.prompt_logprobs or 0))
 
 
 def _log_loop_failure(done: Future[None]) -> None:
@@ -352,7 +360,10 @@ class ReplicaEngine:
         choice = params.for_choice(0)
         lr = LiveRequest(request, params, sink, next(self._seq_ids), self._sampler(request, choice),
                          self._stream(choice), position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
-        match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids)
+        if params.prompt_logprobs is not None:  # the first prompt token has none; the prefill computes the rest
+            lr.prompt_logprobs.append(TokenLogprob(request.prompt_ids[0], None))
+        match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids,
+                                  reuse=params.prompt_logprobs is None)
         request.cached_tokens = request.prefilled = match.cached_tokens
         request.shares_with, request.shared_tokens = match.shares_with, match.shared_tokens
         self.live[request.request_id] = lr
@@ -403,20 +414,25 @@ class ReplicaEngine:
     def start_program(self, plan: BatchPlan, now: float) -> bool:
         """Build a new program (KV allocated for its ranges) or pick up a suspended one."""
         if not plan.resume:
-            items = []
+            items, scored = [], {}
             try:
                 for rid, (start, end) in zip(plan.request_ids, plan.ranges):
                     lr = self.live[rid]
                     self.kv.allocator.ensure_capacity(lr.seq_id, end)
                     prompt = lr.request.prompt_ids
-                    items.append(PrefillItem(lr.seq_id, prompt, start, end, want_logits=end == len(prompt)))
+                    wants_all = lr.params.prompt_logprobs is not None
+                    if wants_all:
+                        scored[lr.seq_id] = lr
+                    items.append(PrefillItem(lr.seq_id, prompt, start, end, want_logits=end == len(prompt),
+                                             all_logits=wants_all))
                     self.counters["prefill_tokens"] += end - start
             except KVCacheFull as exc:
                 self._plans[plan.batch_id] = plan
                 self._fail_batch(plan.batch_id, f"KV cache exhausted: {exc}")
                 return False
             self._tasks[plan.batch_id] = self.executor.start(
-                prefill_program(self.model, self.kv, items, self.config.chunk_tokens, on_pass=self._pass_done),
+                prefill_program(self.model, self.kv, items, self.config.chunk_tokens, on_pass=self._pass_done,
+                                on_logits=lambda seg, rows: _score_prompt(scored[seg.seq_id], seg, rows)),
                 label=f"batch-{plan.batch_id}",
             )
             self.counters["prefill_batches"] += 1
