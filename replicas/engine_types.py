@@ -29,6 +29,7 @@ class TokenLogprob:
     token_id: int
     logprob: float | None  # None: the first prompt token of prompt logprobs, which has none
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # prompt logprobs: the token's rank in its position's distribution (1: most likely)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText
+from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText, vllm_prompt_logprobs
 from router.protocol import GenerateRequest
 from router.responses import Choice, choices_body
 
@@ -83,4 +83,12 @@ class ChoiceCollector:
             if self.prompt_text is not None:
                 text = self.prompt_text + text
             choices.append(Choice(text, c.finish_reason, logprobs))  # type: ignore[arg-type]
-        return choices_body(self.req, choices, prompt_tokens, self.completion_tokens)
+        body = choices_body(self.req, choices, prompt_tokens, self.completion_tokens)
+        if self.req.prompt_logprobs is not None:  # vLLM's field: per choice for completions, once for chat
+            scored = vllm_prompt_logprobs(self.prompt_logprobs, self.token_text, self.req.prompt_logprobs)
+            if self.req.endpoint == "chat.completions":
+                body["prompt_logprobs"] = scored
+            else:
+                for choice in body["choices"]:
+                    choice["prompt_logprobs"] = scored
+        return body

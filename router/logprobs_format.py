@@ -42,6 +42,25 @@ def clamp_logprob(value: float) -> float:
     return max(value, MIN_LOGPROB)
 
 
+def vllm_prompt_logprobs(entries: Iterable[LogprobEntry], token_text: TokenText,
+                         top_n: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or ``{"<token id>": {"logprob",
+    "rank", "decoded_token"}}`` for the prompt token and the ``top_n`` most likely ones."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for raw in entries:
+        token_id, logprob, top = entry_fields(raw)
+        if logprob is None:
+            out.append(None)
+            continue
+        rank = raw.rank if isinstance(raw, TokenLogprob) else raw.get("rank")
+        item = {str(token_id): {"logprob": clamp_logprob(logprob), "rank": rank, "decoded_token": token_text(token_id)}}
+        for position, (alt, value) in enumerate(top[:top_n], 1):
+            item.setdefault(str(alt), {"logprob": clamp_logprob(value), "rank": position,
+                                       "decoded_token": token_text(alt)})
+        out.append(item)
+    return out
+
+
 class LogprobsFormatter:
     """Formats entries for one request's endpoint, with at most ``top_n`` alternatives per token;
     completions' ``text_offset`` runs across calls (one per streamed chunk, or one for a body)."""

@@ -21,7 +21,9 @@ Choices (status codes in :mod:`router.api_errors`):
   ``i`` samples with ``seed + i`` (vLLM's convention). Completions' ``best_of`` must be at least
   ``n``; above ``n`` it is 422 (vLLM's V1 engine refuses it too). Completions' ``echo`` puts the
   prompt before each choice's text and, with ``logprobs``, the prompt tokens' log probabilities
-  before the generated ones (the first prompt token's is null), as vLLM's server.
+  before the generated ones (the first prompt token's is null), as vLLM's server. vLLM's
+  ``prompt_logprobs`` (0..20) adds them in vLLM's format to a non-streaming body (completions: each
+  choice's ``prompt_logprobs``; chat: the body's), streams do not carry them.
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``
@@ -60,6 +62,7 @@ _COMMON_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "stop_token_ids", "ignore_eos", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier", "min_tokens",
+    "prompt_logprobs",
 })
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON_FIELDS | {
@@ -126,6 +129,7 @@ class GenerateRequest:
     messages: tuple[dict[str, str], ...] | None = None
     user: str | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's field: the body carries them in vLLM's format
     created: int = 0
     arrival_time: float = 0.0
 
@@ -285,6 +289,8 @@ def _finish(
     n = _n(f, chat)
     echo = not chat and bool(f.boolean("echo"))
     logprobs = _logprobs(f, chat)
+    wanted_prompt = f.integer("prompt_logprobs", 0, MAX_LOGPROBS)
+    scored = [k for k in (logprobs if echo else None, wanted_prompt) if k is not None]
     _check_context(config, prompt_len, max_tokens, prompt_param, max_key if explicit else prompt_param)
     try:
         sampling = SamplingParams(
@@ -304,7 +310,7 @@ def _finish(
             min_tokens=_min_tokens(f, max_tokens),
             logprobs=logprobs,
             n=n,
-            prompt_logprobs=logprobs if echo else None,
+            prompt_logprobs=max(scored) if scored else None,
         )
         if config.vocab_size is not None:
             sampling.check_vocab(config.vocab_size)
@@ -326,6 +332,7 @@ def _finish(
         messages=messages,
         user=f.string("user"),
         echo=echo,
+        prompt_logprobs=wanted_prompt,
         created=int(arrival),
         arrival_time=arrival,
     )

@@ -172,3 +172,36 @@ def test_echo_with_logprobs_gives_the_prompt_and_its_logprobs_from_a_torch_forwa
         assert echo_only.choices[0].text.startswith(PROMPT) and echo_only.choices[0].logprobs is None
 
     _run(model_dir, scenario)
+
+
+def test_vllms_prompt_logprobs_field_with_ranks_on_both_endpoints(model_dir):
+    async def scenario(client: openai.AsyncOpenAI, ingress: RouterIngress, engine: ReplicaEngine) -> None:
+        ids = ingress.tokenizer.encode(PROMPT, add_special_tokens=True)
+        transformers = pytest.importorskip("transformers")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].double(), dim=1)
+        out = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, n=2,
+                                              extra_body={"prompt_logprobs": 2})
+        scored = out.choices[0].model_extra["prompt_logprobs"]
+        assert out.choices[1].model_extra["prompt_logprobs"] == scored and out.choices[0].logprobs is None
+        assert len(scored) == len(ids) and scored[0] is None
+        for pos in range(1, len(ids)):
+            row = logp[pos - 1]
+            mine = scored[pos][str(ids[pos])]
+            assert mine["logprob"] == pytest.approx(float(row[ids[pos]]), abs=1e-4)
+            assert mine["rank"] == int((row > row[ids[pos]]).sum()) + 1
+            assert mine["decoded_token"] == ingress.token_text(ids[pos])
+            top = row.topk(2).indices.tolist()
+            assert {str(t) for t in top} <= set(scored[pos]) and len(scored[pos]) <= 3
+        chat_ids = ingress.tokenizer.encode_chat(MSGS)
+        reply = await client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2,
+                                                     extra_body={"prompt_logprobs": 0})
+        chat_scored = reply.model_extra["prompt_logprobs"]
+        assert len(chat_scored) == len(chat_ids) and chat_scored[0] is None
+        assert all(list(item) == [str(t)] for item, t in zip(chat_scored[1:], chat_ids[1:]))
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"prompt_logprobs": 21})
+        assert bad.value.param == "prompt_logprobs"
+
+    _run(model_dir, scenario)
