@@ -134,13 +134,16 @@ class EchoEngine:
                     first_at = self.clock()
                     self._live.pop(request.request_id, None)
                     self._publish()
-                yield RequestOutput(
-                    request.request_id, (token,), self.tokenizer.decode([token]), "length" if last else None,
-                    request.num_prompt_tokens, i + 1,
-                    ttft_s=(first_at - request.arrival_s) if i == 0 else None,
-                    # no queue here: its "prefill" is the wait it simulates
-                    ttft_timing=EngineTTFT(accepted, first_at, 0.0, first_at - accepted, 0.0, 0.0) if i == 0 else None,
-                )
+                for index in range(params.n):  # every choice echoes the same tokens
+                    start = i == 0 and index == 0
+                    yield RequestOutput(
+                        request.request_id, (token,), self.tokenizer.decode([token]), "length" if last else None,
+                        request.num_prompt_tokens, i + 1,
+                        ttft_s=(first_at - request.arrival_s) if start else None,
+                        # no queue here: its "prefill" is the wait it simulates
+                        ttft_timing=EngineTTFT(accepted, first_at, 0.0, first_at - accepted, 0.0, 0.0) if start
+                        else None, index=index, choices_left=params.n - index - 1 if last else params.n,
+                    )
         finally:
             if self._live.pop(request.request_id, None) is not None:
                 self._publish()

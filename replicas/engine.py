@@ -27,12 +27,14 @@ from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
 from replicas.engine_stats import EngineStats
-from replicas.engine_types import LiveRequest, RequestOutput, Sink, TokenLogprob
+from replicas.engine_types import LiveRequest, RequestOutput, Sink, TokenLogprob, ends_request
 from replicas.executor import PreemptibleExecutor, Task
 from replicas.kv_blocks import KVCacheFull
 from replicas.kv_cache import PagedKVCache
+from replicas.logits_processing import prompt_token_logprobs
 from replicas.model.batch import Segment
 from replicas.model.decoder import DecoderModel
+from replicas.parallel_sampling import drop_choices, fork_choices, retire_choice
 from replicas.prefix_hash import PrefixNaming, prefix_salt
 from replicas.prefix_tracker import PrefixTracker
 from replicas.programs import PrefillItem, prefill_program
@@ -50,6 +52,13 @@ from state.schema import PrefixSummary
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _score_prompt(lr: LiveRequest, seg: Segment, rows: torch.Tensor) -> None:
+    """Prompt logprobs of the tokens after ``seg``'s positions (row ``j`` predicts token ``start + j + 1``)."""
+    prompt = lr.request.prompt_ids
+    targets = prompt[seg.start + 1:min(seg.end + 1, len(prompt))]
+    lr.prompt_logprobs.extend(prompt_token_logprobs(rows, targets, lr.params.prompt_logprobs or 0))
 
 
 def _log_loop_failure(done: Future[None]) -> None:
@@ -157,7 +166,8 @@ class ReplicaEngine:
         self._current: int | None = None  # batch id of the program the executor runs
         self._seq_ids = itertools.count()
         self._stop = threading.Event()
-        self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0}
+        self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0,
+                         "prefill_tokens": 0}
         self._publish(self.clock())  # the idle state, so a replica is routable before its first event
 
     # ------------------------------------------------------------------ public, thread-safe
@@ -248,7 +258,7 @@ class ReplicaEngine:
         try:
             while not finished:
                 out = await outputs.get()
-                finished = out.finish_reason is not None
+                finished = ends_request(out)
                 yield out
         finally:
             if not finished:  # the consumer went away (client disconnect): free the request's KV
@@ -331,7 +341,7 @@ class ReplicaEngine:
             elif kind == "abort":
                 lr = self.live.get(payload)
                 if lr is not None:
-                    self.decoder.remove(payload)
+                    drop_choices(lr, self.decoder, self.kv)
                     self._apply(self.scheduler.on_abort(payload, now), now)
                     self.live.pop(payload, None)
                     self.prefix.forget(payload)
@@ -352,17 +362,25 @@ class ReplicaEngine:
             self.counters["rejected"] += 1
             sink(RequestOutput(request.request_id, (), "", "rejected", request.num_prompt_tokens, error=error))
             return
-        sampler = RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
-                                 eos_token_ids=self.eos_token_ids)
-        lr = LiveRequest(request, params, sink, next(self._seq_ids), sampler,
-                         OutputStream(params, self.eos_token_ids, self.tokenizer.decode),
-                         position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
-        match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids)
+        choice = params.for_choice(0)
+        lr = LiveRequest(request, params, sink, next(self._seq_ids), self._sampler(request, choice),
+                         self._stream(choice), position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
+        if params.prompt_logprobs is not None:  # the first prompt token has none; the prefill computes the rest
+            lr.prompt_logprobs.append(TokenLogprob(request.prompt_ids[0], None))
+        match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids,
+                                  reuse=params.prompt_logprobs is None)
         request.cached_tokens = request.prefilled = match.cached_tokens
         request.shares_with, request.shared_tokens = match.shares_with, match.shared_tokens
         self.live[request.request_id] = lr
         self.memory.seq_of[request.request_id] = lr.seq_id
         self._apply(self.scheduler.on_arrival(request, now), now)
+
+    def _sampler(self, request: Request, params: SamplingParams) -> RequestSampler:
+        return RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
+                              eos_token_ids=self.eos_token_ids)
+
+    def _stream(self, params: SamplingParams) -> OutputStream:
+        return OutputStream(params, self.eos_token_ids, self.tokenizer.decode)
 
     def _apply(self, d: Decision, now: float) -> None:
         """Carry out a scheduling decision (:func:`~replicas.scheduler.driver.apply_decision`)."""
@@ -401,19 +419,25 @@ class ReplicaEngine:
     def start_program(self, plan: BatchPlan, now: float) -> bool:
         """Build a new program (KV allocated for its ranges) or pick up a suspended one."""
         if not plan.resume:
-            items = []
+            items, scored = [], {}
             try:
                 for rid, (start, end) in zip(plan.request_ids, plan.ranges):
                     lr = self.live[rid]
                     self.kv.allocator.ensure_capacity(lr.seq_id, end)
                     prompt = lr.request.prompt_ids
-                    items.append(PrefillItem(lr.seq_id, prompt, start, end, want_logits=end == len(prompt)))
+                    wants_all = lr.params.prompt_logprobs is not None
+                    if wants_all:
+                        scored[lr.seq_id] = lr
+                    items.append(PrefillItem(lr.seq_id, prompt, start, end, want_logits=end == len(prompt),
+                                             all_logits=wants_all))
+                    self.counters["prefill_tokens"] += end - start
             except KVCacheFull as exc:
                 self._plans[plan.batch_id] = plan
                 self._fail_batch(plan.batch_id, f"KV cache exhausted: {exc}")
                 return False
             self._tasks[plan.batch_id] = self.executor.start(
-                prefill_program(self.model, self.kv, items, self.config.chunk_tokens, on_pass=self._pass_done),
+                prefill_program(self.model, self.kv, items, self.config.chunk_tokens, on_pass=self._pass_done,
+                                on_logits=lambda seg, rows: _score_prompt(scored[seg.seq_id], seg, rows)),
                 label=f"batch-{plan.batch_id}",
             )
             self.counters["prefill_batches"] += 1
@@ -444,12 +468,18 @@ class ReplicaEngine:
             self.prefix.prefilled(rid)
         self._apply(decision, now)
         logits: dict[int, torch.Tensor] = task.result
-        done = [self.live[rid] for rid in decision.prefilled if rid in self.live]
-        if done:
-            rows = torch.stack([logits[lr.seq_id] for lr in done])
-            sampled = sample_batch(rows, [lr.sampler for lr in done])
+        members: list[LiveRequest] = []  # every choice of every prefilled request samples its first token
+        for lr in (self.live[rid] for rid in decision.prefilled if rid in self.live):
+            try:
+                members.extend(fork_choices(lr, self.kv, lambda: next(self._seq_ids),
+                                            lambda p, r=lr.request: self._sampler(r, p), self._stream))
+            except KVCacheFull as exc:
+                self._finish_request(lr, "error", f"KV cache exhausted forking {lr.params.n} choices: {exc}")
+        if members:
+            rows = torch.stack([logits[self.live[lr.request.request_id].seq_id] for lr in members])
+            sampled = sample_batch(rows, [lr.sampler for lr in members])
             prefill_end, now = now, self.clock()
-            for lr, (token, logprob) in zip(done, sampled):
+            for lr, (token, logprob) in zip(members, sampled):
                 self._emit_token(lr, token, now, logprob, lr.timer.finished(prefill_end, now) if lr.timer else None)
         self._publish(now)
 
@@ -464,32 +494,43 @@ class ReplicaEngine:
         self.counters["decode_steps"] += 1
         bs = self.kv.allocator.block_size
         for lr, token, logprob in results:
-            if lr.position % bs == 0:  # a block of this sequence just filled: the next turn may reuse it
+            # a block of this sequence just filled: the next turn may reuse it (choice 0's only)
+            if lr.position % bs == 0 and lr.index == 0:
                 self.prefix.decoded(lr.request.request_id, [*lr.request.prompt_ids, *lr.stream.token_ids],
                                     lr.position)
             self._emit_token(lr, token, now, logprob)
 
     def _emit_token(self, lr: LiveRequest, token: int, now: float, logprob: TokenLogprob | None = None,
                     ttft_timing: EngineTTFT | None = None) -> None:
+        """Emit one choice's next token; a finished choice retires, the last one finishes the request."""
         step = lr.stream.append(token)
+        parent = self.live[lr.request.request_id]  # choice 0 (``lr`` itself unless n > 1)
+        if step.finish_reason is not None:
+            parent.open_choices -= 1
         first = not lr.emitted_first
         lr.emitted_first = True
+        prompt_logprobs = tuple(parent.prompt_logprobs) if first and parent.params.prompt_logprobs is not None else None
         lr.sink(RequestOutput(
             lr.request.request_id, (token,), step.text_delta, step.finish_reason, lr.request.num_prompt_tokens,
             len(lr.stream.token_ids), ttft_s=(now - lr.request.arrival_s) if first else None,
             ttft_timing=ttft_timing if first else None, logprobs=None if logprob is None else (logprob,),
+            index=lr.index, choices_left=parent.open_choices, prompt_logprobs=prompt_logprobs,
         ))
-        if step.finish_reason is not None:
-            self._finish_request(lr, None, None)
+        if step.finish_reason is None:
+            self.decoder.add(lr.key, lr)
+        elif parent.open_choices == 0:
+            self._finish_request(parent, None, None)
         else:
-            self.decoder.add(lr.request.request_id, lr)
+            retire_choice(lr, self.decoder, self.kv)
 
     def _finish_request(self, lr: LiveRequest, reason: str | None, error: str | None) -> None:
+        """End a request: all its choices (``lr`` may be any of them), with ``reason`` (an error) if given."""
         rid = lr.request.request_id
-        self.decoder.remove(rid)
+        parent = self.live.get(rid, lr)
+        drop_choices(parent, self.decoder, self.kv)
         if reason is not None:
             lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
-                                  error=error))
+                                  error=error, index=lr.index))
         now = self.clock()
         self._apply(self.scheduler.on_finish(rid, now), now)  # frees its KV (published blocks stay cached)
         self.live.pop(rid, None)
@@ -501,7 +542,7 @@ class ReplicaEngine:
         lr = self.live.pop(rid, None)
         if lr is None:
             return
-        self.decoder.remove(rid)
+        drop_choices(lr, self.decoder, self.kv)
         self.memory.release([rid])
         self.kv.allocator.free(lr.seq_id)
         self.prefix.forget(rid)

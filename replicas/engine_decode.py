@@ -15,7 +15,7 @@ from state.clock import WALL_CLOCK, Clock, require_clock
 
 
 class DecodeBatcher:
-    """Decoding requests, stepped together one token at a time (at most ``max_batch`` per step)."""
+    """Decoding sequences, stepped together one token at a time (at most ``max_batch`` per step)."""
 
     def __init__(self, model: DecoderModel, kv: PagedKVCache, max_batch: int,
                  clock: Clock = WALL_CLOCK) -> None:
@@ -27,13 +27,14 @@ class DecodeBatcher:
         self.executor = PreemptibleExecutor("none", device=model.device)
         self.cadence = DecodeCadence()
 
-    def add(self, request_id: str, live: LiveRequest) -> None:
-        """Start (or keep) decoding ``request_id``."""
-        self.active.setdefault(request_id, live)
+    def add(self, key: str, live: LiveRequest) -> None:
+        """Start (or keep) decoding the sequence ``key`` (:attr:`LiveRequest.key`: a request id, or a
+        choice of an ``n``-choice request)."""
+        self.active.setdefault(key, live)
 
-    def remove(self, request_id: str) -> None:
-        """Stop decoding ``request_id`` (finished or aborted)."""
-        self.active.pop(request_id, None)
+    def remove(self, key: str) -> None:
+        """Stop decoding the sequence ``key`` (finished or aborted)."""
+        self.active.pop(key, None)
 
     def newest(self) -> LiveRequest:
         """The most recently added request (the one to drop when memory runs out)."""
@@ -59,8 +60,7 @@ class DecodeBatcher:
         sampled = sample_batch(rows, [lr.sampler for lr in batch])
         for live in batch:
             live.position += 1
-            # round-robin when more requests decode than fit in one step
-            rid = live.request.request_id
-            self.active[rid] = self.active.pop(rid)
+            # round-robin when more sequences decode than fit in one step
+            self.active[live.key] = self.active.pop(live.key)
         self.cadence.record_step(started, self.clock())
         return [(live, token, logprob) for live, (token, logprob) in zip(batch, sampled)]

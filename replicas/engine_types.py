@@ -7,7 +7,7 @@ from here instead of from each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +22,14 @@ if TYPE_CHECKING:  # torch: only the native engine builds samplers
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A sampled token's log probability and its most likely alternatives (``(token id, logprob)``,
-    most likely first), as asked by ``SamplingParams.logprobs``."""
+    """A sampled (or prompt) token's log probability and its most likely alternatives
+    (``(token id, logprob)``, most likely first), as asked by ``SamplingParams.logprobs`` (or
+    ``prompt_logprobs``)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: the first prompt token of prompt logprobs, which has none
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # prompt logprobs: the token's rank in its position's distribution (1: most likely)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,19 @@ class RequestOutput:
     retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
     ttft_timing: EngineTTFT | None = None  # on the first output, where the engine measured it (replicas.ttft_parts)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when the request asked for them
+    index: int = 0  # the choice (of the request's ``n``) these tokens belong to
+    choices_left: int = 0  # choices still generating after this output; the request ends with a finish at 0
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, on the first output, when asked for
+
+
+def ends_request(out: RequestOutput | Mapping[str, Any]) -> bool:
+    """Whether ``out`` (an output, or its dict after Serve) is its request's last: a finish reason with no
+    other choice still generating (every refusal and failure ends the whole request)."""
+    if isinstance(out, RequestOutput):
+        reason, left = out.finish_reason, out.choices_left
+    else:
+        reason, left = out.get("finish_reason"), out.get("choices_left") or 0
+    return reason is not None and (left == 0 or reason not in ("stop", "length"))
 
 
 Sink = Callable[[RequestOutput], None]
@@ -65,3 +80,13 @@ class LiveRequest:
     emitted_first: bool = False
     timer: TTFTTimer | None = None  # its TTFT decomposition until the first token (replicas.ttft_parts)
     extra: dict[str, Any] = field(default_factory=dict)
+    index: int = 0  # the choice this sequence generates (replicas.parallel_sampling)
+    choices: list[LiveRequest] = field(default_factory=list)  # on choice 0: the other choices' sequences
+    open_choices: int = 1  # on choice 0: the request's choices still generating
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # as its prefill computes them
+
+    @property
+    def key(self) -> str:
+        """Its decode-batch key: the request id for choice 0, ``"{request id}#{index}"`` for the others."""
+        rid = self.request.request_id
+        return rid if self.index == 0 else f"{rid}#{self.index}"

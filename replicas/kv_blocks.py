@@ -201,6 +201,34 @@ class BlockAllocator:
         out = [self._name_of[b] for b in order if self._index_of[b] % every == every - 1]
         return out if limit is None else out[:limit]
 
+    # ------------------------------------------------------------------ parallel sampling
+    def fork(self, parent: int, child: int, num_tokens: int) -> tuple[int, int] | None:
+        """Start ``child`` (no blocks yet) as a copy of ``parent``'s first ``num_tokens`` tokens: their
+        full blocks are shared (one more reference each, never written again: decoding writes past
+        ``num_tokens``), and a partial last block gets a fresh private block for the child. Returns
+        ``(parent's partial block, child's copy)`` for the caller to copy the KV of, or None when
+        ``num_tokens`` fills whole blocks. All or nothing (:class:`KVCacheFull`)."""
+        if self._tables.get(child):
+            raise ValueError(f"fork: sequence {child} already holds blocks")
+        table = self._tables.get(parent, [])
+        used = -(-num_tokens // self.block_size)
+        if num_tokens <= 0 or used > len(table):
+            raise ValueError(f"fork: sequence {parent} holds {len(table)} blocks, not {num_tokens} tokens")
+        full = num_tokens // self.block_size
+        partial = used > full
+        if partial and not self.num_free_blocks:
+            raise KVCacheFull(child, 1, 0)
+        shared = table[:full]
+        for block in shared:
+            self._hold(block)
+        self._tables[child] = list(shared)
+        if not partial:
+            return None
+        copy = self._take()
+        self._refs[copy] = 1
+        self._tables[child].append(copy)
+        return table[full], copy
+
     # ------------------------------------------------------------------ release
     def free(self, seq_id: int) -> int:
         """Drop ``seq_id``'s references, tail first; returns how many blocks it held (0 if unknown).

@@ -77,6 +77,18 @@ class PagedKVCache:
         """:func:`slot_indices` of ``seq_id``'s positions ``[start, end)`` (on the CPU)."""
         return slot_indices(self.allocator, seq_id, start, end)
 
+    def fork(self, parent: int, child: int, num_tokens: int) -> None:
+        """``child`` starts with ``parent``'s KV of its first ``num_tokens`` tokens: full blocks shared,
+        the partial last block copied (:meth:`BlockAllocator.fork`), so that the two sequences decode
+        on independently."""
+        pair = self.allocator.fork(parent, child, num_tokens)
+        if pair is None:
+            return
+        bs = self.spec.block_size
+        src, dst = pair[0] * bs, pair[1] * bs
+        for store in (*self.keys, *self.values):
+            store[dst:dst + bs].copy_(store[src:src + bs])
+
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` ``[T, kv_heads, head_dim]`` at ``slots`` ``[T]``."""
         self.keys[layer].index_copy_(0, slots, keys)

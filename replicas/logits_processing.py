@@ -110,6 +110,25 @@ def _apply_penalties(out: torch.Tensor, rows: list[int], histories: list[TokenHi
     out[idx] = sub
 
 
+def prompt_token_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Prompt logprobs: row ``j`` of ``logits`` [R, V] (raw, float) predicts ``targets[j]``; per row that
+    token's log-softmax, its rank (1 + the tokens strictly more likely) and the ``k`` most likely
+    tokens (only the first ``len(targets)`` rows count)."""
+    rows = len(targets)
+    if rows == 0:
+        return []
+    logp = torch.log_softmax(logits[:rows].float(), dim=1)
+    ids = torch.tensor(list(targets), dtype=torch.int64, device=logits.device)
+    picked = logp.gather(1, ids.unsqueeze(1))
+    ranks = (logp > picked).sum(dim=1).add_(1).tolist()
+    chosen = picked.squeeze(1).tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * rows
+    if k > 0:
+        values, top_ids = logp.topk(min(k, logp.shape[1]), dim=1)
+        tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+    return [TokenLogprob(int(t), float(c), top, int(r)) for t, c, top, r in zip(targets, chosen, tops, ranks)]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
                    params: Sequence[SamplingParams]) -> list[TokenLogprob | None]:
     """Per row: the sampled token's raw log probability and the ``params.logprobs`` most likely

@@ -71,9 +71,11 @@ class PrefixTracker:
         return self.allocator.block_size * self.stride
 
     def admit(self, request_id: str, seq_id: int, prompt: Sequence[int],
-              names: Sequence[BlockName] | None = None) -> PrefixMatch:
+              names: Sequence[BlockName] | None = None, *, reuse: bool = True) -> PrefixMatch:
         """Attach the cached prefix of a new request's prompt and find a request computing what follows
-        (``names``: the prompt's block names when the caller has them already, e.g. the simulator)."""
+        (``names``: the prompt's block names when the caller has them already, e.g. the simulator).
+        ``reuse`` False: the request computes its whole prompt (it wants every position's logits, for
+        prompt logprobs); its blocks are still published for others."""
         self._seq[request_id], self._rid[seq_id] = seq_id, request_id
         if not self.enabled:
             self.allocator.attach_prefix(seq_id, (), query_tokens=len(prompt))
@@ -81,7 +83,7 @@ class PrefixTracker:
         bs = self.allocator.block_size
         names = list(names) if names is not None else block_names(prompt, bs, self.salt)
         self._names[request_id] = names
-        usable = self._usable[request_id] = (len(prompt) - 1) // bs  # never the block holding the last token
+        usable = self._usable[request_id] = (len(prompt) - 1) // bs if reuse else 0  # never the last token's block
         cached = self.allocator.attach_prefix(seq_id, names[:usable], query_tokens=len(prompt))
         first = cached // bs
         owner = self._computing.get(names[first]) if first < usable else None

@@ -30,6 +30,7 @@ class PrefillItem:
     start: int = 0
     end: int | None = None
     want_logits: bool = True
+    all_logits: bool = False  # every position's logits go to the program's ``on_logits`` (prompt logprobs)
 
     @property
     def stop(self) -> int:
@@ -53,7 +54,8 @@ def plan_passes(items: Sequence[PrefillItem], chunk_tokens: int) -> Iterator[lis
         while pos < item.stop:
             take = min(item.stop - pos, budget)
             last = pos + take == item.stop
-            current.append(Segment(item.seq_id, item.token_ids[pos : pos + take], pos, last and item.want_logits))
+            current.append(Segment(item.seq_id, item.token_ids[pos : pos + take], pos, last and item.want_logits,
+                                   item.all_logits))
             pos += take
             budget -= take
             if budget == 0:
@@ -66,8 +68,12 @@ def plan_passes(items: Sequence[PrefillItem], chunk_tokens: int) -> Iterator[lis
 def prefill_program(
     model: DecoderModel, kv: PagedKVCache, items: Sequence[PrefillItem], chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     on_pass: Callable[[Sequence[Segment]], None] | None = None,
+    on_logits: Callable[[Segment, torch.Tensor], None] | None = None,
 ) -> Program:
     """Prefill ``items``; returns the last-token logits of each item that wants them, by seq id.
+
+    ``on_logits(segment, logits)`` gets every position's logits ``[len(segment), vocab]`` of the
+    segments of items with ``all_logits``, pass by pass, in order (only that pass's rows are kept).
 
     KV capacity for every item's range must be allocated before the program starts. ``on_pass``
     is called with a pass's segments once that pass has run through every layer, i.e. once their
@@ -78,8 +84,14 @@ def prefill_program(
     for segments in plan_passes(items, chunk_tokens):
         batch = build_forward_batch(segments, kv.allocator, model.device, model.config.sliding_window)
         out = yield from model.forward(batch, kv)
-        for row, seq_id in enumerate(batch.logit_seq_ids):
-            logits[seq_id] = out[row]
+        row = 0  # the batch's logit rows follow its segments' order
+        for seg in segments:
+            count = len(seg.token_ids) if seg.all_logits else int(seg.want_logits)
+            if seg.all_logits and on_logits is not None:
+                on_logits(seg, out[row:row + count])
+            if seg.want_logits:
+                logits[seg.seq_id] = out[row + count - 1]
+            row += count
         if on_pass is not None:
             on_pass(segments)
     return logits

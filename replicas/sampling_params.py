@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from replicas.errors import InvalidRequestError
 
@@ -18,6 +18,7 @@ MIN_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # top_logprobs / completions logprobs, as vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 100.0
 MAX_TOKEN_ID = 2**31 - 1
+MAX_N = 128  # choices per request (OpenAI's limit for n)
 
 
 def _is_int(value: object) -> bool:
@@ -102,6 +103,11 @@ class SamplingParams:
     then apply temperature, ``min_p`` (in [0, 1]: drop tokens below ``min_p`` times the top
     probability), top-k and top-p. ``logprobs`` (None, or 0..20 alternatives) asks for the log
     probability of each sampled token and its ``logprobs`` most likely alternatives.
+
+    ``n`` (1..128) choices are generated from one prefill of the prompt (:mod:`replicas.parallel_sampling`);
+    choice ``i`` samples with seed ``seed + i`` (vLLM's convention). ``prompt_logprobs`` (None, or
+    0..20 alternatives) asks for the log probability of every prompt token but the first (the
+    prompt is then computed in full, never taken from the prefix cache).
     """
 
     max_tokens: int = 16
@@ -119,6 +125,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     logprobs: int | None = None
+    n: int = 1
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -150,6 +158,12 @@ class SamplingParams:
         if n is not None and (not _is_int(n) or not 0 <= n <= MAX_LOGPROBS):
             raise InvalidRequestError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, "
                                                   f"got {n!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError("n", f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        pl = self.prompt_logprobs
+        if pl is not None and (not _is_int(pl) or not 0 <= pl <= MAX_LOGPROBS):
+            raise InvalidRequestError("prompt_logprobs", f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] "
+                                                         f"or null, got {pl!r}")
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
@@ -197,6 +211,12 @@ class SamplingParams:
         out["stop"], out["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
         out["logit_bias"] = {str(t): b for t, b in self.logit_bias}
         return out
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice ``index`` of an ``n``-choice request: one choice, seed ``seed + index``
+        (wrapping within [0, 2**63 - 1]) when seeded, as vLLM's parallel sampling."""
+        seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
+        return replace(self, n=1, seed=seed)
 
     @property
     def needs_filter(self) -> bool:

@@ -222,8 +222,14 @@ class VLLMEngine:
         import aiohttp
 
         rid, n_prompt = request.request_id, request.num_prompt_tokens
+        if params.prompt_logprobs is not None:
+            yield self._error(request, 0, "prompt logprobs (echo with logprobs) are not supported by the vllm "
+                                          "engine kind yet")
+            return
         self._track(request)
         finished, count, first = False, 0, True
+        counts = [0] * params.n  # generated tokens per choice
+        open_choices = params.n
         try:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
             # read_bufsize: the first event repeats the prompt's token ids (one SSE line, ~6 bytes a token)
@@ -249,19 +255,28 @@ class VLLMEngine:
                     for choice in event.get("choices") or ():
                         ids = tuple(int(t) for t in choice.get("token_ids") or ())
                         text, reason = choice.get("text") or "", choice.get("finish_reason")
+                        index = choice.get("index") or 0
                         if not ids and not text and reason is None:
                             continue
+                        if not isinstance(index, int) or not 0 <= index < params.n:
+                            finished = True
+                            yield self._error(request, count, f"vLLM sent choice {index!r} of n = {params.n}")
+                            return
                         ttft = None
                         if ids and first:
                             first = False
                             ttft = self._first_token(rid) - request.arrival_s
                         count += len(ids)
+                        counts[index] += len(ids)
                         error = None
                         if reason is not None and reason not in ("stop", "length"):
                             reason, error = "error", f"vLLM finished the request with {reason!r}"
-                        finished = reason is not None
-                        yield RequestOutput(rid, ids, text, reason, n_prompt, count, ttft_s=ttft, error=error,
-                                            logprobs=parse_logprobs(choice, ids, params.logprobs))
+                        if reason is not None:
+                            open_choices -= 1
+                        finished = reason is not None and (open_choices == 0 or error is not None)
+                        yield RequestOutput(rid, ids, text, reason, n_prompt, counts[index], ttft_s=ttft,
+                                            error=error, logprobs=parse_logprobs(choice, ids, params.logprobs),
+                                            index=index, choices_left=open_choices)
                         if finished:
                             return
             if not finished:

@@ -1,8 +1,8 @@
 """The sampling fields the vLLM engine kind passes to vLLM's ``/v1/completions``, and the log
 probabilities it reads back (torch-free, like :mod:`replicas.vllm_engine`).
 
-Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens`` and ``logprobs`` go to vLLM as the
-same fields (vLLM's semantics are the native engine's). With ``logprobs``, the body also sets vLLM's
+Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs`` and ``n`` go to vLLM as
+the same fields (vLLM's semantics are the native engine's). With ``logprobs``, the body also sets vLLM's
 ``return_tokens_as_token_ids``, so each token of the completions logprobs format reads
 ``"token_id:N"`` and the alternatives map back to ids: :func:`parse_logprobs`.
 """
@@ -30,6 +30,8 @@ def sampling_fields(params: SamplingParams) -> dict[str, Any]:
     if params.logprobs is not None:
         body["logprobs"] = params.logprobs
         body["return_tokens_as_token_ids"] = True
+    if params.n > 1:  # vLLM's choices carry their index, and seed + i for choice i as the native engine
+        body["n"] = params.n
     return body
 
 

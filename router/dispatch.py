@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from replicas.engine_types import ends_request
 from replicas.replica_request import ReplicaRequest
 from router.api_errors import APIError
 from router.routing_stats import RequestShed
@@ -46,7 +47,7 @@ async def replica_outputs(
         yielded = finished = False
         try:
             async for out in stream:
-                finished = out.get("finish_reason") is not None
+                finished = ends_request(out)
                 yielded = True
                 yield out
             return

@@ -37,7 +37,7 @@ ensure_stubs()
 from replicas.replica_request import ReplicaRequest  # noqa: E402
 from router.api_errors import RATE_LIMIT, SERVER_ERROR, APIError  # noqa: E402
 from router.grpc_gen import flowprefill_pb2 as pb  # noqa: E402
-from router.logprobs_format import clamp_logprob, entry_fields  # noqa: E402
+from router.logprobs_format import MIN_LOGPROB, clamp_logprob, entry_fields  # noqa: E402
 from router.payload import build_payload  # noqa: E402
 from router.protocol import (  # noqa: E402
     GenerateRequest,
@@ -211,7 +211,7 @@ def output_to_chunk(
     for entry in out.get("logprobs") or ():
         token_id, logprob, top = entry_fields(entry)
         chunk.logprobs.append(pb.TokenLogprob(
-            token_id=token_id, logprob=clamp_logprob(logprob),
+            token_id=token_id, logprob=clamp_logprob(MIN_LOGPROB if logprob is None else logprob),
             top=[pb.TopLogprob(token_id=t, logprob=clamp_logprob(v)) for t, v in top]))
     if final_usage is not None:
         chunk.usage.prompt_tokens, chunk.usage.completion_tokens = final_usage

@@ -20,17 +20,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from replicas.engine_types import ends_request
 from replicas.prefix_hash import PrefixNaming
 from replicas.replica_request import ReplicaRequest
 from replicas.ttft_parts import TTFT_PARTS_HEADER, TTFTParts, engine_ttft_of
 from router.api_errors import APIError
 from router.auth import AccessPolicy
+from router.choices import ChoiceCollector, echo_text
 from router.dispatch import replica_outputs
 from router.journal import RequestJournal
 from router.metrics import RouterMetrics
 from router.payload import build_payload
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
-from router.responses import StreamEncoder, body_logprobs, response_body
+from router.responses import StreamEncoder
 from router.slo import SLOPolicy
 from router.tokenize_api import detokenize, models_list, tokenize
 from state.clock import WALL_CLOCK
@@ -246,8 +248,8 @@ class RouterIngress:
             self.metrics.tpot.labels(payload.slo_class).observe((WALL_CLOCK() - first_at) / (tokens - 1))
 
     async def _collect(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str) -> Response:
-        text, reason, prompt_tokens, completion = [], "length", payload.prompt_tokens, 0
-        replica, headers, logprobs = "", {}, []
+        replica, headers = "", {}
+        collector = ChoiceCollector(req, self.token_text, echo_text(req, self.tokenizer))
         try:
             async for out in self._outputs(payload):
                 replica = out.get("replica_id", replica)
@@ -255,27 +257,22 @@ class RouterIngress:
                     headers["x-flowprefill-replica-ttft-ms"] = f"{out['replica_ttft_s'] * 1000:.3f}"
                 if isinstance(out.get("ttft_parts"), TTFTParts):
                     headers[TTFT_PARTS_HEADER] = out["ttft_parts"].to_header()
-                text.append(out["text"])
-                logprobs.extend(out.get("logprobs") or ())
-                completion = out["completion_tokens"] or completion
-                if out["finish_reason"] is not None:
-                    reason = out["finish_reason"]
+                collector.add(out)
         except APIError as err:
             self.metrics.rejections.labels(str(err.status)).inc()
             self.metrics.requests.labels(endpoint, "failed").inc()
             return _error_response(err)
         self.metrics.requests.labels(endpoint, "ok").inc()
-        body = response_body(req, "".join(text), reason, prompt_tokens, completion,
-                             body_logprobs(req, self.token_text, logprobs))
+        body = collector.body(payload.prompt_tokens)
         return JSONResponse(body, headers={"x-flowprefill-replica": replica, **headers})
 
     async def _stream(self, req: GenerateRequest, payload: ReplicaRequest, endpoint: str,
                       first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-        enc = StreamEncoder(req, self.token_text)
+        enc = StreamEncoder(req, self.token_text, echo_text(req, self.tokenizer))
         opening = enc.start()
         if opening:
             yield opening
-        completion = 0
+        completion: dict[int, int] = {}  # generated tokens per choice
         parts = first.get("ttft_parts") if first is not None else None
         ttft_parts = parts.to_dict() if isinstance(parts, TTFTParts) else None
 
@@ -287,13 +284,19 @@ class RouterIngress:
 
         try:
             async for out in outputs():
-                completion = out["completion_tokens"] or completion
+                index = out.get("index") or 0
+                completion[index] = out["completion_tokens"] or completion.get(index, 0)
+                enc.set_prompt_logprobs(out.get("prompt_logprobs"))
                 if out["finish_reason"] is not None:
-                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, completion, out["text"],
-                                     out.get("logprobs"), ttft_parts=ttft_parts)
-                    self.metrics.requests.labels(endpoint, "ok").inc()
-                    return
-                chunk = enc.delta(out["text"], out.get("logprobs"))
+                    last = ends_request(out)
+                    yield enc.finish(out["finish_reason"], payload.prompt_tokens, sum(completion.values()),
+                                     out["text"], out.get("logprobs"), ttft_parts=ttft_parts if last else None,
+                                     index=index, last=last)
+                    if last:
+                        self.metrics.requests.labels(endpoint, "ok").inc()
+                        return
+                    continue
+                chunk = enc.delta(out["text"], out.get("logprobs"), index=index)
                 if chunk:
                     yield chunk
         except APIError as err:

@@ -4,7 +4,7 @@ Each is type- and range-checked like OpenAI does (400 naming the field); a valid
 value is a 422 ``unsupported_parameter`` naming the field. ``user``, ``service_tier``, ``metadata``
 and ``parallel_tool_calls`` are only type-checked: they do not change the result. The sampling
 fields (penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``top_logprobs``) are real
-and parsed by :mod:`router.protocol`.
+and parsed by :mod:`router.protocol`, as are ``n``, ``best_of`` (at most ``n``) and ``echo``.
 """
 
 from __future__ import annotations
@@ -14,19 +14,13 @@ from router.request_fields import BodyFields
 
 
 def check_neutral_completion(f: BodyFields) -> None:
-    """Completions-only fields: ``best_of`` 1, ``echo`` false, ``suffix`` empty."""
-    if (f.integer("best_of", 1) or 1) > 1:
-        raise APIError.unsupported("best_of", "best_of > 1 is not supported")
-    if f.boolean("echo"):
-        raise APIError.unsupported("echo", "echo is not supported")
+    """Completions-only fields: ``suffix`` empty."""
     if f.string("suffix"):
         raise APIError.unsupported("suffix", "suffix is not supported")
 
 
 def check_neutral_common(f: BodyFields, chat: bool) -> None:
-    """Fields of both endpoints: 400 on a wrong type or range, 422 on a non-neutral value."""
-    if (f.integer("n", 1) or 1) > 1:
-        raise APIError.unsupported("n", "n > 1 is not supported: send one request per completion")
+    """Fields of both endpoints that do not change the result: type-checked only."""
     f.string("user")
     f.string("service_tier")
 

@@ -8,8 +8,8 @@ naming the offending field. Pure Python: no Ray, no FastAPI.
 Choices (status codes in :mod:`router.api_errors`):
 
 * Unknown top-level fields are a 400 naming them. Harmless OpenAI fields are accepted at their
-  neutral value (``n``/``best_of`` 1, empty ``suffix``/``tools``, ``echo``/``store`` false,
-  ``tool_choice`` none/auto, ``response_format`` text); other values are 422
+  neutral value (empty ``suffix``/``tools``, ``store`` false, ``tool_choice`` none/auto,
+  ``response_format`` text); other values are 422
   ``unsupported_parameter`` (:mod:`router.neutral_fields`). ``user``, ``metadata``, ``service_tier``
   and ``parallel_tool_calls`` are type-checked and ignored.
 * Sampling: ``presence_penalty``/``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0,
@@ -17,6 +17,13 @@ Choices (status codes in :mod:`router.api_errors`):
   vocabulary), ``min_tokens`` (vLLM, at most ``max_tokens``). Log probabilities: completions take
   ``logprobs`` as an integer in [0, 20] (OpenAI allows 5; 20 is vLLM's limit); chat takes
   ``logprobs`` true with ``top_logprobs`` in [0, 20] (``top_logprobs`` > 0 needs ``logprobs`` true).
+* ``n`` in [1, 128] choices, prefilled once (:mod:`replicas.parallel_sampling`); with ``seed``, choice
+  ``i`` samples with ``seed + i`` (vLLM's convention). Completions' ``best_of`` must be at least
+  ``n``; above ``n`` it is 422 (vLLM's V1 engine refuses it too). Completions' ``echo`` puts the
+  prompt before each choice's text and, with ``logprobs``, the prompt tokens' log probabilities
+  before the generated ones (the first prompt token's is null), as vLLM's server. vLLM's
+  ``prompt_logprobs`` (0..20) adds them in vLLM's format to a non-streaming body (completions: each
+  choice's ``prompt_logprobs``; chat: the body's), streams do not carry them.
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``
@@ -40,7 +47,7 @@ import jinja2
 
 from replicas.errors import InvalidRequestError
 from replicas.prefix_hash import PrefixNaming
-from replicas.sampling_params import MAX_LOGPROBS, MAX_SEED, SamplingParams
+from replicas.sampling_params import MAX_LOGPROBS, MAX_N, MAX_SEED, SamplingParams
 from router.api_errors import APIError
 from router.chat_messages import parse_messages
 from router.neutral_fields import check_neutral_chat, check_neutral_common, check_neutral_completion
@@ -55,6 +62,7 @@ _COMMON_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
     "stop_token_ids", "ignore_eos", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier", "min_tokens",
+    "prompt_logprobs",
 })
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON_FIELDS | {
@@ -120,6 +128,8 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     messages: tuple[dict[str, str], ...] | None = None
     user: str | None = None
+    echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's field: the body carries them in vLLM's format
     created: int = 0
     arrival_time: float = 0.0
 
@@ -276,6 +286,11 @@ def _finish(
     stream, include_usage = _stream_flags(f)
     prompt_len = None if ids is None else len(ids)
     max_tokens, max_key, explicit = _max_tokens(f, config, chat, prompt_len)
+    n = _n(f, chat)
+    echo = not chat and bool(f.boolean("echo"))
+    logprobs = _logprobs(f, chat)
+    wanted_prompt = f.integer("prompt_logprobs", 0, MAX_LOGPROBS)
+    scored = [k for k in (logprobs if echo else None, wanted_prompt) if k is not None]
     _check_context(config, prompt_len, max_tokens, prompt_param, max_key if explicit else prompt_param)
     try:
         sampling = SamplingParams(
@@ -293,7 +308,9 @@ def _finish(
             min_p=_default(f.number("min_p", 0.0, 1.0), 0.0),
             logit_bias=f.obj("logit_bias") or {},
             min_tokens=_min_tokens(f, max_tokens),
-            logprobs=_logprobs(f, chat),
+            logprobs=logprobs,
+            n=n,
+            prompt_logprobs=max(scored) if scored else None,
         )
         if config.vocab_size is not None:
             sampling.check_vocab(config.vocab_size)
@@ -314,9 +331,23 @@ def _finish(
         prompt_token_ids=ids,
         messages=messages,
         user=f.string("user"),
+        echo=echo,
+        prompt_logprobs=wanted_prompt,
         created=int(arrival),
         arrival_time=arrival,
     )
+
+
+def _n(f: BodyFields, chat: bool) -> int:
+    """``n``, checked against completions' ``best_of`` (which may only repeat it)."""
+    n = f.integer("n", 1, MAX_N) or 1
+    best_of = None if chat else f.integer("best_of", 1, MAX_N)
+    if best_of is not None and best_of < n:
+        raise APIError.invalid("best_of", f"best_of ({best_of}) must be at least n ({n})")
+    if best_of is not None and best_of > n:
+        raise APIError.unsupported("best_of", f"best_of > n is not supported (best_of {best_of}, n {n}); vLLM's "
+                                              "V1 engine refuses it too: ask for n choices and rank them")
+    return n
 
 
 def _min_tokens(f: BodyFields, max_tokens: int) -> int:

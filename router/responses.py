@@ -19,7 +19,8 @@ character, a possible stop string) wait for the next chunk that carries text, or
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from router.api_errors import APIError
@@ -50,29 +51,47 @@ def _envelope(req: GenerateRequest, obj: str, choices: list[dict[str, Any]]) -> 
     return {"id": req.request_id, "object": obj, "created": req.created, "model": req.model, "choices": choices}
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One finished choice of a non-streaming body: its text (with the prompt first under ``echo``),
+    finish reason and formatted ``logprobs``."""
+
+    text: str
+    finish_reason: FinishReason
+    logprobs: dict[str, Any] | None = None
+
+
+def choices_body(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens: int,
+                 completion_tokens: int) -> dict[str, Any]:
+    """The body of a finished non-streaming request with ``choices`` in index order; ``usage`` counts
+    the prompt once and the completion tokens of every choice (as vLLM's server)."""
+    chat = req.endpoint == "chat.completions"
+    items = []
+    for index, c in enumerate(choices):
+        _check_reason(c.finish_reason)
+        content: dict[str, Any] = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}
+        items.append({"index": index, **content, "logprobs": c.logprobs, "finish_reason": c.finish_reason})
+    body = _envelope(req, "chat.completion" if chat else "text_completion", items)
+    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
+    return body
+
+
 def completion_body(
     req: GenerateRequest, text: str, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``text_completion`` body of a finished non-streaming completion."""
-    _check_reason(finish_reason)
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    body = _envelope(req, "text_completion", [choice])
-    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
-    return body
+    """The ``text_completion`` body of a finished non-streaming completion with one choice."""
+    return choices_body(replace(req, endpoint="completions"), [Choice(text, finish_reason, logprobs)],
+                        prompt_tokens, completion_tokens)
 
 
 def chat_body(
     req: GenerateRequest, text: str, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``chat.completion`` body of a finished non-streaming chat completion."""
-    _check_reason(finish_reason)
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-    body = _envelope(req, "chat.completion", [choice])
-    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
-    return body
+    """The ``chat.completion`` body of a finished non-streaming chat completion with one choice."""
+    return choices_body(replace(req, endpoint="chat.completions"), [Choice(text, finish_reason, logprobs)],
+                        prompt_tokens, completion_tokens)
 
 
 def response_body(
@@ -80,8 +99,7 @@ def response_body(
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """:func:`completion_body` or :func:`chat_body`, by the request's endpoint."""
-    build = chat_body if req.endpoint == "chat.completions" else completion_body
-    return build(req, text, finish_reason, prompt_tokens, completion_tokens, logprobs)
+    return choices_body(req, [Choice(text, finish_reason, logprobs)], prompt_tokens, completion_tokens)
 
 
 def body_logprobs(
@@ -94,19 +112,20 @@ def body_logprobs(
 
 
 def completion_chunk(req: GenerateRequest, text: str, finish_reason: FinishReason | None = None,
-                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One streamed ``text_completion`` chunk."""
+                     logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
+    """One streamed ``text_completion`` chunk of choice ``index``."""
     _check_reason(finish_reason)
     return _envelope(req, "text_completion", [
-        {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     ])
 
 
 def chat_chunk(
     req: GenerateRequest, content: str | None = None, finish_reason: FinishReason | None = None, *, role: bool = False,
-    logprobs: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None, index: int = 0,
 ) -> dict[str, Any]:
-    """One streamed ``chat.completion.chunk``; ``role`` adds ``"role": "assistant"`` to the delta."""
+    """One streamed ``chat.completion.chunk`` of choice ``index``; ``role`` adds ``"role": "assistant"``
+    to the delta."""
     _check_reason(finish_reason)
     delta: dict[str, Any] = {}
     if role:
@@ -114,7 +133,7 @@ def chat_chunk(
     if content is not None:
         delta["content"] = content
     return _envelope(req, "chat.completion.chunk", [
-        {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     ])
 
 
@@ -137,61 +156,109 @@ def sse_error(err: APIError) -> bytes:
     return sse_event(err.to_body()) + SSE_DONE
 
 
-class StreamEncoder:
-    """Encodes one request's streamed output as SSE bytes (see the module docstring)."""
+@dataclass
+class _ChoiceStream:
+    """One choice's state in a stream: its logprobs formatter (offsets run per choice), the entries
+    held back with text not yet sent, and whether its echo went out."""
 
-    def __init__(self, req: GenerateRequest, token_text: TokenText | None = None) -> None:
+    formatter: LogprobsFormatter | None
+    pending: list[LogprobEntry] = field(default_factory=list)
+    echoed: bool = False
+
+
+class StreamEncoder:
+    """Encodes one request's streamed output as SSE bytes (see the module docstring); every method
+    takes the choice ``index`` (``n`` > 1) its output belongs to.
+
+    ``echo_text`` (completions' ``echo``): each choice's first chunk is the prompt text, with the prompt
+    tokens' log probabilities (:meth:`set_prompt_logprobs`) when the request asked for logprobs.
+    """
+
+    def __init__(self, req: GenerateRequest, token_text: TokenText | None = None, echo_text: str | None = None) -> None:
         self.req = req
         self.chat = req.endpoint == "chat.completions"
         self.done = False
-        wanted = req.sampling.logprobs is not None and token_text is not None
-        top_n = req.sampling.logprobs or 0
-        self._formatter = LogprobsFormatter(token_text, self.chat, top_n) if wanted and token_text else None
-        self._pending: list[LogprobEntry] = []
+        self._token_text = token_text if req.sampling.logprobs is not None else None
+        self._echo_text = echo_text
+        self._prompt_entries: list[LogprobEntry] = []
+        self._choices: dict[int, _ChoiceStream] = {}
+
+    def _choice(self, index: int) -> _ChoiceStream:
+        state = self._choices.get(index)
+        if state is None:
+            formatter = (LogprobsFormatter(self._token_text, self.chat, self.req.sampling.logprobs or 0)
+                         if self._token_text is not None else None)
+            state = self._choices[index] = _ChoiceStream(formatter)
+        return state
 
     def _event(self, payload: dict[str, Any]) -> bytes:
         if self.req.include_usage:
             payload["usage"] = None
         return sse_event(payload)
 
-    def _take_logprobs(self, entries: Iterable[LogprobEntry] | None, final: bool) -> dict[str, Any] | None:
-        if self._formatter is None:
+    def _take_logprobs(self, state: _ChoiceStream, entries: Iterable[LogprobEntry] | None,
+                       final: bool) -> dict[str, Any] | None:
+        if state.formatter is None:
             return None
-        self._pending.extend(entries or ())
-        if not self._pending and not final:
+        state.pending.extend(entries or ())
+        if not state.pending and not final:
             return None
-        out = self._formatter.format(self._pending) if self._pending else None
-        self._pending = []
+        out = state.formatter.format(state.pending) if state.pending else None
+        state.pending = []
         return out
 
-    def start(self) -> bytes:
-        """The opening event: for chat the assistant-role chunk with empty content; else nothing."""
-        return self._event(chat_chunk(self.req, "", role=True)) if self.chat else b""
+    def set_prompt_logprobs(self, entries: Iterable[LogprobEntry] | None) -> None:
+        """The prompt tokens' entries (the engine sends them once, with choice 0's first output)."""
+        if entries:
+            self._prompt_entries = list(entries)
 
-    def delta(self, text: str, logprobs: Iterable[LogprobEntry] | None = None) -> bytes:
+    def _echo(self, index: int) -> bytes:
+        state = self._choice(index)
+        if self._echo_text is None or state.echoed:
+            return b""
+        state.echoed = True
+        lp = state.formatter.format(self._prompt_entries) if state.formatter is not None else None
+        return self._event(completion_chunk(self.req, self._echo_text, logprobs=lp, index=index))
+
+    def start(self) -> bytes:
+        """The opening events: for chat the assistant-role chunk of every choice, with empty content;
+        else nothing."""
+        if not self.chat:
+            return b""
+        return b"".join(self._event(chat_chunk(self.req, "", role=True, index=i)) for i in range(self.req.sampling.n))
+
+    def delta(self, text: str, logprobs: Iterable[LogprobEntry] | None = None, index: int = 0) -> bytes:
         """A chunk carrying ``text`` and the log probabilities of the tokens so far unsent (nothing for
         empty text: its tokens' entries wait for the next chunk)."""
+        echo = self._echo(index)
+        state = self._choice(index)
         if not text:
-            if self._formatter is not None:
-                self._pending.extend(logprobs or ())
-            return b""
-        lp = self._take_logprobs(logprobs, final=False)
-        chunk = chat_chunk(self.req, text, logprobs=lp) if self.chat else completion_chunk(self.req, text, logprobs=lp)
-        return self._event(chunk)
+            if state.formatter is not None:
+                state.pending.extend(logprobs or ())
+            return echo
+        lp = self._take_logprobs(state, logprobs, final=False)
+        chunk = (chat_chunk(self.req, text, logprobs=lp, index=index) if self.chat
+                 else completion_chunk(self.req, text, logprobs=lp, index=index))
+        return echo + self._event(chunk)
 
     def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "",
-               logprobs: Iterable[LogprobEntry] | None = None, ttft_parts: Mapping[str, float] | None = None) -> bytes:
-        """The closing events: the ``finish_reason`` chunk (with any last ``text`` and log probabilities,
-        and the request's TTFT decomposition as ``"flowprefill": {"ttft_parts": {...}}`` when given),
-        usage, ``[DONE]``."""
-        lp = self._take_logprobs(logprobs, final=True)
+               logprobs: Iterable[LogprobEntry] | None = None, ttft_parts: Mapping[str, float] | None = None,
+               index: int = 0, last: bool = True) -> bytes:
+        """Choice ``index``'s ``finish_reason`` chunk (with any last ``text`` and log probabilities, and
+        the request's TTFT decomposition as ``"flowprefill": {"ttft_parts": {...}}`` when given); when it
+        is the ``last`` choice to finish, then usage (``completion_tokens``: all choices') and ``[DONE]``."""
+        echo = self._echo(index)
+        state = self._choice(index)
+        lp = self._take_logprobs(state, logprobs, final=True)
         if self.chat:
-            chunk = chat_chunk(self.req, text or None, finish_reason, logprobs=lp)
+            chunk = chat_chunk(self.req, text or None, finish_reason, logprobs=lp, index=index)
         else:
-            chunk = completion_chunk(self.req, text, finish_reason, logprobs=lp)
+            chunk = completion_chunk(self.req, text, finish_reason, logprobs=lp, index=index)
         if ttft_parts is not None:  # an extra top-level field: OpenAI clients keep and ignore it
             chunk[FLOWPREFILL_FIELD] = {"ttft_parts": dict(ttft_parts)}
-        out = self._event(chunk)
+        out = echo + self._event(chunk)
+        if not last:
+            return out
         if self.req.include_usage:
             out += sse_event(usage_chunk(self.req, prompt_tokens, completion_tokens))
         self.done = True

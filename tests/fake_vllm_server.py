@@ -71,11 +71,12 @@ def main() -> None:
                 if i:
                     await asyncio.sleep(STEP_S)
                 last = i == body["max_tokens"] - 1
-                choice = {"index": 0, "text": f" t{i}", "finish_reason": "length" if last else None,
-                          "token_ids": [1000 + i]}
-                if i == 0 and body.get("return_token_ids"):  # as vLLM: the prompt's ids in the first event
-                    choice["prompt_token_ids"] = ids
-                await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+                for index in range(body.get("n", 1)):  # choice i's tokens are offset by 100 * i
+                    choice = {"index": index, "text": f" t{i + 100 * index}",
+                              "finish_reason": "length" if last else None, "token_ids": [1000 + i + 100 * index]}
+                    if i == 0 and body.get("return_token_ids"):  # as vLLM: the prompt's ids in the first event
+                        choice["prompt_token_ids"] = ids
+                    await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
                 sent += 1
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):

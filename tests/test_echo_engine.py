@@ -40,6 +40,14 @@ def test_echo_streams_the_prompt_back_and_reports_queue_state(tiny_checkpoint_fa
     running = [s for s in states if s.running]
     assert running and running[0].running[0].deadline == pytest.approx(100.5)
     assert states[-1].running == () and states[-1].pending_work_s == 0.0
+
+    async def run_n() -> list:
+        return [out async for out in engine.generate(request, SamplingParams(max_tokens=2, n=2))]
+
+    outs = asyncio.run(run_n())  # every choice echoes the prompt; the last choice's finish ends the request
+    assert [(o.index, o.token_ids) for o in outs] == [(0, (ids[0],)), (1, (ids[0],)), (0, (ids[1],)), (1, (ids[1],))]
+    assert [(o.finish_reason, o.choices_left) for o in outs[2:]] == [("length", 1), ("length", 0)]
+    assert sum(o.ttft_s is not None for o in outs) == 1
     engine.shutdown()
     assert not engine.is_alive()
 

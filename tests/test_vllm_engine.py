@@ -26,6 +26,7 @@ import pytest
 from cluster.app import AppConfig
 from replicas.engine_config import EngineConfigError
 from replicas.engine_stats import EngineStats
+from replicas.engine_types import ends_request
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
@@ -191,6 +192,17 @@ def test_engine_against_a_stand_in_server(fake_venv, tiny_checkpoint_factory):
         huge = Request("huge", [12345] * 50_000, arrival_s=time.time(), ttft_slo_s=5.0)
         outs = asyncio.run(_collect(engine.generate(huge, SamplingParams(max_tokens=2))))
         assert [o.token_ids for o in outs] == [(1000,), (1001,)] and outs[-1].finish_reason == "length"
+
+        # n choices come back by their index; the request ends with the last choice's finish.
+        outs = asyncio.run(_collect(engine.generate(Request("n2", [7] * 10, arrival_s=time.time(), ttft_slo_s=5.0),
+                                                    SamplingParams(max_tokens=2, n=2))))
+        assert [(o.index, o.token_ids, o.completion_tokens) for o in outs] == [
+            (0, (1000,), 1), (1, (1100,), 1), (0, (1001,), 2), (1, (1101,), 2)]
+        assert [o.choices_left for o in outs if o.finish_reason] == [1, 0] and ends_request(outs[-1])
+        assert next(r for r in _requests(fake_venv["log"]) if r.get("prompt") == [7] * 10)["n"] == 2
+        refused = asyncio.run(_collect(engine.generate(Request("pl", [7] * 4, arrival_s=time.time(), ttft_slo_s=5.0),
+                                                       SamplingParams(prompt_logprobs=1))))
+        assert refused[-1].finish_reason == "error" and "prompt logprobs" in refused[-1].error
 
         # Closing the stream early closes the HTTP stream: the server sees the client go away.
         async def first_then_close() -> None:

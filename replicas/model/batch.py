@@ -18,12 +18,14 @@ from replicas.kv_cache import slot_indices
 
 @dataclass(frozen=True)
 class Segment:
-    """Tokens ``[start, start + len(token_ids))`` of sequence ``seq_id``."""
+    """Tokens ``[start, start + len(token_ids))`` of sequence ``seq_id``; ``want_logits``: the last
+    token's logits are returned, ``all_logits``: every token's are (prompt logprobs), in order."""
 
     seq_id: int
     token_ids: Sequence[int]
     start: int
     want_logits: bool = True
+    all_logits: bool = False
 
     @property
     def end(self) -> int:
@@ -81,7 +83,10 @@ def build_forward_batch(
         slots.append(slot_indices(allocator, seg.seq_id, seg.start, seg.end))
         context.append(slot_indices(allocator, seg.seq_id, 0, seg.end) if seg.start > 0 else None)
         offsets.append(offsets[-1] + n)
-        if seg.want_logits:
+        if seg.all_logits:
+            logit_rows.extend(range(offsets[-2], offsets[-1]))
+            logit_seq_ids.extend([seg.seq_id] * n)
+        elif seg.want_logits:
             logit_rows.append(offsets[-1] - 1)
             logit_seq_ids.append(seg.seq_id)
     batch = ForwardBatch(
