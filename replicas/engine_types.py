@@ -37,7 +37,7 @@ class RequestOutput:
     request_id: str
     token_ids: tuple[int, ...]
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error" | "handover"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None  # set on the first output: engine arrival to first token
@@ -45,6 +45,8 @@ class RequestOutput:
     retry_after_s: float | None = None  # with finish_reason "rejected": when a retry may be admitted
     ttft_timing: EngineTTFT | None = None  # on the first output, where the engine measured it (replicas.ttft_parts)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when the request asked for them
+    # with finish_reason "handover" (a prefill engine): the KVHandover a decode engine continues from
+    handover: Any = None
 
 
 Sink = Callable[[RequestOutput], None]
