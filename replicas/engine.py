@@ -599,7 +599,8 @@ class ReplicaEngine:
         stats = EngineStats.from_queue(
             self.scheduler.stats(now), model=self.model.name, updated_at=now, kv_free_tokens=alloc.free_tokens,
             kv_total_tokens=alloc.num_blocks * alloc.block_size, decoding=len(self.decoder.active),
-            preemptions=self.counters["preemptions"], counters=counters,
+            preemptions=self.counters["preemptions"], counters=counters, role=self.role,
+            max_decoding=self.config.max_decoding,
             prefix=PrefixSummary(version, self.prefix.routing_block_tokens, self.prefix.salt, names)
             if self.prefix.enabled else None,
         )

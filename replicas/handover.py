@@ -31,18 +31,14 @@ from dataclasses import dataclass
 import torch
 
 from replicas.engine_config import ROLES
+from replicas.errors import HandoverError
 from replicas.kv_blocks import BlockAllocator
 from replicas.kv_cache import PagedKVCache
 from replicas.prefix_hash import BlockName
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.request import Request
-from state.fields import FieldError
 
 __all__ = ["ROLES", "HandoverError", "KVHandover", "gather_kv", "prompt_blocks", "scatter_kv"]
-
-
-class HandoverError(FieldError):
-    """A handover that the receiving engine cannot take; ``field`` names the bad field."""
 
 
 @dataclass
