@@ -47,7 +47,10 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 class RouterIngress:
-    """FastAPI ingress; ``replicas`` is the handle of the replica deployment."""
+    """FastAPI ingress; ``replicas`` is the handle of the replica deployment (under P/D, of the prefill
+    replicas, and ``decoders`` of the decode replicas)."""
+
+    decoders: Any = None  # colocated unless __init__ is given a decode deployment
 
     async def __init__(self, replicas: Any, model_name: str, model_dir: str | None = None,  # noqa: ANN401
                        slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20,
