@@ -17,6 +17,19 @@ from replicas.engine_config import EngineConfig, EngineConfigError
 
 ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "prefix_affinity", "pow2")
 REQUEST_ROUTER_CLASS = "router.request_router.SLOAwareRequestRouter"
+DECODE_ROUTER_CLASS = "router.decode_router.DecodeRequestRouter"
+DECODE_KEYS = ("num_replicas", "replica_cpus", "replica_gpus", "engine")
+
+
+@dataclass(frozen=True)
+class DecodePool:
+    """The decode deployment of a P/D app (``args.decode``): its replicas and their engine settings
+    (``args.engine`` with ``args.decode.engine`` over it, role ``decode``)."""
+
+    num_replicas: int
+    replica_cpus: float
+    replica_gpus: float
+    engine: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,9 @@ class AppConfig:
     api_keys_file: str | None = None  # API keys (router/auth.py); FLOWPREFILL_API_KEYS adds more
     protect_metrics: bool = False  # /metrics needs an API key too
     autoscaling: dict[str, Any] | None = None
+    # P/D disaggregation (replicas/handover.py): a mapping starts a second deployment of decode replicas;
+    # the replicas above then run engine.role prefill. null: colocated replicas (the default).
+    decode: dict[str, Any] | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
@@ -51,6 +67,7 @@ class AppConfig:
         values.setdefault("redis_url", os.environ.get("REDIS_URL"))
         config = cls(**values)
         config.engine_limits()  # validate the engine settings early, with their path
+        config.decode_pool()
         if config.router_policy not in ROUTER_POLICIES:
             raise EngineConfigError("args.router_policy", f"must be one of {', '.join(ROUTER_POLICIES)}")
         if not isinstance(config.num_replicas, int) or config.num_replicas < 1:
@@ -73,6 +90,42 @@ class AppConfig:
 
             serve_autoscaling_config(config.autoscaling, path="args.autoscaling")
         return config
+
+    def decode_pool(self) -> DecodePool | None:
+        """The decode deployment's settings under P/D, or None (colocated); validated, errors named."""
+        role = self.engine.get("role", "colocated") if isinstance(self.engine, Mapping) else "colocated"
+        if self.decode is None:
+            if role != "colocated":
+                raise EngineConfigError("args.engine.role", f"{role} needs a decode pool (args.decode); "
+                                        "without one replicas run colocated")
+            return None
+        if not isinstance(self.decode, Mapping):
+            raise EngineConfigError("args.decode", "must be a mapping (or null)")
+        unknown = sorted(set(self.decode) - set(DECODE_KEYS))
+        if unknown:
+            raise EngineConfigError(f"args.decode.{unknown[0]}", f"unknown setting (known: {', '.join(DECODE_KEYS)})")
+        if self.engine_kind != "flowprefill":
+            raise EngineConfigError("args.engine_kind", "P/D (args.decode) needs the flowprefill engine")
+        if role != "prefill":
+            raise EngineConfigError("args.engine.role",
+                                    f"must be prefill with a decode pool (args.decode), got {role!r}")
+        count = self.decode.get("num_replicas", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise EngineConfigError("args.decode.num_replicas", f"must be a positive integer, got {count!r}")
+        resources = {}
+        for name, default in (("replica_cpus", self.replica_cpus), ("replica_gpus", self.replica_gpus)):
+            value = self.decode.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise EngineConfigError(f"args.decode.{name}", f"must be a non-negative number, got {value!r}")
+            resources[name] = float(value)
+        overrides = self.decode.get("engine") or {}
+        if not isinstance(overrides, Mapping):
+            raise EngineConfigError("args.decode.engine", "must be a mapping")
+        if overrides.get("role", "decode") != "decode":
+            raise EngineConfigError("args.decode.engine.role", f"must be decode, got {overrides['role']!r}")
+        engine = {**self.engine, **overrides, "role": "decode"}
+        EngineConfig.from_dict(engine, prefix="args.decode.engine")
+        return DecodePool(count, resources["replica_cpus"], resources["replica_gpus"], engine)
 
     def engine_limits(self) -> tuple[str | None, int]:
         """The engine's model directory (None: the default) and its bound on requests in progress."""
@@ -132,6 +185,18 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     replica = serve.deployment(replica_cls).options(**options)
     replicas = replica.bind(engine=config.engine, redis_url=config.redis_url, namespace=config.namespace,
                             engine_kind=config.engine_kind)
+    decoders = None
+    if (pool := config.decode_pool()) is not None:  # P/D: one deployment per role
+        decode = serve.deployment(replica_cls).options(
+            name="FlowPrefillDecode", num_replicas=pool.num_replicas,
+            ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": pool.replica_gpus},
+            max_ongoing_requests=EngineConfig.from_dict(pool.engine).max_decoding * 2,
+            health_check_period_s=5, logging_config={"enable_access_log": False},
+            request_router_config=RequestRouterConfig(
+                request_router_class=DECODE_ROUTER_CLASS,
+                request_router_kwargs={"redis_url": config.redis_url, "namespace": config.namespace}))
+        decoders = decode.bind(engine=pool.engine, redis_url=config.redis_url, namespace=config.namespace,
+                               engine_kind=config.engine_kind)
     # The ingress only awaits replica streams: its concurrency bound must not be where requests
     # queue (Serve's default is 5 ongoing requests, which queued everything else FIFO in the proxy,
     # out of the replicas' EDF schedulers' sight). Replicas bound their own queues (max_waiting).
@@ -141,4 +206,4 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
         max_ongoing_requests=max(4096, replica_slots), logging_config={"enable_access_log": False})
     access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}
     return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access,
-                        redis_url=config.redis_url, namespace=config.namespace)
+                        redis_url=config.redis_url, namespace=config.namespace, decoders=decoders)

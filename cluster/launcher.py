@@ -93,6 +93,7 @@ def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
         return args
     model_dir = engine.model or str(prepare_default_model())
     most = max(int(args.get("num_replicas", 1)), int((args.get("autoscaling") or {}).get("max_replicas", 1)))
+    most += int((args.get("decode") or {}).get("num_replicas", 1)) if args.get("decode") else 0  # P/D
     compute_threads = engine.cpu_threads or max(1, usable_cores() // most)
     threads = torch.get_num_threads()
     torch.set_num_threads(compute_threads)  # the replicas' threads: the profile holds for them only

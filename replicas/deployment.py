@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from replicas.autoscaling_stats import AutoscalingStats
 from replicas.engine_api import ReplicaEngineAPI, make_engine
 from replicas.engine_stats import EngineStats
+from replicas.handover_transport import HandoverStats, receive_handover, send_handover
 from replicas.replica_request import ReplicaRequest, replica_request_of
 from state.client import ClusterState, StateUnavailable
 from state.clock import WALL_CLOCK
@@ -44,6 +45,9 @@ class ReplicaServer:
         self.engine: ReplicaEngineAPI = await asyncio.to_thread(
             make_engine, engine_kind, engine or {}, clock=WALL_CLOCK, on_state_change=self._on_state_change)
         self.engine.start()
+        if hasattr(self.engine, "replica_id"):  # names the source of a prefill engine's handovers
+            self.engine.replica_id = self.replica_id
+        self.handovers = HandoverStats()
         self.autoscaling = AutoscalingStats(self.engine.cost_model.predict, clock=WALL_CLOCK)
         self.cluster = ClusterState(redis_url, namespace=namespace, state_ttl_s=state_ttl_s) if redis_url else None
         self._publisher: asyncio.Task[None] | None = None
@@ -106,15 +110,33 @@ class ReplicaServer:
         request, params = replica_request.to_engine_request(), replica_request.sampling
         first = True
         async for out in self.autoscaling.observe(request, self.engine.generate(request, params)):
-            row = {**asdict(out), "replica_id": self.replica_id}
+            row = {**asdict(replace(out, handover=None)), "replica_id": self.replica_id}
             if first and out.token_ids:  # the replica's own TTFT: receipt to first token, no router
                 row["replica_ttft_s"], first = WALL_CLOCK() - received, False
+            if out.finish_reason == "handover":  # a prefill engine: the KV goes on through Ray's object store
+                row["handover"] = send_handover(out.handover, self.handovers)
+            yield row
+
+    async def decode(self, ticket: dict[str, Any], box: list[Any]) -> AsyncIterator[dict[str, Any]]:
+        """Continue a request a prefill replica handed over (a decode-role engine): ``ticket`` is the
+        prefill replica's handover row (:func:`~replicas.handover_transport.send_handover`), ``box``
+        holds the object reference of its :class:`~replicas.handover.KVHandover`. Streams the decoded
+        tokens' output dicts as :meth:`generate` does; the first carries the transfer's timing."""
+        continue_decoding = getattr(self.engine, "continue_decoding", None)
+        if continue_decoding is None or getattr(self.engine, "role", "colocated") == "prefill":
+            raise RuntimeError(f"replica {self.replica_id} ({self.engine.kind}) does not decode handed-over requests")
+        handover, timing = await receive_handover(ticket, box, self.handovers)
+        first = True
+        async for out in continue_decoding(handover):
+            row = {**asdict(replace(out, handover=None)), "replica_id": self.replica_id}
+            if first:
+                row["handover_timing"], first = timing, False
             yield row
 
     def stats(self) -> dict[str, Any]:
         """The engine's latest queue-state snapshot plus this replica's id, and the compute threads of
         an engine that computes in this process (the native one; vLLM runs its own server)."""
-        out = {"replica_id": self.replica_id, **self.engine.stats().to_dict()}
+        out = {"replica_id": self.replica_id, **self.engine.stats().to_dict(), "handover": self.handovers.summary()}
         threads = getattr(self.engine, "compute_threads", None)
         if threads is not None:
             out["compute_threads"] = threads

@@ -26,9 +26,11 @@ from replicas.compute_thread import ComputeThread
 from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
+from replicas.engine_handover import Admitted, admit_handover, build_handover
 from replicas.engine_stats import EngineStats
 from replicas.engine_types import LiveRequest, RequestOutput, Sink, TokenLogprob, ends_request
 from replicas.executor import PreemptibleExecutor, Task
+from replicas.handover import HandoverError, KVHandover
 from replicas.kv_blocks import KVCacheFull
 from replicas.kv_cache import PagedKVCache
 from replicas.logits_processing import prompt_token_logprobs
@@ -167,7 +169,11 @@ class ReplicaEngine:
         self._seq_ids = itertools.count()
         self._stop = threading.Event()
         self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0,
-                         "prefill_tokens": 0}
+                         "prefill_tokens": 0,
+                         "handovers_out": 0, "handover_bytes_out": 0, "handover_gather_us": 0,
+                         "handovers_in": 0, "handover_bytes_in": 0, "handover_admit_us": 0,
+                         "handover_cached_tokens": 0}
+        self.replica_id = ""  # set by the deployment: names the source of this engine's handovers
         self._publish(self.clock())  # the idle state, so a replica is routable before its first event
 
     # ------------------------------------------------------------------ public, thread-safe
@@ -244,6 +250,23 @@ class ReplicaEngine:
         self._inbox.put(("add", (request, params, sink, self.clock())))
         self._wake.set()
 
+    @property
+    def role(self) -> str:
+        """``colocated``, ``prefill`` (hands requests over after their first token) or ``decode``."""
+        return self.config.role
+
+    def add_handover(self, handover: KVHandover, sink: Sink) -> None:
+        """Continue decoding a request a prefill engine handed over (:mod:`replicas.handover`); outputs go
+        to ``sink`` from the next decoded token on. A handover that fails validation, or whose KV does
+        not fit now, ends at once with finish_reason ``rejected`` and the reason (nothing is held)."""
+        self._inbox.put(("handover", (handover, sink)))
+        self._wake.set()
+
+    async def continue_decoding(self, handover: KVHandover) -> AsyncIterator[RequestOutput]:
+        """:meth:`add_handover` as a stream (as :meth:`generate`; closing it early aborts the request)."""
+        async for out in self._stream(handover.request_id, lambda sink: self.add_handover(handover, sink)):
+            yield out
+
     def abort(self, request_id: str) -> None:
         """Abort a request in any state; its KV blocks are freed."""
         self._inbox.put(("abort", request_id))
@@ -251,9 +274,13 @@ class ReplicaEngine:
 
     async def generate(self, request: Request, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Submit ``request`` and stream its outputs; closing the stream early aborts it."""
+        async for out in self._stream(request.request_id, lambda sink: self.add_request(request, params, sink)):
+            yield out
+
+    async def _stream(self, request_id: str, submit: Callable[[Sink], None]) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.add_request(request, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        submit(lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
         finished = False
         try:
             while not finished:
@@ -262,7 +289,7 @@ class ReplicaEngine:
                 yield out
         finally:
             if not finished:  # the consumer went away (client disconnect): free the request's KV
-                self.abort(request.request_id)
+                self.abort(request_id)
 
     def stats(self) -> EngineStats:
         """The latest queue-state snapshot (updated after every event)."""
@@ -338,11 +365,15 @@ class ReplicaEngine:
             now = self.clock()
             if kind == "add":
                 self._admit(*payload, now)
+            elif kind == "handover":
+                self._admit_handover(*payload)
             elif kind == "abort":
                 lr = self.live.get(payload)
                 if lr is not None:
                     drop_choices(lr, self.decoder, self.kv)
                     self._apply(self.scheduler.on_abort(payload, now), now)
+                    if lr.extra.get("handover"):  # the scheduler never saw it: its KV is this engine's to free
+                        self.memory.release([payload])
                     self.live.pop(payload, None)
                     self.prefix.forget(payload)
                     lr.sink(RequestOutput(payload, (), "", "abort", lr.request.num_prompt_tokens,
@@ -381,6 +412,48 @@ class ReplicaEngine:
 
     def _stream(self, params: SamplingParams) -> OutputStream:
         return OutputStream(params, self.eos_token_ids, self.tokenizer.decode)
+
+    def _admit_handover(self, h: KVHandover, sink: Sink) -> None:
+        """Admit a handed-over request into the decode batch, or refuse it at once (nothing held)."""
+        rid = getattr(h, "request_id", "?")
+        started = self.clock()
+        try:
+            if self.role == "prefill":
+                raise HandoverError("handover", "a prefill replica does not decode handed-over requests")
+            if not isinstance(h, KVHandover):
+                raise HandoverError("handover", f"expected a KVHandover, got {type(h).__name__}")
+            h.validate(self.kv, self.prefix.salt, self.vocab_size)
+            if rid in self.live:
+                raise HandoverError("handover.request.request_id", f"{rid!r} is already live on this replica")
+            got = admit_handover(h, sink, next(self._seq_ids), self.kv, self.prefix,
+                                 eos_token_ids=self.eos_token_ids, decode_text=self.tokenizer.decode,
+                                 can_admit=self.memory.can_admit)
+        except (HandoverError, ValueError) as exc:
+            got = str(exc)
+        if not isinstance(got, Admitted):
+            self.counters["rejected"] += 1
+            prompt = h.request.num_prompt_tokens if isinstance(h, KVHandover) else 0
+            sink(RequestOutput(rid, (), "", "rejected", prompt, error=got))
+            return
+        lr = got.live
+        self.live[rid] = lr
+        self.memory.seq_of[rid] = lr.seq_id
+        self.decoder.add(lr.key, lr)
+        self.counters["handovers_in"] += 1
+        self.counters["handover_bytes_in"] += h.nbytes
+        self.counters["handover_cached_tokens"] += got.cached_tokens
+        self.counters["handover_admit_us"] += int((self.clock() - started) * 1e6)
+
+    def _hand_over(self, lr: LiveRequest) -> None:
+        """A prefill engine's request has its first token: send its KV and state on, free its sequence
+        (its published prompt blocks stay in the prefix cache), end its stream with the handover."""
+        h = build_handover(lr, self.kv, self.prefix, self.clock, source=self.replica_id)
+        self.counters["handovers_out"] += 1
+        self.counters["handover_bytes_out"] += h.nbytes
+        self.counters["handover_gather_us"] += int(h.gather_s * 1e6)
+        self._finish_request(lr, None, None)
+        lr.sink(RequestOutput(lr.request.request_id, (), "", "handover", lr.request.num_prompt_tokens,
+                              len(lr.stream.token_ids), handover=h))
 
     def _apply(self, d: Decision, now: float) -> None:
         """Carry out a scheduling decision (:func:`~replicas.scheduler.driver.apply_decision`)."""
@@ -516,7 +589,9 @@ class ReplicaEngine:
             ttft_timing=ttft_timing if first else None, logprobs=None if logprob is None else (logprob,),
             index=lr.index, choices_left=parent.open_choices, prompt_logprobs=prompt_logprobs,
         ))
-        if step.finish_reason is None:
+        if step.finish_reason is None and self.role == "prefill" and parent.params.n == 1:
+            self._hand_over(lr)  # n > 1: a handover carries one sequence, so the prefill replica decodes them
+        elif step.finish_reason is None:
             self.decoder.add(lr.key, lr)
         elif parent.open_choices == 0:
             self._finish_request(parent, None, None)
@@ -533,6 +608,7 @@ class ReplicaEngine:
                                   error=error, index=lr.index))
         now = self.clock()
         self._apply(self.scheduler.on_finish(rid, now), now)  # frees its KV (published blocks stay cached)
+        self.memory.release([rid])  # a handed-over request's KV, which the scheduler never saw (else a no-op)
         self.live.pop(rid, None)
         self.prefix.forget(rid)
         self._publish(now)
@@ -569,7 +645,8 @@ class ReplicaEngine:
         stats = EngineStats.from_queue(
             self.scheduler.stats(now), model=self.model.name, updated_at=now, kv_free_tokens=alloc.free_tokens,
             kv_total_tokens=alloc.num_blocks * alloc.block_size, decoding=len(self.decoder.active),
-            preemptions=self.counters["preemptions"], counters=counters,
+            preemptions=self.counters["preemptions"], counters=counters, role=self.role,
+            max_decoding=self.config.max_decoding,
             prefix=PrefixSummary(version, self.prefix.routing_block_tokens, self.prefix.salt, names)
             if self.prefix.enabled else None,
         )

@@ -17,6 +17,8 @@ from replicas.model.config import DTYPE_NAMES
 from replicas.scheduler.config import DEFAULT_CHUNK_TOKENS, GRANULARITIES
 from state.fields import FieldError
 
+ROLES = ("colocated", "prefill", "decode")  # what a replica does (replicas/handover.py)
+
 
 class EngineConfigError(FieldError):
     """A bad engine setting; ``field`` names it (dotted path from the config root)."""
@@ -56,6 +58,9 @@ class EngineConfig:
     # to an actor's CPU share (1 for ``replica_cpus: 1.0``), which would leave a one-replica node
     # with a single compute thread.
     cpu_threads: int | None = None
+    # colocated: prefill and decode here (the default); prefill: hand each request over after its first
+    # token (replicas/handover.py); decode: admit handed-over requests into the decode batch
+    role: str = "colocated"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +86,8 @@ class EngineConfig:
         if self.granularity not in GRANULARITIES:
             raise EngineConfigError("granularity",
                                     f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.role not in ROLES:
+            raise EngineConfigError("role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.policy not in ("flowprefill", "chunked", "fcfs"):
             raise EngineConfigError("policy", f"must be flowprefill, chunked or fcfs, got {self.policy!r}")
         for name in ("admission_control", "calibrate_cost", "enable_prefix_caching"):

@@ -14,7 +14,7 @@ from typing import Any
 
 from replicas.scheduler.stats import QueueEntry, QueueStats
 from state.fields import FieldError, FieldReader
-from state.schema import PrefixSummary, QueuedRequest, ReplicaQueueState
+from state.schema import REPLICA_ROLES, PrefixSummary, QueuedRequest, ReplicaQueueState
 
 
 class StatsError(FieldError):
@@ -48,6 +48,8 @@ class EngineStats:
     counters: Mapping[str, int] = field(default_factory=dict)
     details: Mapping[str, Any] = field(default_factory=dict)
     prefix: PrefixSummary | None = None  # what the prefix cache holds, for placement (None: no prefix cache)
+    role: str = "colocated"  # colocated | prefill | decode (replicas/handover.py)
+    max_decoding: int = 0  # sequences one decode step takes at most (0: unknown)
 
     @classmethod
     def from_queue(cls, queue: QueueStats, *, model: str, updated_at: float, **engine: Any) -> EngineStats:  # noqa: ANN401
@@ -83,6 +85,8 @@ class EngineStats:
             prefix_hit_tokens=int(self.counters.get("prefix_hit_tokens", 0)),
             prefix_queried_tokens=int(self.counters.get("prefix_queried_tokens", 0)),
             prefix_evictions=int(self.counters.get("prefix_evictions", 0)),
+            role=self.role, decoding=self.decoding, kv_total_tokens=self.kv_total_tokens,
+            max_decoding=self.max_decoding,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +127,8 @@ class EngineStats:
             decoding=r.integer("decoding", 0, minimum=0), preemptions=r.integer("preemptions", 0, minimum=0),
             cost_scale=r.number("cost_scale", 1.0, positive=True), counters=counters, details=r.obj("details", {}),
             prefix=None if r.data.get("prefix") is None else _prefix(r.nested("prefix")),
+            role=r.text("role", "colocated", choices=REPLICA_ROLES),
+            max_decoding=r.integer("max_decoding", 0, minimum=0),
         )
 
 

@@ -39,7 +39,7 @@ class RequestOutput:
     request_id: str
     token_ids: tuple[int, ...]
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error" | "handover"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None  # set on the first output: engine arrival to first token
@@ -50,6 +50,8 @@ class RequestOutput:
     index: int = 0  # the choice (of the request's ``n``) these tokens belong to
     choices_left: int = 0  # choices still generating after this output; the request ends with a finish at 0
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, on the first output, when asked for
+    # with finish_reason "handover" (a prefill engine): the KVHandover a decode engine continues from
+    handover: Any = None
 
 
 def ends_request(out: RequestOutput | Mapping[str, Any]) -> bool:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from state.fields import FieldError
+
+
+class HandoverError(FieldError):
+    """A prefill/decode handover (or its ticket) the receiving side cannot take; ``field`` names the
+    bad field (:mod:`replicas.handover`)."""
+
 
 class InvalidRequestError(ValueError):
     """A request field has an invalid value.

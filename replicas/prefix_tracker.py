@@ -118,6 +118,10 @@ class PrefixTracker:
         names.extend(block_names(tokens[:kv_tokens], bs, self.salt, start=start, parent=names[-1] if names else None))
         self.allocator.publish(self._seq[request_id], names, kv_tokens)
 
+    def prompt_names(self, request_id: str, blocks: int) -> list[BlockName]:
+        """The names of ``request_id``'s first ``blocks`` full blocks (empty without a prefix cache)."""
+        return list(self._names.get(request_id, ())[:blocks])
+
     def waiting_on(self, request_id: str) -> list[str]:
         """Requests waiting for ``request_id``'s blocks (after each of its programs they may attach more)."""
         return list(self._waiters.get(request_id, ()))

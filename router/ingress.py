@@ -31,6 +31,7 @@ from router.dispatch import replica_outputs
 from router.journal import RequestJournal
 from router.metrics import RouterMetrics
 from router.payload import build_payload
+from router.pd_dispatch import pd_outputs
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
 from router.responses import StreamEncoder
 from router.slo import SLOPolicy
@@ -48,16 +49,20 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 class RouterIngress:
-    """FastAPI ingress; ``replicas`` is the handle of the replica deployment."""
+    """FastAPI ingress; ``replicas`` is the handle of the replica deployment (under P/D, of the prefill
+    replicas, and ``decoders`` of the decode replicas)."""
+
+    decoders: Any = None  # colocated unless __init__ is given a decode deployment
 
     async def __init__(self, replicas: Any, model_name: str, model_dir: str | None = None,  # noqa: ANN401
                        slo: dict[str, Any] | None = None, max_body_bytes: int = 1 << 20,
                        access: dict[str, Any] | None = None, redis_url: str | None = None,
-                       namespace: str = DEFAULT_NAMESPACE) -> None:
+                       namespace: str = DEFAULT_NAMESPACE, decoders: Any = None) -> None:  # noqa: ANN401
         from replicas.model.default_model import prepare_default_model
         from replicas.model.tokenizer import Tokenizer
 
         self.replicas = replicas
+        self.decoders = decoders  # the decode deployment's handle under P/D (router/pd_dispatch.py), else None
         self.model_name = model_name
         directory = model_dir or str(prepare_default_model())
         self.tokenizer = Tokenizer.from_dir(directory)
@@ -81,6 +86,12 @@ class RouterIngress:
     def _on_retry(self, attempt: int, exc: BaseException) -> None:
         """A replica failed before a request's first output; it is being sent again."""
         self.metrics.retries.labels(type(exc).__name__).inc()
+
+    def _on_handover(self, out: dict[str, Any]) -> None:
+        """A decode replica took a handed-over request: record what the handover cost."""
+        timing = out.get("handover_timing")
+        if isinstance(timing, dict):
+            self.metrics.observe_handover(timing)
 
     def _on_routing_event(self, event: str, value: float) -> None:
         """Feed the request router's decisions (same process as this ingress) into /metrics."""
@@ -219,7 +230,9 @@ class RouterIngress:
 
         marks["dispatched_s"] = WALL_CLOCK()  # the ingress's part of the TTFT ends here
         try:
-            async for out in replica_outputs(self.replicas, payload, on_retry=on_retry):
+            outputs = replica_outputs(self.replicas, payload, on_retry=on_retry) if self.decoders is None else \
+                pd_outputs(self.replicas, self.decoders, payload, on_retry=on_retry, on_handover=self._on_handover)
+            async for out in outputs:
                 record.assigned(out.get("replica_id", ""))
                 yield out  # refusals and errors are mapped by _outputs
         finally:  # answered, failed, or the client went away: the entry leaves the journal

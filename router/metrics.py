@@ -72,6 +72,18 @@ class RouterMetrics:
         self.retries = Counter("flowprefill_replica_retries_total",
                                "Requests sent again because their replica failed before the first output",
                                ["error"], registry=r)
+        self.handover_ms = Histogram("flowprefill_handover_ms", "P/D handover: prefill KV ready to fetched by the "
+                                     "decode replica (ms)", buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000), registry=r)
+        self.handover_bytes = Counter("flowprefill_handover_bytes_total", "KV bytes handed from prefill to decode "
+                                      "replicas", registry=r)
+
+    def observe_handover(self, timing: Mapping[str, float]) -> None:
+        """Record one handover's transfer time and bytes (``handover_timing`` of a decode stream's first row)."""
+        ms, nbytes = timing.get("transfer_ms"), timing.get("bytes")
+        if isinstance(ms, int | float) and ms >= 0:
+            self.handover_ms.observe(ms)
+        if isinstance(nbytes, int | float) and nbytes > 0:
+            self.handover_bytes.inc(nbytes)
 
     def set_replicas(self, gauges: Mapping[str, ReplicaGauges]) -> None:
         """Per-replica gauges (depth, preemptions, cost scale, prefix-cache totals) from the latest queue

@@ -51,6 +51,8 @@ DEFAULT_NAMESPACE = "flowprefill"
 MAX_PREFIX_NAMES = 512
 _HEX8 = frozenset("0123456789abcdef")
 REQUEST_STATUSES = ("waiting", "suspended", "running")
+#: What a replica does: both phases, prompts only (handing KV over), or decoding handed-over requests only.
+REPLICA_ROLES = ("colocated", "prefill", "decode")
 JOURNAL_STATUSES = ("accepted", "running", "finished", "failed")
 
 
@@ -203,6 +205,15 @@ class ReplicaQueueState:
     prefix_hit_tokens: int = 0  # running totals of the prefix cache: prompt tokens found cached ...
     prefix_queried_tokens: int = 0  # ... of the prompt tokens looked up
     prefix_evictions: int = 0  # ... and cached blocks evicted for other content
+    role: str = "colocated"  # REPLICA_ROLES: a decode replica is placed by the fields below
+    decoding: int = 0  # sequences in the decode batch now
+    kv_total_tokens: int = 0  # the KV pool's size (kv_free_tokens of it are free or evictable)
+    max_decoding: int = 0  # sequences one decode step takes at most (0: unknown)
+
+    def __post_init__(self) -> None:
+        if self.role not in REPLICA_ROLES:
+            raise SchemaError("<replica state>", "role",
+                              f"must be one of {', '.join(REPLICA_ROLES)}, got {self.role!r}")
 
     @property
     def request_ids(self) -> tuple[str, ...]:
@@ -249,6 +260,10 @@ class ReplicaQueueState:
             prefix_hit_tokens=r.integer("prefix_hit_tokens", 0, minimum=0),
             prefix_queried_tokens=r.integer("prefix_queried_tokens", 0, minimum=0),
             prefix_evictions=r.integer("prefix_evictions", 0, minimum=0),
+            role=r.text("role", "colocated", choices=REPLICA_ROLES),
+            decoding=r.integer("decoding", 0, minimum=0),
+            kv_total_tokens=r.integer("kv_total_tokens", 0, minimum=0),
+            max_decoding=r.integer("max_decoding", 0, minimum=0),
         )
 
 
