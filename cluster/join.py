@@ -73,12 +73,22 @@ def probe(host: str, port: int, what: str, timeout_s: float = CONNECT_TIMEOUT_S)
         raise AddressError(f"{what}: nothing answers at {host}:{port} ({reason} within {timeout_s:g} s)") from None
 
 
+def use_local_token() -> None:
+    """Authenticate to the cluster with this user's Ray token (``~/.ray/auth_token``) when
+    ``RAY_AUTH_MODE`` is unset: ``ray start`` enables token auth when a token exists, but
+    ``ray.init`` with an explicit address only uses it when told to."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def connect_ray(address: str, setting: str, runtime_env: dict[str, Any]) -> None:
     """Probe the head, then attach this process to the cluster as a driver."""
     import ray
 
     host, port = split_address(address, setting)
     probe(host, port, f"{setting}={address} (the Ray head's GCS)")
+    use_local_token()
     ray.init(address=f"{host}:{port}", logging_level="WARNING", log_to_driver=False, runtime_env=runtime_env)
 
 

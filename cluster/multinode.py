@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +46,7 @@ NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED":
 # caller's environment sets RAY_AUTH_MODE: drivers on this machine (same user) read the same token.
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 READY_LINE = "Ray runtime started."
+START_ATTEMPTS = 3
 OBJECT_STORE_BYTES = 128 << 20  # per node: requests and tokens are small, the machine's /dev/shm is shared
 
 
@@ -146,17 +148,29 @@ class LocalCluster:
         port = port or free_port()
         cluster = cls(port=port, temp_dir=f"/tmp/fpray-{port}", worker_cpus=worker_cpus, state_file=str(path))
         try:
-            cluster.nodes.append(cluster._start(0, head_cpus, {HEAD_RESOURCE: 1.0}))
-            cluster.save()
-            cluster.wait_for_nodes(cluster.nodes, timeout_s)
-            for index in range(1, nodes):  # workers join in parallel
-                cluster.nodes.append(cluster._start(index, worker_cpus, {WORKER_RESOURCE: 1.0}))
-                cluster.save()
-            cluster.wait_for_nodes(cluster.nodes[1:], timeout_s)
+            for index in range(nodes):  # one at a time: a raylet that registers late is retried
+                extra = {HEAD_RESOURCE: 1.0} if index == 0 else {WORKER_RESOURCE: 1.0}
+                cluster._start_and_wait(index, head_cpus if index == 0 else worker_cpus, extra, timeout_s)
         except BaseException:
-            cluster.down()
+            cluster.down(keep_logs=True)
             raise
         return cluster
+
+    def _start_and_wait(self, index: int, num_cpus: float, extra: dict[str, float], timeout_s: float,
+                        attempts: int = START_ATTEMPTS) -> NodeProcess:
+        """Start node ``index`` and wait until it joined; retried when ``ray start`` gives up first
+        (it allows a raylet 30 s to register, which a loaded machine can exceed)."""
+        for attempt in range(1, attempts + 1):
+            node = self._start(index, num_cpus, extra)
+            self.nodes = [n for n in self.nodes if n.index != index] + [node]
+            self.save()
+            try:
+                self.wait_for_nodes([node], timeout_s)
+                return node
+            except ClusterError:
+                if node.alive or attempt == attempts:  # still starting at the deadline, or out of attempts
+                    raise
+        raise AssertionError("unreachable")
 
     def _start(self, index: int, num_cpus: float, extra: dict[str, float]) -> NodeProcess:
         resources = {node_resource(index): 1.0, **extra}
@@ -213,10 +227,7 @@ class LocalCluster:
         if node.alive:
             raise ClusterError(f"node {index} is still running")
         extra = {k: v for k, v in node.resources.items() if k != node_resource(index)}
-        fresh = self._start(index, node.num_cpus, extra)
-        self.nodes[self.nodes.index(node)] = fresh
-        self.save()
-        self.wait_for_nodes([fresh], timeout_s)
+        self._start_and_wait(index, node.num_cpus, extra, timeout_s)
 
     def _node(self, index: int) -> NodeProcess:
         for node in self.nodes:
@@ -224,8 +235,9 @@ class LocalCluster:
                 return node
         raise ClusterError(f"no node {index} in this cluster (nodes: {[n.index for n in self.nodes]})")
 
-    def down(self, timeout_s: float = 20.0) -> None:
-        """Stop every node this cluster started (workers first; SIGTERM, then SIGKILL) and forget it."""
+    def down(self, timeout_s: float = 20.0, keep_logs: bool = False) -> None:
+        """Stop every node this cluster started (SIGTERM, then SIGKILL) and forget it (and its logs,
+        unless ``keep_logs``)."""
         for node in sorted(self.nodes, key=lambda n: -n.index):
             node.signal_group(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -235,6 +247,8 @@ class LocalCluster:
                 _wait_gone(node, 5.0)
         if self.state_file:
             Path(self.state_file).unlink(missing_ok=True)
+        if not keep_logs and not any(n.alive for n in self.nodes):  # the sessions' logs and sockets go with the nodes
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def save(self) -> None:
         """Write the state file (what ``down`` reads to stop exactly these processes)."""

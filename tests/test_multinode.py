@@ -104,16 +104,20 @@ def _node_index(node_id: str) -> int | None:
 
 
 def _placement() -> dict[str, int]:
-    """Serve replica id (or ``router``) -> node index, from Ray's state API (alive actors)."""
-    from ray.util.state import list_actors
+    """Serve replica id (or ``router``) -> node index, from the GCS actor table (alive actors).
+
+    (Ray's dashboard-backed ``ray.util.state`` needs the dashboard, which the local cluster leaves off.)"""
+    from ray._private.state import actors
 
     placed = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = actor.name or ""
+    for actor in actors().values():
+        name = actor["Name"] or ""
+        if actor["State"] != "ALIVE":
+            continue
         if name.startswith("SERVE_REPLICA::flowprefill#FlowPrefillReplica#"):
-            placed[name.rsplit("#", 1)[1]] = _node_index(actor.node_id)
+            placed[name.rsplit("#", 1)[1]] = _node_index(actor["Address"]["NodeID"])
         elif name.startswith("SERVE_REPLICA::flowprefill#FlowPrefillRouter#"):
-            placed["router"] = _node_index(actor.node_id)
+            placed["router"] = _node_index(actor["Address"]["NodeID"])
     return placed
 
 
@@ -124,19 +128,26 @@ def local_cluster(tmp_path_factory):
 
     state_file = tmp_path_factory.mktemp("cluster") / "cluster.json"
     started = time.monotonic()
-    up = _cli("cluster", "up", "--nodes", "3", "--head-cpus", "2", "--worker-cpus", "1",
-              "--state-file", str(state_file))
+    try:
+        up = _cli("cluster", "up", "--nodes", "3", "--head-cpus", "2", "--worker-cpus", "1",
+                  "--state-file", str(state_file), timeout=400)
+    except subprocess.TimeoutExpired:
+        if state_file.exists():  # stop what it had started
+            LocalCluster.load(state_file).down(keep_logs=True)
+        raise
     assert up.returncode == 0, up.stderr
     cluster = LocalCluster.load(state_file)
     assert up.stdout.strip().splitlines()[-1] == cluster.address and cluster.address.startswith("127.0.0.1:")
     print(f"\ncluster up: {time.monotonic() - started:.1f} s", file=sys.stderr)
     import ray
 
+    from cluster.join import use_local_token
     from cluster.launcher import worker_runtime_env
 
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
-             runtime_env=worker_runtime_env())  # the test's own app stays on loopback too
     try:
+        use_local_token()
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False,
+                 runtime_env=worker_runtime_env())  # the test's own app stays on loopback too
         yield cluster
     finally:
         ray.shutdown()
