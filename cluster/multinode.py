@@ -110,12 +110,20 @@ class NodeProcess:
             return False
         return True
 
+    def processes(self) -> set[int]:
+        """The node's processes: its group, and their descendants in other groups (Ray's workers,
+        Serve's replicas and proxies start sessions of their own)."""
+        return descendants({self.pid} | group_members(self.pid))
+
     def signal_group(self, sig: int) -> None:
-        """Send ``sig`` to every process of the node's group (ignored when it has gone)."""
+        """Send ``sig`` to every process of the node (:meth:`processes`; ignored once gone)."""
+        members = self.processes()
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        for pid in members:
+            _kill(pid, sig)
 
 
 @dataclass
@@ -218,8 +226,9 @@ class LocalCluster:
         if index == 0:
             raise ClusterError("kill_node takes a worker node (1..N-1), not the head")
         node = self._node(index)
+        members = node.processes()
         node.signal_group(signal.SIGKILL)
-        _wait_gone(node, 10.0)
+        _wait_pids_gone(members, 10.0)
 
     def restart_node(self, index: int, timeout_s: float = 120.0) -> None:
         """Start worker node ``index`` again (after :meth:`kill_node`), with its old share and resources."""
@@ -238,13 +247,13 @@ class LocalCluster:
     def down(self, timeout_s: float = 20.0, keep_logs: bool = False) -> None:
         """Stop every node this cluster started (SIGTERM, then SIGKILL) and forget it (and its logs,
         unless ``keep_logs``)."""
-        for node in sorted(self.nodes, key=lambda n: -n.index):
-            node.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
+        members = set().union(*(n.processes() for n in self.nodes)) if self.nodes else set()
         for node in self.nodes:
-            if not _wait_gone(node, max(0.0, deadline - time.monotonic())):
-                node.signal_group(signal.SIGKILL)
-                _wait_gone(node, 5.0)
+            node.signal_group(signal.SIGTERM)
+        if not _wait_pids_gone(members, timeout_s):
+            for pid in _running(members):
+                _kill(pid, signal.SIGKILL)
+            _wait_pids_gone(members, 5.0)
         if self.state_file:
             Path(self.state_file).unlink(missing_ok=True)
         if not keep_logs and not any(n.alive for n in self.nodes):  # the sessions' logs and sockets go with the nodes
@@ -275,12 +284,65 @@ class LocalCluster:
             raise ClusterError(f"{path}: not a cluster state file ({exc})") from exc
 
 
-def _wait_gone(node: NodeProcess, timeout_s: float) -> bool:
+def _proc_table() -> list[tuple[int, int, int]]:
+    """``(pid, ppid, pgid)`` of every process (from /proc)."""
+    rows = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        rows.append((int(entry), int(fields[1]), int(fields[2])))
+    return rows
+
+
+def group_members(pgid: int) -> set[int]:
+    """The processes of process group ``pgid``."""
+    return {pid for pid, _, group in _proc_table() if group == pgid}
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """``roots`` and every process descending from one of them."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in _proc_table():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(roots), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        _reap(pid)
+        try:
+            os.kill(pid, 0)
+            if not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+                alive.add(pid)
+        except (ProcessLookupError, PermissionError, OSError, IndexError):
+            pass
+    return alive
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_pids_gone(pids: set[int], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while node.alive:
+    while _running(pids):
         if time.monotonic() >= deadline:
             return False
-        _reap(node.pid)
         time.sleep(0.1)
     return True
 
