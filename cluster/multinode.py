@@ -143,7 +143,7 @@ class LocalCluster:
 
     @classmethod
     def up(cls, nodes: int = 3, *, head_cpus: float = 2.0, worker_cpus: float = 1.0, port: int | None = None,
-           state_file: Path | None = None, timeout_s: float = 120.0) -> LocalCluster:
+           state_file: Path | None = None, timeout_s: float = 300.0) -> LocalCluster:
         """Start a head and ``nodes - 1`` workers; returns once every node is alive in the GCS."""
         if nodes < 1:
             raise ClusterError(f"--nodes must be at least 1 (the head), got {nodes}")

@@ -130,7 +130,7 @@ def local_cluster(tmp_path_factory):
     started = time.monotonic()
     try:
         up = _cli("cluster", "up", "--nodes", "3", "--head-cpus", "2", "--worker-cpus", "1",
-                  "--state-file", str(state_file), timeout=400)
+                  "--state-file", str(state_file), timeout=900)
     except subprocess.TimeoutExpired:
         if state_file.exists():  # stop what it had started
             LocalCluster.load(state_file).down(keep_logs=True)
@@ -316,15 +316,22 @@ def test_killed_worker_node_loses_no_request_and_its_replacement_rejoins(served,
     assert wait_for(lambda: _placement().get(replacement), "the replacement in Ray's state") == victim_node
     print(f"node {victim_node} back: replacement replica registered {time.monotonic() - back_at:.1f} s after "
           "restart", file=sys.stderr)
-    seen = set()
-    for i in range(8):  # with both idle, slo-aware placement uses both (ties broken by least load)
-        code, _, headers = _post(base, {"model": MODEL, "prompt": f"after the return {i} " + words, "max_tokens": 1},
-                                 {"x-slo-class": "batch"})
-        assert code == 200
-        seen.add(headers["x-flowprefill-replica"])
-        if replacement in seen:
-            break
-    assert replacement in seen
+    # It takes traffic: with a long prefill holding one replica, an urgent request goes to the other,
+    # so the two requests use both the survivor and the replacement.
+    long_prompt = "lorem ipsum dolor sit amet " * 80
+    holder: dict = {}
+    thread = threading.Thread(target=lambda: holder.update(resp=_post(
+        base, {"model": MODEL, "prompt": long_prompt, "max_tokens": 1}, {"x-slo-class": "batch"})))
+    thread.start()
+    try:
+        wait_for(lambda: any(q.prompt_tokens > 200 for st in _states(redis_url).values() for q in st.requests),
+                 "the long prompt holding a replica", interval_s=0.05)
+        code, _, headers = _post(base, {"model": MODEL, "prompt": "Hi again", "max_tokens": 1},
+                                 {"x-slo-class": "interactive"})
+    finally:
+        thread.join()
+    assert code == 200 and holder["resp"][0] == 200
+    assert {headers["x-flowprefill-replica"], holder["resp"][2]["x-flowprefill-replica"]} == {survivor, replacement}
 
 
 async def _journal_entries(redis_url: str) -> list:
