@@ -174,16 +174,19 @@ def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port:
     stop = threading.Event()
     started_serve = deployed = False
     try:
+        if address:  # join first: a wrong address fails before anything is started
+            from cluster.join import connect_ray
+
+            connect_ray(address, setting, worker_runtime_env())
         redis_url, redis = redis_url_from_env_or_start()
         print(f"redis: {redact_url(redis_url)}{' (private)' if redis else ''}", file=sys.stderr)
         os.environ["REDIS_URL"] = redis_url
         if address:
             import ray
 
-            from cluster.join import check_redis_from_nodes, connect_ray, serve_running
+            from cluster.join import check_redis_from_nodes, serve_running
             from cluster.multinode import placement_args
 
-            connect_ray(address, setting, worker_runtime_env())
             nodes = check_redis_from_nodes(redis_url)
             placed = placement_args(ray.cluster_resources())
             args = {**args, **placed, **overrides}  # an explicit --replicas still wins

@@ -256,7 +256,7 @@ class LocalCluster:
             _wait_pids_gone(members, 5.0)
         if self.state_file:
             Path(self.state_file).unlink(missing_ok=True)
-        if not keep_logs and not any(n.alive for n in self.nodes):  # the sessions' logs and sockets go with the nodes
+        if not keep_logs:  # the sessions' logs and sockets go with the nodes
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def save(self) -> None:

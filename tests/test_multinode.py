@@ -383,14 +383,17 @@ def test_bad_addresses_fail_fast_naming_the_setting(local_cluster):
     dead = f"127.0.0.1:{_free_port()}"
     started = time.monotonic()
     bad = _cli("serve", "--address", dead, "--engine", "echo", timeout=60)
+    print(f"\n  unreachable head refused in {time.monotonic() - started:.1f} s", file=sys.stderr)
     assert bad.returncode == 2 and "--address" in bad.stderr and dead in bad.stderr, bad.stderr
     env_bad = _cli("serve", "--engine", "echo", env={"RAY_ADDRESS": dead}, timeout=60)
     assert env_bad.returncode == 2 and "RAY_ADDRESS" in env_bad.stderr, env_bad.stderr
     assert _cli("serve", "--address", "ray://10.0.0.1:10001", timeout=60).returncode == 2
     # Redis the nodes cannot reach: refused by name once every node has tried it, within the bound.
     no_redis = f"redis://127.0.0.1:{_free_port()}/0"
+    at = time.monotonic()
     unreachable = _cli("serve", "--address", local_cluster.address, "--engine", "echo",
                        env={"REDIS_URL": no_redis}, timeout=200)
+    print(f"  unreachable Redis refused in {time.monotonic() - at:.1f} s", file=sys.stderr)
     assert unreachable.returncode == 2, unreachable.stderr
     assert "REDIS_URL" in unreachable.stderr and "not reachable from every node" in unreachable.stderr
     print(f"\nbad addresses refused in {time.monotonic() - started:.1f} s (all four)", file=sys.stderr)
