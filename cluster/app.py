@@ -53,6 +53,12 @@ class AppConfig:
     # P/D disaggregation (replicas/handover.py): a mapping starts a second deployment of decode replicas;
     # the replicas above then run engine.role prefill. null: colocated replicas (the default).
     decode: dict[str, Any] | None = None
+    # Placement on a multi-node cluster (cluster/multinode.py): Ray custom resources each replica /
+    # the router ingress asks for (e.g. {flowprefill_worker: 1}: one replica per worker node), and
+    # Serve's cap on replicas per node (1: one per GPU node; null: no cap).
+    replica_resources: dict[str, float] | None = None
+    router_resources: dict[str, float] | None = None
+    max_replicas_per_node: int | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
@@ -74,6 +80,11 @@ class AppConfig:
             raise EngineConfigError("args.num_replicas", "must be a positive integer")
         if not isinstance(config.protect_metrics, bool):
             raise EngineConfigError("args.protect_metrics", "must be true or false")
+        for name in ("replica_resources", "router_resources"):
+            _check_resources(getattr(config, name), f"args.{name}")
+        per_node = config.max_replicas_per_node
+        if per_node is not None and (isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1):
+            raise EngineConfigError("args.max_replicas_per_node", "must be a positive integer or null")
         if config.api_keys_file is not None:  # refuse a bad key file at start, naming its field
             from router.auth import AccessConfigError, AccessPolicy
 
@@ -146,6 +157,17 @@ class AppConfig:
                                 f"must be one of {', '.join(ENGINE_KINDS)}, got {self.engine_kind!r}")
 
 
+def _check_resources(value: Any, path: str) -> None:  # noqa: ANN401 (unvalidated config)
+    if value is None:
+        return
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and k and not isinstance(v, bool) and isinstance(v, int | float) and v > 0
+            for k, v in value.items()):
+        raise EngineConfigError(path, f"must map resource names to positive amounts, got {value!r}")
+    if {"CPU", "GPU", "memory"} & set(value):
+        raise EngineConfigError(path, "CPU, GPU and memory are replica_cpus / replica_gpus, not custom resources")
+
+
 def build(args: Mapping[str, Any]) -> Any:  # noqa: ANN401 (a Serve Application)
     """The Serve application: the router ingress bound to the replica deployment."""
     from replicas.deployment import ReplicaServer
@@ -164,7 +186,8 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     model_dir, max_ongoing = config.engine_limits()
     options: dict[str, Any] = {
         "name": "FlowPrefillReplica",
-        "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
+        "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus,
+                              **({"resources": dict(config.replica_resources)} if config.replica_resources else {})},
         "max_ongoing_requests": max_ongoing,
         "health_check_period_s": 5,
         # Serve's per-request access log costs CPU on the request path; /metrics counts requests.
@@ -176,6 +199,8 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
         options["autoscaling_config"] = serve_autoscaling_config(config.autoscaling)  # FlowPrefill's policy by default
     else:
         options["num_replicas"] = config.num_replicas
+    if config.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = config.max_replicas_per_node
     if config.router_policy != "pow2":  # pow2 is Serve's own default router, the baseline
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=REQUEST_ROUTER_CLASS,
@@ -189,7 +214,9 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     if (pool := config.decode_pool()) is not None:  # P/D: one deployment per role
         decode = serve.deployment(replica_cls).options(
             name="FlowPrefillDecode", num_replicas=pool.num_replicas,
-            ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": pool.replica_gpus},
+            ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": pool.replica_gpus,  # same nodes rule
+                               **({"resources": dict(config.replica_resources)} if config.replica_resources else {})},
+            **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
             max_ongoing_requests=EngineConfig.from_dict(pool.engine).max_decoding * 2,
             health_check_period_s=5, logging_config={"enable_access_log": False},
             request_router_config=RequestRouterConfig(
@@ -202,7 +229,9 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     # out of the replicas' EDF schedulers' sight). Replicas bound their own queues (max_waiting).
     replica_slots = max_ongoing * max(config.num_replicas, int((config.autoscaling or {}).get("max_replicas", 1)))
     ingress = serve.deployment(build_ingress_class()).options(
-        name="FlowPrefillRouter", num_replicas=1, ray_actor_options={"num_cpus": 0.25},
+        name="FlowPrefillRouter", num_replicas=1,
+        ray_actor_options={"num_cpus": 0.25,
+                           **({"resources": dict(config.router_resources)} if config.router_resources else {})},
         max_ongoing_requests=max(4096, replica_slots), logging_config={"enable_access_log": False})
     access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}
     return ingress.bind(replicas, config.model_name, model_dir, config.slo, config.max_body_bytes, access,

@@ -7,6 +7,7 @@ heavy imports happen inside the handlers so ``flowprefill --help`` stays instant
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from bench.cli import add_engine_args, model_dir
 from bench.cli import register as register_bench_commands
 from bench.stack import ServingStack
 from cluster.app import ROUTER_POLICIES
+from cluster.multinode import ClusterError
 
 
 def _local_stack() -> ServingStack:
@@ -86,6 +88,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.join import is_loopback, resolve_address, split_address
+
+    address, setting = resolve_address(args.address)
+    if address and not is_loopback(split_address(address, setting)[0]):
+        # A driver on a real multi-machine cluster finds its node by its own IP: Ray's single-node
+        # switch (the launcher's default, read when ray is imported) would pin it to loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     from cluster.launcher import DEFAULT_CONFIG, serve_main
 
     overrides: dict[str, object] = {}
@@ -110,7 +119,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.engine:
         overrides["engine_kind"] = args.engine
     return serve_main(Path(args.config or DEFAULT_CONFIG), overrides, args.host, args.port, args.num_cpus,
-                      args.grpc_port)
+                      args.grpc_port, address=args.address)
+
+
+def _cmd_cluster_up(args: argparse.Namespace) -> int:
+    from cluster.multinode import LocalCluster
+
+    cluster = LocalCluster.up(args.nodes, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus, port=args.port,
+                              state_file=Path(args.state_file) if args.state_file else None)
+    print(f"local Ray cluster: head + {args.nodes - 1} worker nodes, state in {cluster.state_file}, logs under "
+          f"{cluster.temp_dir}", file=sys.stderr)
+    print(cluster.address, flush=True)
+    return 0
+
+
+def _cmd_cluster_down(args: argparse.Namespace) -> int:
+    from cluster.multinode import LocalCluster
+
+    cluster = LocalCluster.load(Path(args.state_file) if args.state_file else None)
+    cluster.down()
+    print(f"stopped the local cluster at {cluster.address} ({len(cluster.nodes)} nodes)", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--engine", choices=["flowprefill", "echo", "vllm"], default=None,
                      help="replica engine kind (default: the config's engine_kind); vllm runs vLLM's server from "
                           ".venv-vllm (scripts/vllm_env.sh) with the config's engine settings")
+    srv.add_argument("--address", default=None,
+                     help="join the running Ray cluster whose head is at HOST:PORT (default: $RAY_ADDRESS; "
+                          "unset: start a local Ray on loopback); on exit only this app is removed")
     srv.set_defaults(func=_cmd_serve)
+
+    clu = sub.add_parser("cluster", help="a multi-node Ray cluster on this machine (head + worker raylets, loopback)")
+    csub = clu.add_subparsers(dest="cluster_command", required=True)
+    up = csub.add_parser("up", help="start a Ray head and --nodes - 1 worker raylets; prints the head's address")
+    up.add_argument("--nodes", type=int, default=3, help="Ray nodes in all, the head included (default 3)")
+    up.add_argument("--head-cpus", type=float, default=2.0, help="CPUs the head offers (Serve, router)")
+    up.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs each worker node offers")
+    up.add_argument("--port", type=int, default=None, help="the head's GCS port (default: a free one)")
+    up.add_argument("--state-file", default=None,
+                    help="where to record the processes (default: $FLOWPREFILL_CLUSTER_STATE or "
+                         "~/.cache/flowprefill/cluster.json)")
+    up.set_defaults(func=_cmd_cluster_up)
+    down = csub.add_parser("down", help="stop exactly the nodes `cluster up` started")
+    down.add_argument("--state-file", default=None)
+    down.set_defaults(func=_cmd_cluster_down)
 
     models = sub.add_parser("models", help="prepare the default model or build test checkpoints")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -190,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ClusterError) as exc:
         print(f"flowprefill: error: {exc}", file=sys.stderr)
         return 2
 

@@ -56,14 +56,18 @@ def load_app_args(config_path: Path) -> dict[str, Any]:
     raise ValueError(f"{config_path}: no application named {APP_NAME!r} under 'applications'")
 
 
+def worker_runtime_env() -> dict[str, Any]:
+    """The job's runtime env: Serve's gRPC binds on loopback and one event loop per worker process."""
+    return {"worker_process_setup_hook": "cluster.loopback.bind_serve_to_loopback",
+            "env_vars": {k: os.environ.get(k, v) for k, v in SERVE_LATENCY_ENV.items()}}
+
+
 def start_local_ray(num_cpus: int | None = None) -> None:
     """Start a single-node Ray whose every listener is on loopback."""
     import ray
 
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-             logging_level="WARNING", log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "cluster.loopback.bind_serve_to_loopback",
-                          "env_vars": {k: os.environ.get(k, v) for k, v in SERVE_LATENCY_ENV.items()}})
+             logging_level="WARNING", log_to_driver=False, runtime_env=worker_runtime_env())
 
 
 def ensure_profile(args: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +121,9 @@ def run_app(args: Mapping[str, Any], host: str, port: int, redis_url: str | None
 
     ensure_stubs()
     grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=["router.grpc_build.add_servicer_to_server"])
-    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc, detached=False)
+    # Proxies on the head only: on a multi-node cluster every node's proxy would take the same port
+    # (one machine in `flowprefill cluster up`), and the router ingress runs there anyway.
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port}, grpc_options=grpc)
     app_args = {**args}
     if redis_url:
         app_args["redis_url"] = redis_url
@@ -151,16 +157,46 @@ LOCAL_STACK = LocalStack()
 
 
 def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port: int,
-               num_cpus: int | None = None, grpc_port: int = 9000) -> int:
-    """Run until interrupted; returns the process exit code."""
-    args = ensure_profile({**load_app_args(config_path), **overrides})
+               num_cpus: int | None = None, grpc_port: int = 9000, address: str | None = None) -> int:
+    """Run until interrupted; returns the process exit code.
+
+    Without ``address`` (and no ``RAY_ADDRESS``) a local single-node Ray is started and shut down
+    on exit. With one, this process joins that cluster (cluster/join.py), spreads the replicas one
+    per FlowPrefill worker node when the cluster has them (cluster/multinode.py) and on exit removes
+    only the application it deployed.
+    """
+    from cluster.join import resolve_address
+
+    address, setting = resolve_address(address)
+    if address and num_cpus is not None:
+        raise ValueError("--num-cpus sizes a local Ray: the cluster at --address has its own CPUs")
+    args = {**load_app_args(config_path), **overrides}
     redis: RedisServer | None = None
     stop = threading.Event()
+    started_serve = deployed = False
     try:
+        if address:  # join first: a wrong address fails before anything is started
+            from cluster.join import connect_ray
+
+            connect_ray(address, setting, worker_runtime_env())
         redis_url, redis = redis_url_from_env_or_start()
         print(f"redis: {redact_url(redis_url)}{' (private)' if redis else ''}", file=sys.stderr)
         os.environ["REDIS_URL"] = redis_url
-        start_local_ray(num_cpus)
+        if address:
+            import ray
+
+            from cluster.join import check_redis_from_nodes, serve_running
+            from cluster.multinode import placement_args
+
+            nodes = check_redis_from_nodes(redis_url)
+            placed = placement_args(ray.cluster_resources())
+            args = {**args, **placed, **overrides}  # an explicit --replicas still wins
+            print(f"ray: joined {address} ({nodes} nodes; replicas: {args.get('num_replicas', 1)}"
+                  f"{', one per worker node' if placed else ''})", file=sys.stderr)
+            started_serve = not serve_running()
+        else:
+            start_local_ray(num_cpus)
+        args = ensure_profile(args)
         started = threading.Event()
 
         def on_signal(*_: object) -> None:
@@ -170,6 +206,7 @@ def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port:
 
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, on_signal)
+        deployed = True
         url = run_app(args, host, port, redis_url, grpc_port)
         started.set()
         print(f"FlowPrefill is serving the OpenAI API at {url}/v1 and gRPC at 127.0.0.1:{grpc_port} "
@@ -181,15 +218,26 @@ def serve_main(config_path: Path, overrides: Mapping[str, Any], host: str, port:
         print("interrupted while starting; shutting down", file=sys.stderr)
         return 130
     finally:
-        try:
+        _stop_serving(bool(address), deployed, started_serve)
+        if redis is not None:
+            redis.close()
+
+
+def _stop_serving(joined: bool, deployed: bool, started_serve: bool) -> None:
+    """Remove what ``serve_main`` started: on a joined cluster only its app, else Serve and Ray."""
+    import ray
+
+    try:
+        if joined:
+            if deployed and ray.is_initialized():
+                from cluster.join import remove_app
+
+                remove_app(APP_NAME, started_serve)
+        else:
             from ray import serve
 
             serve.shutdown()
-        except Exception:  # noqa: BLE001 - best effort while exiting
-            pass
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if redis is not None:
-            redis.close()
+    except Exception as exc:  # noqa: BLE001 - best effort while exiting
+        print(f"while removing the app: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if ray.is_initialized():
+        ray.shutdown()
