@@ -395,7 +395,7 @@ class ReplicaEngine:
             return
         choice = params.for_choice(0)
         lr = LiveRequest(request, params, sink, next(self._seq_ids), self._sampler(request, choice),
-                         self._stream(choice), position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
+                         self._output_stream(choice), position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
         if params.prompt_logprobs is not None:  # the first prompt token has none; the prefill computes the rest
             lr.prompt_logprobs.append(TokenLogprob(request.prompt_ids[0], None))
         match = self.prefix.admit(request.request_id, lr.seq_id, request.prompt_ids,
@@ -410,7 +410,7 @@ class ReplicaEngine:
         return RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
                               eos_token_ids=self.eos_token_ids)
 
-    def _stream(self, params: SamplingParams) -> OutputStream:
+    def _output_stream(self, params: SamplingParams) -> OutputStream:
         return OutputStream(params, self.eos_token_ids, self.tokenizer.decode)
 
     def _admit_handover(self, h: KVHandover, sink: Sink) -> None:
@@ -545,7 +545,7 @@ class ReplicaEngine:
         for lr in (self.live[rid] for rid in decision.prefilled if rid in self.live):
             try:
                 members.extend(fork_choices(lr, self.kv, lambda: next(self._seq_ids),
-                                            lambda p, r=lr.request: self._sampler(r, p), self._stream))
+                                            lambda p, r=lr.request: self._sampler(r, p), self._output_stream))
             except KVCacheFull as exc:
                 self._finish_request(lr, "error", f"KV cache exhausted forking {lr.params.n} choices: {exc}")
         if members:
