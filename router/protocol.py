@@ -8,8 +8,8 @@ naming the offending field. Pure Python: no Ray, no FastAPI.
 Choices (status codes in :mod:`router.api_errors`):
 
 * Unknown top-level fields are a 400 naming them. Harmless OpenAI fields are accepted at their
-  neutral value (empty ``suffix``/``tools``, ``store`` false, ``tool_choice`` none/auto,
-  ``response_format`` text); other values are 422
+  neutral value (empty ``suffix``/``tools``, ``store`` false, ``tool_choice`` none/auto); other
+  values are 422
   ``unsupported_parameter`` (:mod:`router.neutral_fields`). ``user``, ``metadata``, ``service_tier``
   and ``parallel_tool_calls`` are type-checked and ignored.
 * Sampling: ``presence_penalty``/``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0,
@@ -24,6 +24,9 @@ Choices (status codes in :mod:`router.api_errors`):
   before the generated ones (the first prompt token's is null), as vLLM's server. vLLM's
   ``prompt_logprobs`` (0..20) adds them in vLLM's format to a non-streaming body (completions: each
   choice's ``prompt_logprobs``; chat: the body's), streams do not carry them.
+* ``response_format`` (both endpoints, as vLLM): ``json_object`` or ``json_schema`` (``name`` and
+  ``schema`` required; the schema must compile, else 400 naming
+  ``response_format.json_schema.schema``) constrain the output (:mod:`replicas.structured_output`).
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``
@@ -38,6 +41,7 @@ Choices (status codes in :mod:`router.api_errors`):
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,7 +68,7 @@ _COMMON_FIELDS = frozenset({
     "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier", "min_tokens",
     "prompt_logprobs",
 })
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix", "response_format"}
 CHAT_FIELDS = _COMMON_FIELDS | {
     "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
     "parallel_tool_calls", "functions", "function_call", "store", "metadata", "modalities",
@@ -311,6 +315,7 @@ def _finish(
             logprobs=logprobs,
             n=n,
             prompt_logprobs=max(scored) if scored else None,
+            json_schema=_response_format(f),
         )
         if config.vocab_size is not None:
             sampling.check_vocab(config.vocab_size)
@@ -336,6 +341,45 @@ def _finish(
         created=int(arrival),
         arrival_time=arrival,
     )
+
+
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+def _response_format(f: BodyFields) -> str | None:
+    """The JSON schema (as text) that ``response_format`` constrains the output to, or None (``text``)."""
+    fmt = f.obj("response_format")
+    if fmt is None:
+        return None
+    r = BodyFields(fmt, "response_format.")
+    kind = r.string("type", required=True)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise APIError.invalid("response_format.type", "response_format.type must be 'text', 'json_object' or "
+                                                       f"'json_schema', got {kind!r}")
+    spec = r.obj("json_schema")
+    if spec is None:
+        raise APIError.invalid("response_format.json_schema", "response_format.json_schema is required with "
+                                                              "type 'json_schema'")
+    s = BodyFields(spec, "response_format.json_schema.")
+    s.reject_unknown(frozenset({"name", "description", "schema", "strict"}))
+    s.string("name", required=True, non_empty=True)
+    s.string("description")
+    s.boolean("strict")
+    schema = s.obj("schema")
+    if schema is None:
+        raise APIError.invalid("response_format.json_schema.schema", "response_format.json_schema.schema is required")
+    from replicas.json_grammar import schema_error  # llguidance: loaded only for structured output
+
+    text = json.dumps(schema)
+    error = schema_error(text)
+    if error is not None:
+        raise APIError.invalid("response_format.json_schema.schema",
+                               f"response_format.json_schema.schema cannot constrain output: {error}")
+    return text
 
 
 def _n(f: BodyFields, chat: bool) -> int:

@@ -89,7 +89,7 @@ def test_bad_schemas_are_refused_naming_the_field(engine):
         with pytest.raises(InvalidRequestError) as err:
             SamplingParams(json_schema=bad)
         assert err.value.field == "json_schema"
-    from replicas.structured_output import schema_error
+    from replicas.json_grammar import schema_error
 
     assert schema_error('{"type": "object"}') is None
     assert schema_error('{"type": "no-such-type"}')
