@@ -1,10 +1,11 @@
 """The sampling fields the vLLM engine kind passes to vLLM's ``/v1/completions``, and the log
 probabilities it reads back (torch-free, like :mod:`replicas.vllm_engine`).
 
-Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``n`` and the JSON schema of
-structured output (``response_format``) go to vLLM as the same fields (vLLM's semantics are the native engine's). With ``logprobs``, the body also sets vLLM's
-``return_tokens_as_token_ids``, so each token of the completions logprobs format reads
-``"token_id:N"`` and the alternatives map back to ids: :func:`parse_logprobs`.
+Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``n`` and the JSON
+schema of structured output (``response_format``) go to vLLM as the same fields (vLLM's semantics
+are the native engine's). With ``logprobs``, the body also sets vLLM's ``return_tokens_as_token_ids``,
+so each token of the completions logprobs format reads ``"token_id:N"`` and the alternatives map
+back to ids: :func:`parse_logprobs`.
 """
 
 from __future__ import annotations
