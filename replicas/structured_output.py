@@ -2,7 +2,7 @@
 applied to its logits row in the batched sampler at every step.
 
 Why llguidance (measured on SmolLM2's 49152-token vocabulary, CPU, per decode step of one
-sequence; README "Structured output"): its mask costs ~16 us at the median and stays under ~2 ms
+sequence; README, "Structured output"): its mask costs ~16 us at the median and stays under ~2 ms
 at the worst step, a schema compiles in 1-7 ms, and the wheel has no dependencies. xgrammar's
 median mask is similar but its worst steps reach 4-6 ms, it compiles in 11-25 ms and it pulls in
 triton and apache-tvm-ffi; outlines-core's regex index takes 0.8 s (a schema) to 7 s (any JSON
