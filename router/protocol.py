@@ -41,7 +41,6 @@ Choices (status codes in :mod:`router.api_errors`):
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from router.api_errors import APIError
 from router.chat_messages import parse_messages
 from router.neutral_fields import check_neutral_chat, check_neutral_common, check_neutral_completion
 from router.request_fields import MAX_INT, BodyFields, decode_json_object, is_int, type_name
+from router.response_format import response_format_schema
 from router.slo import ResolvedSLO, SLOPolicy
 from state.clock import WALL_CLOCK
 
@@ -315,7 +315,7 @@ def _finish(
             logprobs=logprobs,
             n=n,
             prompt_logprobs=max(scored) if scored else None,
-            json_schema=_response_format(f),
+            json_schema=response_format_schema(f),
         )
         if config.vocab_size is not None:
             sampling.check_vocab(config.vocab_size)
@@ -341,45 +341,6 @@ def _finish(
         created=int(arrival),
         arrival_time=arrival,
     )
-
-
-JSON_OBJECT_SCHEMA = '{"type": "object"}'
-
-
-def _response_format(f: BodyFields) -> str | None:
-    """The JSON schema (as text) that ``response_format`` constrains the output to, or None (``text``)."""
-    fmt = f.obj("response_format")
-    if fmt is None:
-        return None
-    r = BodyFields(fmt, "response_format.")
-    kind = r.string("type", required=True)
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return JSON_OBJECT_SCHEMA
-    if kind != "json_schema":
-        raise APIError.invalid("response_format.type", "response_format.type must be 'text', 'json_object' or "
-                                                       f"'json_schema', got {kind!r}")
-    spec = r.obj("json_schema")
-    if spec is None:
-        raise APIError.invalid("response_format.json_schema", "response_format.json_schema is required with "
-                                                              "type 'json_schema'")
-    s = BodyFields(spec, "response_format.json_schema.")
-    s.reject_unknown(frozenset({"name", "description", "schema", "strict"}))
-    s.string("name", required=True, non_empty=True)
-    s.string("description")
-    s.boolean("strict")
-    schema = s.obj("schema")
-    if schema is None:
-        raise APIError.invalid("response_format.json_schema.schema", "response_format.json_schema.schema is required")
-    from replicas.json_grammar import schema_error  # llguidance: loaded only for structured output
-
-    text = json.dumps(schema)
-    error = schema_error(text)
-    if error is not None:
-        raise APIError.invalid("response_format.json_schema.schema",
-                               f"response_format.json_schema.schema cannot constrain output: {error}")
-    return text
 
 
 def _n(f: BodyFields, chat: bool) -> int:
