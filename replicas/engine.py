@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -51,6 +51,9 @@ from replicas.scheduler.request import Request
 from replicas.ttft_parts import EngineTTFT, TTFTTimer
 from state.clock import WALL_CLOCK, Clock, require_clock
 from state.schema import PrefixSummary
+
+if TYPE_CHECKING:  # llguidance: loaded on the first structured-output request
+    from replicas.structured_output import GrammarTokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,6 +171,7 @@ class ReplicaEngine:
         self._current: int | None = None  # batch id of the program the executor runs
         self._seq_ids = itertools.count()
         self._stop = threading.Event()
+        self._grammar_tokenizer: GrammarTokenizer | None = None
         self.counters = {"preemptions": 0, "prefill_batches": 0, "decode_steps": 0, "rejected": 0, "errors": 0,
                          "prefill_tokens": 0,
                          "handovers_out": 0, "handover_bytes_out": 0, "handover_gather_us": 0,
@@ -394,7 +398,14 @@ class ReplicaEngine:
             sink(RequestOutput(request.request_id, (), "", "rejected", request.num_prompt_tokens, error=error))
             return
         choice = params.for_choice(0)
-        lr = LiveRequest(request, params, sink, next(self._seq_ids), self._sampler(request, choice),
+        try:
+            sampler = self._sampler(request, choice)
+        except ValueError as exc:  # a schema the grammar library refuses (the router checks it first)
+            self.counters["rejected"] += 1
+            sink(RequestOutput(request.request_id, (), "", "error", request.num_prompt_tokens,
+                               error=f"structured output: {exc}"))
+            return
+        lr = LiveRequest(request, params, sink, next(self._seq_ids), sampler,
                          self._output_stream(choice), position=request.num_prompt_tokens, timer=TTFTTimer(accepted_s))
         if params.prompt_logprobs is not None:  # the first prompt token has none; the prefill computes the rest
             lr.prompt_logprobs.append(TokenLogprob(request.prompt_ids[0], None))
@@ -407,8 +418,16 @@ class ReplicaEngine:
         self._apply(self.scheduler.on_arrival(request, now), now)
 
     def _sampler(self, request: Request, params: SamplingParams) -> RequestSampler:
-        return RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
-                              eos_token_ids=self.eos_token_ids)
+        sampler = RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
+                                 eos_token_ids=self.eos_token_ids)
+        if params.json_schema is not None:
+            if self._grammar_tokenizer is None:  # once per engine, on first use (about a second)
+                from replicas.structured_output import GrammarTokenizer
+
+                self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.to_json(), self.vocab_size,
+                                                           self.eos_token_ids)
+            sampler.grammar = self._grammar_tokenizer.matcher(params.json_schema)
+        return sampler
 
     def _output_stream(self, params: SamplingParams) -> OutputStream:
         return OutputStream(params, self.eos_token_ids, self.tokenizer.decode)
@@ -589,8 +608,10 @@ class ReplicaEngine:
             ttft_timing=ttft_timing if first else None, logprobs=None if logprob is None else (logprob,),
             index=lr.index, choices_left=parent.open_choices, prompt_logprobs=prompt_logprobs,
         ))
-        if step.finish_reason is None and self.role == "prefill" and parent.params.n == 1:
-            self._hand_over(lr)  # n > 1: a handover carries one sequence, so the prefill replica decodes them
+        if step.finish_reason is None and self.role == "prefill" and parent.params.n == 1 \
+                and parent.params.json_schema is None:
+            # a handover carries one sequence and no grammar state: n > 1 and structured output decode here
+            self._hand_over(lr)
         elif step.finish_reason is None:
             self.decoder.add(lr.key, lr)
         elif parent.open_choices == 0:

@@ -13,12 +13,16 @@ the log probabilities a row asked for, and records the sampled tokens in each re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from replicas.engine_types import TokenLogprob
 from replicas.logits_processing import TokenHistory, process_logits, token_logprobs
 from replicas.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # llguidance: only structured output loads it
+    from replicas.structured_output import RequestGrammar
 
 
 class RequestSampler:
@@ -37,6 +41,7 @@ class RequestSampler:
         self.params = params
         stop_ids = (*(() if params.ignore_eos else eos_token_ids), *params.stop_token_ids)
         self.history = TokenHistory(params, prompt_ids, tuple(dict.fromkeys(stop_ids)))
+        self.grammar: RequestGrammar | None = None  # set by the engine for structured output
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
@@ -54,11 +59,18 @@ def sample_batch(
     per row (logprob None unless the row's ``params.logprobs`` is set)."""
     params = [s.params for s in samplers]
     processed = process_logits(logits, [s.history for s in samplers])
+    if any(s.grammar is not None for s in samplers):
+        from replicas.structured_output import apply_grammars
+
+        grammars = [s.grammar for s in samplers]
+        processed = apply_grammars(processed, grammars)
     tokens = sample_next_tokens(processed, params, [s.generator for s in samplers])
     logprobs = token_logprobs(logits, tokens, params)
     picked = tokens.tolist()
     for sampler, token in zip(samplers, picked):
         sampler.history.record(token)
+        if sampler.grammar is not None:
+            sampler.grammar.accept(token)
     return list(zip(picked, logprobs))
 
 

@@ -5,6 +5,7 @@ The batched sampler that applies them to logits is :mod:`replicas.sampling`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -79,6 +80,17 @@ def _normalise_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs.items()))
 
 
+def _check_schema_text(value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError("json_schema", f"json_schema must be a JSON schema as text, got {_type_name(value)}")
+    try:
+        schema = json.loads(value)
+    except ValueError as exc:
+        raise InvalidRequestError("json_schema", f"json_schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("json_schema", f"json_schema must be a JSON object, got {_type_name(schema)}")
+
+
 def _check_range(name: str, value: object, lo: float, hi: float, *, open_lo: bool = False) -> float:
     if not _is_number(value) or not math.isfinite(value) or value > hi or (value <= lo if open_lo else value < lo):
         interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
@@ -107,7 +119,9 @@ class SamplingParams:
     ``n`` (1..128) choices are generated from one prefill of the prompt (:mod:`replicas.parallel_sampling`);
     choice ``i`` samples with seed ``seed + i`` (vLLM's convention). ``prompt_logprobs`` (None, or
     0..20 alternatives) asks for the log probability of every prompt token but the first (the
-    prompt is then computed in full, never taken from the prefix cache).
+    prompt is then computed in full, never taken from the prefix cache). ``json_schema`` (a JSON
+    schema object as text) constrains the output to JSON that validates against it
+    (:mod:`replicas.structured_output`; ``json_object`` is ``{"type": "object"}``).
     """
 
     max_tokens: int = 16
@@ -127,6 +141,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     prompt_logprobs: int | None = None
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -164,6 +179,8 @@ class SamplingParams:
         if pl is not None and (not _is_int(pl) or not 0 <= pl <= MAX_LOGPROBS):
             raise InvalidRequestError("prompt_logprobs", f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] "
                                                          f"or null, got {pl!r}")
+        if self.json_schema is not None:
+            _check_schema_text(self.json_schema)
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))

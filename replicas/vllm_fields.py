@@ -1,14 +1,16 @@
 """The sampling fields the vLLM engine kind passes to vLLM's ``/v1/completions``, and the log
 probabilities it reads back (torch-free, like :mod:`replicas.vllm_engine`).
 
-Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs`` and ``n`` go to vLLM as
-the same fields (vLLM's semantics are the native engine's). With ``logprobs``, the body also sets vLLM's
-``return_tokens_as_token_ids``, so each token of the completions logprobs format reads
-``"token_id:N"`` and the alternatives map back to ids: :func:`parse_logprobs`.
+Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``n`` and the JSON
+schema of structured output (``response_format``) go to vLLM as the same fields (vLLM's semantics
+are the native engine's). With ``logprobs``, the body also sets vLLM's ``return_tokens_as_token_ids``,
+so each token of the completions logprobs format reads ``"token_id:N"`` and the alternatives map
+back to ids: :func:`parse_logprobs`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +34,9 @@ def sampling_fields(params: SamplingParams) -> dict[str, Any]:
         body["return_tokens_as_token_ids"] = True
     if params.n > 1:  # vLLM's choices carry their index, and seed + i for choice i as the native engine
         body["n"] = params.n
+    if params.json_schema is not None:  # vLLM's own structured output (its whitespace default is flexible)
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "response", "schema": json.loads(params.json_schema)}}
     return body
 
 

@@ -4,7 +4,8 @@ Each is type- and range-checked like OpenAI does (400 naming the field); a valid
 value is a 422 ``unsupported_parameter`` naming the field. ``user``, ``service_tier``, ``metadata``
 and ``parallel_tool_calls`` are only type-checked: they do not change the result. The sampling
 fields (penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``top_logprobs``) are real
-and parsed by :mod:`router.protocol`, as are ``n``, ``best_of`` (at most ``n``) and ``echo``.
+and parsed by :mod:`router.protocol`, as are ``n``, ``best_of`` (at most ``n``), ``echo`` and
+``response_format``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ def check_neutral_common(f: BodyFields, chat: bool) -> None:
 
 def check_neutral_chat(f: BodyFields) -> None:
     """Chat-only fields: 400 on a wrong type or range, 422 on a non-neutral value."""
-    fmt = f.obj("response_format")
-    if fmt is not None:
-        kind = BodyFields(fmt, "response_format.").string("type", required=True)
-        if kind != "text":
-            raise APIError.unsupported("response_format", f"response_format {kind!r} is not supported")
     for key in ("tools", "functions"):
         if f.array(key):
             raise APIError.unsupported(key, f"{key} are not supported")

@@ -8,8 +8,8 @@ naming the offending field. Pure Python: no Ray, no FastAPI.
 Choices (status codes in :mod:`router.api_errors`):
 
 * Unknown top-level fields are a 400 naming them. Harmless OpenAI fields are accepted at their
-  neutral value (empty ``suffix``/``tools``, ``store`` false, ``tool_choice`` none/auto,
-  ``response_format`` text); other values are 422
+  neutral value (empty ``suffix``/``tools``, ``store`` false, ``tool_choice`` none/auto); other
+  values are 422
   ``unsupported_parameter`` (:mod:`router.neutral_fields`). ``user``, ``metadata``, ``service_tier``
   and ``parallel_tool_calls`` are type-checked and ignored.
 * Sampling: ``presence_penalty``/``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0,
@@ -24,6 +24,9 @@ Choices (status codes in :mod:`router.api_errors`):
   before the generated ones (the first prompt token's is null), as vLLM's server. vLLM's
   ``prompt_logprobs`` (0..20) adds them in vLLM's format to a non-streaming body (completions: each
   choice's ``prompt_logprobs``; chat: the body's), streams do not carry them.
+* ``response_format`` (both endpoints, as vLLM): ``json_object`` or ``json_schema`` (``name`` and
+  ``schema`` required; the schema must compile, else 400 naming
+  ``response_format.json_schema.schema``) constrain the output (:mod:`replicas.structured_output`).
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``
@@ -52,6 +55,7 @@ from router.api_errors import APIError
 from router.chat_messages import parse_messages
 from router.neutral_fields import check_neutral_chat, check_neutral_common, check_neutral_completion
 from router.request_fields import MAX_INT, BodyFields, decode_json_object, is_int, type_name
+from router.response_format import response_format_schema
 from router.slo import ResolvedSLO, SLOPolicy
 from state.clock import WALL_CLOCK
 
@@ -64,7 +68,7 @@ _COMMON_FIELDS = frozenset({
     "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier", "min_tokens",
     "prompt_logprobs",
 })
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix", "response_format"}
 CHAT_FIELDS = _COMMON_FIELDS | {
     "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
     "parallel_tool_calls", "functions", "function_call", "store", "metadata", "modalities",
@@ -311,6 +315,7 @@ def _finish(
             logprobs=logprobs,
             n=n,
             prompt_logprobs=max(scored) if scored else None,
+            json_schema=response_format_schema(f),
         )
         if config.vocab_size is not None:
             sampling.check_vocab(config.vocab_size)

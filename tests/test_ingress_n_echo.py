@@ -7,6 +7,7 @@ text and prompt log probabilities equal to a direct torch forward's log-softmax.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
 import httpx2 as httpx
@@ -203,5 +204,40 @@ def test_vllms_prompt_logprobs_field_with_ranks_on_both_endpoints(model_dir):
         with pytest.raises(openai.BadRequestError) as bad:
             await client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"prompt_logprobs": 21})
         assert bad.value.param == "prompt_logprobs"
+
+    _run(model_dir, scenario)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_and_json_object_streaming_and_not(model_dir):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+    async def scenario(client: openai.AsyncOpenAI, ingress: RouterIngress, engine: ReplicaEngine) -> None:
+        reply = await client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=80, temperature=1.0,
+                                                     seed=1, n=20, response_format=fmt)
+        assert len(reply.choices) == 20 and {c.finish_reason for c in reply.choices} == {"stop"}
+        for c in reply.choices:
+            jsonschema.validate(json.loads(c.message.content), PERSON)
+        stream = await client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=80, temperature=1.0,
+                                                      seed=1, response_format=fmt, stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert streamed == reply.choices[0].message.content
+        out = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0,
+                                              extra_body={"response_format": {"type": "json_object"}})
+        if out.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(out.choices[0].text), dict)
+        else:
+            assert out.choices[0].text.startswith("{")
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(model=MODEL, messages=MSGS, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+        assert bad.value.param == "response_format.json_schema.schema"
+        ok = await client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
+        assert ok.choices[0].finish_reason in ("stop", "length")
 
     _run(model_dir, scenario)

@@ -244,7 +244,12 @@ CHAT_CASES: list[tuple[dict[str, Any], int, str]] = [
     ({"tools": [{"type": "function"}]}, 422, "tools"),
     ({"tool_choice": "required"}, 422, "tool_choice"),
     ({"tool_choice": "maybe"}, 400, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, 422, "response_format"),
+    ({"response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, 400,
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, 400,
+     "response_format.json_schema.schema"),
     ({"response_format": {}}, 400, "response_format.type"),
     ({"logprobs": 1}, 400, "logprobs"),
     ({"top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true

@@ -19,6 +19,9 @@ def test_every_new_field_is_passed_through():
         "min_tokens": 3, "logit_bias": {"5": -100.0, "9": 2.0}, "logprobs": 2, "return_tokens_as_token_ids": True,
     }
     assert sampling_fields(SamplingParams(logprobs=0))["logprobs"] == 0
+    body = sampling_fields(SamplingParams(n=3, json_schema='{"type": "object"}'))
+    assert body == {"n": 3, "response_format": {"type": "json_schema",
+                                                "json_schema": {"name": "response", "schema": {"type": "object"}}}}
 
 
 def test_logprobs_are_read_back_with_token_ids():

@@ -184,6 +184,10 @@ class Tokenizer:
         """Number of token ids, added special tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text (what a grammar library builds its token trie from)."""
+        return self._tok.to_str()
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """Ids that end generation (generation_config, config and tokenizer_config merged, deduplicated)."""
