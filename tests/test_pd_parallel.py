@@ -56,3 +56,20 @@ def test_a_prefill_replica_decodes_n_choices_itself_and_they_equal_colocated(mod
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+def test_a_prefill_replica_decodes_structured_output_itself(model_dir):
+    """A handover carries no grammar state: a json_schema request stays on the prefill replica."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, json_schema='{"type": "object"}')
+    engines = {}
+    for role in ("colocated", "prefill"):
+        engines[role] = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, role=role),
+                                      cost_model=CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=8192))
+        engines[role].start()
+    try:
+        want, _ = _choices(engines["colocated"], "c", params)
+        got, reasons = _choices(engines["prefill"], "p", params)
+        assert got == want and len(got[0]) > 1 and "handover" not in reasons
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
