@@ -105,7 +105,7 @@ def test_serve_engine_flag_selects_the_kind_and_drops_settings_of_another_kind(m
     from cluster.cli import main
 
     seen = {}
-    monkeypatch.setattr(cluster.launcher, "serve_main", lambda path, overrides, *a: seen.update(overrides) or 0)
+    monkeypatch.setattr(cluster.launcher, "serve_main", lambda path, overrides, *a, **kw: seen.update(overrides) or 0)
     assert main(["serve", "--engine", "vllm"]) == 0
     assert seen["engine_kind"] == "vllm" and "device" not in seen["engine"]  # ray_config.yaml's are native ones
     AppConfig.from_args({**seen, "redis_url": None})  # valid for the vLLM engine
