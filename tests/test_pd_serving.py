@@ -49,7 +49,7 @@ def cluster(redis_server, default_model_dir):
     args = load_app_args(EXAMPLE)
     engine = {**args["engine"], "model": str(default_model_dir)}
     args = ensure_profile({**args, "namespace": NAMESPACE, "engine": engine})
-    start_local_ray(num_cpus=4)
+    start_local_ray()  # every core, as `flowprefill serve` starts it: the example must fit this machine
     try:
         run_app(args, "127.0.0.1", PORT, redis_server.url, grpc_port=GRPC_PORT)
         yield args
