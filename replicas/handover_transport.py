@@ -50,12 +50,13 @@ class HandoverStats:
             self.recent[name].append(value)
 
     def summary(self) -> dict[str, Any]:
-        """Totals and p50/p99 of each timing over the recent window."""
+        """Totals, and p50/p99 and the latest value of each timing over the recent window."""
         out: dict[str, Any] = {"sent": self.sent, "received": self.received, "bytes_sent": self.bytes_sent,
                                "bytes_received": self.bytes_received}
         for name, values in self.recent.items():
             if values:
-                out[name] = {"p50": _percentile(values, 0.5), "p99": _percentile(values, 0.99), "n": len(values)}
+                out[name] = {"p50": _percentile(values, 0.5), "p99": _percentile(values, 0.99), "n": len(values),
+                             "last": values[-1]}
         return out
 
 

@@ -49,7 +49,7 @@ def cluster(redis_server, default_model_dir):
     args = load_app_args(EXAMPLE)
     engine = {**args["engine"], "model": str(default_model_dir)}
     args = ensure_profile({**args, "namespace": NAMESPACE, "engine": engine})
-    start_local_ray(num_cpus=4)
+    start_local_ray()  # every core, as `flowprefill serve` starts it: the example must fit this machine
     try:
         run_app(args, "127.0.0.1", PORT, redis_server.url, grpc_port=GRPC_PORT)
         yield args
@@ -93,6 +93,12 @@ def test_pd_greedy_output_over_http_equals_colocated_output_and_the_handover_is_
         assert status == 200
         assert "".join(c["text"] for e in events for c in e.get("choices", ())) == want
         assert first_s is not None
+        sent = serve.get_deployment_handle("FlowPrefillReplica", app_name="flowprefill").stats.remote().result()
+        got = serve.get_deployment_handle("FlowPrefillDecode", app_name="flowprefill").stats.remote().result()
+        print(f"\n{name} ({len(prompt)} tokens): {sent['handover']['bytes_sent'] // sent['handover']['sent']} bytes "
+              f"per handover on average so far; last: gather {sent['handover']['gather_ms']['last']:.1f} ms, "
+              f"put {sent['handover']['put_ms']['last']:.1f} ms, get {got['handover']['get_ms']['last']:.1f} ms, "
+              f"ready to fetched {got['handover']['transfer_ms']['last']:.1f} ms; TTFT streamed {first_s:.3f} s")
     decode = serve.get_deployment_handle("FlowPrefillDecode", app_name="flowprefill").stats.remote().result()
     prefill = serve.get_deployment_handle("FlowPrefillReplica", app_name="flowprefill").stats.remote().result()
     assert prefill["role"] == "prefill" and decode["role"] == "decode"
