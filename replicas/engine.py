@@ -1,5 +1,9 @@
 """The replica engine: one loop thread drives the scheduler, the executor and decoding.
 
+Its halves live beside it as mixins: :mod:`replicas.engine_prefill` (the scheduler's decisions on the
+executor, first tokens), :mod:`replicas.engine_outputs` (tokens and finishes to the sinks) and
+:mod:`replicas.engine_roles` (P/D handovers); :mod:`replicas.kv_memory` is the scheduler's view of KV.
+
 Arrivals and aborts come from any thread through an inbox. The loop advances the current
 prefill program until it finishes or a preemption point finds work in the inbox (or a decode
 step due); only then does it hand events to the scheduler, which decides what runs next. The
@@ -15,7 +19,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,21 +30,20 @@ from replicas.compute_thread import ComputeThread
 from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
-from replicas.engine_handover import Admitted, admit_handover, build_handover
+from replicas.engine_outputs import OutputEmitter
+from replicas.engine_prefill import PrefillRunner
+from replicas.engine_roles import HandoverRole
 from replicas.engine_stats import EngineStats
 from replicas.engine_types import LiveRequest, RequestOutput, Sink, TokenLogprob, ends_request
 from replicas.executor import PreemptibleExecutor, Task
-from replicas.handover import HandoverError, KVHandover
 from replicas.kv_blocks import KVCacheFull
 from replicas.kv_cache import PagedKVCache
-from replicas.logits_processing import prompt_token_logprobs
-from replicas.model.batch import Segment
+from replicas.kv_memory import KVMemory
 from replicas.model.decoder import DecoderModel
-from replicas.parallel_sampling import drop_choices, fork_choices, retire_choice
+from replicas.parallel_sampling import drop_choices
 from replicas.prefix_hash import PrefixNaming, prefix_salt
 from replicas.prefix_tracker import PrefixTracker
-from replicas.programs import PrefillItem, prefill_program
-from replicas.sampling import RequestSampler, sample_batch
+from replicas.sampling import RequestSampler
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
@@ -48,7 +51,7 @@ from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.driver import apply_decision
 from replicas.scheduler.events import BatchPlan, Decision
 from replicas.scheduler.request import Request
-from replicas.ttft_parts import EngineTTFT, TTFTTimer
+from replicas.ttft_parts import TTFTTimer
 from state.clock import WALL_CLOCK, Clock, require_clock
 from state.schema import PrefixSummary
 
@@ -59,55 +62,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _score_prompt(lr: LiveRequest, seg: Segment, rows: torch.Tensor) -> None:
-    """Prompt logprobs of the tokens after ``seg``'s positions (row ``j`` predicts token ``start + j + 1``)."""
-    prompt = lr.request.prompt_ids
-    targets = prompt[seg.start + 1:min(seg.end + 1, len(prompt))]
-    lr.prompt_logprobs.extend(prompt_token_logprobs(rows, targets, lr.params.prompt_logprobs or 0))
-
-
 def _log_loop_failure(done: Future[None]) -> None:
     if not done.cancelled() and (exc := done.exception()) is not None:
         log.error("engine loop failed; the replica stops serving", exc_info=exc)
 
 
-class KVMemory:
-    """The scheduler's live view of the paged KV cache, with headroom kept for decoding.
-
-    The scheduler calls :meth:`release` when a request's KV may be freed (never while a program
-    still writes it), before it re-plans, so the pass sees the memory it just got back.
-    """
-
-    def __init__(self, cache: PagedKVCache, decoding: Callable[[], int]) -> None:
-        self.cache = cache
-        self.decoding = decoding
-        self.seq_of: dict[str, int] = {}  # request id -> KV sequence id, until released
-
-    def release(self, request_ids: Sequence[str]) -> None:
-        """Free the KV blocks of ``request_ids`` (unknown ids are ignored)."""
-        for rid in request_ids:
-            seq_id = self.seq_of.pop(rid, None)
-            if seq_id is not None:
-                self.cache.allocator.free(seq_id)
-
-    @property
-    def free_tokens(self) -> int:
-        """Tokens the free blocks can hold."""
-        return self.cache.allocator.free_tokens
-
-    @property
-    def block_size(self) -> int:
-        """Tokens per block."""
-        return self.cache.allocator.block_size
-
-    def can_admit(self, extra_tokens: int) -> bool:
-        """Whether ``extra_tokens`` fit while leaving two blocks per decoding sequence."""
-        alloc = self.cache.allocator
-        reserve = 2 * self.decoding()
-        return -(-extra_tokens // alloc.block_size) + reserve <= alloc.num_free_blocks
-
-
-class ReplicaEngine:
+class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
     """Model + paged KV cache + preemptible executor + event-driven scheduler, one loop thread."""
 
     def __init__(
@@ -253,23 +213,6 @@ class ReplicaEngine:
         accepted it now: its TTFT decomposition's ``queue_s`` starts here."""
         self._inbox.put(("add", (request, params, sink, self.clock())))
         self._wake.set()
-
-    @property
-    def role(self) -> str:
-        """``colocated``, ``prefill`` (hands requests over after their first token) or ``decode``."""
-        return self.config.role
-
-    def add_handover(self, handover: KVHandover, sink: Sink) -> None:
-        """Continue decoding a request a prefill engine handed over (:mod:`replicas.handover`); outputs go
-        to ``sink`` from the next decoded token on. A handover that fails validation, or whose KV does
-        not fit now, ends at once with finish_reason ``rejected`` and the reason (nothing is held)."""
-        self._inbox.put(("handover", (handover, sink)))
-        self._wake.set()
-
-    async def continue_decoding(self, handover: KVHandover) -> AsyncIterator[RequestOutput]:
-        """:meth:`add_handover` as a stream (as :meth:`generate`; closing it early aborts the request)."""
-        async for out in self._stream(handover.request_id, lambda sink: self.add_handover(handover, sink)):
-            yield out
 
     def abort(self, request_id: str) -> None:
         """Abort a request in any state; its KV blocks are freed."""
@@ -432,149 +375,12 @@ class ReplicaEngine:
     def _output_stream(self, params: SamplingParams) -> OutputStream:
         return OutputStream(params, self.eos_token_ids, self.tokenizer.decode)
 
-    def _admit_handover(self, h: KVHandover, sink: Sink) -> None:
-        """Admit a handed-over request into the decode batch, or refuse it at once (nothing held)."""
-        rid = getattr(h, "request_id", "?")
-        started = self.clock()
-        try:
-            if self.role == "prefill":
-                raise HandoverError("handover", "a prefill replica does not decode handed-over requests")
-            if not isinstance(h, KVHandover):
-                raise HandoverError("handover", f"expected a KVHandover, got {type(h).__name__}")
-            h.validate(self.kv, self.prefix.salt, self.vocab_size)
-            if rid in self.live:
-                raise HandoverError("handover.request.request_id", f"{rid!r} is already live on this replica")
-            got = admit_handover(h, sink, next(self._seq_ids), self.kv, self.prefix,
-                                 eos_token_ids=self.eos_token_ids, decode_text=self.tokenizer.decode,
-                                 can_admit=self.memory.can_admit)
-        except (HandoverError, ValueError) as exc:
-            got = str(exc)
-        if not isinstance(got, Admitted):
-            self.counters["rejected"] += 1
-            prompt = h.request.num_prompt_tokens if isinstance(h, KVHandover) else 0
-            sink(RequestOutput(rid, (), "", "rejected", prompt, error=got))
-            return
-        lr = got.live
-        self.live[rid] = lr
-        self.memory.seq_of[rid] = lr.seq_id
-        self.decoder.add(lr.key, lr)
-        self.counters["handovers_in"] += 1
-        self.counters["handover_bytes_in"] += h.nbytes
-        self.counters["handover_cached_tokens"] += got.cached_tokens
-        self.counters["handover_admit_us"] += int((self.clock() - started) * 1e6)
-
-    def _hand_over(self, lr: LiveRequest) -> None:
-        """A prefill engine's request has its first token: send its KV and state on, free its sequence
-        (its published prompt blocks stay in the prefix cache), end its stream with the handover."""
-        h = build_handover(lr, self.kv, self.prefix, self.clock, source=self.replica_id)
-        self.counters["handovers_out"] += 1
-        self.counters["handover_bytes_out"] += h.nbytes
-        self.counters["handover_gather_us"] += int(h.gather_s * 1e6)
-        self._finish_request(lr, None, None)
-        lr.sink(RequestOutput(lr.request.request_id, (), "", "handover", lr.request.num_prompt_tokens,
-                              len(lr.stream.token_ids), handover=h))
-
     def _apply(self, d: Decision, now: float) -> None:
         """Carry out a scheduling decision (:func:`~replicas.scheduler.driver.apply_decision`)."""
         if apply_decision(d, now, self, self.scheduler):
             self.counters["preemptions"] += 1
 
-    # ------------------------------------------------------------------ DecisionTarget
-    @property
-    def current_batch(self) -> int | None:
-        """The batch id of the program the executor runs (None: none)."""
-        return self._current
-
-    def refuse(self, request_id: str, now: float) -> None:
-        """A request refused at admission, or expired (waiting or suspended)."""
-        lr = self.live.get(request_id)
-        if lr is not None:
-            self.counters["rejected"] += 1
-            self._emit_final(request_id, "rejected", lr.request.reject_reason or "rejected by admission control",
-                             retry_after_s=lr.request.retry_after_s)
-
-    def drop_program(self, batch_id: int) -> None:
-        """Close the program of a batch whose members are all gone."""
-        task = self._tasks.pop(batch_id, None)
-        self._plans.pop(batch_id, None)
-        if task is not None:
-            task.program.close()
-        if self._current == batch_id:
-            self._current = None
-
-    def suspend_current(self, now: float) -> None:
-        """The running program stops here (the loop is at an operator boundary); its generator is kept."""
-        for timer in self._running_timers():
-            timer.stopped(now)
-        self._current = None
-
-    def start_program(self, plan: BatchPlan, now: float) -> bool:
-        """Build a new program (KV allocated for its ranges) or pick up a suspended one."""
-        if not plan.resume:
-            items, scored = [], {}
-            try:
-                for rid, (start, end) in zip(plan.request_ids, plan.ranges):
-                    lr = self.live[rid]
-                    self.kv.allocator.ensure_capacity(lr.seq_id, end)
-                    prompt = lr.request.prompt_ids
-                    wants_all = lr.params.prompt_logprobs is not None
-                    if wants_all:
-                        scored[lr.seq_id] = lr
-                    items.append(PrefillItem(lr.seq_id, prompt, start, end, want_logits=end == len(prompt),
-                                             all_logits=wants_all))
-                    self.counters["prefill_tokens"] += end - start
-            except KVCacheFull as exc:
-                self._plans[plan.batch_id] = plan
-                self._fail_batch(plan.batch_id, f"KV cache exhausted: {exc}")
-                return False
-            self._tasks[plan.batch_id] = self.executor.start(
-                prefill_program(self.model, self.kv, items, self.config.chunk_tokens, on_pass=self._pass_done,
-                                on_logits=lambda seg, rows: _score_prompt(scored[seg.seq_id], seg, rows)),
-                label=f"batch-{plan.batch_id}",
-            )
-            self.counters["prefill_batches"] += 1
-        self._plans[plan.batch_id] = plan
-        self._current = plan.batch_id
-        for timer in self._running_timers():
-            timer.started(now)
-        return True
-
-    def _pass_done(self, segments: Sequence[Segment]) -> None:
-        """A pass of a prefill program ran through every layer: publish its members' full blocks."""
-        for seg in segments:
-            self.prefix.passed(seg.seq_id, seg.end)
-
-    def _complete_prefill(self, batch_id: int, task: Task) -> None:
-        now = self.clock()
-        self._tasks.pop(batch_id, None)
-        for timer in self._running_timers():  # before the decision, which may start its next chunk
-            timer.stopped(now)
-        plan = self._plans.pop(batch_id, None)
-        self._current = None
-        for rid in plan.request_ids if plan is not None else ():  # requests that waited for these blocks
-            for waiter in self.prefix.waiting_on(rid):
-                if self.scheduler.is_deferred(waiter):
-                    self.scheduler.set_cached(waiter, self.prefix.extend(waiter))
-        decision = self.scheduler.on_prefill_complete(batch_id, now, compute_s=task.busy_s)
-        for rid in decision.prefilled:
-            self.prefix.prefilled(rid)
-        self._apply(decision, now)
-        logits: dict[int, torch.Tensor] = task.result
-        members: list[LiveRequest] = []  # every choice of every prefilled request samples its first token
-        for lr in (self.live[rid] for rid in decision.prefilled if rid in self.live):
-            try:
-                members.extend(fork_choices(lr, self.kv, lambda: next(self._seq_ids),
-                                            lambda p, r=lr.request: self._sampler(r, p), self._output_stream))
-            except KVCacheFull as exc:
-                self._finish_request(lr, "error", f"KV cache exhausted forking {lr.params.n} choices: {exc}")
-        if members:
-            rows = torch.stack([logits[self.live[lr.request.request_id].seq_id] for lr in members])
-            sampled = sample_batch(rows, [lr.sampler for lr in members])
-            prefill_end, now = now, self.clock()
-            for lr, (token, logprob) in zip(members, sampled):
-                self._emit_token(lr, token, now, logprob, lr.timer.finished(prefill_end, now) if lr.timer else None)
-        self._publish(now)
-
+    # ------------------------------------------------------------------ decoding (prefill: engine_prefill.py)
     def _decode_step(self) -> None:
         try:
             results = self.decoder.step()
@@ -591,72 +397,6 @@ class ReplicaEngine:
                 self.prefix.decoded(lr.request.request_id, [*lr.request.prompt_ids, *lr.stream.token_ids],
                                     lr.position)
             self._emit_token(lr, token, now, logprob)
-
-    def _emit_token(self, lr: LiveRequest, token: int, now: float, logprob: TokenLogprob | None = None,
-                    ttft_timing: EngineTTFT | None = None) -> None:
-        """Emit one choice's next token; a finished choice retires, the last one finishes the request."""
-        step = lr.stream.append(token)
-        parent = self.live[lr.request.request_id]  # choice 0 (``lr`` itself unless n > 1)
-        if step.finish_reason is not None:
-            parent.open_choices -= 1
-        first = not lr.emitted_first
-        lr.emitted_first = True
-        prompt_logprobs = tuple(parent.prompt_logprobs) if first and parent.params.prompt_logprobs is not None else None
-        lr.sink(RequestOutput(
-            lr.request.request_id, (token,), step.text_delta, step.finish_reason, lr.request.num_prompt_tokens,
-            len(lr.stream.token_ids), ttft_s=(now - lr.request.arrival_s) if first else None,
-            ttft_timing=ttft_timing if first else None, logprobs=None if logprob is None else (logprob,),
-            index=lr.index, choices_left=parent.open_choices, prompt_logprobs=prompt_logprobs,
-        ))
-        if step.finish_reason is None and self.role == "prefill" and parent.params.n == 1 \
-                and parent.params.json_schema is None:
-            # a handover carries one sequence and no grammar state: n > 1 and structured output decode here
-            self._hand_over(lr)
-        elif step.finish_reason is None:
-            self.decoder.add(lr.key, lr)
-        elif parent.open_choices == 0:
-            self._finish_request(parent, None, None)
-        else:
-            retire_choice(lr, self.decoder, self.kv)
-
-    def _finish_request(self, lr: LiveRequest, reason: str | None, error: str | None) -> None:
-        """End a request: all its choices (``lr`` may be any of them), with ``reason`` (an error) if given."""
-        rid = lr.request.request_id
-        parent = self.live.get(rid, lr)
-        drop_choices(parent, self.decoder, self.kv)
-        if reason is not None:
-            lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
-                                  error=error, index=lr.index))
-        now = self.clock()
-        self._apply(self.scheduler.on_finish(rid, now), now)  # frees its KV (published blocks stay cached)
-        self.memory.release([rid])  # a handed-over request's KV, which the scheduler never saw (else a no-op)
-        self.live.pop(rid, None)
-        self.prefix.forget(rid)
-        self._publish(now)
-
-    def _emit_final(self, rid: str, reason: str, error: str | None, retry_after_s: float | None = None) -> None:
-        """End a request the scheduler no longer tracks (rejected, failed, shut down): free all it held."""
-        lr = self.live.pop(rid, None)
-        if lr is None:
-            return
-        drop_choices(lr, self.decoder, self.kv)
-        self.memory.release([rid])
-        self.kv.allocator.free(lr.seq_id)
-        self.prefix.forget(rid)
-        lr.sink(RequestOutput(rid, (), "", reason, lr.request.num_prompt_tokens, len(lr.stream.token_ids),
-                              error=error, retry_after_s=retry_after_s))
-
-    def _fail_batch(self, batch_id: int | None, error: str) -> None:
-        self.counters["errors"] += 1
-        plan = self._plans.pop(batch_id, None) if batch_id is not None else None
-        if batch_id is not None:
-            self._tasks.pop(batch_id, None)
-        if self._current == batch_id:
-            self._current = None
-        for rid in plan.request_ids if plan else ():
-            now = self.clock()
-            self._apply(self.scheduler.on_abort(rid, now), now)
-            self._emit_final(rid, "error", error)
 
     def _publish(self, now: float) -> None:
         alloc = self.kv.allocator
