@@ -65,7 +65,11 @@ def worker_runtime_env() -> dict[str, Any]:
 def start_local_ray(num_cpus: int | None = None) -> None:
     """Start a single-node Ray whose every listener is on loopback."""
     import ray
+    from ray._private import ray_constants
 
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported: a process that imported
+    # ray before this module set it would start its raylet, GCS and agents on every interface.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
              logging_level="WARNING", log_to_driver=False, runtime_env=worker_runtime_env())
 
