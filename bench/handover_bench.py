@@ -17,7 +17,8 @@ first token and hands the request over, and the decode engine samples the second
 - ``e2e_ms``: from the first token reaching the prefill engine's sink to the decode engine's
   admission (gather, the handover output, put/get, the decode inbox, the admission).
 
-Each length first runs one untimed request (allocator warm-up). The cost model is a fixed one with
+Each length first runs one untimed request (allocator warm-up). Percentiles are nearest-rank: with
+10 repeats, p99 is the slowest repeat. The cost model is a fixed one with
 a 60 s SLO: scheduling plays no part in a lone request's handover.
 """
 
@@ -31,9 +32,14 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from replicas.engine import ReplicaEngine
+    from replicas.engine_stats import EngineStats
+    from replicas.handover_transport import HandoverStats
 
 PARTS = ("gather_ms", "admit_ms", "put_ms", "get_ms", "e2e_ms")
 _TIMEOUT_S = 300.0
@@ -76,7 +82,7 @@ class _Pair:
         model = DecoderModel.load(str(model_dir), dtype=cfg.dtype, device=cfg.device)
         tokenizer = Tokenizer.from_dir(str(model_dir))
         cost = CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=max(8192, max(cfg.lengths) * 2))
-        self.engines = {}
+        self.engines: dict[str, ReplicaEngine] = {}
         for role in ("prefill", "decode"):
             config = EngineConfig(model=str(model_dir), role=role, dtype=cfg.dtype, device=cfg.device,
                                   kv_cache_bytes=cfg.kv_cache_bytes)
@@ -89,7 +95,7 @@ class _Pair:
         for engine in self.engines.values():
             engine.start()
 
-    def _on_decode_state(self, stats: Any) -> None:  # noqa: ANN401 (EngineStats; runs on the decode loop)
+    def _on_decode_state(self, stats: EngineStats) -> None:  # runs on the decode engine's loop thread
         now = time.perf_counter()
         if stats.counters["handovers_in"] > self._seen:
             with self._admitted:
@@ -115,8 +121,8 @@ def _prompt(length: int, key: str, vocab: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(length)]
 
 
-def _one(pair: _Pair, rid: str, prompt: list[int], transport: Any, loop: asyncio.AbstractEventLoop | None  # noqa: ANN401
-         ) -> dict[str, float]:
+def _one(pair: _Pair, rid: str, prompt: list[int], transport: HandoverStats | None,
+         loop: asyncio.AbstractEventLoop | None) -> dict[str, float]:
     """Run one request through prefill, the handover (and Ray) and decode; its costs."""
     from replicas.engine_types import RequestOutput
     from replicas.handover_transport import receive_handover, send_handover
@@ -147,7 +153,7 @@ def _one(pair: _Pair, rid: str, prompt: list[int], transport: Any, loop: asyncio
     if out.finish_reason != "handover":
         raise RuntimeError(f"{rid}: the prefill engine ended with {out.finish_reason!r} ({out.error})")
     h, row = out.handover, {}
-    if transport is not None:
+    if transport is not None and loop is not None:
         ticket = send_handover(h, transport)
         h, timing = loop.run_until_complete(receive_handover(ticket, ticket["box"], transport))
         row.update(put_ms=timing["put_ms"], get_ms=timing["get_ms"])
@@ -181,15 +187,16 @@ def _summarise(length: int, block_size: int, samples: list[dict[str, float]]) ->
 
 def run_handover_bench(model_dir: Path, cfg: HandoverBenchConfig) -> dict[str, Any]:
     """Measure every length ``cfg.repeats`` times; the report (rows per length, samples, KV state)."""
-    transport = loop = None
+    transport: HandoverStats | None = None
+    loop: asyncio.AbstractEventLoop | None = None
     if cfg.ray:
         import ray
 
-        from replicas.handover_transport import HandoverStats
+        from replicas.handover_transport import HandoverStats as Stats
 
         if not ray.is_initialized():
             raise RuntimeError("bench handover with Ray: initialise Ray first (the CLI starts a local one)")
-        transport, loop = HandoverStats(), asyncio.new_event_loop()
+        transport, loop = Stats(), asyncio.new_event_loop()
     pair = _Pair(model_dir, cfg)
     try:
         spec, vocab = pair.decode.kv.spec, pair.decode.vocab_size
