@@ -131,6 +131,26 @@ def _cmd_bench_spread(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_handover(args: argparse.Namespace, stack: Callable[[], ServingStack]) -> int:
+    from bench.handover_bench import HandoverBenchConfig, format_table, run_handover_bench
+
+    cfg = HandoverBenchConfig(lengths=args.lengths, repeats=args.repeats, ray=args.ray, dtype=args.dtype,
+                              device=args.device, kv_cache_bytes=args.kv_cache_mib << 20, seed=args.seed)
+    path = model_dir(args.model)
+    if args.ray:
+        import ray
+
+        stack().start_ray(num_cpus=2)
+    try:
+        report = run_handover_bench(path, cfg)
+    finally:
+        if args.ray:
+            ray.shutdown()
+    print(format_table(report))
+    _write_json(args.json, report)
+    return 0
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from bench.serve_bench import ServeBenchConfig, run_serve_bench
     from bench.servers import parse_engine_settings
@@ -274,6 +294,18 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
                      help="busy-loop: a process spinning on one core beside the replays")
     spr.add_argument("--json", default=None)
     spr.set_defaults(func=_cmd_bench_spread)
+    hov = bsub.add_parser("handover", help="P/D handover cost per request against prompt length: bytes, gather, "
+                          "decode-side admit, Ray put/get and first token to admission (p50/p99 ms)")
+    add_engine_args(hov)
+    hov.add_argument("--lengths", type=_positive_ints, default=(32, 128, 512, 2048),
+                     help="prompt lengths in tokens, comma-separated")
+    hov.add_argument("--repeats", type=int, default=10, help="requests per length, each a fresh prompt")
+    hov.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True,
+                     help="move each handover through a local Ray's object store (put/get), as the deployment does")
+    hov.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache of each engine")
+    hov.add_argument("--seed", type=int, default=0)
+    hov.add_argument("--json", default=None)
+    hov.set_defaults(func=partial(_cmd_bench_handover, stack=stack))
     auto = bsub.add_parser("autoscale", help="SLO-driven autoscaling under a load step, on a local cluster")
     auto.add_argument("--minutes", type=float, default=4.5, help="duration of the offered load")
     auto.add_argument("--max-replicas", type=int, default=2)
