@@ -214,8 +214,11 @@ def print_report(report: dict[str, Any]) -> None:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    head = Table(title=f"router bench ({report['config']['engine']} engine, {report['config']['replicas']} replicas, "
-                       f"{report['config']['router_policy']})")
+    nodes = report.get("cluster", {}).get("nodes", 1)
+    where = "1 node" if nodes == 1 else f"{nodes} nodes: router on the head, replicas on the workers"
+    head = Table(title=f"router bench ({report['config']['engine']} engine, "
+                       f"{report.get('replicas_deployed', report['config']['replicas'])} replicas, "
+                       f"{report['config']['router_policy']}; {where})")
     for col in ("metric", "p50 ms", "p99 ms", "target"):
         head.add_column(col)
     head.add_row("router overhead", ms(report["router_overhead_ms"]["p50"]), ms(report["router_overhead_ms"]["p99"]),
