@@ -37,8 +37,12 @@ class DrivenCluster:
         if nodes < 2:
             raise ValueError(f"--nodes: a multi-node cluster needs the head and at least one worker, got {nodes}")
         state_dir = Path(tempfile.mkdtemp(prefix="fp-bench-cluster-"))
-        cluster = LocalCluster.up(nodes, head_cpus=head_cpus, worker_cpus=worker_cpus,
-                                  state_file=state_dir / "cluster.json")
+        try:  # LocalCluster.up stops what it started when it fails
+            cluster = LocalCluster.up(nodes, head_cpus=head_cpus, worker_cpus=worker_cpus,
+                                      state_file=state_dir / "cluster.json")
+        except BaseException:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise
         driven = cls(cluster, state_dir)
         try:
             use_local_token()
