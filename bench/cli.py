@@ -14,6 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from bench.fault_cli import add_faults_parser
 from bench.stack import ServingStack
 
 Handler = Callable[[argparse.Namespace], int]
@@ -189,12 +190,20 @@ def _cmd_bench_sim(args: argparse.Namespace) -> int:
 
 def _cmd_bench_router(args: argparse.Namespace, stack: Callable[[], ServingStack]) -> int:
     from bench.router_bench import RouterBenchConfig, print_report, run_router_bench
+    from bench.router_multinode import check_router_nodes, format_comparison, run_router_compare
 
+    check_router_nodes(args.nodes, args.engine)  # before anything starts
     cfg = RouterBenchConfig(engine=args.engine, replicas=args.replicas, router_policy=args.router_policy,
                             port=args.port, grpc_port=args.grpc_port, sequential=args.requests,
                             step_s=args.step_s, **({"rates": tuple(args.rates)} if args.rates else {}))
-    report = run_router_bench(cfg, stack())
-    print_report(report)
+    if args.nodes == 1:
+        report = run_router_bench(cfg, stack())
+        print_report(report)
+    else:
+        report = run_router_compare(cfg, stack(), args.nodes)
+        print_report(report["single_node"])
+        print_report(report["multi_node"])
+        print(format_comparison(report))
     _write_json(args.json, report)
     return 0
 
@@ -233,18 +242,6 @@ def _cmd_bench_overload(args: argparse.Namespace) -> int:
     _write_json(args.json, report)
     lost = report["journal_after"].get("open_requests", 0)
     return 0 if report["healthy_after"] and report["health_failures"] == 0 and lost == 0 else 1
-
-
-def _cmd_bench_faults(args: argparse.Namespace) -> int:
-    from bench.faults import FaultConfig, print_faults, run_faults
-
-    report = run_faults(FaultConfig(trace=args.trace, rate_rps=args.rate_rps, replicas=args.replicas,
-                                    phase_s=args.phase_s, outage_s=args.outage_s, cpu_threads=args.cpu_threads),
-                        Path(args.model) if args.model else None)
-    print_faults(report)
-    _write_json(args.json, report)
-    return 0 if sum(row["lost"] for row in report["phases"].values()) == 0 else 1
-
 
 
 def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]) -> None:
@@ -324,6 +321,9 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     rtr.add_argument("--requests", type=int, default=200, help="sequential requests for the overhead")
     rtr.add_argument("--rates", type=float, nargs="+", default=None, help="open-loop rates to try, ascending")
     rtr.add_argument("--step-s", type=float, default=8.0, help="seconds of load per rate")
+    rtr.add_argument("--nodes", type=int, default=1,
+                     help="1: one node; N > 1: the same figures on one node and then on a local N-node cluster "
+                          "(replicas on the N-1 workers, router on the head), side by side (echo engine)")
     rtr.add_argument("--port", type=int, default=8790)
     rtr.add_argument("--grpc-port", type=int, default=9790)
     rtr.add_argument("--json", default=None)
@@ -348,16 +348,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     over.add_argument("--model", default=None)
     over.add_argument("--json", default=None)
     over.set_defaults(func=_cmd_bench_overload)
-    flt = bsub.add_parser("faults", help="attainment before, during and after a replica crash and a Redis outage")
-    flt.add_argument("--trace", required=True)
-    flt.add_argument("--rate-rps", type=float, default=1.2, help="offered load over all replicas")
-    flt.add_argument("--replicas", type=int, default=2)
-    flt.add_argument("--phase-s", type=float, default=30.0, help="seconds of each measured window")
-    flt.add_argument("--outage-s", type=float, default=15.0, help="seconds Redis stays down")
-    flt.add_argument("--cpu-threads", type=int, default=1, help="compute threads per replica")
-    flt.add_argument("--model", default=None)
-    flt.add_argument("--json", default=None)
-    flt.set_defaults(func=_cmd_bench_faults)
+    add_faults_parser(bsub, stack)
     sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
     from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
 

@@ -24,6 +24,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,18 @@ def replica_pids(title: str = REPLICA_TITLE) -> list[int]:
 
 
 def summarize(cfg: FaultConfig, results: list[RequestResult], journal_left: int) -> dict[str, dict[str, Any]]:
-    """Per phase: the outcome rows of :mod:`bench.outcomes` plus ``accepted`` (not refused at the
-    door), ``failed_clearly`` (an HTTP error or an SSE error event) and ``lost`` (no answer by the
-    drain limit); the journal's leftovers are added to the last phase's ``lost``."""
+    """:func:`summarize_phases` over :data:`PHASES` by arrival (:func:`phase_of`)."""
+    return summarize_phases(PHASES, lambda t: phase_of(cfg, t), results, journal_left)
+
+
+def summarize_phases(phases: Sequence[str], phase_for: Callable[[float], str], results: list[RequestResult],
+                     journal_left: int) -> dict[str, dict[str, Any]]:
+    """Per phase (``phase_for(arrival_s)``): the outcome rows of :mod:`bench.outcomes` plus ``accepted``
+    (not refused at the door), ``failed_clearly`` (an HTTP error or an SSE error event) and ``lost`` (no
+    answer by the drain limit); the journal's leftovers are added to the last phase's ``lost``."""
     table: dict[str, dict[str, Any]] = {}
-    for phase in PHASES:
-        mine = [r for r in results if phase_of(cfg, r.arrival_s) == phase]
+    for phase in phases:
+        mine = [r for r in results if phase_for(r.arrival_s) == phase]
         rows = class_outcomes(mine)
         hung = sum(r.error is not None and r.error.startswith("cancelled") for r in mine)
         refused = sum(r.status == 429 for r in mine)
@@ -121,7 +128,7 @@ def summarize(cfg: FaultConfig, results: list[RequestResult], journal_left: int)
             "errors": sorted({(r.error or "")[:120] for r in mine if r.error and r.status != 429})[:5],
             "classes": rows,
         }
-    table[PHASES[-1]]["lost"] += journal_left
+    table[phases[-1]]["lost"] += journal_left
     return table
 
 
@@ -191,10 +198,12 @@ def run_faults(cfg: FaultConfig, model_dir: Path | None = None) -> dict[str, Any
 
 def print_faults(report: dict[str, Any]) -> None:
     """One row per phase, then the fault events and the distinct errors."""
-    print(f"{'phase':<13} {'req':>5} {'accepted':>8} {'done':>5} {'failed*':>7} {'lost':>5} {'429':>5} {'attain':>7}")
+    width = max(13, *(len(p) for p in report["phases"]))
+    print(f"{'phase':<{width}} {'req':>5} {'accepted':>8} {'done':>5} {'failed*':>7} {'lost':>5} {'429':>5} "
+          f"{'attain':>7}")
     for phase, row in report["phases"].items():
         att = "-" if row["attainment"] is None else f"{row['attainment']:.2f}"
-        print(f"{phase:<13} {row['requests']:>5} {row['accepted']:>8} {row['completed']:>5} "
+        print(f"{phase:<{width}} {row['requests']:>5} {row['accepted']:>8} {row['completed']:>5} "
               f"{row['failed_clearly']:>7} {row['lost']:>5} {row['refused_429']:>5} {att:>7}")
     print("* failed with a clear error (HTTP status or SSE error event)")
     for e in report["events"]:

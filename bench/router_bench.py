@@ -135,15 +135,10 @@ def _router_stats(cfg: RouterBenchConfig) -> dict[str, Any]:
 def run_router_bench(cfg: RouterBenchConfig, stack: ServingStack) -> dict[str, Any]:
     """Start Redis, Ray and the app, measure, shut everything down; returns the report."""
     import ray
-    from ray import serve
-    from tqdm import tqdm
 
     from state.redis_server import RedisServer
 
-    engine: dict[str, Any] = dict(cfg.extra_engine)
-    args: dict[str, Any] = {"model_name": MODEL, "num_replicas": cfg.replicas, "replica_cpus": cfg.replica_cpus,
-                            "router_policy": cfg.router_policy, "namespace": "bench-router", "engine_kind": cfg.engine,
-                            "engine": engine}
+    args = app_args(cfg)
     if cfg.engine == "flowprefill":
         args = stack.prepare(args)
     redis = RedisServer()
@@ -151,29 +146,47 @@ def run_router_bench(cfg: RouterBenchConfig, stack: ServingStack) -> dict[str, A
     try:
         stack.start_ray(num_cpus=max(4, int(cfg.replicas * cfg.replica_cpus) + 2))
         try:
-            stack.deploy(args, "127.0.0.1", cfg.port, redis.url, grpc_port=cfg.grpc_port)
-            _sequential(cfg, cfg.warmup)
-            client, replica = _sequential(cfg, cfg.sequential)
-            overhead = [c - r for c, r in zip(client, replica, strict=True)]
-            decisions_idle = _router_stats(cfg)
-            deploy_floor_app()
-            measure_floor(cfg.port, _body(cfg), cfg.warmup)
-            floor = measure_floor(cfg.port, _body(cfg), cfg.sequential)
-            steps = []
-            for rate in tqdm(cfg.rates, desc="open-loop rates", unit="rate"):
-                step = asyncio.run(_open_loop(cfg, rate))
-                steps.append(step)
-                if not step["sustained"]:
-                    break
-            decisions_load = _router_stats(cfg)
+            return measure(cfg, stack, args, redis.url)
         finally:
-            serve.shutdown()
             ray.shutdown()
     finally:
         redis.stop()
+
+
+def app_args(cfg: RouterBenchConfig) -> dict[str, Any]:
+    """The Serve app's ``args`` for ``cfg`` (before placement and profiling)."""
+    return {"model_name": MODEL, "num_replicas": cfg.replicas, "replica_cpus": cfg.replica_cpus,
+            "router_policy": cfg.router_policy, "namespace": "bench-router", "engine_kind": cfg.engine,
+            "engine": dict(cfg.extra_engine)}
+
+
+def measure(cfg: RouterBenchConfig, stack: ServingStack, args: dict[str, Any], redis_url: str) -> dict[str, Any]:
+    """Deploy the app with ``args`` on the Ray this process is connected to, measure, shut Serve down."""
+    from ray import serve
+    from tqdm import tqdm
+
+    try:
+        stack.deploy(args, "127.0.0.1", cfg.port, redis_url, grpc_port=cfg.grpc_port)
+        _sequential(cfg, cfg.warmup)
+        client, replica = _sequential(cfg, cfg.sequential)
+        overhead = [c - r for c, r in zip(client, replica, strict=True)]
+        decisions_idle = _router_stats(cfg)
+        deploy_floor_app()
+        measure_floor(cfg.port, _body(cfg), cfg.warmup)
+        floor = measure_floor(cfg.port, _body(cfg), cfg.sequential)
+        steps = []
+        for rate in tqdm(cfg.rates, desc="open-loop rates", unit="rate"):
+            step = asyncio.run(_open_loop(cfg, rate))
+            steps.append(step)
+            if not step["sustained"]:
+                break
+        decisions_load = _router_stats(cfg)
+    finally:
+        serve.shutdown()
     sustained = [s["rate"] for s in steps if s["sustained"]]
     return {
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra_engine"},
+        "replicas_deployed": args.get("num_replicas", cfg.replicas),
         "router_overhead_ms": _summary(overhead),
         "client_ttft_ms": _summary(client),
         # Serve alone with the same hops (proxy -> ingress -> streaming handle -> back)
@@ -181,6 +194,7 @@ def run_router_bench(cfg: RouterBenchConfig, stack: ServingStack) -> dict[str, A
         "router_added_ms_p50": statistics.median(client) - statistics.median(floor),
         "replica_ttft_ms": _summary(replica),
         "routing_decision_ms": decisions_idle["decision_ms"],
+        "decisions_idle": decisions_idle.get("decisions"),
         "routing_decision_under_load_ms": decisions_load["decision_ms"],
         # rank_replicas alone on prebuilt indices: the decision's own cost, without the Redis read around it
         "rank_replicas_offline": bench_placement(max(cfg.replicas, 2), 100, iterations=500),
@@ -200,8 +214,11 @@ def print_report(report: dict[str, Any]) -> None:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    head = Table(title=f"router bench ({report['config']['engine']} engine, {report['config']['replicas']} replicas, "
-                       f"{report['config']['router_policy']})")
+    nodes = report.get("cluster", {}).get("nodes", 1)
+    where = "1 node" if nodes == 1 else f"{nodes} nodes: router on the head, replicas on the workers"
+    head = Table(title=f"router bench ({report['config']['engine']} engine, "
+                       f"{report.get('replicas_deployed', report['config']['replicas'])} replicas, "
+                       f"{report['config']['router_policy']}; {where})")
     for col in ("metric", "p50 ms", "p99 ms", "target"):
         head.add_column(col)
     head.add_row("router overhead", ms(report["router_overhead_ms"]["p50"]), ms(report["router_overhead_ms"]["p99"]),

@@ -13,11 +13,14 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from state.redis_server import RedisServer, redact_url, redis_url_from_env_or_start
+
+if TYPE_CHECKING:
+    from cluster.bench_cluster import DrivenCluster
 
 # Ray reads these when it is imported: keep its listeners on the node IP (loopback here) and
 # its usage reporting off. Import this module before ray.
@@ -155,6 +158,12 @@ class LocalStack:
     def deploy(self, args: Mapping[str, Any], host: str, port: int, redis_url: str | None, grpc_port: int) -> str:
         """See :func:`run_app`."""
         return run_app(args, host, port, redis_url, grpc_port)
+
+    def start_cluster(self, nodes: int, head_cpus: float = 2.0, worker_cpus: float = 1.0) -> DrivenCluster:
+        """See :meth:`cluster.bench_cluster.DrivenCluster.start` (a :class:`bench.stack.NodeCluster`)."""
+        from cluster.bench_cluster import DrivenCluster
+
+        return DrivenCluster.start(nodes, head_cpus, worker_cpus)
 
 
 LOCAL_STACK = LocalStack()
