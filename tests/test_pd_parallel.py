@@ -38,38 +38,32 @@ def _choices(engine: ReplicaEngine, rid: str, params: SamplingParams) -> tuple[d
     return by_index, reasons
 
 
-def test_a_prefill_replica_decodes_n_choices_itself_and_they_equal_colocated(model_dir):
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    built = {role: ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, role=role),
+                                 cost_model=CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=8192))
+             for role in ("colocated", "prefill")}
+    for engine in built.values():
+        engine.start()
+    yield built
+    for engine in built.values():
+        engine.shutdown()
+
+
+def test_a_prefill_replica_decodes_n_choices_itself_and_they_equal_colocated(engines):
     params = SamplingParams(max_tokens=6, temperature=0.8, seed=11, n=3, ignore_eos=True)
-    engines = {}
-    for role in ("colocated", "prefill"):
-        engines[role] = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, role=role),
-                                      cost_model=CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=8192))
-        engines[role].start()
-    try:
-        want, _ = _choices(engines["colocated"], "c", params)
-        got, reasons = _choices(engines["prefill"], "p", params)
-        assert sorted(got) == [0, 1, 2] and all(len(t) == 6 for t in got.values())
-        assert got == want and "handover" not in reasons
-        for engine in engines.values():
-            alloc = engine.kv.allocator
-            assert not engine.live and alloc.num_free_blocks == alloc.num_blocks
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
+    want, _ = _choices(engines["colocated"], "c", params)
+    got, reasons = _choices(engines["prefill"], "p", params)
+    assert sorted(got) == [0, 1, 2] and all(len(t) == 6 for t in got.values())
+    assert got == want and "handover" not in reasons
+    for engine in engines.values():
+        alloc = engine.kv.allocator
+        assert not engine.live and alloc.num_free_blocks == alloc.num_blocks
 
 
-def test_a_prefill_replica_decodes_structured_output_itself(model_dir):
+def test_a_prefill_replica_decodes_structured_output_itself(engines):
     """A handover carries no grammar state: a json_schema request stays on the prefill replica."""
     params = SamplingParams(max_tokens=12, temperature=0.0, json_schema='{"type": "object"}')
-    engines = {}
-    for role in ("colocated", "prefill"):
-        engines[role] = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, role=role),
-                                      cost_model=CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=8192))
-        engines[role].start()
-    try:
-        want, _ = _choices(engines["colocated"], "c", params)
-        got, reasons = _choices(engines["prefill"], "p", params)
-        assert got == want and len(got[0]) > 1 and "handover" not in reasons
-    finally:
-        for engine in engines.values():
-            engine.shutdown()
+    want, _ = _choices(engines["colocated"], "c-json", params)
+    got, reasons = _choices(engines["prefill"], "p-json", params)
+    assert got == want and len(got[0]) > 1 and "handover" not in reasons
