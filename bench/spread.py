@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from bench.serve_spread import correlation
+
 VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {  # variant -> (environment, engine settings)
     "baseline": ({}, {}),
     "omp-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, {}),
@@ -200,16 +202,8 @@ def summarize_variant(result: dict[str, Any]) -> dict[str, Any]:
             "probe_ms_median": statistics.median(r.get("probe_ms", 0.0) for r in runs),
             "probe_ms_min": min(r.get("probe_ms", 0.0) for r in runs),
             "probe_ms_max": max(r.get("probe_ms", 0.0) for r in runs),
-            "attainment_vs_probe": _correlation([r["attainment"] for r in runs],
+            "attainment_vs_probe": correlation([r["attainment"] for r in runs],
                                                 [r.get("probe_ms", 0.0) for r in runs])}
-
-
-def _correlation(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson's r of two series (None when either is constant)."""
-    try:
-        return round(statistics.correlation(xs, ys), 3)
-    except statistics.StatisticsError:
-        return None
 
 
 def run_spread_bench(cfg: SpreadConfig) -> dict[str, Any]:
