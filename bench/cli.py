@@ -14,75 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from bench.cache_ab_cli import add_cache_ab_parser
+from bench.cli_args import add_engine_args, add_prefix_args, model_dir, positive_ints, prefix_settings
 from bench.fault_cli import add_faults_parser
 from bench.stack import ServingStack
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--dtype`` and ``--device`` (shared with ``generate`` and ``profile``)."""
-    p.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-
-
-def model_dir(arg: str | None) -> Path:
-    """``--model``, or the prepared default model."""
-    if arg:
-        return Path(arg)
-    from replicas.model.default_model import prepare_default_model
-
-    return prepare_default_model()
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-    """A comma-separated list of positive integers (an argparse type)."""
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-PREFIX_MODES = ("unique", "trace", "multiturn")  # bench.shared_prefix.PREFIX_MODES, without importing it here
-
-
-def _fraction(text: str) -> float:
-    """A number or a ratio such as ``1/32`` (an argparse type)."""
-    num, sep, den = text.partition("/")
-    try:
-        return float(num) / float(den) if sep else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a ratio such as 1/32, got {text!r}") from None
-
-
-def add_prefix_args(p: argparse.ArgumentParser) -> None:
-    """``--prefix-mode`` and the multi-turn generator's settings (``bench serve`` and ``bench policies``)."""
-    p.add_argument("--prefix-mode", choices=PREFIX_MODES, default=None,
-                   help="which prompts share prefixes: trace (the trace's hash_ids, Mooncake), multiturn (generated "
-                        "conversations with a shared system prompt, for Azure) or unique (every prompt its own, "
-                        "vLLM without prefix caching); default: trace if the trace has hash_ids, else unique")
-    p.add_argument("--prefix-groups", type=_fraction, default=None, metavar="FRACTION",
-                   help="trace mode: keep this seeded fraction of the prefix groups over the whole trace (Mooncake "
-                        "shares over hundreds of requests; 1/32 leaves ~100 requests, 62%% reusable); then pick the "
-                        "window, e.g. --window-start-s 0")
-    p.add_argument("--multiturn-system-tokens", type=int, default=None,
-                   help="multiturn: system prompt tokens at full length, a multiple of 512 (default 1024)")
-    p.add_argument("--multiturn-continue", type=float, default=None,
-                   help="multiturn: probability that a request long enough continues an open conversation "
-                        "(default 0.5)")
-
-
-def _prefix_settings(args: argparse.Namespace) -> dict[str, object]:
-    """The prefix flags as config fields (flags not given keep the config's defaults)."""
-    out: dict[str, object] = {"prefix_mode": args.prefix_mode}
-    for name in ("prefix_groups", "multiturn_system_tokens", "multiturn_continue"):
-        if getattr(args, name) is not None:
-            out[name] = getattr(args, name)
-    return out
 
 
 def _write_json(path: str | None, report: object) -> None:
@@ -107,7 +44,7 @@ def _cmd_bench_policies(args: argparse.Namespace) -> int:
     cfg = PolicyBenchConfig(
         trace=args.trace, window_start_s=args.window_start_s, window_s=args.window_s, quick=args.quick,
         length_scale=args.length_scale, max_requests=args.max_requests, seed=args.seed,
-        chunk_sizes=tuple(args.chunk_sizes), repeats=args.repeats, **_prefix_settings(args),
+        chunk_sizes=tuple(args.chunk_sizes), repeats=args.repeats, **prefix_settings(args),
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else None,
         engine={"dtype": args.dtype, "device": args.device, **({"profile": args.profile} if args.profile else {})},
     )
@@ -164,7 +101,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         vllm_threads_bind=args.vllm_threads_bind, vllm_block_size=args.vllm_block_size, config=args.config,
         log_dir=args.log_dir, fixed_rate_rps=args.fixed_rate,
         engine_settings=parse_engine_settings(args.engine_set), repeats=args.repeats, budget_s=args.budget_s,
-        **_prefix_settings(args),
+        **prefix_settings(args),
     )
 
     def save(report: dict[str, object]) -> None:  # after each system, and at the end
@@ -294,7 +231,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     hov = bsub.add_parser("handover", help="P/D handover cost per request against prompt length: bytes, gather, "
                           "decode-side admit, Ray put/get and first token to admission (p50/p99 ms)")
     add_engine_args(hov)
-    hov.add_argument("--lengths", type=_positive_ints, default=(32, 128, 512, 2048),
+    hov.add_argument("--lengths", type=positive_ints, default=(32, 128, 512, 2048),
                      help="prompt lengths in tokens, comma-separated")
     hov.add_argument("--repeats", type=int, default=10, help="requests per length, each a fresh prompt")
     hov.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True,
@@ -349,6 +286,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     over.add_argument("--json", default=None)
     over.set_defaults(func=_cmd_bench_overload)
     add_faults_parser(bsub, stack)
+    add_cache_ab_parser(bsub)
     sim = bsub.add_parser("sim", help="cluster simulator: goodput per replica for replica counts and router policies")
     from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
 
@@ -369,7 +307,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--seed", type=int, default=0)
     bsrv.add_argument("--prompt-format", choices=["text", "ids"], default="text")
     bsrv.add_argument("--start-scale", type=float, default=None, help="first rate scale (default: probed)")
-    bsrv.add_argument("--chunk-sizes", type=_positive_ints, default=(64, 128, 256),
+    bsrv.add_argument("--chunk-sizes", type=positive_ints, default=(64, 128, 256),
                       help="chunk sizes of the chunked baseline, comma-separated: 'chunked' runs one server per size")
     bsrv.add_argument("--vllm-block-size", type=int, default=None,
                       help="vllm's --block-size (default: vLLM's own, 128 tokens on the CPU, where it must be a "

@@ -136,7 +136,7 @@ def run_worker(cfg: SpreadConfig, variant: str) -> dict[str, Any]:
         for k in range(1, cfg.runs + 1):
             prompts = workload_prompts(tokenizer, trace, cfg.seed, k, [r.prompt_ids for r in requests])
             reqs = [replace(r, prompt_ids=p, arrival_s=r.arrival_s / scale) for r, p in zip(requests, prompts)]
-            probe_ms = _probe_ms(engine, tokenizer, requests[0].slo_class, k)
+            probe_ms = engine_probe_ms(engine, tokenizer, requests[0].slo_class, k)
             t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             results = replay(engine, reqs, drain_s=30 + 3 * reqs[-1].arrival_s, tag=f"spread{k}")
             ttfts = sorted(r.ttft_s for r in results if r.ttft_s is not None)
@@ -157,7 +157,7 @@ def run_worker(cfg: SpreadConfig, variant: str) -> dict[str, Any]:
     return {"variant": variant, "env": VARIANTS[variant][0], "engine": VARIANTS[variant][1], "runs": runs}
 
 
-def _probe_ms(engine: Any, tokenizer: Any, slo_class: Any, run: int, tokens: int = PROBE_TOKENS) -> float:  # noqa: ANN401
+def engine_probe_ms(engine: Any, tokenizer: Any, slo_class: Any, run: int, tokens: int = PROBE_TOKENS) -> float:  # noqa: ANN401
     """Median TTFT (ms) of three fresh ``tokens``-token prompts, one at a time, on the idle engine."""
     from bench.replay import ReplayRequest, fresh_prompts, make_prompts, replay
 

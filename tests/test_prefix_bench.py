@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli
+from bench import cli, cli_args
 from bench.policy_bench import NOCACHE, PolicyBenchConfig, policy_configs
 from bench.serve_bench import ServeBenchConfig
 from bench.shared_prefix import PREFIX_MODES
@@ -30,10 +30,10 @@ def test_prefix_flags_parse_with_defaults_left_to_the_trace(command):
     p = _parser()
     args = p.parse_args([command, "--trace", "t.jsonl"])
     assert args.prefix_mode is None  # resolved from the trace: trace with hash_ids, else unique
-    assert cli._prefix_settings(args) == {"prefix_mode": None}  # the configs' own defaults stay
+    assert cli_args.prefix_settings(args) == {"prefix_mode": None}  # the configs' own defaults stay
     args = p.parse_args([command, "--trace", "t.csv", "--prefix-mode", "multiturn", "--multiturn-system-tokens",
                          "512", "--multiturn-continue", "0.8", "--prefix-groups", "1/32"])
-    assert cli._prefix_settings(args) == {"prefix_mode": "multiturn", "prefix_groups": 1 / 32,
+    assert cli_args.prefix_settings(args) == {"prefix_mode": "multiturn", "prefix_groups": 1 / 32,
                                           "multiturn_system_tokens": 512, "multiturn_continue": 0.8}
     for mode in PREFIX_MODES:
         assert p.parse_args([command, "--trace", "t", "--prefix-mode", mode]).prefix_mode == mode
@@ -41,7 +41,7 @@ def test_prefix_flags_parse_with_defaults_left_to_the_trace(command):
         p.parse_args([command, "--trace", "t", "--prefix-mode", "shared"])
     with pytest.raises(SystemExit):
         p.parse_args([command, "--trace", "t", "--prefix-groups", "1/0"])
-    assert cli.PREFIX_MODES == PREFIX_MODES  # the CLI's copy (no heavy import for --help) matches
+    assert cli_args.PREFIX_MODES == PREFIX_MODES  # the CLI's copy (no heavy import for --help) matches
 
 
 @pytest.mark.parametrize("make", [lambda **kw: ServeBenchConfig(trace="t", systems=("flowprefill",), **kw),
