@@ -14,8 +14,10 @@ engine's prefill time of a fixed uncached prompt (the probe) records the machine
 
 Goodput per configuration: the highest grid rate whose median attainment meets 90% with every
 lower grid rate meeting it too; the true goodput lies between it and the next grid rate, which
-gives the on/off ratio's interval. The grid climbs until both configurations' medians are below
-``stop_below``. Each rate also counts the rounds in which on beat, tied or lost to off, and the
+gives the on/off ratio's interval. The grid starts at half the cold engine's predicted capacity,
+steps down while either configuration misses 90% at its lowest rate, then climbs until both
+configurations' medians are below ``stop_below`` (:func:`next_rate_index`). Each rate also counts
+the rounds in which on beat, tied or lost to off, and the
 cache's hit rate per replay is the engine's own counters (hit tokens over queried tokens), so the
 hit rate under load is read at every rate, not only at the goodput.
 """
@@ -38,6 +40,7 @@ from replicas.engine import ReplicaEngine
 from replicas.engine_config import EngineConfig
 
 CONFIGS = ("flowprefill", NOCACHE)
+GOAL = 0.9  # attainment that counts as meeting the SLOs (DistServe's goodput)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class CacheABConfig:
     bench: PolicyBenchConfig
     rounds: int = 3  # replays per configuration at each grid rate
     step: float = 1.25  # grid ratio between neighbouring rates
-    start_utilisation: float = 0.5  # first rate: this share of the cold engine's predicted capacity
+    start_utilisation: float = 0.5  # grid index 0: this share of the cold engine's predicted capacity
     max_rates: int = 9
     stop_below: float = 0.5  # stop climbing once both medians are under this
 
@@ -69,7 +72,24 @@ def round_orders(rounds: int, rate_index: int) -> list[tuple[str, str]]:
     return [(on, off) if (r + rate_index) % 2 == 0 else (off, on) for r in range(rounds)]
 
 
-def goodput_on_grid(medians: list[tuple[float, float]], goal: float = 0.9) -> tuple[float, float | None]:
+def next_rate_index(medians: dict[int, dict[str, float]], stop_below: float, max_rates: int,
+                    goal: float = GOAL, max_down: int = 3) -> int | None:
+    """The next grid index to replay (index ``k`` is ``start x step**k``), None when done: first 0;
+    down while either configuration misses ``goal`` at the lowest rate (at most ``max_down`` below 0),
+    so both goodputs lie on the grid; then up until both medians are under ``stop_below``."""
+    if not medians:
+        return 0
+    if len(medians) >= max_rates:
+        return None
+    lo, hi = min(medians), max(medians)
+    if lo > -max_down and any(m < goal for m in medians[lo].values()):
+        return lo - 1
+    if all(m < stop_below for m in medians[hi].values()):
+        return None
+    return hi + 1
+
+
+def goodput_on_grid(medians: list[tuple[float, float]], goal: float = GOAL) -> tuple[float, float | None]:
     """``(good, bad)`` from ``(rate, median attainment)`` in ascending rate: the highest rate meeting
     ``goal`` with every lower one meeting it (0.0 if the first fails) and the first rate that fails
     (None: none failed)."""
@@ -155,17 +175,18 @@ def run_cache_ab(cfg: CacheABConfig, model_dir: Path | None = None) -> dict[str,
             replay(engine, warm, drain_s=60, tag=f"warmup-{name}")
         replays = {name: Replays(engine, requests, prompts_for) for name, engine in engines.items()}
         run_no = 0
+        medians: dict[int, dict[str, float]] = {}
+        rows: dict[int, dict[str, Any]] = {}
         with tqdm(total=cfg.max_rates * cfg.rounds * 2, desc="bench cache-ab", unit="replay") as bar:
-            for k in range(cfg.max_rates):
+            while (k := next_rate_index(medians, cfg.stop_below, cfg.max_rates)) is not None:
                 scale = start * cfg.step ** k
-                row = _replay_rate(k, scale, base_rate, cfg.rounds, replays, run_no, bar,
-                                   lambda r: engine_probe_ms(engines["flowprefill"], tokenizer,
-                                                           requests[0].slo_class, r))
+                rows[k] = _replay_rate(k, scale, base_rate, cfg.rounds, replays, run_no, bar,
+                                       lambda r: engine_probe_ms(engines["flowprefill"], tokenizer,
+                                                                 requests[0].slo_class, r))
+                medians[k] = {name: rows[k][name]["median"] for name in CONFIGS}
                 run_no += cfg.rounds
-                report["rates"].append(row)
-                if all(row[name]["median"] < cfg.stop_below for name in CONFIGS):
-                    break
             bar.total = bar.n
+        report["rates"] = [rows[k] for k in sorted(rows)]
     finally:
         for engine in engines.values():
             engine.shutdown()
@@ -189,7 +210,7 @@ def _replay_rate(k: int, scale: float, base_rate: float, rounds: int, replays: d
             runs[name].append(summary)
             bar.update(1)
             bar.set_postfix(rate=f"{scale * base_rate:.3g}", **{name[-7:]: f"{summary['attainment']:.2f}"})
-    row: dict[str, Any] = {"rate_rps": scale * base_rate, "scale": scale, "probe_ms": probes}
+    row: dict[str, Any] = {"rate_rps": scale * base_rate, "scale": scale, "grid_index": k, "probe_ms": probes}
     for name in CONFIGS:
         att = [s["attainment"] for s in runs[name]]
         hits = [h for h in (_hit_rate(s) for s in runs[name]) if h is not None]

@@ -60,8 +60,10 @@ def test_a_real_grid_replays_both_engines_and_only_the_cached_one_hits(tmp_path,
                                          "hash_ids": [0, 1, 2 + i]}) + "\n" for i in range(8)))
     bench = PolicyBenchConfig(trace=str(trace), max_requests=8, engine={"profile_max_tokens": 256})
     report = run_cache_ab(CacheABConfig(bench=bench, rounds=2, max_rates=2), tiny_checkpoint_factory("llama"))
-    assert len(report["rates"]) in (1, 2)
-    for k, row in enumerate(report["rates"]):
+    assert 1 <= len(report["rates"]) <= 2
+    assert [r["rate_rps"] for r in report["rates"]] == sorted(r["rate_rps"] for r in report["rates"])
+    for row in report["rates"]:
+        k = row["grid_index"]
         on, off = row["flowprefill"], row[NOCACHE]
         assert len(on["runs"]) == len(off["runs"]) == 2 and len(row["probe_ms"]) == 2
         assert [r["first_in_round"] for r in on["runs"]] == [k % 2 == 0, k % 2 == 1]
@@ -71,3 +73,22 @@ def test_a_real_grid_replays_both_engines_and_only_the_cached_one_hits(tmp_path,
     assert set(report["goodput"]) == {"flowprefill", NOCACHE}
     out = capsys.readouterr().out
     assert "cache on" in out and "on/off" in out
+
+
+def test_the_grid_steps_down_until_both_pass_then_climbs_until_both_fail():
+    from bench.cache_ab import next_rate_index
+
+    on, off = "flowprefill", NOCACHE
+    m: dict[int, dict[str, float]] = {}
+    assert next_rate_index(m, 0.5, 9) == 0
+    m[0] = {on: 0.95, off: 0.85}
+    assert next_rate_index(m, 0.5, 9) == -1  # off misses at the lowest rate: its goodput is below it
+    m[-1] = {on: 1.0, off: 0.95}
+    assert next_rate_index(m, 0.5, 9) == 1
+    m[1] = {on: 0.6, off: 0.4}
+    assert next_rate_index(m, 0.5, 9) == 2  # on is still above stop_below
+    m[2] = {on: 0.45, off: 0.3}
+    assert next_rate_index(m, 0.5, 9) is None
+    assert next_rate_index({0: {on: 0.1, off: 0.1}, -1: {on: 0.1, off: 0.1}, -2: {on: 0.2, off: 0.1},
+                            -3: {on: 0.2, off: 0.2}}, 0.5, 9) is None  # max_down reached and all failing
+    assert next_rate_index({0: {on: 1.0, off: 1.0}}, 0.5, 1) is None  # max_rates
