@@ -24,6 +24,7 @@ hit rate under load is read at every rate, not only at the goodput.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -115,6 +116,15 @@ def paired_tally(on_runs: list[float], off_runs: list[float]) -> dict[str, int]:
     pairs = list(zip(on_runs, off_runs))
     return {"on_better": sum(a > b for a, b in pairs), "tie": sum(a == b for a, b in pairs),
             "off_better": sum(a < b for a, b in pairs)}
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """Two-sided sign test over the rounds that were not tied: the chance of a split at least this
+    uneven if on and off were equally likely to win a round."""
+    n, k = better + worse, max(better, worse)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0 ** n)
 
 
 def _hit_rate(summary: dict[str, Any]) -> float | None:
@@ -230,6 +240,7 @@ def _decide(report: dict[str, Any]) -> None:
     report["ratio"] = ratio_interval(found[CONFIGS[0]], found[CONFIGS[1]])
     tallies = [row["tally"] for row in rates]
     report["tally"] = {key: sum(t[key] for t in tallies) for key in ("on_better", "tie", "off_better")}
+    report["sign_test_p"] = sign_test_p(report["tally"]["on_better"], report["tally"]["off_better"])
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -255,7 +266,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"goodput (median >= 0.9 at this and every lower rate): on {g[on]['goodput_rps']:.3f} r/s, "
           f"off {g[off]['goodput_rps']:.3f} r/s; on/off {_fmt(r['ratio'])}x, interval "
           f"[{_fmt(r['low'])}, {_fmt(r['high'])}]; rounds on better {t['on_better']}, tied {t['tie']}, "
-          f"off better {t['off_better']}")
+          f"off better {t['off_better']} (sign test p = {report['sign_test_p']:.2g})")
 
 
 def plot_cache_ab(report: dict[str, Any], path: str | Path) -> None:

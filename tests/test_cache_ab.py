@@ -36,6 +36,15 @@ def test_the_paired_tally_counts_rounds():
     assert paired_tally([0.9, 0.8, 1.0], [0.9, 0.9, 0.5]) == {"on_better": 1, "tie": 1, "off_better": 1}
 
 
+def test_the_sign_test_is_two_sided_and_ignores_ties():
+    from bench.cache_ab import sign_test_p
+
+    assert sign_test_p(22, 4) == pytest.approx(0.000534, rel=1e-2)  # the Azure multi-turn run of 2026-12-04
+    assert sign_test_p(4, 22) == sign_test_p(22, 4)
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    assert sign_test_p(5, 0) == pytest.approx(2 / 32)
+
+
 def test_bad_grid_settings_name_their_flag():
     bench = PolicyBenchConfig(trace="t")
     for kwargs, flag in [({"rounds": 0}, "--rounds"), ({"step": 1.0}, "--step"),
