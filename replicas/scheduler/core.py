@@ -103,7 +103,7 @@ class Scheduler:
             raise ValueError(f"Request.state: a new request must be waiting, got {request.state}")
         predicted = self._predict(request)
         if self._reserve is not None:  # offered load, whether admitted or not
-            self._reserve.record(request.ttft_slo_s, predicted, now)
+            self._reserve.record(request.slo_class, request.ttft_slo_s, predicted, now)
         refusal = self._admission_refusal(request, predicted, now)
         if refusal is not None:
             self._refuse(request, refusal, now)
@@ -176,7 +176,8 @@ class Scheduler:
                 return Refusal(f"replica overloaded: {pending:.3f}s of predicted prefill work queued "
                                f"(max_queued_work_s {cfg.max_queued_work_s:g})",
                                pending + predicted - cfg.max_queued_work_s)
-        share = self._reserve.share_above(request.ttft_slo_s, now) if self._reserve is not None else 0.0
+        share = (self._reserve.share_above(request.slo_class, request.ttft_slo_s, now)
+                 if self._reserve is not None else 0.0)
         if cfg.admission_control and request.sheddable:
             return late_refusal(view, request, predicted, reserved_share=share)
         if cfg.late_reject_factor is not None:

@@ -10,8 +10,10 @@ class gets less than the capacity allows (the overload bench measured 0.00 again
 
 :class:`UrgentReserve` records the predicted prefill seconds *offered* per TTFT SLO over the last
 ``window_s`` seconds (refused arrivals included: an urgent request refused now still wants that
-capacity). For a request with TTFT SLO ``s`` the reserved share ``u`` is the offered work per
-second of every class with an SLO below ``s``. While it waits, such work keeps arriving and runs
+capacity). For a request of class ``c`` with TTFT SLO ``s`` the reserved share ``u`` is the offered
+work per second of the arrivals of *other* classes with an SLO below ``s`` (requests of one class
+carry SLOs of their own, so a tighter one of the same class is not "more urgent": within a class
+EDF decides, as before). While it waits, such work keeps arriving and runs
 first, so the request's predicted finish becomes ``now + (ahead + own) / (1 - u)`` (a fluid
 model: a server giving share ``u`` to others serves the rest at rate ``1 - u``). With ``u`` at
 :data:`MAX_SHARE` or more, the urgent classes alone fill the replica and the request is refused.
@@ -33,17 +35,18 @@ class UrgentReserve:
         if isinstance(window_s, bool) or not isinstance(window_s, int | float) or not 0 < window_s < math.inf:
             raise ValueError(f"urgent_reserve_window_s: expected a finite number of seconds > 0, got {window_s!r}")
         self.window_s = float(window_s)
-        self._offered: deque[tuple[float, float, float]] = deque()  # (arrival, ttft_slo_s, predicted_s)
+        self._offered: deque[tuple[float, str, float, float]] = deque()  # (arrival, class, ttft_slo_s, predicted_s)
 
-    def record(self, ttft_slo_s: float, predicted_s: float, now: float) -> None:
-        """An arrival offering ``predicted_s`` of prefill with TTFT SLO ``ttft_slo_s``."""
-        self._offered.append((now, ttft_slo_s, max(predicted_s, 0.0)))
+    def record(self, slo_class: str, ttft_slo_s: float, predicted_s: float, now: float) -> None:
+        """An arrival of ``slo_class`` offering ``predicted_s`` of prefill with TTFT SLO ``ttft_slo_s``."""
+        self._offered.append((now, slo_class, ttft_slo_s, max(predicted_s, 0.0)))
         self._expire(now)
 
-    def share_above(self, ttft_slo_s: float, now: float) -> float:
-        """Offered work per second, over the window, of every SLO tighter than ``ttft_slo_s``."""
+    def share_above(self, slo_class: str, ttft_slo_s: float, now: float) -> float:
+        """Offered work per second, over the window, of other classes' arrivals with an SLO tighter
+        than ``ttft_slo_s``."""
         self._expire(now)
-        return sum(p for _, slo, p in self._offered if slo < ttft_slo_s) / self.window_s
+        return sum(p for _, c, slo, p in self._offered if slo < ttft_slo_s and c != slo_class) / self.window_s
 
     def _expire(self, now: float) -> None:
         horizon = now - self.window_s
