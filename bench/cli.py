@@ -173,7 +173,8 @@ def _cmd_bench_overload(args: argparse.Namespace) -> int:
     settings = parse_engine_settings(args.engine_set)
     report = run_overload(OverloadConfig(trace=args.trace, goodput_rps=args.goodput_rps, factor=args.factor,
                                          overload_s=args.overload_s, engine_settings=settings,
-                                         repeats=args.repeats),
+                                         repeats=args.repeats, base_fraction=args.base_fraction,
+                                         after_s=args.after_s),
                           Path(args.model) if args.model else None)
     print_overload(report)
     _write_json(args.json, report)
@@ -278,6 +279,10 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     over.add_argument("--goodput-rps", type=float, required=True, help="FlowPrefill's goodput from bench serve")
     over.add_argument("--factor", type=float, default=10.0, help="overload rate as a multiple of the goodput")
     over.add_argument("--overload-s", type=float, default=60.0, help="seconds of overload")
+    over.add_argument("--base-fraction", type=float, default=0.5,
+                      help="rate before and after the burst, as a fraction of the goodput (1.0 tests that the "
+                           "goodput given is sustainable)")
+    over.add_argument("--after-s", type=float, default=90.0, help="seconds at the base rate after the burst")
     over.add_argument("--repeats", type=int, default=1,
                       help="run the three phases this many times on one server; attainment is their median")
     over.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",

@@ -108,26 +108,40 @@ def phase_breakdowns(cfg: OverloadConfig, results: list[RequestResult]) -> dict[
 
 
 def _capacity_bounds(cfg: OverloadConfig, results: list[RequestResult],
-                     table: dict[str, dict[str, dict[str, Any]]]) -> None:
+                     table: dict[str, dict[str, dict[str, Any]]], speed: dict[str, float] | None = None,
+                     key: str = "bound") -> None:
     """Add ``bound``: the best attainment the capacity allows in each phase and class.
 
     At most ``goodput_rps x phase seconds`` requests can meet their SLO in a phase (that is what the
     goodput measures). The best use of that capacity serves the most urgent classes first (shortest
     TTFT SLO), so a class's bound is the share of its requests left over for it, and ``all``'s is
     capacity over requests. Attainment divided by the bound says how much of the possible was had.
+    ``speed`` (per phase, capacity as a fraction of the goodput's) scales that capacity; the result
+    goes under ``key``.
     """
     ends = dict(zip(PHASES, cfg.bounds()))
     starts = {"before": 0.0, "overload": ends["before"], "after": ends["overload"]}
     slo = {r.slo_class: r.ttft_slo_s for r in results}
     for phase, rows in table.items():
-        left = cfg.goodput_rps * (ends[phase] - starts[phase])
+        left = cfg.goodput_rps * (ends[phase] - starts[phase]) * (speed or {}).get(phase, 1.0)
         if "all" in rows:
-            rows["all"]["bound"] = round(min(1.0, left / rows["all"]["requests"]), 3)
+            rows["all"][key] = round(min(1.0, left / rows["all"]["requests"]), 3)
         for name in sorted((c for c in rows if c != "all"), key=lambda c: (slo[c], c)):
             n = rows[name]["requests"]
             take = min(float(n), left)
-            rows[name]["bound"] = round(take / n, 3)
+            rows[name][key] = round(take / n, 3)
             left -= take
+
+
+def speed_ratios(scales: dict[str, float | None]) -> dict[str, float]:
+    """Per phase, the replica's prefill speed against the phase before the burst (median measured
+    over profiled time ``before`` / that phase's): a burst of refusals takes CPU from prefill on a
+    shared machine, so the capacity the goodput stands for shrinks by this factor. Empty when the
+    before phase has no sample."""
+    ref = scales.get("before")
+    if not ref:
+        return {}
+    return {p: ref / s for p, s in scales.items() if s}
 
 
 def _health_ok(base_url: str) -> bool:
@@ -195,6 +209,9 @@ def run_overload(cfg: OverloadConfig, model_dir: Path | None = None) -> dict[str
     rss = {p: max((s["rss_mib"] for s in samples if s["phase"] == p), default=None) for p in PHASES}
     scales = {p: _median([s["cost_scale"] for s in samples if s["phase"] == p and s["cost_scale"] is not None])
               for p in PHASES}
+    speed = speed_ratios(scales)
+    if speed:  # the bound again at each phase's measured prefill speed (the platform's floor under the burst)
+        _capacity_bounds(cfg, results, phases, speed, key="bound_at_speed")
     return {
         "config": asdict(cfg), "requests": len(results), "phases": phases, "repeats": per_repeat, "rss_mib_peak": rss,
         "cost_scale_median": scales, "ttft_breakdown": phase_breakdowns(cfg, results),
@@ -240,20 +257,23 @@ def _median(values: list[float]) -> float | None:
 def print_overload(report: dict[str, Any]) -> None:
     """Per phase and class: requests, completed, attainment and its capacity bound, 429s (with
     Retry-After), errors; over repeats, counts summed and attainment the median [min-max]."""
-    print(f"{'phase':<9} {'class':<12} {'req':>5} {'done':>5} {'attain':>7} {'bound':>6} {'429':>5} {'w/RA':>5} "
-          f"{'err':>4} {'cancel':>6} {'RSS MiB':>8}")
+    print(f"{'phase':<9} {'class':<12} {'req':>5} {'done':>5} {'attain':>7} {'bound':>6} {'@speed':>7} {'429':>5} "
+          f"{'w/RA':>5} {'err':>4} {'cancel':>6} {'RSS MiB':>8}")
     for phase, rows in report["phases"].items():
         for name, row in sorted(rows.items()):
             att = "-" if row["attainment"] is None else f"{row['attainment']:.2f}"
             spread = "" if row.get("attainment_min") is None or len(report.get("repeats") or []) < 2 \
                 else f" [{row['attainment_min']:.2f}-{row['attainment_max']:.2f}]"
             rss = report["rss_mib_peak"][phase]
+            at_speed = "-" if row.get("bound_at_speed") is None else f"{row['bound_at_speed']:.2f}"
             print(f"{phase:<9} {name:<12} {row['requests']:>5} {row['completed']:>5} {att:>7} {row['bound']:>6.2f} "
-                  f"{row['rejected_429']:>5} {row['retry_after']:>5} {row['other_errors']:>4} {row['cancelled']:>6} "
+                  f"{at_speed:>7} {row['rejected_429']:>5} {row['retry_after']:>5} {row['other_errors']:>4} "
+                  f"{row['cancelled']:>6} "
                   f"{'-' if rss is None else f'{rss:.0f}':>8}{spread}")
     scales = report.get("cost_scale_median", {})
     print("prefill time over its profile (median of samples): "
-          + ", ".join(f"{p} {'-' if scales.get(p) is None else f'{scales[p]:.2f}x'}" for p in PHASES))
+          + ", ".join(f"{p} {'-' if scales.get(p) is None else f'{scales[p]:.2f}x'}" for p in PHASES)
+          + "; @speed: the bound with each phase's capacity scaled by its prefill speed against before's")
     for phase, rows in report["phases"].items():
         reasons = sorted(rows.get("all", {}).get("refusal_reasons", {}).items(), key=lambda kv: -kv[1])
         for reason, count in reasons[:3]:

@@ -117,7 +117,7 @@ class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
                 batch_token_budget=config.batch_token_budget, chunk_tokens=config.policy_chunk_tokens,
                 max_suspended_batches=config.max_suspended_batches, admission_control=config.admission_control,
                 late_reject_factor=config.late_reject_factor, max_queued_work_s=config.max_queued_work_s,
-                calibrate_cost=config.calibrate_cost,
+                urgent_reserve_window_s=config.urgent_reserve_window_s, calibrate_cost=config.calibrate_cost,
                 granularity=config.granularity,
             ),
             memory=self.memory,

@@ -47,6 +47,8 @@ class EngineConfig:
     admission_control: bool = False
     late_reject_factor: float | None = None  # refuse requests predicted this many times past their TTFT SLO
     max_queued_work_s: float | None = None  # refuse arrivals beyond this much predicted prefill work
+    # refusals by lateness keep the capacity tighter SLO classes offered over this many recent seconds
+    urgent_reserve_window_s: float | None = 5.0
     calibrate_cost: bool = True  # scale the profiled cost model by the measured slowdown under load
     default_tpot_slo_s: float = 0.5  # decode cadence target when a request names no TPOT SLO
     max_waiting: int = 1024  # queue bound: arrivals beyond it are rejected (memory stays bounded)
@@ -99,7 +101,7 @@ class EngineConfig:
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool)
                                              or not isinstance(self.cpu_threads, int) or self.cpu_threads <= 0):
             raise EngineConfigError("cpu_threads", f"must be null or a positive integer, got {self.cpu_threads!r}")
-        for name, low in (("late_reject_factor", 1.0), ("max_queued_work_s", 0.0)):
+        for name, low in (("late_reject_factor", 1.0), ("max_queued_work_s", 0.0), ("urgent_reserve_window_s", 0.0)):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -59,6 +59,23 @@ def test_capacity_bound_serves_the_most_urgent_class_first() -> None:
     assert (over["interactive"]["bound"], over["standard"]["bound"], over["batch"]["bound"]) == (1.0, 0.1, 0.0)
 
 
+def test_the_bound_at_speed_scales_each_phase_by_its_prefill_speed() -> None:
+    """Prefill at 2x its profile in the burst against 1x before: half the capacity, so the 8
+    interactive requests can have only 5 of the 10 goodput slots, standard none."""
+    from bench.overload import _capacity_bounds, speed_ratios
+
+    assert speed_ratios({"before": 1.0, "overload": 2.0, "after": None}) == {"before": 1.0, "overload": 0.5}
+    assert speed_ratios({"before": None, "overload": 2.0}) == {}
+    cfg = OverloadConfig(trace="t", goodput_rps=1.0, before_s=10, overload_s=10, after_s=10)
+    results = [RequestResult(i, cls, 2, slo, arrival_s=10.5, error="HTTP 429", status=429)
+               for i, (cls, slo) in enumerate([("interactive", 1.0)] * 8 + [("standard", 5.0)] * 20)]
+    table = summarize_phases(cfg, results)
+    _capacity_bounds(cfg, results, table, {"overload": 0.5}, key="bound_at_speed")
+    over = table["overload"]
+    assert (over["interactive"]["bound_at_speed"], over["standard"]["bound_at_speed"]) == (round(5 / 8, 3), 0.0)
+    assert over["interactive"]["bound"] == 1.0  # the plain bound is kept beside it
+
+
 def test_engine_settings_are_read_as_yaml_and_validated() -> None:
     import pytest
 

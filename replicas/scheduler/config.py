@@ -31,7 +31,10 @@ class SchedulerConfig:
     later than this multiple of its TTFT SLO (it could only be served uselessly late, taking
     capacity from requests that can still make it), and ``max_queued_work_s`` refuses arrivals
     while the replica holds more than this many predicted seconds of prefill work (a queue bound
-    in time rather than count); None turns either off. ``calibrate_cost`` scales every prediction
+    in time rather than count); None turns either off. ``urgent_reserve_window_s``: both refusals
+    by lateness keep, for each request, the capacity that classes with tighter TTFT SLOs offered
+    over this many recent seconds (:mod:`replicas.scheduler.urgent_reserve`); None keeps none.
+    ``calibrate_cost`` scales every prediction
     by the measured slowdown of completed prefill programs (see
     :class:`~replicas.scheduler.calibration.CostCalibration`); off by default so that scheduling
     from an injected clock is a pure function of the events. ``granularity``
@@ -48,6 +51,7 @@ class SchedulerConfig:
     admission_control: bool = False
     late_reject_factor: float | None = None
     max_queued_work_s: float | None = None
+    urgent_reserve_window_s: float | None = 5.0
     calibrate_cost: bool = False
     granularity: str = "block"
 
@@ -64,7 +68,7 @@ class SchedulerConfig:
         for name in ("admission_control", "calibrate_cost"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SchedulerConfig.{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("late_reject_factor", "max_queued_work_s"):
+        for name in ("late_reject_factor", "max_queued_work_s", "urgent_reserve_window_s"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < math.inf):
                 raise ValueError(f"SchedulerConfig.{name}: expected a positive number or None, got {v!r}")

@@ -37,6 +37,7 @@ from replicas.scheduler.policies import SchedulingPolicy, make_policy
 from replicas.scheduler.queues import Queues
 from replicas.scheduler.request import Request, RequestState
 from replicas.scheduler.stats import QueueStats, Refusal, late_refusal, pass_summary, pending_work_s, queue_stats
+from replicas.scheduler.urgent_reserve import UrgentReserve
 from replicas.scheduler.view import Batch, MemoryView, SchedulerView, UnlimitedMemory
 
 S = RequestState
@@ -71,6 +72,8 @@ class Scheduler:
         self._q = Queues()
         self._memory_blocked = False
         self._last_now = -math.inf
+        window = self.config.urgent_reserve_window_s
+        self._reserve = UrgentReserve(window) if window is not None else None
         self.scheduling_passes = 0
         self.preemptions = 0
         self.terminal_counts: Counter[str] = Counter()
@@ -99,6 +102,8 @@ class Scheduler:
         if request.state is not S.WAITING:
             raise ValueError(f"Request.state: a new request must be waiting, got {request.state}")
         predicted = self._predict(request)
+        if self._reserve is not None:  # offered load, whether admitted or not
+            self._reserve.record(request.slo_class, request.ttft_slo_s, predicted, now)
         refusal = self._admission_refusal(request, predicted, now)
         if refusal is not None:
             self._refuse(request, refusal, now)
@@ -171,10 +176,12 @@ class Scheduler:
                 return Refusal(f"replica overloaded: {pending:.3f}s of predicted prefill work queued "
                                f"(max_queued_work_s {cfg.max_queued_work_s:g})",
                                pending + predicted - cfg.max_queued_work_s)
+        share = (self._reserve.share_above(request.slo_class, request.ttft_slo_s, now)
+                 if self._reserve is not None else 0.0)
         if cfg.admission_control and request.sheddable:
-            return late_refusal(view, request, predicted)
+            return late_refusal(view, request, predicted, reserved_share=share)
         if cfg.late_reject_factor is not None:
-            return late_refusal(view, request, predicted, cfg.late_reject_factor)
+            return late_refusal(view, request, predicted, cfg.late_reject_factor, reserved_share=share)
         return None
 
     def on_prefill_complete(self, batch_id: int, now: float, compute_s: float | None = None) -> Decision:

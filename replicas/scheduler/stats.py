@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from replicas.scheduler.request import Request
+from replicas.scheduler.urgent_reserve import MAX_SHARE
 from replicas.scheduler.view import Batch, SchedulerView
 
 
@@ -18,15 +19,19 @@ class Refusal(NamedTuple):
     retry_after_s: float
 
 
-def late_refusal(view: SchedulerView, request: Request, predicted_s: float, late_factor: float = 1.0) -> Refusal | None:
+def late_refusal(view: SchedulerView, request: Request, predicted_s: float, late_factor: float = 1.0,
+                 reserved_share: float = 0.0) -> Refusal | None:
     """The :class:`Refusal` of a ``request`` predicted to miss its TTFT SLO by more than ``late_factor``.
 
     Work ahead of it: the predicted remaining prefill time of every queued, running or suspended
     request that the scheduler's slack-gated EDF order runs first: feasible work with a deadline not
     later than its own (and, if it is itself infeasible, all feasible work and earlier late work);
-    work already past hope runs after it.  It is refused when ``now + ahead + predicted_s`` exceeds
-    ``arrival + late_factor * ttft_slo`` (1.0: its deadline); a retry may succeed once the excess
-    has drained.
+    work already past hope runs after it.  ``reserved_share`` is the capacity that more urgent
+    classes are predicted to take while it waits (:mod:`replicas.scheduler.urgent_reserve`): the
+    work ahead and its own run at ``1 - reserved_share`` of the replica.  It is refused when
+    ``now + (ahead + predicted_s) / (1 - reserved_share)`` exceeds ``arrival + late_factor *
+    ttft_slo`` (1.0: its deadline), or when the share reaches :data:`MAX_SHARE`; a retry may succeed
+    once the excess has drained.
     """
     own = (request.deadline - view.now - predicted_s <= 0.0, request.deadline)
     ahead = 0.0
@@ -34,14 +39,18 @@ def late_refusal(view: SchedulerView, request: Request, predicted_s: float, late
         late, deadline = view.key(r)[:2]
         if (late, deadline) <= own:
             ahead += view.predicted_remaining(r)
-    finish = view.now + ahead + predicted_s
+    limit = f"{late_factor:g} x " if late_factor != 1.0 else ""
+    if reserved_share >= MAX_SHARE:
+        return Refusal(f"more urgent classes are offering {reserved_share:.0%} of this replica's prefill capacity; "
+                       f"the {request.ttft_slo_s:.3f}s TTFT SLO cannot be met beside them", request.ttft_slo_s)
+    finish = view.now + (ahead + predicted_s) / (1.0 - max(reserved_share, 0.0))
     excess = finish - request.arrival_s - late_factor * request.ttft_slo_s
     if excess <= 0.0:
         return None
-    limit = f"{late_factor:g} x " if late_factor != 1.0 else ""
+    kept = f", {reserved_share:.0%} of capacity kept for more urgent classes" if reserved_share > 0.0 else ""
     return Refusal(
         f"predicted TTFT {finish - request.arrival_s:.3f}s exceeds {limit}the {request.ttft_slo_s:.3f}s TTFT SLO "
-        f"({ahead:.3f}s of earlier-deadline prefill work ahead, {predicted_s:.3f}s for this prompt)",
+        f"({ahead:.3f}s of earlier-deadline prefill work ahead, {predicted_s:.3f}s for this prompt{kept})",
         excess,
     )
 
