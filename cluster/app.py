@@ -11,14 +11,37 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+
+from replicas.engine_api import ENGINE_KINDS
 from replicas.engine_config import EngineConfig, EngineConfigError
+from state.config_model import ConfigModel, config_dataclass, located, parse_config
 
 ROUTER_POLICIES = ("slo_aware", "round_robin", "least_loaded", "prefix_affinity", "pow2")
 REQUEST_ROUTER_CLASS = "router.request_router.SLOAwareRequestRouter"
 DECODE_ROUTER_CLASS = "router.decode_router.DecodeRequestRouter"
-DECODE_KEYS = ("num_replicas", "replica_cpus", "replica_gpus", "engine")
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    if {"CPU", "GPU", "memory"} & set(resources):
+        raise ValueError("CPU, GPU and memory are replica_cpus / replica_gpus, not custom resources")
+    return resources
+
+
+#: Ray custom resources and the amount asked for ({flowprefill_worker: 1}).
+CustomResources = Annotated[dict[NonEmpty, PositiveFloat], AfterValidator(_custom_only)]
+
+
+class DecodeSettings(ConfigModel):
+    """``args.decode``: the decode deployment of a P/D app (resources default to the replicas' own)."""
+
+    num_replicas: PositiveInt = 1
+    replica_cpus: NonNegativeFloat | None = None
+    replica_gpus: NonNegativeFloat | None = None
+    engine: dict[str, Any] | None = None  # settings over args.engine; the role is decode
 
 
 @dataclass(frozen=True)
@@ -32,64 +55,64 @@ class DecodePool:
     engine: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@config_dataclass(EngineConfigError)
 class AppConfig:
     """The application's settings, validated (errors name the field under ``args``)."""
 
-    model_name: str = "SmolLM2-135M-Instruct"
-    engine_kind: str = "flowprefill"  # replicas.engine_api.ENGINE_KINDS
-    engine: dict[str, Any] = field(default_factory=dict)
-    num_replicas: int = 1
-    replica_cpus: float = 1.0
-    replica_gpus: float = 0.0
-    router_policy: str = "slo_aware"
-    slo: dict[str, Any] | None = None
+    model_name: NonEmpty = "SmolLM2-135M-Instruct"
+    engine_kind: Literal[ENGINE_KINDS] = "flowprefill"
+    engine: dict[str, Any] = field(default_factory=dict)  # checked by the kind's own settings class
+    num_replicas: PositiveInt = 1
+    replica_cpus: NonNegativeFloat = 1.0
+    replica_gpus: NonNegativeFloat = 0.0
+    router_policy: Literal[ROUTER_POLICIES] = "slo_aware"
+    slo: dict[str, Any] | None = None  # router/slo.py
     redis_url: str | None = None
-    namespace: str = "flowprefill"
-    max_body_bytes: int = 1 << 20
+    namespace: NonEmpty = "flowprefill"
+    max_body_bytes: PositiveInt = 1 << 20
     api_keys_file: str | None = None  # API keys (router/auth.py); FLOWPREFILL_API_KEYS adds more
     protect_metrics: bool = False  # /metrics needs an API key too
-    autoscaling: dict[str, Any] | None = None
+    autoscaling: dict[str, Any] | None = None  # cluster/autoscaling.py
     # P/D disaggregation (replicas/handover.py): a mapping starts a second deployment of decode replicas;
     # the replicas above then run engine.role prefill. null: colocated replicas (the default).
-    decode: dict[str, Any] | None = None
+    decode: DecodeSettings | None = None
     # Placement on a multi-node cluster (cluster/multinode.py): Ray custom resources each replica /
     # the router ingress asks for (e.g. {flowprefill_worker: 1}: one replica per worker node), and
     # Serve's cap on replicas per node (1: one per GPU node; null: no cap).
-    replica_resources: dict[str, float] | None = None
-    router_resources: dict[str, float] | None = None
-    max_replicas_per_node: int | None = None
+    replica_resources: CustomResources | None = None
+    router_resources: CustomResources | None = None
+    max_replicas_per_node: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _roles_fit_the_decode_pool(self) -> AppConfig:
+        role = self.engine.get("role", "colocated")
+        if self.decode is None:
+            if role != "colocated":
+                raise located(("engine", "role"), f"{role} needs a decode pool (args.decode); "
+                              "without one replicas run colocated", role)
+            return self
+        if self.engine_kind != "flowprefill":
+            raise located(("engine_kind",), "P/D (args.decode) needs the flowprefill engine", self.engine_kind)
+        if role != "prefill":
+            raise located(("engine", "role"), f"must be prefill with a decode pool (args.decode), got {role!r}", role)
+        decode_role = (self.decode.engine or {}).get("role", "decode")
+        if decode_role != "decode":
+            raise located(("decode", "engine", "role"), f"must be decode, got {decode_role!r}", decode_role)
+        return self
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> AppConfig:
         """Parse ``args``; ``REDIS_URL`` from the environment fills ``redis_url`` when unset."""
-        if not isinstance(args, Mapping):
-            raise EngineConfigError("args", "must be a mapping")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise EngineConfigError(f"args.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
-        values = dict(args)
-        values.setdefault("redis_url", os.environ.get("REDIS_URL"))
-        config = cls(**values)
+        if isinstance(args, Mapping):
+            args = {"redis_url": os.environ.get("REDIS_URL"), **args}
+        config = parse_config(cls, args, EngineConfigError, "args")
         config.engine_limits()  # validate the engine settings early, with their path
         config.decode_pool()
-        if config.router_policy not in ROUTER_POLICIES:
-            raise EngineConfigError("args.router_policy", f"must be one of {', '.join(ROUTER_POLICIES)}")
-        if not isinstance(config.num_replicas, int) or config.num_replicas < 1:
-            raise EngineConfigError("args.num_replicas", "must be a positive integer")
-        if not isinstance(config.protect_metrics, bool):
-            raise EngineConfigError("args.protect_metrics", "must be true or false")
-        for name in ("replica_resources", "router_resources"):
-            _check_resources(getattr(config, name), f"args.{name}")
-        per_node = config.max_replicas_per_node
-        if per_node is not None and (isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1):
-            raise EngineConfigError("args.max_replicas_per_node", "must be a positive integer or null")
         if config.api_keys_file is not None:  # refuse a bad key file at start, naming its field
             from router.auth import AccessConfigError, AccessPolicy
 
             try:
-                AccessPolicy.from_sources(keys_file=str(config.api_keys_file))
+                AccessPolicy.from_sources(keys_file=config.api_keys_file)
             except AccessConfigError as exc:
                 raise EngineConfigError("args.api_keys_file", str(exc)) from None
         if config.slo is not None:
@@ -103,40 +126,14 @@ class AppConfig:
         return config
 
     def decode_pool(self) -> DecodePool | None:
-        """The decode deployment's settings under P/D, or None (colocated); validated, errors named."""
-        role = self.engine.get("role", "colocated") if isinstance(self.engine, Mapping) else "colocated"
+        """The decode deployment's settings under P/D, or None (colocated); its engine validated."""
         if self.decode is None:
-            if role != "colocated":
-                raise EngineConfigError("args.engine.role", f"{role} needs a decode pool (args.decode); "
-                                        "without one replicas run colocated")
             return None
-        if not isinstance(self.decode, Mapping):
-            raise EngineConfigError("args.decode", "must be a mapping (or null)")
-        unknown = sorted(set(self.decode) - set(DECODE_KEYS))
-        if unknown:
-            raise EngineConfigError(f"args.decode.{unknown[0]}", f"unknown setting (known: {', '.join(DECODE_KEYS)})")
-        if self.engine_kind != "flowprefill":
-            raise EngineConfigError("args.engine_kind", "P/D (args.decode) needs the flowprefill engine")
-        if role != "prefill":
-            raise EngineConfigError("args.engine.role",
-                                    f"must be prefill with a decode pool (args.decode), got {role!r}")
-        count = self.decode.get("num_replicas", 1)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise EngineConfigError("args.decode.num_replicas", f"must be a positive integer, got {count!r}")
-        resources = {}
-        for name, default in (("replica_cpus", self.replica_cpus), ("replica_gpus", self.replica_gpus)):
-            value = self.decode.get(name, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise EngineConfigError(f"args.decode.{name}", f"must be a non-negative number, got {value!r}")
-            resources[name] = float(value)
-        overrides = self.decode.get("engine") or {}
-        if not isinstance(overrides, Mapping):
-            raise EngineConfigError("args.decode.engine", "must be a mapping")
-        if overrides.get("role", "decode") != "decode":
-            raise EngineConfigError("args.decode.engine.role", f"must be decode, got {overrides['role']!r}")
-        engine = {**self.engine, **overrides, "role": "decode"}
+        engine = {**self.engine, **(self.decode.engine or {}), "role": "decode"}
         EngineConfig.from_dict(engine, prefix="args.decode.engine")
-        return DecodePool(count, resources["replica_cpus"], resources["replica_gpus"], engine)
+        cpus, gpus = self.decode.replica_cpus, self.decode.replica_gpus
+        return DecodePool(self.decode.num_replicas, self.replica_cpus if cpus is None else cpus,
+                          self.replica_gpus if gpus is None else gpus, engine)
 
     def engine_limits(self) -> tuple[str | None, int]:
         """The engine's model directory (None: the default) and its bound on requests in progress."""
@@ -151,21 +148,7 @@ class AppConfig:
             from replicas.vllm_engine import MAX_ONGOING, VLLMConfig
 
             return VLLMConfig.from_dict(self.engine, prefix="args.engine").model, MAX_ONGOING
-        from replicas.engine_api import ENGINE_KINDS
-
-        raise EngineConfigError("args.engine_kind",
-                                f"must be one of {', '.join(ENGINE_KINDS)}, got {self.engine_kind!r}")
-
-
-def _check_resources(value: Any, path: str) -> None:  # noqa: ANN401 (unvalidated config)
-    if value is None:
-        return
-    if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and k and not isinstance(v, bool) and isinstance(v, int | float) and v > 0
-            for k, v in value.items()):
-        raise EngineConfigError(path, f"must map resource names to positive amounts, got {value!r}")
-    if {"CPU", "GPU", "memory"} & set(value):
-        raise EngineConfigError(path, "CPU, GPU and memory are replica_cpus / replica_gpus, not custom resources")
+        raise AssertionError(f"engine_kind {self.engine_kind!r} passed validation")  # Literal[ENGINE_KINDS]
 
 
 def build(args: Mapping[str, Any]) -> Any:  # noqa: ANN401 (a Serve Application)

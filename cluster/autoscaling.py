@@ -31,11 +31,14 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from replicas.autoscaling_stats import METRIC_ATTAINMENT, METRIC_LOAD, METRIC_SAMPLES
 from replicas.engine_config import EngineConfigError
+from state.config_model import config_dataclass, parse_config
 from state.fields import FieldError
 
 POLICY_PATH = "cluster.autoscaling:SLOAutoscalingPolicy"
@@ -44,56 +47,43 @@ _STATE_BELOW = "fp_below_since_s"
 _EPS = 1e-9
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_at_least(v: object, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
 class SLOScalingConfigError(FieldError):
     """A bad policy knob; ``field`` names it."""
 
 
-@dataclass(frozen=True)
+@config_dataclass(SLOScalingConfigError)
 class SLOScalingConfig:
     """The policy's knobs (``policy_kwargs``); every one is documented in ``ray_config.yaml``."""
 
-    target_utilization: float = 0.7
-    attainment_goal: float = 0.9
-    min_samples: int = 5
-    upscale_cooldown_s: float = 30.0
-    downscale_delay_s: float = 60.0
-    downscale_step: int = 1
-    hysteresis: float = 0.2
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = {
-            "target_utilization": _number(self.target_utilization) and 0 < self.target_utilization <= 1,
-            "attainment_goal": _number(self.attainment_goal) and 0 <= self.attainment_goal <= 1,
-            "min_samples": _int_at_least(self.min_samples, 1),
-            "upscale_cooldown_s": _number(self.upscale_cooldown_s) and self.upscale_cooldown_s >= 0,
-            "downscale_delay_s": _number(self.downscale_delay_s) and self.downscale_delay_s >= 0,
-            "downscale_step": _int_at_least(self.downscale_step, 1),
-            "hysteresis": _number(self.hysteresis) and 0 <= self.hysteresis < 1,
-            "min_replicas": self.min_replicas is None or _int_at_least(self.min_replicas, 0),
-            "max_replicas": self.max_replicas is None or _int_at_least(self.max_replicas, 1),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise SLOScalingConfigError(bad[0], f"invalid value {getattr(self, bad[0])!r}")
+    target_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
+    attainment_goal: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    min_samples: PositiveInt = 5
+    upscale_cooldown_s: NonNegativeFloat = 30.0
+    downscale_delay_s: NonNegativeFloat = 60.0
+    downscale_step: PositiveInt = 1
+    hysteresis: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    min_replicas: NonNegativeInt | None = None
+    max_replicas: PositiveInt | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SLOScalingConfig:
         """Build from ``policy_kwargs``; unknown keys are errors that list the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SLOScalingConfigError(unknown[0], f"unknown setting (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return parse_config(cls, data, SLOScalingConfigError, "")
+
+
+class _ServePolicy(BaseModel):
+    """``autoscaling.policy`` as far as this module reads it (Serve validates the whole config)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    policy_function: Any = POLICY_PATH  # noqa: ANN401 (a path, or a callable given from Python)
+    policy_kwargs: dict[str, Any] | None = None
+
+
+class _ServeAutoscaling(BaseModel):
+    """``args.autoscaling`` as far as this module reads it: Serve's ``autoscaling_config``."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    policy: _ServePolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -215,32 +205,19 @@ def serve_autoscaling_config(spec: Any, path: str = "args.autoscaling") -> dict[
     against :class:`SLOScalingConfig` and Serve's ``upscale_delay_s`` / ``downscale_delay_s``
     default to 0 (the policy applies its own delays).
     """
-    if not isinstance(spec, Mapping):
-        raise EngineConfigError(path, "must be a mapping (Serve's autoscaling_config) or null")
-    config = dict(spec)
-    policy = config.get("policy") or {}
-    if not isinstance(policy, Mapping):
-        raise EngineConfigError(f"{path}.policy", "must be a mapping with policy_function (and policy_kwargs)")
-    policy = {"policy_function": POLICY_PATH, **policy}
+    outer = parse_config(_ServeAutoscaling, spec, EngineConfigError, path)
+    policy = (outer.policy or _ServePolicy()).model_dump()
+    config = {**spec, "policy": policy}
     if policy["policy_function"] == POLICY_PATH:
-        kwargs = policy.get("policy_kwargs") or {}
-        if not isinstance(kwargs, Mapping):
-            raise EngineConfigError(f"{path}.policy.policy_kwargs", "must be a mapping")
-        try:
-            SLOScalingConfig.from_dict(kwargs)
-        except SLOScalingConfigError as exc:
-            raise EngineConfigError(f"{path}.policy.policy_kwargs.{exc.field}", str(exc).split(": ", 1)[1]) from exc
-        policy["policy_kwargs"] = dict(kwargs)
+        policy["policy_kwargs"] = policy["policy_kwargs"] or {}
+        parse_config(SLOScalingConfig, policy["policy_kwargs"], EngineConfigError, f"{path}.policy.policy_kwargs")
         config.setdefault("upscale_delay_s", 0.0)
         config.setdefault("downscale_delay_s", 0.0)
-    config["policy"] = policy
-    from pydantic import ValidationError
+    elif policy["policy_kwargs"] is None:
+        del policy["policy_kwargs"]  # Serve's own default
     from ray.serve.config import AutoscalingConfig
 
-    try:
-        with warnings.catch_warnings():  # metrics_interval_s is "deprecated" but still the push period in 2.60
-            warnings.simplefilter("ignore", DeprecationWarning)
-            AutoscalingConfig(**config)
-    except (ValidationError, TypeError, ValueError) as exc:
-        raise EngineConfigError(path, f"not a valid Serve autoscaling_config: {exc}") from exc
+    with warnings.catch_warnings():  # metrics_interval_s is "deprecated" but still the push period in 2.60
+        warnings.simplefilter("ignore", DeprecationWarning)
+        parse_config(AutoscalingConfig, config, EngineConfigError, path)
     return config

@@ -9,10 +9,10 @@ make it take time (an ``asyncio`` sleep, no CPU) when a benchmark wants a queue 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, fields
 from typing import Any
+
+from pydantic import NonNegativeFloat, PositiveInt
 
 from replicas.engine_config import EngineConfigError
 from replicas.engine_stats import EngineStats
@@ -23,35 +23,22 @@ from replicas.scheduler.request import Request
 from replicas.scheduler.stats import QueueEntry
 from replicas.ttft_parts import EngineTTFT
 from state.clock import WALL_CLOCK, Clock, require_clock
+from state.config_model import config_dataclass, parse_config
 
 
-@dataclass(frozen=True)
+@config_dataclass(EngineConfigError)
 class EchoConfig:
     """Settings of the echo engine (``model``: the directory whose tokenizer decodes the echo)."""
 
     model: str | None = None
-    prefill_s_per_1k_tokens: float = 0.0
-    decode_step_s: float = 0.0
-    max_model_len: int = 8192
+    prefill_s_per_1k_tokens: NonNegativeFloat = 0.0
+    decode_step_s: NonNegativeFloat = 0.0
+    max_model_len: PositiveInt = 8192
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], prefix: str = "engine") -> EchoConfig:
         """Validate a mapping; unknown keys and bad values are refused with their path."""
-        if not isinstance(data, Mapping):
-            raise EngineConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise EngineConfigError(f"{prefix}.{unknown[0]}",
-                                    f"unknown echo setting (known: {', '.join(sorted(known))})")
-        for name in ("prefill_s_per_1k_tokens", "decode_step_s"):
-            value = data.get(name, 0.0)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise EngineConfigError(f"{prefix}.{name}", f"must be a non-negative number, got {value!r}")
-        length = data.get("max_model_len", 8192)
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-            raise EngineConfigError(f"{prefix}.max_model_len", f"must be a positive integer, got {length!r}")
-        return cls(**dict(data))
+        return parse_config(cls, data, EngineConfigError, prefix)
 
 
 class EchoEngine:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import re
 import signal
@@ -28,17 +27,21 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from replicas.engine_config import EngineConfigError
+from state.config_model import config_dataclass, located, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 MODULE = "vllm.entrypoints.openai.api_server"
 CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+THREADS_BIND = r"^(auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*)$"  # auto | nobind | a CPU list
 DTYPES = ("float32", "bfloat16", "float16")
+NonEmpty = Annotated[str, Field(min_length=1)]
 _METRIC = re.compile(r"^(vllm:[a-z_]+)(\{[^}]*\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 # Inherited variables that would make vLLM's interpreter import the wrong packages, or shrink its
@@ -142,75 +145,39 @@ def http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes] | None:
         return None
 
 
-@dataclass(frozen=True)
+@config_dataclass(EngineConfigError)
 class VLLMConfig:
     """Settings of the vLLM engine (``engine:`` in ``ray_config.yaml`` with ``engine_kind: vllm``)."""
 
-    model: str | None = None  # HF model directory; None = the prepared SmolLM2-135M default
-    dtype: str = "float32"
-    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
-    long_prefill_token_threshold: int | None = 256  # cap on one prompt's share of a step (None: vLLM's default)
-    max_model_len: int = 8192  # at most the checkpoint's max_position_embeddings
-    kv_cache_gib: int = 4  # VLLM_CPU_KVCACHE_SPACE
-    omp_threads_bind: str = "auto"  # VLLM_CPU_OMP_THREADS_BIND; auto = every core this replica may use
-    startup_timeout_s: float = 420.0
-    venv: str = ".venv-vllm"  # relative to the repository root, or absolute
-    extra_args: tuple[str, ...] = ()  # more vLLM server flags, passed as given
-    profile: str | None = None  # cost-model JSON; None = cached vLLM profile, else profiled at start
-    profile_max_tokens: int = 2048
-    metrics_interval_s: float = 1.0  # how often vLLM's /metrics is polled
+    model: NonEmpty | None = None  # HF model directory; None = the prepared SmolLM2-135M default
+    dtype: Literal[DTYPES] = "float32"
+    max_num_batched_tokens: PositiveInt = 512  # chunked-prefill token budget per step
+    long_prefill_token_threshold: PositiveInt | None = 256  # cap on one prompt's share of a step (None: vLLM's)
+    max_model_len: PositiveInt = 8192  # at most the checkpoint's max_position_embeddings
+    kv_cache_gib: PositiveInt = 4  # VLLM_CPU_KVCACHE_SPACE
+    # VLLM_CPU_OMP_THREADS_BIND: auto (every core this replica may use), nobind or a CPU list such as 0-3 or 0,2,4
+    omp_threads_bind: Annotated[str, Field(pattern=THREADS_BIND)] = "auto"
+    startup_timeout_s: PositiveFloat = 420.0
+    venv: NonEmpty = ".venv-vllm"  # relative to the repository root, or absolute
+    extra_args: Annotated[tuple[str, ...], Field(strict=False)] = ()  # more vLLM server flags, passed as given
+    profile: NonEmpty | None = None  # cost-model JSON; None = cached vLLM profile, else profiled at start
+    profile_max_tokens: PositiveInt = 2048
+    metrics_interval_s: PositiveFloat = 1.0  # how often vLLM's /metrics is polled
     # vLLM's automatic prefix caching (its own default is on). Off by default here: the unique-prompt
     # comparison runs without it; shared-prefix benchmarks turn it on (vLLM at its defaults).
     enable_prefix_caching: bool = False
 
+    @model_validator(mode="after")
+    def _profile_fits(self) -> VLLMConfig:
+        if self.profile_max_tokens >= self.max_model_len:
+            raise located(("profile_max_tokens",), f"must be below max_model_len ({self.max_model_len})",
+                          self.profile_max_tokens)
+        return self
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], prefix: str = "engine") -> VLLMConfig:
-        """Validate a mapping field by field; errors name ``<prefix>.<field>``."""
-        if not isinstance(data, Mapping):
-            raise EngineConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
-        known = sorted(f.name for f in fields(cls))
-        for key in data:
-            if key not in known:
-                raise EngineConfigError(f"{prefix}.{key}", f"unknown vLLM setting (known: {', '.join(known)})")
-
-        def bad(name: str, why: str) -> EngineConfigError:
-            return EngineConfigError(f"{prefix}.{name}", f"{why}, got {data[name]!r}")
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        values = dict(data)
-        for name in ("max_num_batched_tokens", "max_model_len", "kv_cache_gib", "profile_max_tokens"):
-            if name in data and not (is_int(data[name]) and data[name] > 0):
-                raise bad(name, "must be a positive integer")
-        name = "long_prefill_token_threshold"
-        if data.get(name) is not None and not (is_int(data[name]) and data[name] > 0):
-            raise bad(name, "must be a positive integer or null")
-        for name in ("startup_timeout_s", "metrics_interval_s"):
-            v = data.get(name, 1.0)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-                raise bad(name, "must be a positive number of seconds")
-        for name in ("model", "profile"):
-            if data.get(name) is not None and not (isinstance(data[name], str) and data[name]):
-                raise bad(name, "must be a non-empty string or null")
-        if "dtype" in data and data["dtype"] not in DTYPES:
-            raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
-        bind = data.get("omp_threads_bind", "auto")
-        if not isinstance(bind, str) or not (bind in ("auto", "nobind") or CPU_LIST.match(bind)):
-            raise bad("omp_threads_bind", "must be auto, nobind or a CPU list such as 0-3 or 0,2,4")
-        if "enable_prefix_caching" in data and not isinstance(data["enable_prefix_caching"], bool):
-            raise bad("enable_prefix_caching", "must be true or false")
-        if "venv" in data and not (isinstance(data["venv"], str) and data["venv"]):
-            raise bad("venv", "must be a non-empty path")
-        if "extra_args" in data:
-            args = data["extra_args"]
-            if not isinstance(args, list | tuple) or not all(isinstance(a, str) for a in args):
-                raise bad("extra_args", "must be a list of strings")
-            values["extra_args"] = tuple(args)
-        limit = values.get("max_model_len", cls.max_model_len)
-        if values.get("profile_max_tokens", cls.profile_max_tokens) >= limit:
-            raise EngineConfigError(f"{prefix}.profile_max_tokens", f"must be below max_model_len ({limit})")
-        return cls(**values)
+        """Validate a mapping (``extra_args`` may be a list); errors name ``<prefix>.<field>``."""
+        return parse_config(cls, data, EngineConfigError, prefix)
 
     def check_environment(self, prefix: str = "engine") -> Path:
         """The vLLM environment's interpreter; :class:`EngineConfigError` on ``venv`` if it is missing."""

@@ -27,11 +27,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import yaml
+from pydantic import Field, PositiveFloat, model_validator
 
 from router.api_errors import APIError
+from state.config_model import ConfigModel, located, parse_config
 
 ENV_KEYS = "FLOWPREFILL_API_KEYS"
 ENV_KEYS_FILE = "FLOWPREFILL_API_KEYS_FILE"
@@ -135,6 +137,23 @@ class AccessPolicy:
                            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
 
 
+class APIKeyEntry(ConfigModel):
+    """One entry of the API-key file (see the module docstring)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    key: Annotated[str, Field(min_length=8)] | None = None
+    key_env: Annotated[str, Field(min_length=1)] | None = None
+    allowed_classes: list[str] | None = None
+    rate_limit_rps: PositiveFloat | None = None
+    burst: Annotated[float, Field(ge=1.0)] | None = None  # None: 2 s worth of the rate, at least 1
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> APIKeyEntry:
+        if (self.key is None) == (self.key_env is None):
+            raise located(("key",), "give exactly one of key and key_env", None)
+        return self
+
+
 def _load_file(path: Path, env: Mapping[str, str]) -> list[APIKey]:
     try:
         text = path.read_text()
@@ -147,40 +166,18 @@ def _load_file(path: Path, env: Mapping[str, str]) -> list[APIKey]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else (
             f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "")
         raise AccessConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}") from exc
-    if not isinstance(data, list):
-        raise AccessConfigError(f"{path}: must be a list of key entries")
-    return [_entry(path, i, item, env) for i, item in enumerate(data)]
 
+    def error(field: str, message: str) -> AccessConfigError:
+        return AccessConfigError(f"{path}: {field}: {message}" if field else f"{path}: {message}")
 
-def _entry(path: Path, i: int, item: Any, env: Mapping[str, str]) -> APIKey:  # noqa: ANN401
-    where = f"{path}: [{i}]"
-    if not isinstance(item, Mapping):
-        raise AccessConfigError(f"{where}: must be a mapping")
-    unknown = sorted(set(item) - {"name", "key", "key_env", "allowed_classes", "rate_limit_rps", "burst"})
-    if unknown:
-        raise AccessConfigError(f"{where}.{unknown[0]}: unknown field")
-    name = item.get("name")
-    if not isinstance(name, str) or not name:
-        raise AccessConfigError(f"{where}.name: must be a non-empty string")
-    if ("key" in item) == ("key_env" in item):
-        raise AccessConfigError(f"{where}.key: give exactly one of key and key_env")
-    if "key_env" in item:
-        secret = env.get(str(item["key_env"]), "")
+    entries = parse_config(list[APIKeyEntry], data, error, "", hide=frozenset({"key"}))  # a key is never shown
+    keys: list[APIKey] = []
+    for i, entry in enumerate(entries):
+        secret = entry.key if entry.key is not None else env.get(str(entry.key_env), "")
         if not secret:
-            raise AccessConfigError(f"{where}.key_env: environment variable {item['key_env']!r} is unset or empty")
-    else:
-        secret = item["key"]
-        if not isinstance(secret, str) or len(secret) < 8:
-            raise AccessConfigError(f"{where}.key: must be a string of at least 8 characters")
-    classes = item.get("allowed_classes")
-    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
-        raise AccessConfigError(f"{where}.allowed_classes: must be a list of SLO class names")
-    rate = item.get("rate_limit_rps")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0
-                             or not math.isfinite(rate)):
-        raise AccessConfigError(f"{where}.rate_limit_rps: must be a positive number")
-    burst = item.get("burst", max(1.0, 2.0 * rate) if rate else 1.0)
-    if isinstance(burst, bool) or not isinstance(burst, int | float) or not burst >= 1 or not math.isfinite(burst):
-        raise AccessConfigError(f"{where}.burst: must be a number >= 1")
-    return APIKey(name, secret.encode(), frozenset(classes) if classes is not None else None,
-                  float(rate) if rate is not None else None, float(burst))
+            raise error(f"[{i}].key_env", f"environment variable {entry.key_env!r} is unset or empty")
+        rate = entry.rate_limit_rps
+        burst = entry.burst if entry.burst is not None else (max(1.0, 2.0 * rate) if rate else 1.0)
+        allowed = frozenset(entry.allowed_classes) if entry.allowed_classes is not None else None
+        keys.append(APIKey(entry.name, secret.encode(), allowed, rate, burst))
+    return keys

@@ -27,19 +27,22 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
 
 from router.api_errors import APIError
+from state.config_model import ConfigModel, config_dataclass, located, parse_config
 
 HEADER_CLASS = "x-slo-class"
 HEADER_TTFT = "x-slo-ttft-ms"
 HEADER_TPOT = "x-slo-tpot-ms"
 
-_CLASS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DECIMAL = re.compile(r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_CLASS_KEYS = ("name", "ttft_slo_ms", "tpot_slo_ms", "priority", "sheddable")
+ClassName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Positive = Annotated[float, Field(gt=0.0)]  # and finite: the config models refuse NaN and infinity
 
 
 class SLOConfigError(ValueError):
@@ -50,40 +53,19 @@ class SLOConfigError(ValueError):
         self.path = path
 
 
-def _positive(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-@dataclass(frozen=True)
+@config_dataclass(SLOConfigError)
 class SLOClass:
     """One service class: TTFT SLO, optional TPOT SLO (seconds), priority (lower = more urgent), sheddable.
 
     The one definition of a class, for the router and the benchmarks alike; configuration files
-    write the SLOs in milliseconds (:meth:`from_dict`, :meth:`to_dict`).
+    write the SLOs in milliseconds (:class:`SLOClassConfig`, :meth:`to_dict`).
     """
 
-    name: str
-    ttft_slo_s: float
-    tpot_slo_s: float | None = None
+    name: ClassName
+    ttft_slo_s: Positive
+    tpot_slo_s: Positive | None = None
     priority: int = 0
     sheddable: bool = False
-
-    def __post_init__(self) -> None:
-        self._check("", "_s", 1.0)
-
-    def _check(self, path: str, unit: str, scale: float) -> None:
-        if not isinstance(self.name, str) or not _CLASS_NAME.match(self.name):
-            raise SLOConfigError(f"{path}name", f"must be 1-64 characters of [A-Za-z0-9_.-], got {self.name!r}")
-        if not _positive(self.ttft_slo_s):
-            raise SLOConfigError(f"{path}ttft_slo{unit}",
-                                 f"must be a finite number > 0, got {self.ttft_slo_s * scale!r}")
-        if self.tpot_slo_s is not None and not _positive(self.tpot_slo_s):
-            raise SLOConfigError(f"{path}tpot_slo{unit}",
-                                 f"must be null or a finite number > 0, got {self.tpot_slo_s * scale!r}")
-        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
-            raise SLOConfigError(f"{path}priority", f"must be an integer, got {self.priority!r}")
-        if not isinstance(self.sheddable, bool):
-            raise SLOConfigError(f"{path}sheddable", f"must be a boolean, got {self.sheddable!r}")
 
     @property
     def ttft_slo_ms(self) -> float:
@@ -95,37 +77,33 @@ class SLOClass:
         """The TPOT SLO in milliseconds (None: no TPOT SLO)."""
         return None if self.tpot_slo_s is None else self.tpot_slo_s * 1000.0
 
-    @classmethod
-    def from_dict(cls, data: object, path: str = "class") -> SLOClass:
-        """Parse one class of the config form (SLOs in ms, see the module docstring); errors name
-        ``{path}.{field}``."""
-        if not isinstance(data, Mapping):
-            raise SLOConfigError(path, f"must be an object, got {type(data).__name__}")
-        for key in data:
-            if key not in _CLASS_KEYS:
-                raise SLOConfigError(f"{path}.{key}", f"unknown field; expected one of {list(_CLASS_KEYS)}")
-        for key in ("name", "ttft_slo_ms", "priority"):
-            if key not in data:
-                raise SLOConfigError(f"{path}.{key}", "is required")
-        ttft, tpot = data["ttft_slo_ms"], data.get("tpot_slo_ms")
-        for key, value in (("ttft_slo_ms", ttft), ("tpot_slo_ms", tpot)):
-            if value is not None and not _positive(value):  # before converting: name the ms field and value
-                raise SLOConfigError(f"{path}.{key}", f"must be {'null or ' if key == 'tpot_slo_ms' else ''}"
-                                     f"a finite number > 0, got {value!r}")
-        if ttft is None:
-            raise SLOConfigError(f"{path}.ttft_slo_ms", "must be a finite number > 0, got None")
-        obj = object.__new__(cls)
-        for key, value in (("name", data["name"]), ("ttft_slo_s", ttft / 1000.0),
-                           ("tpot_slo_s", None if tpot is None else tpot / 1000.0),
-                           ("priority", data["priority"]), ("sheddable", data.get("sheddable", False))):
-            object.__setattr__(obj, key, value)
-        obj._check(f"{path}.", "_ms", 1000.0)
-        return obj
-
     def to_dict(self) -> dict[str, Any]:
         """The config dict (SLOs in ms) this class parses from."""
         return {"name": self.name, "ttft_slo_ms": self.ttft_slo_ms, "tpot_slo_ms": self.tpot_slo_ms,
                 "priority": self.priority, "sheddable": self.sheddable}
+
+
+class SLOClassConfig(ConfigModel):
+    """One class as configuration files write it: SLOs in milliseconds."""
+
+    name: ClassName
+    ttft_slo_ms: Positive
+    tpot_slo_ms: Positive | None = None  # None: no TPOT SLO
+    priority: int
+    sheddable: bool = False
+
+    def to_class(self) -> SLOClass:
+        """The :class:`SLOClass` (SLOs in seconds)."""
+        tpot = None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0
+        return SLOClass(self.name, self.ttft_slo_ms / 1000.0, tpot, self.priority, self.sheddable)
+
+
+class SLOPolicyConfig(ConfigModel):
+    """The policy as configuration files write it (class names and the default are checked by
+    :class:`SLOPolicy`)."""
+
+    classes: Annotated[list[SLOClassConfig], Field(min_length=1)]
+    default_class: str
 
 
 @dataclass(frozen=True)
@@ -139,51 +117,29 @@ class ResolvedSLO:
     sheddable: bool
 
 
-@dataclass(frozen=True)
+@config_dataclass(SLOConfigError)
 class SLOPolicy:
     """The configured SLO classes and the default one; resolves requests to a :class:`ResolvedSLO`."""
 
-    classes: tuple[SLOClass, ...]
+    classes: Annotated[tuple[SLOClass, ...], Field(min_length=1, strict=False)]
     default_class: str
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", tuple(self.classes))
-        self._check("slo")
-
-    def _check(self, path: str) -> None:
-        if not self.classes:
-            raise SLOConfigError(f"{path}.classes", "must be a non-empty list")
-        seen: set[str] = set()
-        for i, c in enumerate(self.classes):
-            if not isinstance(c, SLOClass):
-                raise SLOConfigError(f"{path}.classes[{i}]", f"must be an SLOClass, got {type(c).__name__}")
-            if c.name in seen:
-                raise SLOConfigError(f"{path}.classes[{i}].name", f"duplicate class name {c.name!r}")
-            seen.add(c.name)
-        if not isinstance(self.default_class, str) or self.default_class not in seen:
-            raise SLOConfigError(
-                f"{path}.default_class", f"must name one of the classes {sorted(seen)}, got {self.default_class!r}"
-            )
+    @model_validator(mode="after")
+    def _names(self) -> SLOPolicy:
+        names = [c.name for c in self.classes]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise located(("classes", i, "name"), f"duplicate class name {name!r}", name)
+        if self.default_class not in names:
+            raise located(("default_class",), f"must name one of the classes {sorted(names)}", self.default_class)
+        return self
 
     @classmethod
     def from_dict(cls, data: object, path: str = "slo") -> SLOPolicy:
         """Parse ``{"default_class": ..., "classes": [...]}``; errors name the path (``slo.classes[1].name``)."""
-        if not isinstance(data, Mapping):
-            raise SLOConfigError(path, f"must be an object, got {type(data).__name__}")
-        for key in data:
-            if key not in ("classes", "default_class"):
-                raise SLOConfigError(f"{path}.{key}", "unknown field; expected 'classes' and 'default_class'")
-        raw = data.get("classes")
-        if not isinstance(raw, Sequence) or isinstance(raw, str | bytes) or not raw:
-            raise SLOConfigError(f"{path}.classes", f"must be a non-empty list, got {raw!r}")
-        classes = tuple(SLOClass.from_dict(c, f"{path}.classes[{i}]") for i, c in enumerate(raw))
-        if "default_class" not in data:
-            raise SLOConfigError(f"{path}.default_class", "is required")
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "classes", classes)
-        object.__setattr__(obj, "default_class", data["default_class"])
-        obj._check(path)
-        return obj
+        config = parse_config(SLOPolicyConfig, data, SLOConfigError, path)
+        classes = tuple(c.to_class() for c in config.classes)
+        return parse_config(cls, {"classes": classes, "default_class": config.default_class}, SLOConfigError, path)
 
     @classmethod
     def default(cls) -> SLOPolicy:

@@ -75,7 +75,7 @@ def test_key_from_another_env_var(tmp_path):
 @pytest.mark.parametrize(
     ("text", "suffix", "expected"),
     [
-        ("- {name: a, key: short}\n", ".yaml", "[0].key: must be a string of at least 8 characters"),
+        ("- {name: a, key: short}\n", ".yaml", "[0].key: String should have at least 8 characters"),
         ("- {name: a, key: long-enough-1, rate_limit_rps: -1}\n", ".yaml", "[0].rate_limit_rps"),
         ("- {name: a, key: long-enough-1, colour: red}\n", ".yaml", "[0].colour: unknown field"),
         ("- {name: a, key: long-enough-1}\n- {name: a, key: long-enough-2}\n", ".yaml", "'a' is used twice"),
@@ -83,7 +83,7 @@ def test_key_from_another_env_var(tmp_path):
         ("- {name: a, key: long-enough-1, allowed_classes: batch}\n", ".yaml", "[0].allowed_classes"),
         ("- {name: a\n  key: [\n", ".yaml", "not valid YAML at line"),
         ('[{"name": "a",}]', ".json", "not valid JSON at line 1, column"),
-        ("name: a\n", ".yaml", "must be a list of key entries"),
+        ("name: a\n", ".yaml", "Input should be a list, got dict"),
     ],
 )
 def test_bad_key_files_name_the_file_and_field(tmp_path, text, suffix, expected):

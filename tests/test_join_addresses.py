@@ -66,7 +66,7 @@ def test_placement_spreads_one_replica_per_flowprefill_worker_node():
 
 
 @pytest.mark.parametrize(("args", "field"), [
-    ({"replica_resources": {"flowprefill_worker": 0}}, "args.replica_resources"),
+    ({"replica_resources": {"flowprefill_worker": 0}}, "args.replica_resources.flowprefill_worker"),
     ({"replica_resources": ["flowprefill_worker"]}, "args.replica_resources"),
     ({"router_resources": {"GPU": 1}}, "args.router_resources"),
     ({"max_replicas_per_node": 0}, "args.max_replicas_per_node"),

@@ -72,7 +72,7 @@ def test_policies_compare_the_cache_on_and_off_on_shared_prefix_traffic():
 def test_an_engine_without_the_cache_setting_is_named_before_anything_runs(tmp_path, tiny_checkpoint_factory):
     from bench.policy_bench import run_policy_bench
 
-    with pytest.raises(EngineConfigError, match="flowprefill-nocache.enable_prefix_caching: unknown setting"):
+    with pytest.raises(EngineConfigError, match="flowprefill-nocache.enable_prefix_caching: unknown field"):
         ServeBenchConfig(trace="t", systems=("flowprefill", NOCACHE))
     trace = tmp_path / "m.jsonl"
     trace.write_text("".join(json.dumps({"timestamp": 100 * i, "input_length": 600, "output_length": 2,

@@ -449,7 +449,7 @@ def test_policy_errors_name_the_path(path, value, where):
 
 
 def test_policy_not_a_mapping_and_custom_path():
-    with pytest.raises(SLOConfigError, match=r"^router\.slo: must be an object"):
+    with pytest.raises(SLOConfigError, match=r"^router\.slo: Input should be a mapping of settings, got list"):
         SLOPolicy.from_dict([1], path="router.slo")
 
 

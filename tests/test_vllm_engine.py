@@ -50,7 +50,7 @@ FAKE_SERVER = Path(__file__).with_name("fake_vllm_server.py")
     ({"startup_timeout_s": 0}, "startup_timeout_s"),
     ({"venv": ""}, "venv"),
     ({"extra_args": "--enforce-eager"}, "extra_args"),
-    ({"extra_args": ["--x", 3]}, "extra_args"),
+    ({"extra_args": ["--x", 3]}, "extra_args[1]"),
     ({"model": 7}, "model"),
     ({"profile_max_tokens": 9000}, "profile_max_tokens"),
     ({"device": "cuda"}, "device"),
