@@ -78,7 +78,7 @@ def send_handover(h: KVHandover, stats: HandoverStats) -> dict[str, Any]:
     stats.bytes_sent += h.nbytes
     stats.record(gather_ms=h.gather_s * 1e3, put_ms=put_ms)
     return {"request_id": h.request_id, "bytes": h.nbytes, "kv_tokens": h.num_tokens + 1, "source": h.source,
-            "ready_at": WALL_CLOCK(), "gather_ms": h.gather_s * 1e3,
+            "tpot_slo_s": h.request.tpot_slo_s, "ready_at": WALL_CLOCK(), "gather_ms": h.gather_s * 1e3,
             "put_ms": put_ms, "box": [ref]}
 
 
@@ -94,6 +94,10 @@ def check_ticket(ticket: object) -> dict[str, Any]:
             raise HandoverError(f"ticket.{name}", f"expected a positive integer, got {value!r}")
     if isinstance(ready, bool) or not isinstance(ready, int | float):
         raise HandoverError("ticket.ready_at", f"expected epoch seconds, got {ready!r}")
+    tpot = ticket.get("tpot_slo_s")
+    if tpot is not None and (isinstance(tpot, bool) or not isinstance(tpot, int | float) or not tpot > 0
+                             or tpot == float("inf")):
+        raise HandoverError("ticket.tpot_slo_s", f"expected null or a positive number of seconds, got {tpot!r}")
     generated = ticket.get("generated")
     if generated is not None and (not isinstance(generated, list | tuple) or not generated or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in generated)):
