@@ -461,8 +461,8 @@ def print_report(report: dict[str, Any]) -> None:
               "prompt tokens reusable within a run (unbounded cache); hit % at each system's goodput rate")
     rate = "-" if common is None else f"{common * report['base_rate_rps']:.2f} req/s"
     w = max([12, *(len(e["system"]) for e in report["systems"])])
-    judged = "TTFT and TPOT SLOs" if report.get("slos") == "both" else "TTFT SLO"
-    print(f"attainment and goodput count requests that met their class's {judged}")
+    if report.get("slos") == "both":
+        print("attainment and goodput count the requests that met both their class's TTFT and TPOT SLOs")
     print(f"{'system':>{w}} {'goodput r/s':>12} {'hit %':>6} {'startup s':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} "
           f"{'p90 TPOT s':>11} {'errors':>7} {'cancel':>7}  attainment per class at {rate}")
     for e in report["systems"]:

@@ -74,9 +74,12 @@ def test_ticket_demand_reads_the_kv_tokens_and_tpot_slo_and_ignores_bad_values()
     def pending(ticket: object) -> PendingRequest:
         return PendingRequest(args=[ticket, []], kwargs={}, metadata=SimpleNamespace(internal_request_id="i"))
 
-    assert ticket_demand(pending({"kv_tokens": 65, "tpot_slo_s": 0.2})) == DecodeDemand(65, 0.2)
-    assert ticket_demand(pending({"kv_tokens": True, "tpot_slo_s": float("nan")})) == DecodeDemand(0, None)
-    assert ticket_demand(pending("not a ticket")) == DecodeDemand() == ticket_demand(None)
+    async def run() -> None:  # a PendingRequest holds a future of the running loop
+        assert ticket_demand(pending({"kv_tokens": 65, "tpot_slo_s": 0.2})) == DecodeDemand(65, 0.2)
+        assert ticket_demand(pending({"kv_tokens": True, "tpot_slo_s": float("nan")})) == DecodeDemand(0, None)
+        assert ticket_demand(pending("not a ticket")) == DecodeDemand() == ticket_demand(None)
+
+    asyncio.run(run())
 
 
 # ------------------------------------------------- the Serve router over a real Redis, on a ManualClock
