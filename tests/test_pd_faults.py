@@ -234,3 +234,37 @@ def test_prefill_replica_killed_before_the_handover_is_fetched_request_is_prefil
     assert _router_stats()["journal"]["open_requests"] == 0
     wait_for(lambda: (s := _nothing_held(redis_url, {"prefill": 2, "decode": 2})) and victim not in s and s,
              "no KV held, the killed prefill replica replaced", timeout_s=120)
+
+
+def test_every_decode_replica_killed_mid_handover_completes_on_a_replacement_or_fails_clearly(pd_cluster, fault_dir):
+    """None left for a while: the router's resends either reach a replica Serve starts in their place
+    or end with a 503 naming the decode side, never a hang; the journal drains, no KV is held."""
+    import ray
+
+    redis_url = pd_cluster["redis"].url
+    want = (fault_dir / "reference.txt").read_text()
+    _arm(fault_dir, "decode")
+    results: dict = {}
+    client = _start_client(results, BODY)
+    held = wait_for(lambda: _claimed(fault_dir), "a decode replica holding the handover")
+    states = asyncio.run(_states(redis_url))
+    others = [rid for rid, s in states.items() if s.role == "decode" and rid != held["replica_id"]]
+    for rid in others:
+        ray.kill(_replica_actor(rid), no_restart=True)
+    os.kill(held["pid"], signal.SIGKILL)
+    client.join(timeout=240)
+    assert not client.is_alive(), "the client hung"
+    _disarm(fault_dir)
+    status, events = results["out"]
+    assert status == 200, events
+    errors = [e["error"]["message"] for e in events if "error" in e]
+    if errors:  # the client has the first token: a clear error on the stream, naming the decode side
+        assert "decode replica" in errors[0] and _text(events) == want[:len(_text(events))], errors
+    else:
+        assert _text(events) == want and events[-1]["choices"][0]["finish_reason"] == "length"
+    outcome = f"failed clearly: {errors[0]}" if errors else "completed on a replacement"
+    print(f"\nevery decode replica killed: {outcome}")
+    wait_for(lambda: asyncio.run(_journal(redis_url)) == [], "an empty journal")
+    gone = {held["replica_id"], *others}
+    wait_for(lambda: (s := _nothing_held(redis_url, {"prefill": 2, "decode": 2})) and not gone & set(s) and s,
+             "no KV held, both decode replicas replaced", timeout_s=180)
