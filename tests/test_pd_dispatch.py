@@ -162,7 +162,8 @@ def test_fake_decode_replica_raising_object_lost_counts_as_a_lost_handover(monke
     prefill = FakeHandle("generate", [
         FakeStream([_row((5,), None, "p1"), {**_row((), "handover", "p1"), "handover": TICKET}]),
         FakeStream([_row((5,), None, "p2"), {**_row((), "handover", "p2"), "handover": TICKET2}])])
-    decoders = FakeHandle("decode", [FakeStream([], rex.OwnerDiedError("ab" * 14, None, "")), FakeStream([_row((6,), "length")])])
+    lost = rex.OwnerDiedError("ab" * 14, None, "")  # what awaiting the dead owner's object raised there
+    decoders = FakeHandle("decode", [FakeStream([], lost), FakeStream([_row((6,), "length")])])
     rows = asyncio.run(_collect(pd_outputs(prefill, decoders, _payload())))
     assert [r["token_ids"] for r in rows] == [(5,), (6,)] and len(decoders.calls) == 2
 
