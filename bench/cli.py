@@ -99,7 +99,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         length_scale=args.length_scale, max_output_tokens=args.max_output_tokens, seed=args.seed,
         prompt_format=args.prompt_format, start_scale=args.start_scale, chunk_sizes=args.chunk_sizes,
         vllm_threads_bind=args.vllm_threads_bind, vllm_block_size=args.vllm_block_size, config=args.config,
-        log_dir=args.log_dir, fixed_rate_rps=args.fixed_rate,
+        log_dir=args.log_dir, fixed_rate_rps=args.fixed_rate, slos=args.slos,
         engine_settings=parse_engine_settings(args.engine_set), repeats=args.repeats, budget_s=args.budget_s,
         **prefix_settings(args),
     )
@@ -301,7 +301,8 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
     bsrv.add_argument("--systems", default="flowprefill,chunked,fcfs,vllm",
                       help="comma-separated, in run order: flowprefill, chunked (one per --chunk-sizes), chunked-N, "
-                           "fcfs, flowprefill-nocache (prefix cache off), vllm, flowprefill-vllm")
+                           "fcfs, flowprefill-nocache (prefix cache off), flowprefill-pd (1 prefill + 1 decode "
+                           "replica), flowprefill-x2 (2 colocated replicas, the same cores), vllm, flowprefill-vllm")
     bsrv.add_argument("--model", default=None, help="HF model directory (default: the prepared SmolLM2-135M)")
     bsrv.add_argument("--window-start-s", type=float, default=29.0)
     bsrv.add_argument("--window-s", type=float, default=None)
@@ -320,6 +321,9 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     bsrv.add_argument("--vllm-threads-bind", default="0-1",
                       help="VLLM_CPU_OMP_THREADS_BIND of both vLLM systems (e.g. 1: one core, the other left to Ray)")
     bsrv.add_argument("--config", default=None, help="Serve config with the SLO classes (default: ray_config.yaml)")
+    bsrv.add_argument("--slos", choices=["ttft", "both"], default="ttft",
+                      help="what a request must meet to count toward goodput: its class's TTFT SLO, or both its "
+                           "TTFT and TPOT SLOs (for P/D against colocated: --systems flowprefill-pd,flowprefill-x2)")
     bsrv.add_argument("--log-dir", default="out/serve-bench", help="server logs and temporary configs")
     bsrv.add_argument("--quick", action="store_true",
                       help="fewer requests and runs, all searches within --budget-s (default 3600 s with --quick)")

@@ -56,6 +56,7 @@ class LoadRequest:
     slo_class: str
     priority: int
     ttft_slo_s: float
+    tpot_slo_s: float | None = None  # judged too where set (bench serve --slos both)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class RequestResult:
     status: int | None = None  # HTTP status of the response (None: no response)
     retry_after: str | None = None  # the Retry-After header of a refusal
     ttft_parts: TTFTParts | None = None  # the server's TTFT decomposition, where it sent one
+    tpot_slo_s: float | None = None  # the TPOT SLO it is judged by too (None: TTFT only)
 
     @property
     def unattributed_s(self) -> float | None:
@@ -95,9 +97,26 @@ class RequestResult:
         """Whether the first token arrived within the TTFT SLO."""
         return self.ttft_s is not None and self.ttft_s <= self.ttft_slo_s
 
+    @property
+    def met_tpot(self) -> bool:
+        """Whether the request met its TPOT SLO: completed, at most ``tpot_slo_s`` per token after the
+        first (vacuously with fewer than two tokens); always true without a TPOT SLO."""
+        if self.tpot_slo_s is None:
+            return True
+        if self.ttft_s is None or self.error is not None:
+            return False
+        tpot = self.tpot_s
+        return tpot is None or tpot <= self.tpot_slo_s
+
+    @property
+    def met_all(self) -> bool:
+        """Whether the request met every SLO it is judged by (TTFT, and TPOT where it has one)."""
+        return self.met and self.met_tpot
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with ``tpot_s``, ``met`` and ``unattributed_s`` included."""
-        return {**asdict(self), "tpot_s": self.tpot_s, "met": self.met, "unattributed_s": self.unattributed_s}
+        return {**asdict(self), "tpot_s": self.tpot_s, "met": self.met, "met_all": self.met_all,
+                "unattributed_s": self.unattributed_s}
 
 
 @dataclass(frozen=True)
@@ -203,7 +222,7 @@ async def run_load(cfg: LoadConfig, requests: Sequence[LoadRequest],
     arrivals = [r.arrival_s for r in requests]
     if any(b < a for a, b in zip(arrivals, arrivals[1:])):
         raise ValueError("requests must be sorted by arrival_s")
-    results = [RequestResult(i, r.slo_class, r.input_tokens, r.ttft_slo_s, r.arrival_s)
+    results = [RequestResult(i, r.slo_class, r.input_tokens, r.ttft_slo_s, r.arrival_s, tpot_slo_s=r.tpot_slo_s)
                for i, r in enumerate(requests)]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -264,19 +283,21 @@ def summarize(results: Sequence[RequestResult], goal: float = ATTAINMENT_GOAL) -
     """Attainment overall and per class, TTFT / TPOT / e2e percentiles, errors and send lag.
 
     Attainment is the fraction of *all* requests (errors and cancellations included) whose first
-    token came within their TTFT SLO; ``ok`` says whether it reaches ``goal``. ``errors`` counts
+    token came within their TTFT SLO, and whose time per output token stayed within their TPOT SLO
+    where they carry one (:attr:`RequestResult.met_all`; ``ttft_attainment`` counts TTFT alone);
+    ``ok`` says whether it reaches ``goal``. ``errors`` counts
     failures (HTTP status, stream error, connection); ``cancelled`` the requests the load generator
     gave up on (certain SLO misses after the last arrival, or open at the drain limit).
     """
     n = len(results)
-    met = sum(r.met for r in results)
+    met = sum(r.met_all for r in results)
     classes = sorted({r.slo_class for r in results})
     per_class: dict[str, float] = {}
     counts: dict[str, int] = {}
     for c in classes:
         rows = [r for r in results if r.slo_class == c]
         counts[c] = len(rows)
-        per_class[c] = sum(r.met for r in rows) / len(rows)
+        per_class[c] = sum(r.met_all for r in rows) / len(rows)
     ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
     tpots = [t for r in results if (t := r.tpot_s) is not None]
     e2es = [r.e2e_s for r in results if r.e2e_s is not None and r.error is None]
@@ -290,6 +311,8 @@ def summarize(results: Sequence[RequestResult], goal: float = ATTAINMENT_GOAL) -
     attainment = met / n if n else math.nan
     return {
         "requests": n, "met": met, "attainment": attainment, "ok": bool(n and attainment >= goal),
+        "ttft_attainment": sum(r.met for r in results) / n if n else math.nan,
+        "tpot_judged": sum(r.tpot_slo_s is not None for r in results),
         "attainment_per_class": per_class, "requests_per_class": counts,
         "ttft_p50_s": _pct(ttfts, 50), "ttft_p90_s": _pct(ttfts, 90), "ttft_p99_s": _pct(ttfts, 99),
         "tpot_p50_s": _pct(tpots, 50), "tpot_p90_s": _pct(tpots, 90), "e2e_p50_s": _pct(e2es, 50),

@@ -81,6 +81,7 @@ from bench.servers import (
     CHUNKED_PREFIX,
     FLOWPREFILL_SYSTEMS,
     NOCACHE,
+    TOPOLOGIES,
     ManagedServer,
     ServerStartError,
     check_engine_settings,
@@ -96,6 +97,7 @@ from replicas.vllm_process import CPU_LIST
 from router.slo import SLOClass
 
 QUICK_BUDGET_S = 3600.0  # --quick: all searches together, whatever the trace's prompt lengths
+SLO_MODES = ("ttft", "both")  # --slos: what attainment (and so goodput) counts
 
 
 @dataclass
@@ -134,6 +136,7 @@ class ServeBenchConfig:
     # QUICK_PREFIX_GROUPS with --quick (bench.serve_workload.prefix_groups)
     prefix_groups: float | None = None
     fixed_rate_rps: float | None = None  # no search: `repeats` identical replays at this rate, per system
+    slos: str = "ttft"  # what a request must meet to count: ttft, or both (its class's TTFT and TPOT SLOs)
 
     def __post_init__(self) -> None:
         if not self.chunk_sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
@@ -161,6 +164,8 @@ class ServeBenchConfig:
             raise ValueError(f"--vllm-threads-bind: expected a CPU list like 0-1, got {self.vllm_threads_bind!r}")
         if self.repeats < 1:
             raise ValueError(f"--repeats: need at least 1, got {self.repeats}")
+        if self.slos not in SLO_MODES:
+            raise ValueError(f"--slos: expected one of {', '.join(SLO_MODES)}, got {self.slos!r}")
         if self.fixed_rate_rps is not None and not (0 < self.fixed_rate_rps < float("inf")):
             raise ValueError(f"--fixed-rate: need a positive request rate, got {self.fixed_rate_rps}")
         if self.budget_s is not None and self.budget_s <= 0:
@@ -288,7 +293,7 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
             entry["error"] = f"skipped: {why}"
             return entry
     log_dir = Path(cfg.log_dir)
-    ours = kind in FLOWPREFILL_SYSTEMS or kind == NOCACHE
+    ours = kind in FLOWPREFILL_SYSTEMS or kind == NOCACHE or kind in TOPOLOGIES
     engine = {**engine_overrides(cfg.length_scale), **cfg.engine_settings} if ours else None
     spec = server_spec(kind, model_dir, model_name, work_dir=log_dir, engine=engine, chunk_tokens=chunk or 256,
                        vllm_budget=cfg.vllm_budget, vllm_long_prefill=cfg.vllm_long_prefill,
@@ -396,7 +401,7 @@ def run_serve_bench(cfg: ServeBenchConfig, model_dir: Path | None = None,
         "trace": cfg.trace, "requests": len(requests), "base_rate_rps": base_rate,
         "length_scale": cfg.length_scale, "config": asdict(cfg), "goal": ATTAINMENT_GOAL, **workload.describe(),
         "prefix_groups": prefix_groups(cfg, workload.mode),
-        "slo_classes": [asdict(c) for c in classes],
+        "slo_classes": [asdict(c) for c in classes], "slos": cfg.slos,
         "requests_per_class": {c.name: sum(r.slo_class == c.name for r in requests) for c in classes},
         "systems": [],
     }
@@ -456,8 +461,10 @@ def print_report(report: dict[str, Any]) -> None:
               "prompt tokens reusable within a run (unbounded cache); hit % at each system's goodput rate")
     rate = "-" if common is None else f"{common * report['base_rate_rps']:.2f} req/s"
     w = max([12, *(len(e["system"]) for e in report["systems"])])
+    if report.get("slos") == "both":
+        print("attainment and goodput count the requests that met both their class's TTFT and TPOT SLOs")
     print(f"{'system':>{w}} {'goodput r/s':>12} {'hit %':>6} {'startup s':>10} {'p50 TTFT s':>11} {'p99 TTFT s':>11} "
-          f"{'errors':>7} {'cancel':>7}  attainment per class at {rate}")
+          f"{'p90 TPOT s':>11} {'errors':>7} {'cancel':>7}  attainment per class at {rate}")
     for e in report["systems"]:
         if e["error"] and not e["points"]:
             print(f"{e['system']:>{w}} {'-':>12}  {e['error'].splitlines()[0][:100]}")
@@ -475,8 +482,8 @@ def print_report(report: dict[str, Any]) -> None:
             goodput = f"{'>=' + format(e['goodput'], '.3f'):>12}"  # every rate tried passed: a lower bound
         print(f"{e['system']:>{w}} {goodput} {format_hit_rate(e.get('prefix_hit_rate'))} "
               f"{num(e.get('startup_s'), 10)} {num(summary.get('ttft_p50_s'), 11)} "
-              f"{num(summary.get('ttft_p99_s'), 11)} {summary.get('errors', '-'):>7} "
-              f"{summary.get('cancelled', '-'):>7}  {per_class}")
+              f"{num(summary.get('ttft_p99_s'), 11)} {num(summary.get('tpot_p90_s'), 11)} "
+              f"{summary.get('errors', '-'):>7} {summary.get('cancelled', '-'):>7}  {per_class}")
     print("attainment per rate (req/s: median [min-max] xruns)")
     for e in report["systems"]:
         if e["points"]:

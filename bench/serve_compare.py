@@ -7,6 +7,8 @@ goodput 0 and a ``min_rate_rps``: its goodput is below that rate, so a ratio aga
 lower bound (``ratio_is_lower_bound``). A system that errored or was skipped has no goodput and
 is left out of every comparison. ``flowprefill-nocache`` (FlowPrefill with its prefix cache off),
 when measured, gives the ratio of what the cache adds; it is no baseline of the other ratios.
+``flowprefill-pd`` (1 prefill + 1 decode replica) against ``flowprefill-x2`` (2 colocated replicas
+on the same cores) is P/D disaggregation's ratio, best judged with ``--slos both``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from bench.servers import CHUNKED_PREFIX, NOCACHE
 
 FLOWPREFILL = "flowprefill"
 VLLM = "vllm"
+PD, COLOCATED_X2 = "flowprefill-pd", "flowprefill-x2"
 
 
 def _measured(entry: dict[str, Any]) -> bool:
@@ -70,6 +73,7 @@ def goodput_comparison(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "flowprefill": pick(fp), "vllm": pick(vllm), "best_chunked": pick(chunked), "best_own_baseline": pick(own),
         "flowprefill_vs_vllm": _ratio(fp, vllm), "flowprefill_vs_best_own_baseline": _ratio(fp, own),
         "flowprefill_vs_nocache": _ratio(fp, by_name.get(NOCACHE)),
+        "pd_vs_colocated_x2": _ratio(by_name.get(PD), by_name.get(COLOCATED_X2)),
     }
 
 
@@ -79,15 +83,17 @@ def format_comparison(cmp: dict[str, Any]) -> list[str]:
     for key, what in (("best_chunked", "best chunked"), ("best_own_baseline", "best own baseline")):
         if cmp.get(key):
             lines.append(f"{what}: {cmp[key]['system']} ({cmp[key]['goodput']:.3f} req/s)")
-    for key, what in (("flowprefill_vs_vllm", "vLLM"), ("flowprefill_vs_best_own_baseline", "best own baseline"),
-                      ("flowprefill_vs_nocache", "its prefix cache off")):
+    for key, what in (("flowprefill_vs_vllm", "FlowPrefill goodput / vLLM"),
+                      ("flowprefill_vs_best_own_baseline", "FlowPrefill goodput / best own baseline"),
+                      ("flowprefill_vs_nocache", "FlowPrefill goodput / its prefix cache off"),
+                      ("pd_vs_colocated_x2", "P/D (1 prefill + 1 decode) goodput / 2 colocated replicas")):
         r = cmp.get(key)
         if r:
             bound = ">= " if r["ratio_is_lower_bound"] else ""
             low, high = r.get("interval") or (None, None)
             span = "" if r["ratio_is_lower_bound"] or (low is None and high is None) else \
                 f"  (grid interval {_end(low)}-{_end(high)}x, medians of repeats)"
-            lines.append(f"FlowPrefill goodput / {what} ({r['of']}): {bound}{r['ratio']:.2f}x{span}")
+            lines.append(f"{what} ({r['of']}): {bound}{r['ratio']:.2f}x{span}")
     return lines
 
 

@@ -56,6 +56,7 @@ class ServeWorkload:
     builder: PromptBuilder
     prompt_format: str = "text"
     max_output_tokens: int | None = None
+    judge_tpot: bool = False  # each request carries its class's TPOT SLO too (bench serve --slos both)
 
     @property
     def shared(self) -> bool:
@@ -83,7 +84,7 @@ class ServeWorkload:
             prompt: str | tuple[int, ...] = p.text if self.prompt_format == "text" else p.token_ids
             out.append(LoadRequest(r.arrival_s - first, prompt, p.num_tokens,
                                    max_tokens_for(r.output_tokens, self.max_output_tokens), c.name, c.priority,
-                                   c.ttft_slo_s))
+                                   c.ttft_slo_s, c.tpot_slo_s if self.judge_tpot else None))
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def build_workload(cfg: ServeBenchConfig, tokenizer: Any, classes: tuple[SLOClas
     names = assign_classes(trace, classes, seed=cfg.seed, rule=THREE_TIER_RULE.scaled(cfg.length_scale))
     by_name = {c.name: c for c in classes}
     return ServeWorkload(trace, mode, tuple(by_name[n] for n in names), PromptBuilder(tokenizer, cfg.seed),
-                         cfg.prompt_format, cfg.max_output_tokens)
+                         cfg.prompt_format, cfg.max_output_tokens, judge_tpot=cfg.slos == "both")
 
 
 def idle_gap_warning(trace: Trace, max_fraction: float = IDLE_GAP_FRACTION,

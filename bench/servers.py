@@ -46,7 +46,14 @@ DEFAULT_SERVE_CONFIG = REPO / "ray_config.yaml"
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 FLOWPREFILL_SYSTEMS = ("flowprefill", "chunked", "fcfs")
 NOCACHE = "flowprefill-nocache"  # flowprefill with its prefix cache off
-SYSTEMS = (*FLOWPREFILL_SYSTEMS, NOCACHE, "vllm", "flowprefill-vllm")  # the last: vLLM engine behind our router
+#: FlowPrefill as two replicas sharing the machine's cores (the launcher splits them, half a logical CPU
+#: each so the router ingress fits on 2 cores): prefill/decode disaggregated (1 prefill + 1 decode
+#: replica, replicas/handover.py) against 2 colocated replicas. The app ``args`` over the Serve config's.
+TOPOLOGIES: dict[str, dict[str, Any]] = {
+    "flowprefill-pd": {"num_replicas": 1, "replica_cpus": 0.5, "decode": {"num_replicas": 1, "replica_cpus": 0.5}},
+    "flowprefill-x2": {"num_replicas": 2, "replica_cpus": 0.5},
+}
+SYSTEMS = (*FLOWPREFILL_SYSTEMS, NOCACHE, *TOPOLOGIES, "vllm", "flowprefill-vllm")  # the last: vLLM behind our router
 HOST = "127.0.0.1"
 CHUNKED_PREFIX = "chunked-"
 
@@ -127,12 +134,13 @@ def serve_app_args(path: Path | None = None) -> dict[str, Any]:
 
 
 def flowprefill_config(out_dir: Path, policy: str, engine: Mapping[str, Any], base: Path | None = None,
-                       engine_kind: str = "flowprefill") -> Path:
+                       engine_kind: str = "flowprefill", app_args: Mapping[str, Any] | None = None) -> Path:
     """Write ``ray_config.yaml`` (or ``base``) with ``engine`` merged into the app's engine settings
-    and the given policy; returns the path of the new file in ``out_dir``.  With ``engine_kind``
-    ``vllm`` the engine settings are replaced by ``engine`` (vLLM's own) and no policy is set."""
+    and the given policy, ``app_args`` over the app's other ``args``; returns the path of the new
+    file in ``out_dir``.  With ``engine_kind`` ``vllm`` the engine settings are replaced by ``engine``
+    (vLLM's own) and no policy is set."""
     data, app = _serve_config(base or DEFAULT_SERVE_CONFIG)
-    args = app.setdefault("args", {}) or {}
+    args = {**(app.get("args") or {}), **dict(app_args or {})}
     app["args"] = args
     if engine_kind == "flowprefill":
         args["engine"] = {**(args.get("engine") or {}), **dict(engine), "policy": policy}
@@ -166,14 +174,17 @@ def server_spec(system: str, model_dir: Path, model_name: str, *, work_dir: Path
         spec.name = NOCACHE
         return spec
     port = port or free_port()
-    if system in FLOWPREFILL_SYSTEMS:
+    if system in FLOWPREFILL_SYSTEMS or system in TOPOLOGIES:
         settings = dict(engine or {})
         settings["model"] = str(model_dir)
         if system == "chunked":
             settings["policy_chunk_tokens"] = chunk_tokens
-        config = flowprefill_config(work_dir, system, settings)
+        if "decode" in TOPOLOGIES.get(system, {}):
+            settings["role"] = "prefill"
+        policy = system if system in FLOWPREFILL_SYSTEMS else "flowprefill"
+        config = flowprefill_config(work_dir, policy, settings, app_args=TOPOLOGIES.get(system))
         grpc_port = free_port()
-        argv = [sys.executable, "-m", "cluster.cli", "serve", "--policy", system, "--host", HOST,
+        argv = [sys.executable, "-m", "cluster.cli", "serve", "--policy", policy, "--host", HOST,
                 "--port", str(port), "--grpc-port", str(grpc_port), "--config", str(config),
                 "--model", str(model_dir)]
         # --model renames the served model after the directory; the bench reads the name from /v1/models.

@@ -18,6 +18,8 @@ from typing import Any
 from replicas.autoscaling_stats import AutoscalingStats
 from replicas.engine_api import ReplicaEngineAPI, make_engine
 from replicas.engine_stats import EngineStats
+from replicas.engine_types import RequestOutput
+from replicas.errors import HandoverLost
 from replicas.handover_transport import HandoverStats, receive_handover, send_handover
 from replicas.replica_request import ReplicaRequest, replica_request_of
 from state.client import ClusterState, StateUnavailable
@@ -121,11 +123,19 @@ class ReplicaServer:
         """Continue a request a prefill replica handed over (a decode-role engine): ``ticket`` is the
         prefill replica's handover row (:func:`~replicas.handover_transport.send_handover`), ``box``
         holds the object reference of its :class:`~replicas.handover.KVHandover`. Streams the decoded
-        tokens' output dicts as :meth:`generate` does; the first carries the transfer's timing."""
+        tokens' output dicts as :meth:`generate` does; the first carries the transfer's timing. A handover
+        whose object died with its prefill replica ends at once with finish_reason ``handover_lost``
+        (nothing admitted): the router prefills the request again."""
         continue_decoding = getattr(self.engine, "continue_decoding", None)
         if continue_decoding is None or getattr(self.engine, "role", "colocated") == "prefill":
             raise RuntimeError(f"replica {self.replica_id} ({self.engine.kind}) does not decode handed-over requests")
-        handover, timing = await receive_handover(ticket, box, self.handovers)
+        try:
+            handover, timing = await receive_handover(ticket, box, self.handovers)
+        except HandoverLost as exc:
+            log.warning("replica %s: %s", self.replica_id, exc)
+            lost = RequestOutput(str(ticket.get("request_id", "?")), (), "", "handover_lost", error=str(exc))
+            yield {**asdict(lost), "replica_id": self.replica_id}
+            return
         first = True
         async for out in continue_decoding(handover):
             row = {**asdict(replace(out, handover=None)), "replica_id": self.replica_id}

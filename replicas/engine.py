@@ -407,7 +407,9 @@ class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
             self.scheduler.stats(now), model=self.model.name, updated_at=now, kv_free_tokens=alloc.free_tokens,
             kv_total_tokens=alloc.num_blocks * alloc.block_size, decoding=len(self.decoder.active),
             preemptions=self.counters["preemptions"], counters=counters, role=self.role,
-            max_decoding=self.config.max_decoding,
+            max_decoding=self.config.max_decoding, decode_step_interval_s=self.decoder.step_interval_s,
+            tpot_s=self.decoder.tpot_s if self.decoder.active else 0.0,
+            tpot_target_s=self._tpot_target() if self.decoder.active else 0.0,
             prefix=PrefixSummary(version, self.prefix.routing_block_tokens, self.prefix.salt, names)
             if self.prefix.enabled else None,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from replicas.decode_cadence import DecodeCadence
+from replicas.decode_cadence import STEP_EMA_WEIGHT, DecodeCadence
 from replicas.engine_types import LiveRequest, TokenLogprob
 from replicas.executor import PreemptibleExecutor
 from replicas.kv_cache import PagedKVCache
@@ -26,6 +26,8 @@ class DecodeBatcher:
         self.active: dict[str, LiveRequest] = {}
         self.executor = PreemptibleExecutor("none", device=model.device)
         self.cadence = DecodeCadence()
+        self.step_interval_s = 0.0  # smoothed time between consecutive steps of a busy batch (0: none yet)
+        self._busy_since_step: float | None = None  # the last step's end while sequences kept decoding
 
     def add(self, key: str, live: LiveRequest) -> None:
         """Start (or keep) decoding the sequence ``key`` (:attr:`LiveRequest.key`: a request id, or a
@@ -35,6 +37,14 @@ class DecodeBatcher:
     def remove(self, key: str) -> None:
         """Stop decoding the sequence ``key`` (finished or aborted)."""
         self.active.pop(key, None)
+        if not self.active:  # an idle gap is no inter-token time
+            self._busy_since_step = None
+
+    @property
+    def tpot_s(self) -> float:
+        """Each decoding stream's time per output token now: the smoothed step interval, times the
+        steps a round over the batch takes when more sequences decode than one step holds (0: unknown)."""
+        return self.step_interval_s * max(-(-len(self.active) // self.max_batch), 1)
 
     def newest(self) -> LiveRequest:
         """The most recently added request (the one to drop when memory runs out)."""
@@ -62,5 +72,11 @@ class DecodeBatcher:
             live.position += 1
             # round-robin when more sequences decode than fit in one step
             self.active[live.key] = self.active.pop(live.key)
-        self.cadence.record_step(started, self.clock())
+        ended = self.clock()
+        self.cadence.record_step(started, ended)
+        if self._busy_since_step is not None:
+            gap = ended - self._busy_since_step
+            self.step_interval_s = gap if self.step_interval_s == 0 else \
+                (1 - STEP_EMA_WEIGHT) * self.step_interval_s + STEP_EMA_WEIGHT * gap
+        self._busy_since_step = ended
         return [(live, token, logprob) for live, (token, logprob) in zip(batch, sampled)]

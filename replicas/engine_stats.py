@@ -50,6 +50,11 @@ class EngineStats:
     prefix: PrefixSummary | None = None  # what the prefix cache holds, for placement (None: no prefix cache)
     role: str = "colocated"  # colocated | prefill | decode (replicas/handover.py)
     max_decoding: int = 0  # sequences one decode step takes at most (0: unknown)
+    # decode pace, for the decode router: smoothed seconds between decode steps of a busy batch, the
+    # decoding streams' time per output token now (0: none decoding) and their tightest TPOT SLO (0: none)
+    decode_step_interval_s: float = 0.0
+    tpot_s: float = 0.0
+    tpot_target_s: float = 0.0
 
     @classmethod
     def from_queue(cls, queue: QueueStats, *, model: str, updated_at: float, **engine: Any) -> EngineStats:  # noqa: ANN401
@@ -86,7 +91,8 @@ class EngineStats:
             prefix_queried_tokens=int(self.counters.get("prefix_queried_tokens", 0)),
             prefix_evictions=int(self.counters.get("prefix_evictions", 0)),
             role=self.role, decoding=self.decoding, kv_total_tokens=self.kv_total_tokens,
-            max_decoding=self.max_decoding,
+            max_decoding=self.max_decoding, decode_step_interval_s=self.decode_step_interval_s,
+            tpot_s=self.tpot_s, tpot_target_s=self.tpot_target_s,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +135,8 @@ class EngineStats:
             prefix=None if r.data.get("prefix") is None else _prefix(r.nested("prefix")),
             role=r.text("role", "colocated", choices=REPLICA_ROLES),
             max_decoding=r.integer("max_decoding", 0, minimum=0),
+            decode_step_interval_s=r.number("decode_step_interval_s", 0.0, minimum=0.0),
+            tpot_s=r.number("tpot_s", 0.0, minimum=0.0), tpot_target_s=r.number("tpot_target_s", 0.0, minimum=0.0),
         )
 
 

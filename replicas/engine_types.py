@@ -39,7 +39,9 @@ class RequestOutput:
     request_id: str
     token_ids: tuple[int, ...]
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "rejected" | "error" | "handover"
+    # "stop" | "length" | "abort" | "rejected" | "error" | "handover"; "handover_lost" from a decode replica
+    # whose handover died with its prefill replica (router/pd_dispatch.py prefills it again)
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None  # set on the first output: engine arrival to first token

@@ -21,3 +21,9 @@ class InvalidRequestError(ValueError):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+class HandoverLost(Exception):
+    """A handover's KV is gone from Ray's object store before a decode replica fetched it: the prefill
+    replica that put it there (the object's owner) died. Nothing was admitted; the request must be
+    prefilled again (:func:`router.pd_dispatch.pd_outputs`)."""

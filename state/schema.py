@@ -209,6 +209,9 @@ class ReplicaQueueState:
     decoding: int = 0  # sequences in the decode batch now
     kv_total_tokens: int = 0  # the KV pool's size (kv_free_tokens of it are free or evictable)
     max_decoding: int = 0  # sequences one decode step takes at most (0: unknown)
+    decode_step_interval_s: float = 0.0  # smoothed seconds between decode steps of a busy batch (0: unknown)
+    tpot_s: float = 0.0  # the decoding streams' time per output token now (0: none decoding)
+    tpot_target_s: float = 0.0  # the tightest TPOT SLO among them (0: none decoding)
 
     def __post_init__(self) -> None:
         if self.role not in REPLICA_ROLES:
@@ -264,6 +267,9 @@ class ReplicaQueueState:
             decoding=r.integer("decoding", 0, minimum=0),
             kv_total_tokens=r.integer("kv_total_tokens", 0, minimum=0),
             max_decoding=r.integer("max_decoding", 0, minimum=0),
+            decode_step_interval_s=r.number("decode_step_interval_s", 0.0, minimum=0.0),
+            tpot_s=r.number("tpot_s", 0.0, minimum=0.0),
+            tpot_target_s=r.number("tpot_target_s", 0.0, minimum=0.0),
         )
 
 

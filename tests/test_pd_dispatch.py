@@ -110,3 +110,78 @@ def test_fake_prefill_stream_first_token_then_handover_continues_on_the_decode_s
     rows = asyncio.run(_collect(pd_outputs(prefill, decoders, payload, on_handover=seen.append)))
     assert [r["token_ids"] for r in rows] == [(5,), (6,), (7,)]
     assert [r["replica_id"] for r in rows] == ["p", "d", "d"] and len(seen) == 1
+
+
+# ---------------------------------------------------------------- re-prefill when the handover's owner is lost
+TICKET2 = {**TICKET, "bytes": 64, "source": "p2", "box": ["kv-ref-2"]}
+
+
+def _payload():
+    from replicas.replica_request import ReplicaRequest
+
+    return ReplicaRequest.from_dict({"request_id": "r1", "prompt_token_ids": [1, 2, 3, 4], "arrival_s": 1.0,
+                                     "ttft_slo_s": 5.0, "sheddable": True, "sampling": {"max_tokens": 3}})
+
+
+def _lost_row() -> dict[str, Any]:
+    return {**_row((), "handover_lost", "d1"), "error": "handover of r1 from p1 is lost (OwnerDiedError)"}
+
+
+def test_fake_prefill_owner_lost_before_the_fetch_is_prefilled_again_from_the_clients_token(monkeypatch):
+    monkeypatch.setattr("router.pd_dispatch._BACKOFF_S", 0.0)
+    # the second prefill samples another first token (unseeded sampling): the client's stays
+    prefill = FakeHandle("generate", [
+        FakeStream([_row((5,), None, "p1"), {**_row((), "handover", "p1"), "handover": TICKET}]),
+        FakeStream([_row((9,), None, "p2"), {**_row((), "handover", "p2"), "handover": TICKET2}])])
+    decoders = FakeHandle("decode", [FakeStream([_lost_row()]), FakeStream([_row((6,)), _row((7,), "length")])])
+    retries: list[tuple[int, str]] = []
+    rows = asyncio.run(_collect(pd_outputs(prefill, decoders, _payload(),
+                                           on_retry=lambda n, exc: retries.append((n, type(exc).__name__)))))
+    assert [r["token_ids"] for r in rows] == [(5,), (6,), (7,)]  # the first token once, never the 9
+    assert retries == [(1, "HandoverLost")]  # the ingress moves the journal entry back (re-dispatch)
+    again = prefill.calls[1][0]
+    assert again.request_id == "r1" and again.prompt_token_ids == (1, 2, 3, 4)
+    assert again.arrival_s > 1.0 and again.sheddable is False  # due one TTFT SLO from the loss, never shed
+    meta, box = decoders.calls[1]
+    assert box is TICKET2["box"] and meta["generated"] == [5] and "generated" not in decoders.calls[0][0]
+
+
+def test_fake_prefill_replica_dying_after_the_first_token_is_prefilled_again(monkeypatch):
+    monkeypatch.setattr("router.dispatch._BACKOFF_S", 0.0)
+    prefill = FakeHandle("generate", [
+        FakeStream([_row((5,), None, "p1")], rex.RayActorError()),  # died while building the handover
+        FakeStream([_row((5,), None, "p2"), {**_row((), "handover", "p2"), "handover": TICKET2}])])
+    decoders = FakeHandle("decode", [FakeStream([_row((6,)), _row((7,), "length")])])
+    rows = asyncio.run(_collect(pd_outputs(prefill, decoders, _payload())))
+    assert [r["token_ids"] for r in rows] == [(5,), (6,), (7,)]
+    assert decoders.calls[0][0]["generated"] == [5]
+
+
+def test_fake_decode_replica_raising_object_lost_counts_as_a_lost_handover(monkeypatch):
+    monkeypatch.setattr("router.pd_dispatch._BACKOFF_S", 0.0)
+    prefill = FakeHandle("generate", [
+        FakeStream([_row((5,), None, "p1"), {**_row((), "handover", "p1"), "handover": TICKET}]),
+        FakeStream([_row((5,), None, "p2"), {**_row((), "handover", "p2"), "handover": TICKET2}])])
+    lost = rex.OwnerDiedError("ab" * 14, None, "")  # what awaiting the dead owner's object raised there
+    decoders = FakeHandle("decode", [FakeStream([], lost), FakeStream([_row((6,), "length")])])
+    rows = asyncio.run(_collect(pd_outputs(prefill, decoders, _payload())))
+    assert [r["token_ids"] for r in rows] == [(5,), (6,)] and len(decoders.calls) == 2
+
+
+def test_fake_handover_lost_on_every_prefill_fails_clearly(monkeypatch):
+    monkeypatch.setattr("router.pd_dispatch._BACKOFF_S", 0.0)
+    prefill = FakeHandle("generate", [FakeStream([_row((5,), None, "p"), {**_row((), "handover", "p"),
+                                                                          "handover": TICKET}]) for _ in range(3)])
+    decoders = FakeHandle("decode", [FakeStream([_lost_row()]) for _ in range(3)])
+    with pytest.raises(APIError, match="r1: handover lost after 3 prefills") as err:
+        asyncio.run(_collect(pd_outputs(prefill, decoders, _payload(), max_reprefills=2)))
+    assert err.value.status == 503 and len(prefill.calls) == 3
+
+
+def test_fake_prefill_failing_before_any_token_is_not_prefilled_again_here(monkeypatch):
+    """Before the first output the colocated retry (router/dispatch.py) owns the re-dispatch."""
+    monkeypatch.setattr("router.dispatch._BACKOFF_S", 0.0)
+    prefill = FakeHandle("generate", [FakeStream([], rex.RayActorError()) for _ in range(2)])
+    decoders = FakeHandle("decode", [])
+    with pytest.raises(APIError, match="replica failed after 2 attempts"):
+        asyncio.run(_collect(pd_outputs(prefill, decoders, _payload(), max_retries=1)))

@@ -201,6 +201,36 @@ def test_a_seeded_sampled_request_continues_its_random_stream_on_the_decode_side
     _assert_no_leaks(prefill, decode)
 
 
+def test_a_decode_engine_publishes_its_decode_pace_and_tightest_tpot_slo_while_decoding(engines):
+    """What the decode router reads from Redis (router/decode_router.py)."""
+    prefill, decode = engines["prefill"], engines["decode"]
+    r = dataclasses.replace(_request("paced", 40, 30.0, prefill.clock(), seed=3), tpot_slo_s=0.25)
+    seen: dict[str, object] = {}
+    got = Outputs()
+
+    def watch(out: RequestOutput) -> None:  # on the decode engine's thread, between its steps
+        if len(got.tokens("paced")) == 5:
+            seen.update(published=decode.stats(), interval=decode.decoder.step_interval_s, tpot=decode.decoder.tpot_s)
+
+    decode_sink = got.sink("paced", watch)
+
+    def on_prefill(out: RequestOutput) -> None:
+        if out.finish_reason == "handover":
+            decode.add_handover(out.handover, decode_sink)
+
+    prefill.add_request(r, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), on_prefill)
+    got.wait("paced")
+    assert len(got.tokens("paced")) == 11 and got.last("paced").finish_reason == "length"
+    published = seen["published"]
+    assert published.decoding == 1 and published.tpot_target_s == 0.25  # the stream's own TPOT SLO binds
+    assert seen["interval"] > 0 and seen["tpot"] == seen["interval"]  # one stream: a token every step
+    after = decode.stats()
+    assert after.decoding == 0 and after.tpot_s == 0.0 and after.tpot_target_s == 0.0
+    state = after.queue_state("d", "flowprefill", 1, after.updated_at)
+    assert state.decode_step_interval_s == after.decode_step_interval_s > 0
+    _assert_no_leaks(prefill, decode)
+
+
 def test_a_one_token_request_finishes_on_the_prefill_side_without_a_handover(engines):
     prefill = engines["prefill"]
     got = Outputs()
