@@ -26,7 +26,7 @@ import pytest
 from cluster.app import AppConfig
 from replicas.engine_config import EngineConfigError
 from replicas.engine_stats import EngineStats
-from replicas.engine_types import ends_request
+from replicas.engine_types import TokenLogprob, ends_request
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
@@ -200,9 +200,15 @@ def test_engine_against_a_stand_in_server(fake_venv, tiny_checkpoint_factory):
             (0, (1000,), 1), (1, (1100,), 1), (0, (1001,), 2), (1, (1101,), 2)]
         assert [o.choices_left for o in outs if o.finish_reason] == [1, 0] and ends_request(outs[-1])
         assert next(r for r in _requests(fake_venv["log"]) if r.get("prompt") == [7] * 10)["n"] == 2
-        refused = asyncio.run(_collect(engine.generate(Request("pl", [7] * 4, arrival_s=time.time(), ttft_slo_s=5.0),
-                                                       SamplingParams(prompt_logprobs=1))))
-        assert refused[-1].finish_reason == "error" and "prompt logprobs" in refused[-1].error
+        # prompt logprobs: vLLM answers them unstreamed, with ranks; they come on the first output
+        outs = asyncio.run(_collect(engine.generate(Request("pl", [7, 8, 9], arrival_s=time.time(), ttft_slo_s=5.0),
+                                                    SamplingParams(max_tokens=2, prompt_logprobs=1))))
+        assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == [((1000, 1001), " t0 t1", "length")]
+        assert outs[0].ttft_s is not None and ends_request(outs[0])
+        assert outs[0].prompt_logprobs == (TokenLogprob(7, None), TokenLogprob(8, -0.1, ((3, -0.01),), 2),
+                                           TokenLogprob(9, -0.2, ((3, -0.01),), 2))
+        sent = next(r for r in _requests(fake_venv["log"]) if r.get("prompt") == [7, 8, 9])
+        assert sent["prompt_logprobs"] == 1 and sent["stream"] is False
 
         # Closing the stream early closes the HTTP stream: the server sees the client go away.
         async def first_then_close() -> None:
