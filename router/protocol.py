@@ -11,12 +11,9 @@ Choices (status codes in :mod:`router.api_errors`):
   neutral value (empty ``suffix``, ``store`` false, the deprecated ``functions``/``function_call``
   empty or none/auto); other values are 422 ``unsupported_parameter`` (:mod:`router.neutral_fields`).
   ``user``, ``metadata`` and ``service_tier`` are type-checked and ignored.
-* Chat ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (:mod:`router.tool_calls`): the tools
-  reach the prompt through the chat template (:mod:`router.tool_prompt`), a forced choice
-  (``required`` or a named function) constrains the output with a grammar (``SamplingParams.grammar``,
-  :mod:`replicas.tool_grammar`; not together with ``response_format`` json, a 400 naming
-  ``tool_choice``), and the reply is parsed for calls (:mod:`router.tool_parser`). ``tool`` messages
-  and assistant ``tool_calls`` are accepted (:mod:`router.chat_messages`).
+* Chat ``tools`` / ``tool_choice`` (:mod:`router.tool_calls`) reach the prompt (:mod:`router.tool_prompt`);
+  a forced choice sets ``SamplingParams.grammar`` (not with a JSON ``response_format``: 400 naming
+  ``tool_choice``); replies are parsed for calls when the response is built (:mod:`router.tool_parser`).
 * Sampling: ``presence_penalty``/``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0,
   ``min_p`` in [0, 1], ``logit_bias`` (token id string -> bias in [-100, 100]; ids must be in the
   vocabulary), ``min_tokens`` (vLLM, at most ``max_tokens``). Log probabilities: completions take

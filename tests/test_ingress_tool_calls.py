@@ -167,4 +167,4 @@ def test_smollm2_calls_a_tool_and_answers_with_its_result(default_model_dir):
         for c in message.tool_calls or ():
             _valid(c.function.name, c.function.arguments)
 
-    _run(default_model_dir, scenario)
+    _run(default_model_dir, scenario, kv_cache_bytes=128 << 20)  # SmolLM2's KV: ~46 KB a token in float32

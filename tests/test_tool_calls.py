@@ -18,11 +18,11 @@ from replicas.model.tokenizer import Tokenizer
 from replicas.tool_grammar import tool_call_grammar
 from replicas.vllm_fields import sampling_fields
 from router.api_errors import APIError
+from router.protocol import ProtocolConfig
 from router.request_fields import BodyFields
 from router.responses import StreamEncoder, response_body
 from router.tool_calls import ToolsRequest, parse_tools
 from router.tool_parser import ToolCall, ToolCallStream, parse_reply
-from router.protocol import ProtocolConfig
 from router.tool_prompt import TOOLS_PREAMBLE, encode_chat_request, prompt_inputs
 from tests.test_protocol import MODEL, base_chat, chat, parse_sse
 
