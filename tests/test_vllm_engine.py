@@ -429,6 +429,39 @@ def test_openai_client_gets_the_native_engines_greedy_answer(apps):
 
 
 @pytest.mark.slow
+def test_both_engine_kinds_take_the_same_tool_call_and_prompt_logprobs_requests(apps):
+    """A named tool_choice: the grammar reaches vLLM as structured_outputs.grammar and both kinds give a
+    call whose arguments validate; prompt logprobs (vLLM answers them unstreamed) agree with the native."""
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    calls, scored = {}, {}
+    for base, model in ((NATIVE, NATIVE_MODEL), (VLLM, VLLM_MODEL)):
+        code, body, _ = _post(base + "/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 100,
+            "temperature": 0})
+        assert code == 200, body
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        [call] = choice["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), params)
+        calls[model] = json.loads(call["function"]["arguments"])
+        code, body, _ = _post(base + "/v1/completions", {"model": model, "prompt": "The capital of France is",
+                                                         "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1})
+        assert code == 200, body
+        scored[model] = body["choices"][0]["prompt_logprobs"]
+    print(f"\nforced calls: {calls}")
+    native, vllm = scored[NATIVE_MODEL], scored[VLLM_MODEL]
+    assert len(native) == len(vllm) and native[0] is None and vllm[0] is None
+    for a, b in zip(native[1:], vllm[1:]):  # the prompt token is in both (its top-1 neighbour may tie)
+        common = a.keys() & b.keys()
+        assert common and all(a[t]["logprob"] == pytest.approx(b[t]["logprob"], abs=2e-2) for t in common)
+        assert all(isinstance(b[t]["rank"], int) for t in common)
+
+
+@pytest.mark.slow
 def test_slo_classes_and_metrics_work_with_the_vllm_engine(apps):
     body = {"model": VLLM_MODEL, "prompt": "Hello", "max_tokens": 2}
     code, ok, headers = _post(VLLM + "/v1/completions", body, {"x-slo-class": "interactive"})
