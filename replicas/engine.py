@@ -363,13 +363,13 @@ class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
     def _sampler(self, request: Request, params: SamplingParams) -> RequestSampler:
         sampler = RequestSampler(params, self.model.device, prompt_ids=request.prompt_ids,
                                  eos_token_ids=self.eos_token_ids)
-        if params.json_schema is not None:
+        if params.constrained:
             if self._grammar_tokenizer is None:  # once per engine, on first use (about a second)
                 from replicas.structured_output import GrammarTokenizer
 
                 self._grammar_tokenizer = GrammarTokenizer(self.tokenizer.to_json(), self.vocab_size,
                                                            self.eos_token_ids)
-            sampler.grammar = self._grammar_tokenizer.matcher(params.json_schema)
+            sampler.grammar = self._grammar_tokenizer.matcher(params)
         return sampler
 
     def _output_stream(self, params: SamplingParams) -> OutputStream:

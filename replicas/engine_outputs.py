@@ -28,7 +28,7 @@ class OutputEmitter:
             index=lr.index, choices_left=parent.open_choices, prompt_logprobs=prompt_logprobs,
         ))
         if step.finish_reason is None and self.role == "prefill" and parent.params.n == 1 \
-                and parent.params.json_schema is None:
+                and not parent.params.constrained:
             # a handover carries one sequence and no grammar state: n > 1 and structured output decode here
             self._hand_over(lr)
         elif step.finish_reason is None:

@@ -121,7 +121,9 @@ class SamplingParams:
     0..20 alternatives) asks for the log probability of every prompt token but the first (the
     prompt is then computed in full, never taken from the prefix cache). ``json_schema`` (a JSON
     schema object as text) constrains the output to JSON that validates against it
-    (:mod:`replicas.structured_output`; ``json_object`` is ``{"type": "object"}``).
+    (:mod:`replicas.structured_output`; ``json_object`` is ``{"type": "object"}``). ``grammar`` (a Lark
+    grammar in llguidance's dialect, which vLLM reads too) constrains it to that grammar instead:
+    the router sets it for a forced ``tool_choice`` (:mod:`replicas.tool_grammar`). At most one of the two.
     """
 
     max_tokens: int = 16
@@ -142,6 +144,7 @@ class SamplingParams:
     n: int = 1
     prompt_logprobs: int | None = None
     json_schema: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -181,6 +184,12 @@ class SamplingParams:
                                                          f"or null, got {pl!r}")
         if self.json_schema is not None:
             _check_schema_text(self.json_schema)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str) or not self.grammar.strip():
+                raise InvalidRequestError("grammar", f"grammar must be a non-empty Lark grammar text, got "
+                                                     f"{self.grammar!r:.40}")
+            if self.json_schema is not None:
+                raise InvalidRequestError("grammar", "grammar and json_schema cannot both constrain the output")
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
@@ -204,6 +213,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when the argmax token is always chosen (temperature ~0 or top_k == 1)."""
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def constrained(self) -> bool:
+        """True when a grammar (``json_schema`` or ``grammar``) constrains the output."""
+        return self.json_schema is not None or self.grammar is not None
 
     @property
     def has_penalties(self) -> bool:

@@ -1,5 +1,6 @@
-"""Structured output: a request's JSON schema compiled to a grammar (llguidance), whose token mask is
-applied to its logits row in the batched sampler at every step.
+"""Structured output: a request's JSON schema (``response_format``) or tool-call grammar (a forced
+``tool_choice``, :mod:`replicas.tool_grammar`) compiled to a grammar (llguidance), whose token mask
+is applied to its logits row in the batched sampler at every step.
 
 Why llguidance (measured on SmolLM2's 49152-token vocabulary, CPU, per decode step of one
 sequence; README, "Structured output"): its mask costs ~16 us at the median and stays under ~2 ms
@@ -22,7 +23,8 @@ from collections.abc import Sequence
 import llguidance
 import torch
 
-from replicas.json_grammar import grammar_of
+from replicas.json_grammar import grammar_of, grammar_of_lark
+from replicas.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 _BITS = 32
@@ -35,9 +37,15 @@ class GrammarTokenizer:
         self.vocab_size = vocab_size
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
 
-    def matcher(self, schema: str) -> RequestGrammar:
-        """A fresh matcher for one choice of a request."""
-        return RequestGrammar(llguidance.LLMatcher(self.tokenizer, grammar_of(schema)), self.vocab_size)
+    def matcher(self, params: SamplingParams) -> RequestGrammar:
+        """A fresh matcher for one choice of a request with ``json_schema`` or ``grammar`` set."""
+        if params.grammar is not None:
+            grammar = grammar_of_lark(params.grammar)
+        elif params.json_schema is not None:
+            grammar = grammar_of(params.json_schema)
+        else:
+            raise ValueError("the request has no json_schema or grammar to constrain its output")
+        return RequestGrammar(llguidance.LLMatcher(self.tokenizer, grammar), self.vocab_size)
 
 
 class RequestGrammar:

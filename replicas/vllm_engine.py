@@ -13,7 +13,9 @@ router, Redis publishing and the OpenAI API in front stay exactly as for the nat
   KV memory runs out); priority orders the waiting queue only; chunked prefill
   (``max_num_batched_tokens``, ``long_prefill_token_threshold``) bounds how long a long prompt
   holds each step, not how long it keeps its place.  Closing the stream early closes the HTTP
-  stream, which makes vLLM abort the request and free its KV blocks.
+  stream, which makes vLLM abort the request and free its KV blocks.  A request with prompt logprobs
+  goes unstreamed (vLLM refuses ``prompt_logprobs`` on a stream): its whole output comes as one
+  output per choice when vLLM has finished it, the prompt's entries (ranks included) on the first.
 * ``stats`` reports the replica's own accounting of its requests before their first token: each
   request's prefill predicted by the cost model, worked off at one second per second in vLLM's
   order (started ones first, then by deadline), plus vLLM's own counters from ``/metrics``
@@ -41,7 +43,7 @@ from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
 from replicas.scheduler.stats import QueueEntry
-from replicas.vllm_fields import parse_logprobs, sampling_fields
+from replicas.vllm_fields import parse_logprobs, parse_prompt_logprobs, sampling_fields
 from replicas.vllm_process import (
     VLLMConfig,
     VLLMProcess,
@@ -200,11 +202,13 @@ class VLLMEngine:
         return self._stats
 
     def request_body(self, request: Request, params: SamplingParams) -> dict[str, Any]:
-        """The ``/v1/completions`` body for ``request`` (token-id prompt, deadline priority, streaming)."""
+        """The ``/v1/completions`` body for ``request`` (token-id prompt, deadline priority, streaming
+        unless it asks for prompt logprobs)."""
         body: dict[str, Any] = {
             "model": self._name, "prompt": list(request.prompt_ids), "max_tokens": params.max_tokens,
             "temperature": params.temperature, "top_p": params.top_p, "ignore_eos": params.ignore_eos,
-            "stream": True, "return_token_ids": True, "priority": deadline_priority(request.deadline),
+            "stream": params.prompt_logprobs is None, "return_token_ids": True,
+            "priority": deadline_priority(request.deadline),
         }
         if params.top_k > 0:
             body["top_k"] = params.top_k
@@ -222,10 +226,6 @@ class VLLMEngine:
         import aiohttp
 
         rid, n_prompt = request.request_id, request.num_prompt_tokens
-        if params.prompt_logprobs is not None:
-            yield self._error(request, 0, "prompt logprobs (echo with logprobs) are not supported by the vllm "
-                                          "engine kind yet")
-            return
         self._track(request)
         finished, count, first = False, 0, True
         counts = [0] * params.n  # generated tokens per choice
@@ -240,13 +240,7 @@ class VLLMEngine:
                     yield self._error(request, count, f"vLLM answered HTTP {resp.status}: "
                                       f"{_error_message(await resp.text())}")
                     return
-                async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        break
+                async for data in _events(resp, params.prompt_logprobs is None):
                     event = json.loads(data)
                     if "error" in event:
                         finished = True
@@ -274,9 +268,11 @@ class VLLMEngine:
                         if reason is not None:
                             open_choices -= 1
                         finished = reason is not None and (open_choices == 0 or error is not None)
+                        prompt = parse_prompt_logprobs(choice, request.prompt_ids, params.prompt_logprobs) \
+                            if ttft is not None else None
                         yield RequestOutput(rid, ids, text, reason, n_prompt, counts[index], ttft_s=ttft,
                                             error=error, logprobs=parse_logprobs(choice, ids, params.logprobs),
-                                            index=index, choices_left=open_choices)
+                                            index=index, choices_left=open_choices, prompt_logprobs=prompt)
                         if finished:
                             return
             if not finished:
@@ -405,6 +401,21 @@ class VLLMEngine:
                 self.poll_metrics()
             except Exception:  # a bad scrape must not end polling
                 log.exception("polling vLLM's metrics failed")
+
+
+async def _events(resp: Any, streaming: bool) -> AsyncIterator[bytes]:  # noqa: ANN401 - an aiohttp response
+    """The JSON events of vLLM's answer: each SSE ``data:`` line up to ``[DONE]``, or the one body."""
+    if not streaming:
+        yield await resp.read()
+        return
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield data
 
 
 def _error_message(text: str | bytes) -> str:

@@ -3,9 +3,16 @@ probabilities it reads back (torch-free, like :mod:`replicas.vllm_engine`).
 
 Non-neutral penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``n`` and the JSON
 schema of structured output (``response_format``) go to vLLM as the same fields (vLLM's semantics
-are the native engine's). With ``logprobs``, the body also sets vLLM's ``return_tokens_as_token_ids``,
+are the native engine's). The tool-call grammar of a forced ``tool_choice`` (a Lark grammar with an
+embedded JSON schema, :mod:`replicas.tool_grammar`) goes as vLLM's ``structured_outputs.grammar``:
+vLLM's default backend choice (``auto``) compiles it with xgrammar, which reads that Lark, else
+llguidance. The router renders tools into the prompt and parses the calls out of the text for
+both engine kinds, so vLLM needs no tool parser (``--enable-auto-tool-choice``) for this.
+
+With ``logprobs``, the body also sets vLLM's ``return_tokens_as_token_ids``,
 so each token of the completions logprobs format reads ``"token_id:N"`` and the alternatives map
-back to ids: :func:`parse_logprobs`.
+back to ids: :func:`parse_logprobs`. ``prompt_logprobs`` goes as vLLM's field of that name (which
+vLLM answers only unstreamed, with ranks): :func:`parse_prompt_logprobs`.
 """
 
 from __future__ import annotations
@@ -32,11 +39,15 @@ def sampling_fields(params: SamplingParams) -> dict[str, Any]:
     if params.logprobs is not None:
         body["logprobs"] = params.logprobs
         body["return_tokens_as_token_ids"] = True
+    if params.prompt_logprobs is not None:
+        body["prompt_logprobs"] = params.prompt_logprobs
     if params.n > 1:  # vLLM's choices carry their index, and seed + i for choice i as the native engine
         body["n"] = params.n
     if params.json_schema is not None:  # vLLM's own structured output (its whitespace default is flexible)
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "response", "schema": json.loads(params.json_schema)}}
+    if params.grammar is not None:
+        body["structured_outputs"] = {"grammar": params.grammar}
     return body
 
 
@@ -64,4 +75,26 @@ def parse_logprobs(choice: Mapping[str, Any], ids: Sequence[int], n: int | None)
                          if (tid := _token_id(str(k))) is not None and isinstance(v, int | float)),
                         key=lambda pair: -pair[1])
         out.append(TokenLogprob(int(token), float(value), tuple(ranked[:n])))
+    return tuple(out)
+
+
+def parse_prompt_logprobs(choice: Mapping[str, Any], prompt: Sequence[int],
+                          n: int | None) -> tuple[TokenLogprob, ...] | None:
+    """A body choice's vLLM ``prompt_logprobs`` (``[null, {"<id>": {"logprob", "rank", ...}}, ...]``) as
+    entries for ``prompt`` (None when not asked for or absent): the first token has none; a token
+    vLLM sent no entry for is ``-inf`` with no rank."""
+    data = choice.get("prompt_logprobs")
+    if n is None or not isinstance(data, Sequence) or not prompt:
+        return None
+    out = [TokenLogprob(int(prompt[0]), None)]
+    for i, token in enumerate(prompt[1:], 1):
+        entry = data[i] if i < len(data) and isinstance(data[i], Mapping) else {}
+        values = {int(k): v for k, v in entry.items() if str(k).isdecimal() and isinstance(v, Mapping)}
+        own = values.get(int(token), {})
+        value = own.get("logprob")
+        rank = own.get("rank")
+        ranked = sorted(((tid, float(v["logprob"])) for tid, v in values.items()
+                         if isinstance(v.get("logprob"), int | float)), key=lambda pair: -pair[1])
+        out.append(TokenLogprob(int(token), float(value) if isinstance(value, int | float) else float("-inf"),
+                                tuple(ranked[:n]), rank if isinstance(rank, int) else None))
     return tuple(out)

@@ -4,7 +4,8 @@ The replica sends each choice's outputs tagged with the choice's ``index``
 (:class:`replicas.engine_types.RequestOutput`); every choice ends with its own ``finish_reason``.
 Usage counts the prompt once and the completion tokens of all choices, as vLLM's server does. With
 completions' ``echo`` each choice's text starts with the prompt and, with ``logprobs``, its log
-probabilities start with the prompt tokens' (sent once, on the first output).
+probabilities start with the prompt tokens' (sent once, on the first output). A chat request with
+tools has each choice parsed for tool calls (:func:`router.responses.chat_choice`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText, vllm_prompt_logprobs
 from router.protocol import GenerateRequest
-from router.responses import Choice, choices_body
+from router.responses import chat_choice, choices_body
 
 
 class PromptDecoder(Protocol):
@@ -82,7 +83,7 @@ class ChoiceCollector:
                 logprobs = formatter.format(entries)
             if self.prompt_text is not None:
                 text = self.prompt_text + text
-            choices.append(Choice(text, c.finish_reason, logprobs))  # type: ignore[arg-type]
+            choices.append(chat_choice(self.req, text, c.finish_reason, logprobs))  # type: ignore[arg-type]
         body = choices_body(self.req, choices, prompt_tokens, self.completion_tokens)
         if self.req.prompt_logprobs is not None:  # vLLM's field: per choice for completions, once for chat
             scored = vllm_prompt_logprobs(self.prompt_logprobs, self.token_text, self.req.prompt_logprobs)

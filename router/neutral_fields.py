@@ -1,8 +1,9 @@
 """OpenAI request fields this server accepts only at their neutral value.
 
 Each is type- and range-checked like OpenAI does (400 naming the field); a valid but non-neutral
-value is a 422 ``unsupported_parameter`` naming the field. ``user``, ``service_tier``, ``metadata``
-and ``parallel_tool_calls`` are only type-checked: they do not change the result. The sampling
+value is a 422 ``unsupported_parameter`` naming the field (the deprecated ``functions`` /
+``function_call``: use ``tools`` / ``tool_choice``, :mod:`router.tool_calls`). ``user``,
+``service_tier`` and ``metadata`` are only type-checked: they do not change the result. The sampling
 fields (penalties, ``min_p``, ``logit_bias``, ``min_tokens``, ``logprobs``, ``top_logprobs``) are real
 and parsed by :mod:`router.protocol`, as are ``n``, ``best_of`` (at most ``n``), ``echo`` and
 ``response_format``.
@@ -28,17 +29,14 @@ def check_neutral_common(f: BodyFields, chat: bool) -> None:
 
 def check_neutral_chat(f: BodyFields) -> None:
     """Chat-only fields: 400 on a wrong type or range, 422 on a non-neutral value."""
-    for key in ("tools", "functions"):
-        if f.array(key):
-            raise APIError.unsupported(key, f"{key} are not supported")
-    for key in ("tool_choice", "function_call"):
-        choice = f.data.get(key)
-        if choice is None or choice in ("none", "auto"):
-            continue
+    if f.array("functions"):
+        raise APIError.unsupported("functions", "functions (deprecated) are not supported: use tools")
+    choice = f.data.get("function_call")
+    if choice is not None and choice not in ("none", "auto"):
         if choice == "required" or isinstance(choice, dict):
-            raise APIError.unsupported(key, f"{key} {choice!r} is not supported")
-        raise APIError.invalid(key, f"{key} must be 'none', 'auto', 'required' or an object, got {choice!r}")
-    f.boolean("parallel_tool_calls")
+            raise APIError.unsupported("function_call", "function_call (deprecated) is not supported: use tool_choice")
+        raise APIError.invalid("function_call", f"function_call must be 'none', 'auto', 'required' or an object, got "
+                                                f"{choice!r}")
     if f.boolean("store"):
         raise APIError.unsupported("store", "store is not supported")
     f.obj("metadata")

@@ -8,10 +8,12 @@ naming the offending field. Pure Python: no Ray, no FastAPI.
 Choices (status codes in :mod:`router.api_errors`):
 
 * Unknown top-level fields are a 400 naming them. Harmless OpenAI fields are accepted at their
-  neutral value (empty ``suffix``/``tools``, ``store`` false, ``tool_choice`` none/auto); other
-  values are 422
-  ``unsupported_parameter`` (:mod:`router.neutral_fields`). ``user``, ``metadata``, ``service_tier``
-  and ``parallel_tool_calls`` are type-checked and ignored.
+  neutral value (empty ``suffix``, ``store`` false, the deprecated ``functions``/``function_call``
+  empty or none/auto); other values are 422 ``unsupported_parameter`` (:mod:`router.neutral_fields`).
+  ``user``, ``metadata`` and ``service_tier`` are type-checked and ignored.
+* Chat ``tools`` / ``tool_choice`` (:mod:`router.tool_calls`) reach the prompt (:mod:`router.tool_prompt`);
+  a forced choice sets ``SamplingParams.grammar`` (not with a JSON ``response_format``: 400 naming
+  ``tool_choice``); replies are parsed for calls when the response is built (:mod:`router.tool_parser`).
 * Sampling: ``presence_penalty``/``frequency_penalty`` in [-2, 2], ``repetition_penalty`` > 0,
   ``min_p`` in [0, 1], ``logit_bias`` (token id string -> bias in [-100, 100]; ids must be in the
   vocabulary), ``min_tokens`` (vLLM, at most ``max_tokens``). Log probabilities: completions take
@@ -57,6 +59,8 @@ from router.neutral_fields import check_neutral_chat, check_neutral_common, chec
 from router.request_fields import MAX_INT, BodyFields, decode_json_object, is_int, type_name
 from router.response_format import response_format_schema
 from router.slo import ResolvedSLO, SLOPolicy
+from router.tool_calls import ToolsRequest, parse_tools
+from router.tool_prompt import encode_chat_request
 from state.clock import WALL_CLOCK
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -82,7 +86,7 @@ class PromptTokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,8 @@ class ProtocolConfig:
 class GenerateRequest:
     """A validated generation request, ready for placement and the engine.
 
-    ``prompt`` (completions, when given as text) or ``messages`` (chat) hold the input as given;
+    ``prompt`` (completions, when given as text) or ``messages`` (chat, validated by
+    :func:`router.chat_messages.parse_messages`) hold the input; ``tools`` (chat) its tools and tool choice;
     ``prompt_token_ids`` is set when a tokenizer was passed or the prompt was given as token ids.
     ``request_id`` doubles as the response ``id``; ``created`` is the response timestamp (s).
     """
@@ -130,7 +135,8 @@ class GenerateRequest:
     include_usage: bool = False
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
+    tools: ToolsRequest | None = None
     user: str | None = None
     echo: bool = False
     prompt_logprobs: int | None = None  # vLLM's field: the body carries them in vLLM's format
@@ -180,15 +186,16 @@ def parse_chat_request(
     messages = parse_messages(f.data.get("messages"))
     check_neutral_common(f, chat=True)
     check_neutral_chat(f)
+    tools = parse_tools(f)
     ids = None
     if tokenizer is not None:
         try:
-            ids = tuple(tokenizer.encode_chat(messages))
+            ids = tuple(encode_chat_request(tokenizer, messages, tools))
         except jinja2.TemplateError as exc:  # e.g. the template's raise_exception("roles must alternate")
             raise APIError.invalid("messages", f"messages rejected by the chat template: {exc}") from None
     return _finish(
         f, headers, config, "chat.completions", model, request_id, now,
-        messages=tuple(messages), ids=ids, prompt_param="messages",
+        messages=tuple(messages), ids=ids, prompt_param="messages", tools=tools,
     )
 
 
@@ -284,7 +291,8 @@ def _finish(
     prompt_param: str,
     text: str | None = None,
     ids: tuple[int, ...] | None = None,
-    messages: tuple[dict[str, str], ...] | None = None,
+    messages: tuple[dict[str, Any], ...] | None = None,
+    tools: ToolsRequest | None = None,
 ) -> GenerateRequest:
     chat = endpoint == "chat.completions"
     stream, include_usage = _stream_flags(f)
@@ -296,6 +304,11 @@ def _finish(
     wanted_prompt = f.integer("prompt_logprobs", 0, MAX_LOGPROBS)
     scored = [k for k in (logprobs if echo else None, wanted_prompt) if k is not None]
     _check_context(config, prompt_len, max_tokens, prompt_param, max_key if explicit else prompt_param)
+    json_schema = response_format_schema(f)
+    grammar = tools.grammar() if tools is not None else None
+    if grammar is not None and json_schema is not None:
+        raise APIError.invalid("tool_choice", "a tool_choice that forces tool calls cannot be combined with a "
+                                              "response_format that constrains the reply to JSON")
     try:
         sampling = SamplingParams(
             max_tokens=max_tokens,
@@ -315,7 +328,8 @@ def _finish(
             logprobs=logprobs,
             n=n,
             prompt_logprobs=max(scored) if scored else None,
-            json_schema=response_format_schema(f),
+            json_schema=json_schema,
+            grammar=grammar,
         )
         if config.vocab_size is not None:
             sampling.check_vocab(config.vocab_size)
@@ -335,6 +349,7 @@ def _finish(
         prompt=text,
         prompt_token_ids=ids,
         messages=messages,
+        tools=tools,
         user=f.string("user"),
         echo=echo,
         prompt_logprobs=wanted_prompt,

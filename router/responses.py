@@ -10,6 +10,13 @@ With ``include_usage``, every other chunk carries ``"usage": null`` as in the Op
 decomposition (:mod:`replicas.ttft_parts`), a field OpenAI clients ignore.
 The response ``id`` is the request's ``request_id`` (``cmpl-...`` / ``chatcmpl-...``).
 
+A chat request with tools (``tool_choice`` not ``none``) has each choice's text parsed for tool calls
+(:mod:`router.tool_parser`): a body's message gets ``tool_calls`` and the text outside them as
+``content`` (null when none); a stream sends each call, once complete, as a ``delta.tool_calls``
+chunk (``index``, ``id``, ``type``, ``function.name`` and the whole ``function.arguments``) and only
+the text outside calls as ``delta.content``. A choice that stopped after a call finishes with
+``finish_reason`` ``"tool_calls"``.
+
 When the request asked for log probabilities (``req.sampling.logprobs`` set) and the encoder has a
 ``token_text`` decoder, each chunk's ``logprobs`` holds its tokens' entries in the endpoint's format
 (:mod:`router.logprobs_format`); entries of tokens whose text is still held back (a split
@@ -26,9 +33,10 @@ from typing import Any, Literal
 from router.api_errors import APIError
 from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText
 from router.protocol import GenerateRequest
+from router.tool_parser import ToolCall, ToolCallStream, parse_reply
 
-FinishReason = Literal["stop", "length"]
-FINISH_REASONS = ("stop", "length")
+FinishReason = Literal["stop", "length", "tool_calls"]
+FINISH_REASONS = ("stop", "length", "tool_calls")
 SSE_DONE = b"data: [DONE]\n\n"
 FLOWPREFILL_FIELD = "flowprefill"  # the top-level field of FlowPrefill's own additions to a chunk
 
@@ -53,12 +61,25 @@ def _envelope(req: GenerateRequest, obj: str, choices: list[dict[str, Any]]) -> 
 
 @dataclass(frozen=True)
 class Choice:
-    """One finished choice of a non-streaming body: its text (with the prompt first under ``echo``),
-    finish reason and formatted ``logprobs``."""
+    """One finished choice of a non-streaming body: its text (with the prompt first under ``echo``;
+    a chat message's content, None beside tool calls), finish reason, formatted ``logprobs`` and the
+    ``tool_calls`` parsed out of it."""
 
-    text: str
+    text: str | None
     finish_reason: FinishReason
     logprobs: dict[str, Any] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+def chat_choice(req: GenerateRequest, text: str, finish_reason: FinishReason,
+                logprobs: dict[str, Any] | None = None) -> Choice:
+    """The :class:`Choice` of a finished chat reply ``text``, parsed for tool calls when the request
+    has tools (``finish_reason`` ``"tool_calls"`` when it stopped after one)."""
+    if req.tools is None or not req.tools.parses or req.endpoint != "chat.completions":
+        return Choice(text, finish_reason, logprobs)
+    content, calls = parse_reply(text, req.tools)
+    reason: FinishReason = "tool_calls" if calls and finish_reason == "stop" else finish_reason
+    return Choice(content, reason, logprobs, tuple(calls))
 
 
 def choices_body(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens: int,
@@ -69,7 +90,13 @@ def choices_body(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens:
     items = []
     for index, c in enumerate(choices):
         _check_reason(c.finish_reason)
-        content: dict[str, Any] = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if c.tool_calls:
+                message["tool_calls"] = [call.to_dict() for call in c.tool_calls]
+            content: dict[str, Any] = {"message": message}
+        else:
+            content = {"text": c.text}
         items.append({"index": index, **content, "logprobs": c.logprobs, "finish_reason": c.finish_reason})
     body = _envelope(req, "chat.completion" if chat else "text_completion", items)
     body["usage"] = usage_dict(prompt_tokens, completion_tokens)
@@ -98,8 +125,9 @@ def response_body(
     req: GenerateRequest, text: str, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """:func:`completion_body` or :func:`chat_body`, by the request's endpoint."""
-    return choices_body(req, [Choice(text, finish_reason, logprobs)], prompt_tokens, completion_tokens)
+    """:func:`completion_body` or :func:`chat_body`, by the request's endpoint (a chat reply parsed for
+    tool calls when the request has tools)."""
+    return choices_body(req, [chat_choice(req, text, finish_reason, logprobs)], prompt_tokens, completion_tokens)
 
 
 def body_logprobs(
@@ -122,16 +150,18 @@ def completion_chunk(req: GenerateRequest, text: str, finish_reason: FinishReaso
 
 def chat_chunk(
     req: GenerateRequest, content: str | None = None, finish_reason: FinishReason | None = None, *, role: bool = False,
-    logprobs: dict[str, Any] | None = None, index: int = 0,
+    logprobs: dict[str, Any] | None = None, index: int = 0, tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` of choice ``index``; ``role`` adds ``"role": "assistant"``
-    to the delta."""
+    to the delta, ``tool_calls`` its ``delta.tool_calls`` items."""
     _check_reason(finish_reason)
     delta: dict[str, Any] = {}
     if role:
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
     return _envelope(req, "chat.completion.chunk", [
         {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     ])
@@ -164,6 +194,8 @@ class _ChoiceStream:
     formatter: LogprobsFormatter | None
     pending: list[LogprobEntry] = field(default_factory=list)
     echoed: bool = False
+    tools: ToolCallStream | None = None  # a chat request with tools: the text is parsed for calls
+    calls_sent: int = 0
 
 
 class StreamEncoder:
@@ -189,6 +221,9 @@ class StreamEncoder:
             formatter = (LogprobsFormatter(self._token_text, self.chat, self.req.sampling.logprobs or 0)
                          if self._token_text is not None else None)
             state = self._choices[index] = _ChoiceStream(formatter)
+            tools = self.req.tools
+            if self.chat and tools is not None and tools.parses:
+                state.tools = ToolCallStream(tools)
         return state
 
     def _event(self, payload: dict[str, Any]) -> bytes:
@@ -236,10 +271,29 @@ class StreamEncoder:
             if state.formatter is not None:
                 state.pending.extend(logprobs or ())
             return echo
+        if state.tools is not None:
+            return echo + self._tool_events(state, state.tools.feed(text), logprobs, index)
         lp = self._take_logprobs(state, logprobs, final=False)
         chunk = (chat_chunk(self.req, text, logprobs=lp, index=index) if self.chat
                  else completion_chunk(self.req, text, logprobs=lp, index=index))
         return echo + self._event(chunk)
+
+    def _tool_events(self, state: _ChoiceStream, events: list[str | ToolCall],
+                     logprobs: Iterable[LogprobEntry] | None, index: int, final: bool = False) -> bytes:
+        """Chunks of parsed content and calls; the tokens' log probabilities ride with the first one
+        (and wait while the parser holds text back), or all with the finishing chunk when ``final``."""
+        if state.formatter is not None:
+            state.pending.extend(logprobs or ())
+        out = b""
+        for event in events:
+            lp = None if final else self._take_logprobs(state, None, final=False)
+            if isinstance(event, ToolCall):
+                chunk = chat_chunk(self.req, logprobs=lp, index=index, tool_calls=[event.to_delta(state.calls_sent)])
+                state.calls_sent += 1
+            else:
+                chunk = chat_chunk(self.req, event, logprobs=lp, index=index)
+            out += self._event(chunk)
+        return out
 
     def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "",
                logprobs: Iterable[LogprobEntry] | None = None, ttft_parts: Mapping[str, float] | None = None,
@@ -249,6 +303,11 @@ class StreamEncoder:
         is the ``last`` choice to finish, then usage (``completion_tokens``: all choices') and ``[DONE]``."""
         echo = self._echo(index)
         state = self._choice(index)
+        if state.tools is not None:  # the last text's content and calls first, then the finishing chunk
+            echo += self._tool_events(state, state.tools.feed(text) + state.tools.finish(), logprobs, index, final=True)
+            text, logprobs = "", None
+            if state.tools.calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
         lp = self._take_logprobs(state, logprobs, final=True)
         if self.chat:
             chunk = chat_chunk(self.req, text or None, finish_reason, logprobs=lp, index=index)

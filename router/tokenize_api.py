@@ -2,8 +2,9 @@
 ``GET /v1/models`` list. Pure Python over the router's tokenizer (no Ray, no FastAPI).
 
 * ``/tokenize`` takes ``{model?, prompt, add_special_tokens = true, return_token_strs = false}`` or
-  ``{model?, messages, add_generation_prompt = true, add_special_tokens = false, return_token_strs}``
-  (the chat template renders the messages; it holds the special tokens already) and answers
+  ``{model?, messages, tools?, add_generation_prompt = true, add_special_tokens = false,
+  return_token_strs}`` (the chat template renders the messages and tools as for a chat request,
+  :mod:`router.tool_prompt`; it holds the special tokens already) and answers
   ``{count, max_model_len, tokens, token_strs}`` (``token_strs``: the vocabulary pieces, or null).
 * ``/detokenize`` takes ``{model?, tokens}`` and answers ``{prompt}`` (special tokens kept).
 * A bad field is a 400 naming it; an unknown ``model`` a 404, as for generation.
@@ -19,9 +20,12 @@ from router.api_errors import APIError
 from router.chat_messages import parse_messages
 from router.protocol import ProtocolConfig
 from router.request_fields import BodyFields, decode_json_object, is_int
+from router.tool_calls import parse_tools
+from router.tool_prompt import prompt_inputs
 
 _COMPLETION_FIELDS = frozenset({"model", "prompt", "add_special_tokens", "return_token_strs"})
-_CHAT_FIELDS = frozenset({"model", "messages", "add_generation_prompt", "add_special_tokens", "return_token_strs"})
+_CHAT_FIELDS = frozenset({"model", "messages", "tools", "add_generation_prompt", "add_special_tokens",
+                          "return_token_strs"})
 
 
 class UtilityTokenizer(Protocol):
@@ -29,7 +33,8 @@ class UtilityTokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -52,10 +57,14 @@ def tokenize(body: bytes, config: ProtocolConfig, tokenizer: UtilityTokenizer) -
     _check_model(f, config)
     add_special = f.boolean("add_special_tokens")
     if chat:
-        messages = parse_messages(f.data.get("messages"))
-        generation_prompt = f.boolean("add_generation_prompt")
+        messages, definitions = prompt_inputs(parse_messages(f.data.get("messages")), parse_tools(f),
+                                              bool(getattr(tokenizer, "template_uses_tools", False)))
+        generation_prompt = True if f.boolean("add_generation_prompt") is None else f.boolean("add_generation_prompt")
         try:
-            text = tokenizer.apply_chat_template(messages, True if generation_prompt is None else generation_prompt)
+            if definitions:
+                text = tokenizer.apply_chat_template(messages, bool(generation_prompt), tools=definitions)
+            else:
+                text = tokenizer.apply_chat_template(messages, bool(generation_prompt))
         except jinja2.TemplateError as exc:
             raise APIError.invalid("messages", f"messages rejected by the chat template: {exc}") from None
         ids = tokenizer.encode(text, add_special_tokens=bool(add_special))

@@ -4,8 +4,10 @@ Run as ``python fake_vllm_server.py --host H --port P --served-model-name NAME .
 (the flags the engine passes; unknown ones are ignored).  It serves ``/v1/models``, ``/metrics``
 and streaming ``/v1/completions`` for token-id prompts: it waits ``PREFILL_S_PER_TOKEN`` per
 prompt token (at most 0.5 s), then streams ``max_tokens`` tokens ``1000 + i`` (text ``" t<i>"``) one every
-``STEP_S``.  Every request body is appended to ``$FAKE_VLLM_LOG`` as a JSON line, and so is
-``{"aborted": n_sent}`` when the client goes away mid-stream.
+``STEP_S``.  Unstreamed (the profile's requests, and ``prompt_logprobs`` ones, which get made-up
+prompt logprobs in vLLM's format) it answers once.  Every request body is appended to
+``$FAKE_VLLM_LOG`` as a JSON line, and so is ``{"aborted": n_sent}`` when the client goes away
+mid-stream.
 """
 
 from __future__ import annotations
@@ -60,7 +62,16 @@ def main() -> None:
         ids = body["prompt"]
         if not body.get("stream"):
             await asyncio.sleep(PREFILL_S_PER_TOKEN * len(ids))
-            return web.json_response({"choices": [{"text": " t0", "finish_reason": "length"}]})
+            if body.get("prompt_logprobs") is None:
+                return web.json_response({"choices": [{"text": " t0", "finish_reason": "length"}]})
+            # vLLM's unstreamed prompt logprobs: prompt token i has logprob -i/10 and rank 2 behind token 3
+            scored = [None] + [{str(t): {"logprob": -i / 10, "rank": 2, "decoded_token": "?"},
+                                "3": {"logprob": -0.01, "rank": 1, "decoded_token": "x"}}
+                               for i, t in enumerate(ids) if i > 0]
+            tokens = list(range(1000, 1000 + body["max_tokens"]))
+            return web.json_response({"choices": [
+                {"index": i, "text": "".join(f" t{t - 1000}" for t in tokens), "token_ids": tokens,
+                 "finish_reason": "length", "prompt_logprobs": scored} for i in range(body.get("n", 1))]})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         running["n"] += 1

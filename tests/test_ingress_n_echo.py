@@ -31,7 +31,8 @@ def model_dir(tiny_checkpoint_factory):
 
 
 def _run(model_dir, scenario: Scenario, **settings: object) -> None:
-    engine = ReplicaEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=8 << 20, block_size=8, **settings),
+    settings = {"kv_cache_bytes": 8 << 20, "block_size": 8, **settings}
+    engine = ReplicaEngine(EngineConfig(model=str(model_dir), **settings),
                            cost_model=CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=8192))
     engine.start()
 

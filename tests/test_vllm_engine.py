@@ -26,7 +26,7 @@ import pytest
 from cluster.app import AppConfig
 from replicas.engine_config import EngineConfigError
 from replicas.engine_stats import EngineStats
-from replicas.engine_types import ends_request
+from replicas.engine_types import TokenLogprob, ends_request
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.request import Request
@@ -200,9 +200,15 @@ def test_engine_against_a_stand_in_server(fake_venv, tiny_checkpoint_factory):
             (0, (1000,), 1), (1, (1100,), 1), (0, (1001,), 2), (1, (1101,), 2)]
         assert [o.choices_left for o in outs if o.finish_reason] == [1, 0] and ends_request(outs[-1])
         assert next(r for r in _requests(fake_venv["log"]) if r.get("prompt") == [7] * 10)["n"] == 2
-        refused = asyncio.run(_collect(engine.generate(Request("pl", [7] * 4, arrival_s=time.time(), ttft_slo_s=5.0),
-                                                       SamplingParams(prompt_logprobs=1))))
-        assert refused[-1].finish_reason == "error" and "prompt logprobs" in refused[-1].error
+        # prompt logprobs: vLLM answers them unstreamed, with ranks; they come on the first output
+        outs = asyncio.run(_collect(engine.generate(Request("pl", [7, 8, 9], arrival_s=time.time(), ttft_slo_s=5.0),
+                                                    SamplingParams(max_tokens=2, prompt_logprobs=1))))
+        assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == [((1000, 1001), " t0 t1", "length")]
+        assert outs[0].ttft_s is not None and ends_request(outs[0])
+        assert outs[0].prompt_logprobs == (TokenLogprob(7, None), TokenLogprob(8, -0.1, ((3, -0.01),), 2),
+                                           TokenLogprob(9, -0.2, ((3, -0.01),), 2))
+        sent = next(r for r in _requests(fake_venv["log"]) if r.get("prompt") == [7, 8, 9])
+        assert sent["prompt_logprobs"] == 1 and sent["stream"] is False
 
         # Closing the stream early closes the HTTP stream: the server sees the client go away.
         async def first_then_close() -> None:
@@ -420,6 +426,39 @@ def test_openai_client_gets_the_native_engines_greedy_answer(apps):
     print(f"\ngreedy answers: native {answers[NATIVE_MODEL]!r}, vLLM {answers[VLLM_MODEL]!r}")
     assert answers[VLLM_MODEL] == answers[NATIVE_MODEL]
     assert "Paris" in answers[VLLM_MODEL][1]
+
+
+@pytest.mark.slow
+def test_both_engine_kinds_take_the_same_tool_call_and_prompt_logprobs_requests(apps):
+    """A named tool_choice: the grammar reaches vLLM as structured_outputs.grammar and both kinds give a
+    call whose arguments validate; prompt logprobs (vLLM answers them unstreamed) agree with the native."""
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    calls, scored = {}, {}
+    for base, model in ((NATIVE, NATIVE_MODEL), (VLLM, VLLM_MODEL)):
+        code, body, _ = _post(base + "/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 100,
+            "temperature": 0})
+        assert code == 200, body
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        [call] = choice["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), params)
+        calls[model] = json.loads(call["function"]["arguments"])
+        code, body, _ = _post(base + "/v1/completions", {"model": model, "prompt": "The capital of France is",
+                                                         "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1})
+        assert code == 200, body
+        scored[model] = body["choices"][0]["prompt_logprobs"]
+    print(f"\nforced calls: {calls}")
+    native, vllm = scored[NATIVE_MODEL], scored[VLLM_MODEL]
+    assert len(native) == len(vllm) and native[0] is None and vllm[0] is None
+    for a, b in zip(native[1:], vllm[1:]):  # the prompt token is in both (its top-1 neighbour may tie)
+        common = a.keys() & b.keys()
+        assert common and all(a[t]["logprob"] == pytest.approx(b[t]["logprob"], abs=2e-2) for t in common)
+        assert all(isinstance(b[t]["rank"], int) for t in common)
 
 
 @pytest.mark.slow

@@ -17,16 +17,19 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from replicas.model.errors import CheckpointError
 
-CHAT_ROLES = frozenset({"system", "user", "assistant"})
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
-def validate_messages(messages: object) -> list[dict[str, str]]:
-    """Check chat messages; raise ``ValueError`` naming the bad field (e.g. ``messages[1].role``)."""
+def validate_messages(messages: object) -> list[dict[str, Any]]:
+    """Check chat messages (``role``, string ``content``; other keys, such as an assistant's
+    ``tool_calls``, pass to the template as they are); raise ``ValueError`` naming the bad field
+    (e.g. ``messages[1].role``)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: expected a non-empty list of {'role', 'content'} objects")
     for i, message in enumerate(messages):
@@ -239,18 +242,30 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError as exc:
             raise CheckpointError(f"{self._source}: field 'chat_template' is not valid Jinja ({exc})") from exc
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the checkpoint's chat template."""
+    @cached_property
+    def template_uses_tools(self) -> bool:
+        """Whether the chat template reads the ``tools`` variable (HF's ``apply_chat_template(tools=...)``);
+        False without a template."""
+        if self._chat_template is None:
+            return False
+        env = self._compiled_template.environment
+        return "tools" in jinja2.meta.find_undeclared_variables(env.parse(self._chat_template))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render ``messages`` with the checkpoint's chat template; ``tools`` (OpenAI tool definitions)
+        are passed to it as transformers does (a template that ignores them renders without them)."""
         validate_messages(messages)
         return self._compiled_template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._bos_token or "",
             eos_token=self._eos_token or "",
-            tools=None,
+            tools=tools or None,
             documents=None,
         )
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered chat; the template already holds any special tokens."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
