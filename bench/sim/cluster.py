@@ -144,6 +144,7 @@ class ClusterSim:
         pool = replicas if pd is None else replicas[:pd.prefill]
         router = self.last_router = Router(pool, setup.cost, setup.router)
         handovers = 0
+        first_at_decode = False
         if pd is not None:
             decode_router = DecodeRouter(replicas[pd.prefill:])  # type: ignore[arg-type]
             transfer, first_at_decode = pd.transfer, pd.first_token == "decode"
@@ -157,7 +158,8 @@ class ClusterSim:
                                            target.index, sr))
 
             for rep in pool:
-                rep.handoff = handoff  # type: ignore[attr-defined]
+                assert isinstance(rep, SimPrefillReplica)
+                rep.handoff = handoff
         max_tokens, prio, cls, shed_ok = workload.max_tokens, workload.priority, workload.slo_class, workload.sheddable
         costs = workload.cost_s
         names, routing = workload.block_names, workload.routing_names

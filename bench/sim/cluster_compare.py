@@ -4,7 +4,8 @@
 N-node Ray cluster (``ServingStack.start_cluster``: the head and N-1 worker raylets on loopback,
 one FlowPrefill replica on each worker node, the router on the head, as ``bench router --nodes``
 and ``bench faults --nodes`` deploy it), with the real engine (SmolLM2, one compute thread per
-replica, its TTFT profile measured for that thread count by ``ServingStack.prepare``).
+replica, its TTFT profile measured for that thread count by ``ServingStack.prepare``, up to
+``PROFILE_MAX_TOKENS``).
 
 The workload is ``bench serve``'s (:func:`bench.serve_bench.build_requests`: the trace window,
 lengths scaled, the server's SLO classes from ``ray_config.yaml``, seeded). The simulator gets
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from router.slo import SLOClass
 
 NAMESPACE = "bench-sim-nodes"
+PROFILE_MAX_TOKENS = 1024  # the replicas' profile: twice the longest prompt at the default 1/16 lengths (465)
 
 
 @dataclass(frozen=True)
@@ -175,9 +177,8 @@ def run_cluster_compare(cfg: ClusterCompareConfig, stack: ServingStack) -> dict[
             placed = cluster.placement_args()
             replicas = len(cluster.worker_nodes)
             engine = {**(app.get("engine") or {}), **engine_overrides(cfg.length_scale), "model": str(model_dir),
-                      "cpu_threads": 1}
-            args = stack.prepare({**app, "num_replicas": replicas, "namespace": NAMESPACE, "engine": engine,
-                                  "autoscaling": None, **placed})
+                      "cpu_threads": 1, "profile_max_tokens": PROFILE_MAX_TOKENS}
+            args = stack.prepare({**app, "num_replicas": replicas, "namespace": NAMESPACE, "engine": engine, **placed})
             ecfg = EngineConfig.from_dict(args["engine"], prefix="args.engine")
             cost = CostModel.load(ecfg.profile)
             wl = sim_workload(requests, classes, cost.predict)

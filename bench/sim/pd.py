@@ -28,6 +28,7 @@ limited either), and the gather's compute on the prefill replica (``bench handov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.sim.kv_transfer import KVTransferCost
@@ -90,15 +91,15 @@ class SimPrefillReplica(SimReplica):
     """A prefill-role replica: prefill exactly as colocated, then the request is handed over
     (``handoff(replica, request, t)``, set by the cluster) instead of decoding here."""
 
-    handoff: object = None  # Callable[[SimPrefillReplica, SimRequest, float], None], set by the cluster
+    handoff: Callable[[SimPrefillReplica, SimRequest, float], None] | None = None  # set by the cluster
 
     def _prefilled(self, t: float, sr: SimRequest) -> None:
+        if sr.request.max_tokens <= 1 or self.handoff is None:  # nothing to hand over (or nowhere to)
+            super()._prefilled(t, sr)
+            return
         self._record(sr.idx, t - sr.request.arrival_s)
-        if sr.request.max_tokens <= 1:
-            self._finish(t, sr)
-        else:
-            self._leave(t, sr)  # the sequence is freed here once its KV is gathered
-            self.handoff(self, sr, t)  # type: ignore[operator]
+        self._leave(t, sr)  # the sequence is freed here once its KV is gathered
+        self.handoff(self, sr, t)
 
 
 class SimDecodeReplica(SimReplica):
