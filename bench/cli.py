@@ -119,10 +119,10 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_sim(args: argparse.Namespace) -> int:
+def _cmd_bench_sim(args: argparse.Namespace, stack: Callable[[], ServingStack]) -> int:
     from bench.sim.cli import run_from_args
 
-    return run_from_args(args)
+    return run_from_args(args, stack)
 
 
 def _cmd_bench_router(args: argparse.Namespace, stack: Callable[[], ServingStack]) -> int:
@@ -296,7 +296,7 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     from bench.sim.cli import add_sim_args  # argparse only: no heavy imports
 
     add_sim_args(sim)
-    sim.set_defaults(func=_cmd_bench_sim)
+    sim.set_defaults(func=partial(_cmd_bench_sim, stack=stack))
     bsrv = bsub.add_parser("serve", help="HTTP goodput of FlowPrefill's policies and vLLM, each as a server")
     bsrv.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
     bsrv.add_argument("--systems", default="flowprefill,chunked,fcfs,vllm",

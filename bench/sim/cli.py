@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.stack import ServingStack
 
 
 def _csv(kind: type) -> object:
@@ -38,6 +43,22 @@ def parse_decode_curve(text: str) -> tuple[tuple[int, float], ...]:
     return tuple(points)
 
 
+def parse_pd_ratios(text: str) -> tuple[tuple[int, int], ...]:
+    """``--pd-ratios``: comma-separated ``P:D`` splits, e.g. ``1:1,1:3,3:1``."""
+    from bench.sim.pd import parse_ratio
+
+    try:
+        ratios = tuple(parse_ratio(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--pd-ratios: ")) from None
+    if not ratios:
+        raise argparse.ArgumentTypeError("expected at least one P:D split, e.g. 1:3")
+    return ratios
+
+
+PD_MAX_OUTPUT_TOKENS = 64  # --max-output-tokens of a P/D sweep unless given: decode must matter
+
+
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``bench sim``."""
     p.add_argument("--trace", required=True, help="Azure CSV, Mooncake JSONL, or generic CSV/JSONL")
@@ -56,7 +77,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="cost-model JSON, CPU or GPU (default: the cached CPU profile)")
     p.add_argument("--length-scale", type=float, default=1 / 16,
                    help="input lengths are multiplied by this (as bench policies; use 1 with a GPU profile)")
-    p.add_argument("--max-output-tokens", type=int, default=4)
+    p.add_argument("--max-output-tokens", type=int, default=None,
+                   help=f"cap on the trace's output lengths (default 4; with --pd-ratios {PD_MAX_OUTPUT_TOKENS})")
     p.add_argument("--window-start-s", type=float, default=0.0)
     p.add_argument("--window-s", type=float, default=None, help="trace window per replica (default: the span of "
                    "--requests-per-replica requests)")
@@ -83,18 +105,48 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validate", action="store_true",
                    help="instead: real in-process replays of a short window against the simulation")
     p.add_argument("--validate-requests", type=int, default=60, help="requests of the validation replay")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="--validate on a local cluster of this many Ray nodes (head + workers, one real replica per "
+                        "worker): the measured goodput beside the simulated one for the same replicas and requests")
     p.add_argument("--validate-runs", type=int, default=3,
                    help="real replays of the validation window (compared by their median p50 and p90)")
     p.add_argument("--validate-utilization", type=float, default=0.6,
                    help="predicted prefill utilisation of the validation replay")
     p.add_argument("--model", default=None, help="HF model directory for --validate (default: SmolLM2-135M)")
+    p.add_argument("--pd-ratios", type=parse_pd_ratios, default=(),
+                   help="P/D sweep: compare colocated replicas with these prefill:decode splits of every replica "
+                        "count, e.g. 1:1,1:3,3:1 (goodput counts TTFT and TPOT; the first --router-policies only)")
+    p.add_argument("--tpot-slo-s", type=float, default=None,
+                   help="every class's TPOT SLO (default with --pd-ratios: 5 batch-1 decode steps; else none)")
+    p.add_argument("--kv-bytes-per-token", type=int, default=None,
+                   help="P/D handover bytes per prompt token (default: --pd-model's config, the profile's dtype)")
+    p.add_argument("--pd-model", default=None, help="checkpoint dir whose config.json sizes the KV (default: SmolLM2)")
+    p.add_argument("--kv-bandwidth-mbps", type=float, default=None,
+                   help="P/D handover bandwidth in MB/s (default 250: bench handover on this CPU box)")
+    p.add_argument("--kv-latency-ms", type=float, default=None, help="P/D handover fixed latency (default 15 ms)")
+    p.add_argument("--pd-first-token", choices=["prefill", "decode"], default="prefill",
+                   help="where the client's first token comes from: the prefill replica (FlowPrefill: the "
+                        "transfer shows in TPOT) or the decode replica (TTFT includes the transfer)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of goodput per replica against the replica count")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the sweep (or ``--validate``) and write ``--json`` / ``--plot``."""
-    if args.validate:
+def run_from_args(args: argparse.Namespace, stack: Callable[[], ServingStack] | None = None) -> int:
+    """Run the sweep (or ``--validate``, on one in-process replica or with ``--nodes`` on a local
+    multi-node cluster that ``stack()`` starts) and write ``--json`` / ``--plot``."""
+    if args.nodes != 1 and not args.validate:
+        raise ValueError("--nodes: only with --validate (the sweep simulates; it starts no cluster)")
+    if args.validate and args.nodes != 1:
+        from bench.sim.cluster_compare import ClusterCompareConfig, run_cluster_compare
+
+        if stack is None:
+            raise ValueError("--nodes: this entry point has no launcher to start a cluster with")
+        ccfg = ClusterCompareConfig(trace=args.trace, nodes=args.nodes, window_start_s=args.window_start_s,
+                                    window_s=args.window_s, requests=args.validate_requests,
+                                    length_scale=args.length_scale, max_output_tokens=args.max_output_tokens or 4,
+                                    seed=args.seed, boundary_delay_s=args.boundary_delay_s)
+        report = run_cluster_compare(ccfg, stack())
+    elif args.validate:
         from bench.sim.validate import run_validation
 
         report = run_validation(
@@ -106,10 +158,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     else:
         from bench.sim.sweep import SimBenchConfig, plot_goodput, run_sweep
 
+        pd_kw: dict[str, object] = {}
+        if args.kv_bandwidth_mbps is not None:
+            pd_kw["kv_bandwidth_bytes_per_s"] = args.kv_bandwidth_mbps * 1e6
+        if args.kv_latency_ms is not None:
+            pd_kw["kv_latency_s"] = args.kv_latency_ms / 1e3
+        max_output = args.max_output_tokens
+        if max_output is None:
+            max_output = PD_MAX_OUTPUT_TOKENS if args.pd_ratios else 4
         cfg = SimBenchConfig(
             trace=args.trace, replicas=tuple(args.replicas), router_policies=tuple(args.router_policies),
             policy=args.policy, profile=args.profile, length_scale=args.length_scale,
-            max_output_tokens=args.max_output_tokens, window_start_s=args.window_start_s, window_s=args.window_s,
+            max_output_tokens=max_output, window_start_s=args.window_start_s, window_s=args.window_s,
             requests_per_replica=args.requests_per_replica, max_requests=args.max_requests,
             chunk_tokens=args.chunk_tokens, seed=args.seed, refine_steps=args.refine_steps,
             staleness_s=args.staleness_s, boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s,
@@ -117,6 +177,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             exec_time_scale=args.exec_time_scale, seq_overhead_s=args.seq_overhead_s,
             early_stop=not args.no_early_stop, shed=not args.no_shed, jobs=args.jobs,
             prefix_mode=args.prefix_mode, prefix_groups=args.prefix_groups, kv_cache_tokens=args.kv_cache_tokens,
+            pd_ratios=tuple(args.pd_ratios), tpot_slo_s=args.tpot_slo_s, kv_bytes_per_token=args.kv_bytes_per_token,
+            pd_model=args.pd_model, pd_first_token=args.pd_first_token, **pd_kw,  # type: ignore[arg-type]
         )
         report = run_sweep(cfg)
         if args.plot:

@@ -170,6 +170,7 @@ class SimReplica:
         self.seq = 0  # published states so far
         self.publish_hook: Callable[[SimReplica, float], None] | None = None  # after every published state
         self.deliver_hook: Callable[[SimReplica, float], None] | None = None  # after every dispatch
+        self.done_hook: Callable[[SimRequest, float], None] | None = None  # a request's last token is out
         self.preemptions = 0
         self.prefill_batches = 0
         self.decode_steps = 0
@@ -310,25 +311,32 @@ class SimReplica:
         self._apply(d, t)
         for rid in d.prefilled:
             sr = self.live.get(rid)
-            if sr is None:
-                continue
-            self._record(sr.idx, t - sr.request.arrival_s)
-            max_tokens = sr.request.max_tokens
-            if max_tokens <= 1:
-                self._finish(t, sr)
-            else:
-                sr.tokens_left = max_tokens - 1
-                sr.token_s = decode_token_seconds(self.cost, sr.request.num_prompt_tokens)
-                self.decoding[rid] = sr
-                self.decode_token_s += sr.token_s
-                self.tpot_decoding += sr.tpot_s is not None
-                self._due = None
+            if sr is not None:
+                self._prefilled(t, sr)
         self._publish(t)
         if self.decoding and (self.cur is None or self._decode_due(t)):
             self._start_step(t)
         else:
             self._drain(t)
             self._settle(t)
+
+    def _prefilled(self, t: float, sr: SimRequest) -> None:
+        """``sr``'s prompt is computed and its first token sampled: it ends here (one output token) or
+        decodes here (a colocated replica; :class:`bench.sim.pd.SimPrefillReplica` hands it over)."""
+        self._record(sr.idx, t - sr.request.arrival_s)
+        if sr.request.max_tokens <= 1:
+            self._finish(t, sr)
+        else:
+            self._start_decoding(sr)
+
+    def _start_decoding(self, sr: SimRequest) -> None:
+        """``sr`` joins the decoding requests with its remaining ``max_tokens - 1`` tokens."""
+        sr.tokens_left = sr.request.max_tokens - 1
+        sr.token_s = decode_token_seconds(self.cost, sr.request.num_prompt_tokens)
+        self.decoding[sr.request.request_id] = sr
+        self.decode_token_s += sr.token_s
+        self.tpot_decoding += sr.tpot_s is not None
+        self._due = None
 
     def _release(self, sr: SimRequest) -> None:
         """Free what a request held in the prefix cache model (its published blocks stay cached)."""
@@ -337,6 +345,13 @@ class SimReplica:
             self.prefix.forget(sr.request.request_id)
 
     def _finish(self, t: float, sr: SimRequest) -> None:
+        """``sr``'s last token is out: it leaves, and the cluster hears of it (``done_hook``)."""
+        self._leave(t, sr)
+        if self.done_hook is not None:
+            self.done_hook(sr, t)
+
+    def _leave(self, t: float, sr: SimRequest) -> None:
+        """``sr`` leaves this replica (finished, or handed over to a decode replica)."""
         rid = sr.request.request_id
         self.live.pop(rid, None)
         self._release(sr)

@@ -36,12 +36,24 @@ from bench.rate_search import ATTAINMENT_GOAL, search_rate_scale
 from bench.shared_prefix import reusable_fraction
 from bench.sim.cluster import ROUTER_POLICIES, ClusterSim, RouterConfig, RunResult, SimSetup
 from bench.sim.floor import scheduler_floor
-from bench.sim.replica import ExecConfig
+from bench.sim.kv_transfer import (
+    DEFAULT_BANDWIDTH_BYTES_PER_S,
+    DEFAULT_LATENCY_S,
+    KVTransferCost,
+    model_kv_bytes_per_token,
+)
+from bench.sim.pd import PDConfig, split_replicas
+from bench.sim.replica import ExecConfig, decode_curve_seconds, decode_token_seconds
+from bench.sim.sweep_report import plot_goodput, print_table, series_of, speeds
 from bench.sim.workload import SimWorkload, cluster_workload
+from bench.slo_classes import DEFAULT_REF_TOKENS
 from bench.traces import Trace, load_trace
 from replicas.cost_profiling import detect_hardware, profile_file_name
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel
+
+__all__ = ["SimBenchConfig", "find_goodput", "plot_goodput", "print_table", "run_sweep"]
+TPOT_MULTIPLE = 5.0  # a P/D sweep's default TPOT SLO: this many batch-1 decode steps
 
 
 @dataclass
@@ -75,6 +87,14 @@ class SimBenchConfig:
     prefix_mode: str | None = None  # unique | trace | multiturn (None: trace when the trace has block ids)
     prefix_groups: float = 1.0  # keep this fraction of the prefix groups (bench.shared_prefix.sample_prefix_groups)
     kv_cache_tokens: int | None = None  # each replica's KV pool, in tokens (None: the engine's default pool)
+    # P/D sweep (pd_ratios non-empty): columns are colocated and each P:D split of every replica count
+    pd_ratios: tuple[tuple[int, int], ...] = ()
+    tpot_slo_s: float | None = None  # every class's TPOT SLO (P/D sweep default: TPOT_MULTIPLE x a batch-1 step)
+    kv_bytes_per_token: int | None = None  # None: from --pd-model (default: the default model) at the profile's dtype
+    pd_model: str | None = None
+    kv_bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH_BYTES_PER_S
+    kv_latency_s: float = DEFAULT_LATENCY_S
+    pd_first_token: str = "prefill"
 
     def __post_init__(self) -> None:
         bad = [p for p in self.router_policies if p not in ROUTER_POLICIES]
@@ -84,6 +104,34 @@ class SimBenchConfig:
             raise ValueError(f"--replicas: need positive counts, got {self.replicas}")
         if self.jobs < 0:
             raise ValueError(f"--jobs: need 0 (automatic) or a positive count, got {self.jobs}")
+        if self.pd_ratios:
+            for n in self.replicas:
+                split_replicas(n, (1, 1))  # every count must hold a prefill and a decode replica
+            PDConfig(1, 1, self.transfer, self.pd_first_token)  # validates the handover settings
+        if self.tpot_slo_s is not None and not self.tpot_slo_s > 0:
+            raise ValueError(f"--tpot-slo-s: must be positive, got {self.tpot_slo_s}")
+
+    @property
+    def transfer(self) -> KVTransferCost:
+        """The handover's cost (``kv_bytes_per_token`` resolved by :func:`run_sweep`; 0 until then)."""
+        return KVTransferCost(self.kv_bytes_per_token or 0, self.kv_bandwidth_bytes_per_s, self.kv_latency_s)
+
+    @property
+    def chains(self) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+        """The sweep's columns as ``(router policy, P:D ratio or None for colocated)``: every router
+        policy colocated, or (a P/D sweep) the first router policy colocated and at every ratio."""
+        if not self.pd_ratios:
+            return tuple((rp, None) for rp in self.router_policies)
+        rp = self.router_policies[0]
+        return ((rp, None), *((rp, r) for r in self.pd_ratios))
+
+
+def chain_label(cfg: SimBenchConfig, chain: tuple[str, tuple[int, int] | None]) -> str:
+    """A column's name: the router policy, or in a P/D sweep ``colocated`` / ``P:D 1:3``."""
+    rp, ratio = chain
+    if not cfg.pd_ratios:
+        return rp
+    return "colocated" if ratio is None else f"P:D {ratio[0]}:{ratio[1]}"
 
 
 def default_profile_path() -> Path:
@@ -156,9 +204,18 @@ def summarize_run(wl: SimWorkload, run: RunResult, scale: float) -> dict[str, An
         "attainment": run.attainment, "stopped_early": run.stopped_early, "requests": len(wl),
         "simulated": run.simulated, "ttft_p50_s": None if np.isnan(p50) else float(p50),
         "ttft_p90_s": None if np.isnan(p90) else float(p90), "shed": run.shed, "preemptions": run.preemptions,
-        "decode_steps": run.decode_steps, "wall_s": run.wall_s,
+        "decode_steps": run.decode_steps, "wall_s": run.wall_s, "handovers": run.handovers,
+        **_tpot_percentiles(run),
         "prefix_hit_rate": run.prefix_hit_tokens / run.prefix_queried_tokens if run.prefix_queried_tokens else None,
     }
+
+
+def _tpot_percentiles(run: RunResult) -> dict[str, float | None]:
+    tpots = [v for v in run.tpot_s if v is not None]
+    if not tpots:
+        return {"tpot_p50_s": None, "tpot_p90_s": None}
+    p50, p90 = np.percentile(np.asarray(tpots, dtype=np.float64), [50, 90])
+    return {"tpot_p50_s": float(p50), "tpot_p90_s": float(p90)}
 
 
 def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchConfig,
@@ -182,7 +239,8 @@ def find_goodput(sim: ClusterSim, wl: SimWorkload, start: float, cfg: SimBenchCo
             "points": [points[k] for k in sorted(points)]}
 
 
-Progress = Callable[[str, int, float | None, float | None], None]  # (router policy, replicas, scale, attainment)
+Progress = Callable[[str, int, float | None, float | None], None]  # (column, replicas, scale, attainment)
+Chain = tuple[str, "tuple[int, int] | None"]  # (router policy, P:D ratio or None: colocated)
 
 
 class _BarProgress:
@@ -191,20 +249,23 @@ class _BarProgress:
     def __init__(self, bar: tqdm) -> None:
         self.bar = bar
 
-    def report(self, rp: str, n: int, scale: float | None, attainment: float | None) -> None:
+    def report(self, label: str, n: int, scale: float | None, attainment: float | None) -> None:
         if scale is None:
             self.bar.update(1)
         else:
-            self.bar.set_description(f"bench sim N={n} {rp}")
+            self.bar.set_description(f"bench sim N={n} {label}")
             self.bar.set_postfix(scale=f"{scale:.3g}", attain=f"{attainment:.3f}")
 
 
-def _policy_chain(cfg: SimBenchConfig, cost: CostModel, trace: Trace, rp: str, workloads: dict[int, SimWorkload],
+def _policy_chain(cfg: SimBenchConfig, cost: CostModel, trace: Trace, chain: Chain, workloads: dict[int, SimWorkload],
                   progress: Progress) -> tuple[list[dict[str, Any]], float]:
-    """The goodput search of router policy ``rp`` at every replica count, in order (a search starts
-    from the previous count's goodput per replica); returns the results and the CPU seconds taken.
-    ``workloads`` caches the tiled workload per replica count (shared by the chains of one process)."""
+    """The goodput search of one column (a router policy, colocated or at a P:D ratio) at every replica
+    count, in order (a search starts from the previous count's goodput per replica); returns the
+    results and the CPU seconds taken. ``workloads`` caches the tiled workload per replica count
+    (shared by the chains of one process)."""
     cpu0 = time.process_time()
+    rp, ratio = chain
+    label = chain_label(cfg, chain)
     cache_blocks = (cfg.kv_cache_tokens or 0) // 16 if trace.has_prefixes else 0
     setup_base = dict(cost=cost, sched=sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens),
                       exec=ExecConfig(boundary_delay_s=cfg.boundary_delay_s, decode_step_s=cfg.decode_step_s,
@@ -221,15 +282,20 @@ def _policy_chain(cfg: SimBenchConfig, cost: CostModel, trace: Trace, rp: str, w
                 wl = workloads[n] = cluster_workload(
                     trace, cost.predict, n, window_start_s=cfg.window_start_s, window_s=cfg.window_s,
                     requests_per_copy=cfg.requests_per_replica, max_requests=cfg.max_requests,
-                    length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens, seed=cfg.seed)
+                    length_scale=cfg.length_scale, max_output_tokens=cfg.max_output_tokens, seed=cfg.seed,
+                    tpot_slo_s=cfg.tpot_slo_s)
             router = RouterConfig(policy=rp, staleness_s=cfg.staleness_s, shed=cfg.shed, seed=cfg.seed)
-            sim = ClusterSim(SimSetup(router=router, **setup_base), n)  # type: ignore[arg-type]
+            pd = None if ratio is None else PDConfig(*split_replicas(n, ratio), cfg.transfer, cfg.pd_first_token)
+            sim = ClusterSim(SimSetup(router=router, pd=pd, **setup_base), n)  # type: ignore[arg-type]
             start = prev_scale or 0.5 / max(wl.work_s / (n * wl.span_s), 1e-12)
-            res = find_goodput(sim, wl, start, cfg, lambda scale, att, n=n: progress(rp, n, scale, att))
+            res = find_goodput(sim, wl, start, cfg, lambda scale, att, n=n: progress(label, n, scale, att))
             res["router_policy"] = rp
+            if cfg.pd_ratios:
+                res["series"] = label
+                res["pd"] = None if pd is None else {"prefill": pd.prefill, "decode": pd.decode}
             prev_scale = res["goodput_scale"] or prev_scale
             results.append(res)
-            progress(rp, n, None, None)
+            progress(label, n, None, None)
             gc.collect()
     finally:
         if gc_was:
@@ -245,25 +311,25 @@ def _init_worker(queue: Any) -> None:  # noqa: ANN401 - a multiprocessing queue
     _worker_queue = queue
 
 
-def _queue_progress(rp: str, n: int, scale: float | None, attainment: float | None) -> None:
-    _worker_queue.put((rp, n, scale, attainment))
+def _queue_progress(label: str, n: int, scale: float | None, attainment: float | None) -> None:
+    _worker_queue.put((label, n, scale, attainment))
 
 
 def _chain_in_worker(cfg: SimBenchConfig, cost: CostModel, trace: Trace,
-                     rp: str) -> tuple[list[dict[str, Any]], float]:
-    return _policy_chain(cfg, cost, trace, rp, {}, _queue_progress)
+                     chain: Chain) -> tuple[list[dict[str, Any]], float]:
+    return _policy_chain(cfg, cost, trace, chain, {}, _queue_progress)
 
 
 def _parallel_chains(cfg: SimBenchConfig, cost: CostModel, trace: Trace, jobs: int,
                      bar: tqdm) -> list[tuple[list[dict[str, Any]], float]]:
-    """Every router policy's chain on ``jobs`` fresh (spawned) processes, relaying their progress to ``bar``."""
+    """Every column's chain on ``jobs`` fresh (spawned) processes, relaying their progress to ``bar``."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     show = _BarProgress(bar)
     # The slowest chain first, so that it never starts last: slo_aware ranks every replica per request.
-    slow_first = sorted(cfg.router_policies, key=lambda rp: rp not in ("slo_aware", "least_loaded"))
+    slow_first = sorted(cfg.chains, key=lambda c: c[0] not in ("slo_aware", "least_loaded"))
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-        futures = {rp: pool.submit(_chain_in_worker, cfg, cost, trace, rp) for rp in slow_first}
+        futures = {c: pool.submit(_chain_in_worker, cfg, cost, trace, c) for c in slow_first}
         pending = set(futures.values())
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -274,7 +340,7 @@ def _parallel_chains(cfg: SimBenchConfig, cost: CostModel, trace: Trace, jobs: i
                     break
             for f in done:
                 f.result()  # a failed chain stops the sweep with its error
-        return [futures[rp].result() for rp in cfg.router_policies]
+        return [futures[c].result() for c in cfg.chains]
 
 
 def usable_cpus() -> int:
@@ -282,31 +348,71 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
-    """Every (replica count, router policy) pair; returns the JSON report.
+def resolve_pd(cfg: SimBenchConfig, cost: CostModel) -> tuple[SimBenchConfig, dict[str, Any] | None]:
+    """A P/D sweep's defaults filled in (KV bytes per token from the model config at the profile's
+    dtype, the TPOT SLO), and what the report says about them (None: not a P/D sweep)."""
+    if not cfg.pd_ratios:
+        return cfg, None
+    if cfg.kv_bytes_per_token is None:
+        from replicas.model.default_model import MODEL_NAME, prepare_default_model
 
-    Each router policy's searches form a chain over the replica counts (a search starts from the
+        if cfg.pd_model is None and cost.model not in ("", MODEL_NAME):
+            raise ValueError(f"--kv-bytes-per-token or --pd-model: the profile's model {cost.model!r} is not the "
+                             f"default model, whose config gives the KV bytes per token otherwise")
+        model_dir = cfg.pd_model or prepare_default_model()
+        cfg = replace(cfg, kv_bytes_per_token=model_kv_bytes_per_token(model_dir, cost.dtype or "float32"))
+    step_1 = batch_one_step_s(cfg, cost)
+    if cfg.tpot_slo_s is None:
+        cfg = replace(cfg, tpot_slo_s=TPOT_MULTIPLE * step_1)
+    t = cfg.transfer
+    decode_model = (f"fixed {cfg.decode_step_s * 1e3:.0f} ms" if cfg.decode_step_s is not None else
+                    "curve " + ", ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in cfg.decode_curve) if cfg.decode_curve
+                    else "cost model's marginal token") + f" (batch 1: {step_1 * 1e3:.0f} ms)"
+    return cfg, {"router_policy": cfg.router_policies[0], "tpot_slo_s": cfg.tpot_slo_s, "decode_model": decode_model,
+                 "first_token": cfg.pd_first_token, "kv_bytes_per_token": t.bytes_per_token,
+                 "transfer": f"{t.latency_s * 1e3:.0f} ms + {t.bytes_per_token:,} B/token at "
+                             f"{t.bandwidth_bytes_per_s / 1e6:,.0f} MB/s",
+                 "splits": {n: {chain_label(cfg, c): split_replicas(n, c[1]) for c in cfg.chains if c[1]}
+                            for n in cfg.replicas}}
+
+
+def batch_one_step_s(cfg: SimBenchConfig, cost: CostModel) -> float:
+    """A decode step of one sequence as the simulated replicas charge it (at the reference prompt length)."""
+    if cfg.decode_step_s is not None:
+        return cfg.decode_step_s
+    if cfg.decode_curve:
+        return decode_curve_seconds(cfg.decode_curve, 1)
+    ref = max(int(DEFAULT_REF_TOKENS * cfg.length_scale), 1)
+    return (cost.a + decode_token_seconds(cost, ref)) * cfg.exec_time_scale
+
+
+def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
+    """Every (replica count, column) pair; returns the JSON report. A column is a router policy, or
+    in a P/D sweep (``pd_ratios``) colocated or one P:D split.
+
+    Each column's searches form a chain over the replica counts (a search starts from the
     previous goodput), so chains run in parallel on ``cfg.jobs`` worker processes with the same
     results as one after another.
     """
     t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     cost, profile_src = load_profile(cfg.profile)
+    cfg, pd_info = resolve_pd(cfg, cost)
     trace, mode = prepare_trace(cfg)
     if trace.has_prefixes and cfg.kv_cache_tokens is None:
         cfg = replace(cfg, kv_cache_tokens=default_kv_cache_tokens())
-    jobs = min(cfg.jobs or usable_cpus(), len(cfg.router_policies))
-    with tqdm(total=len(cfg.replicas) * len(cfg.router_policies), desc="bench sim", unit="search") as bar:
+    chains = cfg.chains
+    jobs = min(cfg.jobs or usable_cpus(), len(chains))
+    with tqdm(total=len(cfg.replicas) * len(chains), desc="bench sim", unit="search") as bar:
         if jobs <= 1:
             workloads: dict[int, SimWorkload] = {}
-            chains = [_policy_chain(cfg, cost, trace, rp, workloads, _BarProgress(bar).report)
-                      for rp in cfg.router_policies]
+            done = [_policy_chain(cfg, cost, trace, c, workloads, _BarProgress(bar).report) for c in chains]
         else:
-            chains = _parallel_chains(cfg, cost, trace, jobs, bar)
-    order = [(n, rp) for n in cfg.replicas for rp in cfg.router_policies]  # the table's order
-    results = sorted((r for chain, _ in chains for r in chain),
-                     key=lambda r: order.index((r["replicas"], r["router_policy"])))
+            done = _parallel_chains(cfg, cost, trace, jobs, bar)
+    labels = [chain_label(cfg, c) for c in chains]
+    order = [(n, label) for n in cfg.replicas for label in labels]  # the table's order
+    results = sorted((r for chain, _ in done for r in chain), key=lambda r: order.index((r["replicas"], series_of(r))))
     wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0 + (sum(c for _, c in chains) if jobs > 1 else 0.0)
+    cpu = time.process_time() - cpu0 + (sum(c for _, c in done) if jobs > 1 else 0.0)
     simulated = sum(p["simulated"] for r in results for p in r["points"])
     floor = scheduler_floor(cost, sched_config(cfg.policy, cfg.length_scale, cfg.chunk_tokens))
     report = {
@@ -316,89 +422,8 @@ def run_sweep(cfg: SimBenchConfig) -> dict[str, Any]:
         "results": results, "simulated_requests": simulated, "wall_s": wall, "cpu_s": cpu,
         "jobs": jobs, "simulated_requests_per_s": simulated / wall,
         "simulated_requests_per_cpu_s": simulated / max(cpu, 1e-9),
-        "load_average": [load0, os.getloadavg()[0]], "speed_by_router_policy": _speeds(results),
-        "scheduler_floor_requests_per_s": floor["requests_per_s"],
+        "load_average": [load0, os.getloadavg()[0]], "speed_by_router_policy": speeds(results),
+        "scheduler_floor_requests_per_s": floor["requests_per_s"], "pd": pd_info,
     }
     print_table(report)
     return report
-
-
-def _speeds(results: list[dict[str, Any]]) -> dict[str, float]:
-    out: dict[str, list[float]] = {}
-    for r in results:
-        acc = out.setdefault(r["router_policy"], [0.0, 0.0])
-        acc[0] += sum(p["simulated"] for p in r["points"])
-        acc[1] += sum(p["wall_s"] for p in r["points"])
-    return {k: n / max(s, 1e-9) for k, (n, s) in out.items()}
-
-
-def print_table(report: dict[str, Any]) -> None:
-    """Goodput per replica (req/s) per replica count and router policy, then the simulator's speed."""
-    rows = report["results"]
-    policies = list(dict.fromkeys(r["router_policy"] for r in rows))
-    counts = list(dict.fromkeys(r["replicas"] for r in rows))
-    cell = {(r["replicas"], r["router_policy"]): r for r in rows}
-    cfg = report["config"]
-    print(f"\n{Path(report['trace']).name}: policy {cfg['policy']}, lengths x{cfg['length_scale']:g}, "
-          f"profile {report['cost_model']['model']} on {report['cost_model']['hardware']}")
-    if report.get("prefix_mode") not in (None, "unique"):
-        print(f"prefix mode {report['prefix_mode']}: {report['reusable_fraction']:.0%} of prompt tokens reusable "
-              f"(unbounded cache); replicas' KV pools of {cfg['kv_cache_tokens']:,} tokens each. Prefix-cache hit rate "
-              "at the goodput point in brackets")
-    print("goodput per replica, req/s (cluster goodput in parentheses)")
-    print(f"{'replicas':>8} {'requests':>9} " + " ".join(f"{p:>22}" for p in policies))
-    for n in counts:
-        reqs = next(cell[(n, p)]["requests"] for p in policies if (n, p) in cell)
-        vals = []
-        for p in policies:
-            r = cell.get((n, p))
-            hit = _hit_at_goodput(r) if r else None
-            text = f"{r['goodput_per_replica']:>9.3f} ({r['goodput']:>9.2f})" if r else "-"
-            vals.append(text + (f" [{hit:.0%}]" if hit is not None else ""))
-        width = 28 if report.get("prefix_mode") not in (None, "unique") else 22
-        print(f"{n:>8} {reqs:>9} " + " ".join(f"{v:>{width}}" for v in vals))
-    brackets = [r["bracket"] for r in rows if r.get("bracket")]
-    if brackets:
-        print(f"search resolution: each goodput is within {max(brackets) - 1:.1%} below the lowest failing rate, "
-              f"so goodputs that close are ties")
-    speeds = " ".join(f"{k}={v:,.0f}" for k, v in report["speed_by_router_policy"].items())
-    print(f"simulated {report['simulated_requests']:,} requests in {report['wall_s']:.1f} s wall on "
-          f"{report.get('jobs', 1)} process(es) ({report['cpu_s']:.1f} s CPU): "
-          f"{report['simulated_requests_per_s']:,.0f} req/s "
-          f"({report['simulated_requests_per_cpu_s']:,.0f} per CPU s); per router policy (runs only): {speeds}; "
-          f"load average {report['load_average'][0]:.1f} -> {report['load_average'][1]:.1f}")
-    floor = report.get("scheduler_floor_requests_per_s")
-    if floor:
-        print(f"the real scheduler alone, one request at a time on an idle replica (bench.sim.floor): {floor:,.0f} "
-              f"req/s per process, a bound on this simulator's speed per process")
-
-
-def _hit_at_goodput(result: dict[str, Any]) -> float | None:
-    """The prefix-cache hit rate of the run at the goodput scale (None without a cache)."""
-    at = [p for p in result["points"] if p["scale"] == result["goodput_scale"]]
-    return at[0].get("prefix_hit_rate") if at else None
-
-
-def plot_goodput(report: dict[str, Any], path: str | Path) -> None:
-    """Goodput per replica against the replica count, one line per router policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_policy: dict[str, list[tuple[int, float]]] = {}
-    for r in report["results"]:
-        by_policy.setdefault(r["router_policy"], []).append((r["replicas"], r["goodput_per_replica"]))
-    for name, pts in by_policy.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("replicas")
-    ax.set_ylabel("goodput per replica (req/s, >= 90% TTFT attainment)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"{Path(report['trace']).name}: simulated, policy {report['config']['policy']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -183,6 +183,21 @@ def per_class_comparison(runs: list[list[float | None]], sim_ttft: list[float | 
     return out
 
 
+def scheduler_config_of(ecfg: Any) -> SchedulerConfig:  # noqa: ANN401 - an EngineConfig
+    """The scheduler settings a real engine with ``ecfg`` (an :class:`~replicas.engine_config.EngineConfig`) runs."""
+    return SchedulerConfig(policy=ecfg.policy, alpha=ecfg.alpha, short_threshold=ecfg.short_threshold,
+                           batch_token_budget=ecfg.batch_token_budget, chunk_tokens=ecfg.policy_chunk_tokens,
+                           max_suspended_batches=ecfg.max_suspended_batches,
+                           admission_control=ecfg.admission_control, granularity=ecfg.granularity)
+
+
+def exec_config_of(ecfg: Any, boundary_delay_s: float, decode_step_s: float | None = None,  # noqa: ANN401
+                   decode_curve: tuple[tuple[int, float], ...] = ()) -> ExecConfig:
+    """The simulated executor of a real engine with ``ecfg``: its decode batch cap and TPOT target."""
+    return ExecConfig(boundary_delay_s=boundary_delay_s, default_tpot_slo_s=ecfg.default_tpot_slo_s,
+                      max_decoding=ecfg.max_decoding, decode_step_s=decode_step_s, decode_curve=decode_curve)
+
+
 def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | None = None,
                    window_start_s: float = 0.0, window_s: float | None = None, max_requests: int = 60,
                    length_scale: float = 1 / 16, utilization: float = 0.6, seed: int = 0,
@@ -235,12 +250,8 @@ def run_validation(trace: str, *, profile: str | None = None, model_dir: Path | 
                            [r.ttft_slo_s for r in scaled], cost.predict, max_tokens=[r.max_tokens for r in scaled],
                            priority=[c.priority for c in classes], slo_class=[c.name for c in classes],
                            sheddable=[c.sheddable for c in classes])
-    sched = SchedulerConfig(policy=ecfg.policy, alpha=ecfg.alpha, short_threshold=ecfg.short_threshold,
-                            batch_token_budget=ecfg.batch_token_budget, chunk_tokens=ecfg.policy_chunk_tokens,
-                            max_suspended_batches=ecfg.max_suspended_batches,
-                            admission_control=ecfg.admission_control, granularity=ecfg.granularity)
-    execution = ExecConfig(boundary_delay_s=boundary_delay_s, default_tpot_slo_s=ecfg.default_tpot_slo_s,
-                           max_decoding=ecfg.max_decoding, decode_step_s=decode_step_s)
+    sched = scheduler_config_of(ecfg)
+    execution = exec_config_of(ecfg, boundary_delay_s, decode_step_s)
     fitted_curve = tuple((int(k), float(s)) for k, s in measured["fit_decode_curve"])
     variants = {
         "sim": replace(execution, decode_curve=decode_curve),

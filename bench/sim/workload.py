@@ -52,6 +52,7 @@ class SimWorkload:
     source: str = ""
     block_names: tuple[tuple[BlockName, ...], ...] | None = None  # per request, with shared prefixes
     routing_names: tuple[tuple[str, ...], ...] | None = None
+    tpot_slo_s: tuple[float | None, ...] | None = None  # per request (None: no TPOT SLO anywhere)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -129,14 +130,17 @@ def prefix_names(trace: Trace, block_size: int, stride: int) -> tuple[tuple[tupl
 
 def from_trace(trace: Trace, predict: Callable[[int], float], *, span_s: float, length_scale: float = 1 / 16,
                max_output_tokens: int | None = 4, seed: int = 0, copies: int = 1, block_size: int = 16,
-               stride: int = ROUTING_STRIDE) -> SimWorkload:
+               stride: int = ROUTING_STRIDE, tpot_slo_s: float | None = None) -> SimWorkload:
     """Scale lengths and assign SLO classes exactly as ``bench.policy_bench.build_workload`` does
-    (and name shared prefixes, see the module docstring)."""
+    (and name shared prefixes, see the module docstring); ``tpot_slo_s``: every class's TPOT SLO
+    (:func:`~bench.slo_classes.classes_for_predictor`'s), None for none."""
+    if tpot_slo_s is not None and not (math.isfinite(tpot_slo_s) and tpot_slo_s > 0):
+        raise ValueError(f"tpot_slo_s: must be a positive number of seconds, got {tpot_slo_s!r}")
     trace = trace.scale_lengths(length_scale, max_output=max_output_tokens)
     if len(trace) == 0:
         raise ValueError("the workload window holds no requests; widen --window-s")
     ref_tokens = max(int(DEFAULT_REF_TOKENS * length_scale), 1)
-    classes = classes_for_predictor(predict, ref_tokens=ref_tokens)
+    classes = classes_for_predictor(predict, ref_tokens=ref_tokens, tpot_slo_s=tpot_slo_s)
     by_name = {c.name: c for c in classes}
     names = assign_classes(trace, classes, seed=seed, rule=LengthRule().scaled(length_scale))
     reqs = trace.requests
@@ -150,6 +154,7 @@ def from_trace(trace: Trace, predict: Callable[[int], float], *, span_s: float, 
         sheddable=tuple(by_name[n].sheddable for n in names),
         cost_s=tuple(predict(r.input_tokens) for r in reqs),
         span_s=span_s, copies=copies, source=trace.source,
+        tpot_slo_s=None if tpot_slo_s is None else tuple(by_name[n].tpot_slo_s for n in names),
         **(dict(zip(("block_names", "routing_names"), prefix_names(trace, block_size, stride)))
            if trace.has_prefixes else {}),
     )
@@ -173,11 +178,15 @@ def cluster_workload(trace: Trace, predict: Callable[[int], float], copies: int,
 def explicit_workload(arrival_s: Sequence[float], tokens: Sequence[int], ttft_slo_s: Sequence[float],
                       predict: Callable[[int], float], *, max_tokens: Sequence[int] | None = None,
                       priority: Sequence[int] | None = None, slo_class: Sequence[str] | None = None,
-                      sheddable: Sequence[bool] | None = None, span_s: float | None = None) -> SimWorkload:
-    """A workload from columns (tests, validation); defaults: one output token, priority 0, not sheddable."""
+                      sheddable: Sequence[bool] | None = None, span_s: float | None = None,
+                      tpot_slo_s: Sequence[float | None] | None = None) -> SimWorkload:
+    """A workload from columns (tests, validation); defaults: one output token, priority 0, not
+    sheddable, no TPOT SLO."""
     n = len(arrival_s)
     if not (len(tokens) == len(ttft_slo_s) == n) or n == 0:
         raise ValueError("explicit_workload: columns must be non-empty and of equal length")
+    if tpot_slo_s is not None and len(tpot_slo_s) != n:
+        raise ValueError(f"explicit_workload: tpot_slo_s has {len(tpot_slo_s)} values for {n} requests")
     order = sorted(range(n), key=lambda i: arrival_s[i])
 
     def col(values: Sequence | None, default: object) -> tuple:
@@ -187,4 +196,5 @@ def explicit_workload(arrival_s: Sequence[float], tokens: Sequence[int], ttft_sl
     span = span_s if span_s is not None else max(arr[-1] - arr[0], 1e-9)
     return SimWorkload(arr, col(tokens, 1), col(max_tokens, 1), col(ttft_slo_s, 1.0), col(priority, 0),
                        col(slo_class, "default"), col(sheddable, False),
-                       tuple(predict(tokens[i]) for i in order), span_s=span if math.isfinite(span) else 1.0)
+                       tuple(predict(tokens[i]) for i in order), span_s=span if math.isfinite(span) else 1.0,
+                       tpot_slo_s=None if tpot_slo_s is None else col(tpot_slo_s, None))
