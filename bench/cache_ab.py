@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.policy_bench import NOCACHE, PolicyBenchConfig, build_workload, policy_configs, workload_prompts
+from bench.policy_bench import NOCACHE, PolicyBenchConfig, build_workload, policy_configs
 from bench.replay import replay
 from bench.shared_prefix import resolve_prefix_mode, reusable_fraction
 from bench.traces import load_trace
@@ -134,13 +134,10 @@ def _hit_rate(summary: dict[str, Any]) -> float | None:
 
 def run_cache_ab(cfg: CacheABConfig, model_dir: Path | None = None) -> dict[str, Any]:
     """Replay the grid interleaved and return the JSON report (every replay kept under ``runs``)."""
-    from bench.policy_bench import Replays
+    from bench.policy_bench import Replays, RunPrompts, load_model_and_cost
     from bench.spread import engine_probe_ms
-    from replicas.compute_thread import run_on_fresh_thread
-    from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
     from replicas.model.tokenizer import Tokenizer
-    from replicas.profiling import load_or_profile
 
     b = cfg.bench
     mode = resolve_prefix_mode(b.prefix_mode, load_trace(b.trace))
@@ -152,19 +149,9 @@ def run_cache_ab(cfg: CacheABConfig, model_dir: Path | None = None) -> dict[str,
     tokenizer = Tokenizer.from_dir(model_dir)
     settings = policy_configs(replace(b, policies=CONFIGS), nocache=True)
 
-    def load() -> tuple[Any, Any]:
-        model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
-        return model, load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
-
-    model, cost = run_on_fresh_thread(load)
+    model, cost = load_model_and_cost(model_dir, base)
     requests, built = build_workload(b, tokenizer, cost.predict)
-    base_prompts = [r.prompt_ids for r in requests]
-    prompts: dict[int, list[list[int]]] = {}
-
-    def prompts_for(run: int) -> list[list[int]]:
-        if run not in prompts:
-            prompts[run] = workload_prompts(tokenizer, built, b.seed, run, base_prompts)
-        return prompts[run]
+    prompts_for = RunPrompts(tokenizer, built, b.seed, [r.prompt_ids for r in requests])
 
     span = max(requests[-1].arrival_s, 1e-9)
     base_rate = len(requests) / span

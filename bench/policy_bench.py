@@ -242,14 +242,38 @@ def median_point(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "attainment_min": min(attained), "attainment_max": max(attained), "repeats": runs}
 
 
-def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> dict[str, Any]:
-    """Run every policy configuration side by side and return the JSON report."""
+def load_model_and_cost(model_dir: Path, base: EngineConfig) -> tuple[Any, Any]:
+    """The model and its TTFT cost model (cached profile, else profiled now), loaded on a fresh
+    thread: each engine computes on a thread of its own (see :mod:`replicas.compute_thread`)."""
     from replicas.compute_thread import run_on_fresh_thread
     from replicas.model.decoder import DecoderModel
+    from replicas.profiling import load_or_profile
+
+    def load() -> tuple[Any, Any]:
+        model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
+        return model, load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
+
+    return run_on_fresh_thread(load)
+
+
+class RunPrompts:
+    """Replay ``k``'s prompts (:func:`workload_prompts`, namespace ``k``), built once and the same for
+    every configuration that replays ``k``."""
+
+    def __init__(self, tokenizer: object, trace: Trace, seed: int, base: list[list[int]]) -> None:
+        self.tokenizer, self.trace, self.seed, self.base = tokenizer, trace, seed, base
+        self._runs: dict[int, list[list[int]]] = {}
+
+    def __call__(self, run: int) -> list[list[int]]:
+        if run not in self._runs:
+            self._runs[run] = workload_prompts(self.tokenizer, self.trace, self.seed, run, self.base)
+        return self._runs[run]
+
+
+def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> dict[str, Any]:
+    """Run every policy configuration side by side and return the JSON report."""
     from replicas.model.default_model import prepare_default_model
     from replicas.model.tokenizer import Tokenizer
-    from replicas.profiling import load_or_profile
-    from replicas.scheduler.cost_model import CostModel
 
     model_dir = model_dir or prepare_default_model()
     base = EngineConfig(model=str(model_dir), **cfg.engine)
@@ -258,22 +282,9 @@ def run_policy_bench(cfg: PolicyBenchConfig, model_dir: Path | None = None) -> d
     configs = policy_configs(cfg, nocache=mode != "unique")  # flowprefill first: its goodput is the common rate
     for name, settings in configs.items():  # a setting the engine does not know fails now, named, not mid-run
         EngineConfig.from_dict({**cfg.engine, **settings}, prefix=f"bench policies {name}")
-
-    def load() -> tuple[DecoderModel, CostModel]:
-        model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
-        return model, load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
-
-    # not on this thread: each engine computes on a thread of its own (see replicas.compute_thread)
-    model, cost = run_on_fresh_thread(load)
+    model, cost = load_model_and_cost(model_dir, base)
     requests, trace = build_workload(cfg, tokenizer, cost.predict)
-    base_prompts = [r.prompt_ids for r in requests]
-    runs: dict[int, list[list[int]]] = {}
-
-    def prompts_for(run: int) -> list[list[int]]:  # the same prompts for replay k of every configuration
-        if run not in runs:
-            runs[run] = workload_prompts(tokenizer, trace, cfg.seed, run, base_prompts)
-        return runs[run]
-
+    prompts_for = RunPrompts(tokenizer, trace, cfg.seed, [r.prompt_ids for r in requests])
     base_rate = len(requests) / max(requests[-1].arrival_s, 1e-9)
     # Start each search near 70% predicted utilisation so replays are neither idle nor hopeless.
     work_s = sum(cost.predict(len(r.prompt_ids)) for r in requests)

@@ -102,15 +102,18 @@ class ThreadGCLog:
 
 def run_worker(cfg: SpreadConfig, variant: str) -> dict[str, Any]:
     """Replay the window ``cfg.runs`` times in this process (its environment is the variant's)."""
-    from bench.policy_bench import PolicyBenchConfig, build_workload, policy_configs, workload_prompts
+    from bench.policy_bench import (
+        PolicyBenchConfig,
+        build_workload,
+        load_model_and_cost,
+        policy_configs,
+        workload_prompts,
+    )
     from bench.replay import replay, summarize
-    from replicas.compute_thread import run_on_fresh_thread
     from replicas.engine import ReplicaEngine
     from replicas.engine_config import EngineConfig
-    from replicas.model.decoder import DecoderModel
     from replicas.model.default_model import prepare_default_model
     from replicas.model.tokenizer import Tokenizer
-    from replicas.profiling import load_or_profile
 
     model_dir = prepare_default_model()
     pcfg = PolicyBenchConfig(trace=cfg.trace, window_start_s=cfg.window_start_s, max_requests=cfg.max_requests,
@@ -118,11 +121,7 @@ def run_worker(cfg: SpreadConfig, variant: str) -> dict[str, Any]:
     base = EngineConfig(model=str(model_dir), **policy_configs(pcfg)["flowprefill"], **VARIANTS[variant][1])
     tokenizer = Tokenizer.from_dir(model_dir)
 
-    def load() -> tuple[Any, Any]:
-        model = DecoderModel.load(model_dir, dtype=base.dtype, device=base.device)
-        return model, load_or_profile(model, base.profile, max_tokens=base.profile_max_tokens)
-
-    model, cost = run_on_fresh_thread(load)
+    model, cost = load_model_and_cost(model_dir, base)
     requests, trace = build_workload(pcfg, tokenizer, cost.predict)
     scale = cfg.rate_rps * max(requests[-1].arrival_s, 1e-9) / len(requests)
     engine = ReplicaEngine(base, model=model, tokenizer=tokenizer, cost_model=cost)

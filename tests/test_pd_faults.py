@@ -29,6 +29,7 @@ import pytest
 
 from tests.pd_fault_replica import FAULT_DIR_ENV
 from tests.polling import wait_for
+from tests.sse_client import stream_completion
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +42,7 @@ BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "i
 
 
 def _stream(body: dict, timeout: float = 180) -> tuple[int, list[dict]]:
-    """Status and the SSE events (``[DONE]`` dropped) of a streaming completion."""
-    req = urllib.request.Request(BASE + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            events = [json.loads(line[6:]) for line in resp.read().decode().splitlines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
-            return resp.status, events
-    except urllib.error.HTTPError as err:
-        return err.code, [json.loads(err.read())]
+    return stream_completion(BASE, body, timeout)
 
 
 def _text(events: list[dict]) -> str:

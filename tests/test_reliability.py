@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.polling import wait_for
+from tests.sse_client import stream_completion
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +45,7 @@ def _post(body: dict, headers: dict | None = None, timeout: float = 60) -> tuple
 
 
 def _stream(body: dict, timeout: float = 60) -> tuple[int, list[dict]]:
-    """Status and the SSE events (``[DONE]`` dropped) of a streaming completion."""
-    req = urllib.request.Request(BASE + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            events = [json.loads(line[6:]) for line in resp.read().decode().splitlines()
-                      if line.startswith("data: ") and line != "data: [DONE]"]
-            return resp.status, events
-    except urllib.error.HTTPError as err:
-        return err.code, [json.loads(err.read())]
+    return stream_completion(BASE, body, timeout)
 
 
 def _router_stats() -> dict:
