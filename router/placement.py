@@ -144,6 +144,7 @@ class ReplicaLoad:
     preemptive: bool = True  # False (vLLM): a running prefill finishes first, the queue is plain EDF
     cached: AbstractSet[str] = field(default=frozenset(), compare=False, repr=False)  # its cache summary's names
     cache_block_tokens: int = 0  # tokens per routing name in ``cached``
+    decoding: int = 0  # sequences in its decode batch (their steps interleave with a new prefill)
 
     @property
     def usable(self) -> bool:
@@ -217,6 +218,7 @@ def load_from_state(
         preemptive=state.engine_kind not in NON_PREEMPTIVE_ENGINES,
         cached=frozenset(prefix.names) if prefix is not None else frozenset(),
         cache_block_tokens=prefix.block_tokens if prefix is not None else 0,
+        decoding=state.decoding,
     )
 
 
@@ -305,7 +307,9 @@ def rank_replicas(
     prompt charges only the rest (:func:`own_cost`). ``slo_aware`` tiers: (1) replicas meeting the
     deadline with ``margin_s`` to spare, ones that harm no later work first, then ones where it
     displaces nothing, then the least work for it (a cache hit), then least slack (bin packing
-    keeps idle headroom for urgent work);
+    keeps idle headroom for urgent work), then the least pending work, fewer decoding streams
+    breaking a tie (their steps interleave with the new prefill; a long prompt that has moved on to
+    decode leaves its replica looking idle in prefill terms);
     (2) meeting it with less than ``margin_s``, ones that harm no later work first, then most
     slack (spreading: a ``margin_s`` of the whole TTFT SLO puts every feasible replica here; a
     hit leaves more slack);
@@ -331,7 +335,7 @@ def rank_replicas(
     if policy != "slo_aware":
         raise ValueError(f"unknown placement policy {policy!r}; expected one of {POLICIES}")
     ttfts: dict[str, float] = {}
-    ranked: list[tuple[tuple[int, float, float, float, float, float, str], str]] = []
+    ranked: list[tuple[tuple[int, float, float, float, float, float, int, str], str]] = []
     budget = req.deadline - now
     for ld in loads:
         cost = costs[ld.replica_id]
@@ -339,13 +343,14 @@ def rank_replicas(
         ttft = ttfts[ld.replica_id] = place.ttft
         slack = budget - ttft
         if not ld.usable:
-            key = (2, ttft, 0.0, 0.0, 0.0, 0.0, ld.replica_id)
+            key = (2, ttft, 0.0, 0.0, 0.0, 0.0, ld.decoding, ld.replica_id)
         elif slack < 0.0:
-            key = (3, -slack, 0.0, 0.0, 0.0, 0.0, ld.replica_id)
+            key = (3, -slack, 0.0, 0.0, 0.0, 0.0, ld.decoding, ld.replica_id)
         elif slack < margin_s:
-            key = (1, float(place.harm), -slack, 0.0, 0.0, 0.0, ld.replica_id)
+            key = (1, float(place.harm), -slack, 0.0, 0.0, 0.0, ld.decoding, ld.replica_id)
         else:
-            key = (0, float(place.harm), float(place.displaces), cost, slack, ld.pending_s(now), ld.replica_id)
+            key = (0, float(place.harm), float(place.displaces), cost, slack, ld.pending_s(now), ld.decoding,
+                   ld.replica_id)
         ranked.append((key, ld.replica_id))
     ranked.sort()
     best_key, best = ranked[0]

@@ -407,3 +407,16 @@ def test_a_vllm_replica_runs_its_prefill_to_the_end_so_urgent_work_waits_there()
     place = evaluate(NOW + 0.5, 0.1, load(tight), NOW)
     assert place.ttft == pytest.approx(0.1) and place.displaces and place.harm  # 0.6 s fits 0.65 s, 0.7 s not
     assert not evaluate(NOW + 0.5, 0.01, load(tight), NOW).harm
+
+
+def test_a_tie_goes_to_the_replica_with_fewer_decoding_streams():
+    """A long prompt that has moved on to decode leaves its replica with nothing in prefill: the two
+    replicas tie on every prefill term, and the one not decoding wins though its id sorts last."""
+    from dataclasses import replace
+
+    decoding = load_from_state(replace(state("a-replica"), decoding=1), 0.0, NOW, 5.0)
+    idle = load_from_state(state("b-replica"), 0.0, NOW, 5.0)
+    assert decoding.decoding == 1 and idle.decoding == 0
+    d = rank_replicas("slo_aware", PlacementRequest("new", 100, NOW + 1.0, 1.0), [decoding, idle], COST, NOW)
+    assert d.ranked == ["b-replica", "a-replica"]
+    assert d.predicted_ttft["a-replica"] == d.predicted_ttft["b-replica"]
