@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from replicas.sampling_params import MAX_N
 from tests.polling import wait_for
 from tests.sse_client import stream_completion
 
@@ -280,7 +281,7 @@ _FIELD_VALUES = {
     "seed": st.one_of(st.integers(-(2**80), -(2**64)), st.integers(2**64, 2**80), st.text(max_size=3),
                       st.floats(0.5, 9.5).filter(lambda f: f != int(f))),
     "stop": st.one_of(st.integers(), st.lists(st.integers(), min_size=1, max_size=3), st.just({"a": 1})),
-    "n": st.integers(2, 10**9),
+    "n": st.one_of(st.integers(max_value=0), st.integers(MAX_N + 1, 10**9)),  # 1..MAX_N are served (n > 1)
     "prompt": st.one_of(st.just(""), st.just([]), st.integers(), st.just({"text": "x"}),
                         st.lists(st.integers(-(2**40), -1), min_size=1, max_size=3),
                         st.lists(st.integers(10**9, 2**40), min_size=1, max_size=3)),
