@@ -176,8 +176,9 @@ class Scheduler:
                 return Refusal(f"replica overloaded: {pending:.3f}s of predicted prefill work queued "
                                f"(max_queued_work_s {cfg.max_queued_work_s:g})",
                                pending + predicted - cfg.max_queued_work_s)
+        late_check = (cfg.admission_control and request.sheddable) or cfg.late_reject_factor is not None
         share = (self._reserve.share_above(request.slo_class, request.ttft_slo_s, now)
-                 if self._reserve is not None else 0.0)
+                 if self._reserve is not None and late_check else 0.0)
         if cfg.admission_control and request.sheddable:
             return late_refusal(view, request, predicted, reserved_share=share)
         if cfg.late_reject_factor is not None:
