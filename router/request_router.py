@@ -15,7 +15,7 @@ router's own dispatches not yet in the snapshot are added to it), ranks the cand
 ``RunningReplica.replica_id.unique_id``) and returns one replica per tier (strict order).  When a
 replica accepts the request (``on_request_routed``) its predicted seconds are added to that
 replica's in-flight hash, fire-and-forget.  When Redis is unavailable, a
-:class:`~router.placement.LocalLoadEstimator` of this router's own dispatches stands in
+:class:`~router.local_load.LocalLoadEstimator` of this router's own dispatches stands in
 (a warning once per outage, ``routing_stats.STATS.redis_fallbacks`` per decision).  The counters
 are read through the module at call time: Serve pickles this module by value, so a global object
 here would be a private copy that the ingress never sees.
@@ -39,10 +39,10 @@ from replicas.errors import InvalidRequestError
 from replicas.replica_request import ReplicaRequest
 from replicas.scheduler.cost_model import CostModel, CostModelError
 from router import routing_stats
+from router.local_load import LocalLoadEstimator
 from router.placement import (
     POLICIES,
     PREEMPT_LATENCY_S,
-    LocalLoadEstimator,
     PlacementDecision,
     PlacementRequest,
     ReplicaLoad,

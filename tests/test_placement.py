@@ -12,10 +12,9 @@ from bench.placement_bench import bench_placement
 from replicas.replica_request import ReplicaRequest
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler.cost_model import CostModel
+from router.local_load import OVERDUE_S, LocalLoadEstimator
 from router.placement import (
-    OVERDUE_S,
     PREEMPT_LATENCY_S,
-    LocalLoadEstimator,
     PlacementRequest,
     ReplicaLoad,
     evaluate,
