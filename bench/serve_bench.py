@@ -75,7 +75,7 @@ from bench.multiturn import MultiTurnConfig
 from bench.prefix_stats import PrefixCounters, format_hit_rate, prefix_counters_from_metrics, total
 from bench.rate_search import find_goodput, fixed_rate, median_run, point_text
 from bench.serve_compare import format_comparison, goodput_comparison
-from bench.serve_spread import format_spread, idle_probe_ms
+from bench.serve_spread import format_spread, idle_probe_ms, short_replay_warning
 from bench.serve_workload import ServeWorkload, build_workload, idle_gap_warning, prefix_groups  # noqa: F401
 from bench.servers import (
     CHUNKED_PREFIX,
@@ -340,6 +340,9 @@ def bench_system(system: str, cfg: ServeBenchConfig, workload: ServeWorkload, mo
             # a fixed rate that fails says only that goodput is below it
             entry["min_rate_rps"] = cfg.fixed_rate_rps if cfg.fixed_rate_rps is not None else floor * base_rate
             if cfg.fixed_rate_rps is not None:  # identical replays at one rate: their spread
+                warning = short_replay_warning(len(requests), cfg.fixed_rate_rps)
+                if warning:
+                    print(f"\nbench serve: WARNING: {warning}", file=sys.stderr, flush=True)
                 found = fixed_rate(measure, cfg.fixed_rate_rps / base_rate, cfg.repeats)
             else:
                 found = find_goodput(measure, start, max_runs=cfg.max_runs, refine_steps=cfg.refine_steps,

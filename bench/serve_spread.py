@@ -15,6 +15,10 @@ from typing import Any
 from bench.loadgen import LoadConfig, LoadRequest, run_load_sync
 
 PROBES = 3
+# Below these a fixed-rate replay's spread is mostly the VM's speed of the moment and one request's
+# weight (measured on 2026-12-04: 32 requests, 3 s: spread 0.19; 160 requests, 73 s: 0.04).
+SHORT_REPLAY_S = 30.0
+FEW_REQUESTS = 100
 
 
 def probe_prompt(prompt: str | tuple[int, ...], tag: int) -> str | tuple[int, ...]:
@@ -63,3 +67,19 @@ def format_spread(systems: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {e['system']} at {p['rate_rps']:.2f} req/s: {cells}; median {p['attainment']:.2f}, "
                          f"spread {p.get('spread', max(att) - min(att)):.2f}" + ("" if r is None else f", r {r:+.2f}"))
     return lines
+
+
+def short_replay_warning(requests: int, rate_rps: float) -> str | None:
+    """A warning when a fixed-rate replay of ``requests`` at ``rate_rps`` sends for under
+    :data:`SHORT_REPLAY_S` or holds under :data:`FEW_REQUESTS` requests: such a replay samples one
+    moment of a shared machine's speed, and one request moves its attainment by ``1/requests``."""
+    if requests < 1 or not rate_rps > 0:
+        raise ValueError(f"need requests >= 1 and a positive rate, got {requests} and {rate_rps}")
+    span_s = requests / rate_rps
+    if span_s >= SHORT_REPLAY_S and requests >= FEW_REQUESTS:
+        return None
+    return (f"a replay of {requests} requests at {rate_rps:.2f} req/s sends for {span_s:.1f} s; one request is "
+            f"{1 / requests:.3f} of attainment and the run sees one moment of the machine's speed, so the "
+            f"spread says little (use >= {FEW_REQUESTS} requests and >= {SHORT_REPLAY_S:.0f} s: --max-requests, "
+            f"--window-start-s; on the code trace --window-start-s 2180 holds a dense stretch of 320)")
+

@@ -485,3 +485,14 @@ def test_idle_probe_times_fresh_median_prompts_one_at_a_time():
                          {"attainment": 1.0, "probe_ms": 400.0}]}
     (head, line) = format_spread([{"system": "flowprefill", "points": [point]}])
     assert line.startswith("  flowprefill at 4.00 req/s: 0.90@450, 0.80@600, 1.00@400; median 0.90, spread 0.20, r -0.")
+
+
+def test_short_fixed_rate_replays_are_warned_about_and_long_ones_are_not():
+    from bench.serve_spread import short_replay_warning
+
+    warning = short_replay_warning(32, 10.0)  # the replay whose spread was 0.19: 3.2 s, 32 requests
+    assert warning is not None and "3.2 s" in warning and "0.031 of attainment" in warning
+    assert short_replay_warning(160, 2.2) is None  # 72.7 s, 160 requests: spread 0.04
+    assert short_replay_warning(500, 50.0) is not None  # many requests, but 10 s of one moment's speed
+    with pytest.raises(ValueError, match="positive rate"):
+        short_replay_warning(10, 0.0)
