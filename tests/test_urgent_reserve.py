@@ -28,11 +28,41 @@ def test_the_share_counts_only_tighter_slos_within_the_window():
     assert r.share_above("interactive", 0.3, now=1.5) == 0.0  # a tighter SLO of its own class is not "more urgent"
     assert r.share_above("batch", 10.0, now=1.5) == pytest.approx(0.8)
     assert r.share_above("standard", 2.0, now=1.5) == pytest.approx(0.3)  # its own class never counts
-    assert r.share_above("standard", 3.0, now=2.5) == pytest.approx(0.1)  # the first arrival left the window
-    assert r.share_above("standard", 3.0, now=10.0) == 0.0
+    assert r.share_above("standard", 2.0, now=2.5) == pytest.approx(0.1)  # the first arrival left the window
+    assert r.share_above("standard", 2.0, now=10.0) == 0.0
     for bad in (0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="urgent_reserve_window_s"):
             UrgentReserve(bad)
+
+
+def test_a_request_with_a_long_slo_averages_urgent_work_over_its_slo_not_the_burst():
+    r = UrgentReserve(window_s=5.0)
+    for k in range(60):  # a minute of urgent work offering 0.5 s per second...
+        r.record("interactive", 1.0, 0.5, now=float(k))
+    for k in range(60, 65):  # ...then a 5 s burst offering 1.2 s per second
+        r.record("interactive", 1.0, 1.2, now=float(k))
+    now = 64.5
+    assert r.share_above("standard", 5.0, now) == pytest.approx(1.2)  # a 5 s SLO lives inside the burst
+    assert r.share_above("batch", 60.0, now) == pytest.approx((55 * 0.5 + 5 * 1.2) / 60.0)  # 0.56: room left
+    assert r.horizon_s(600.0, now) == 60.0  # never more than MAX_HORIZON_S
+    young = UrgentReserve(window_s=5.0)
+    young.record("interactive", 1.0, 3.0, now=100.0)
+    young.record("interactive", 1.0, 3.0, now=110.0)
+    assert young.horizon_s(60.0, 110.0) == 10.0  # only the history there is
+    assert young.share_above("batch", 60.0, 110.0) == pytest.approx(0.6)  # 6 s over 10 s, not over 60
+    assert young.horizon_s(60.0, 102.0) == 5.0  # and never less than the window
+
+
+def test_a_batch_request_is_admitted_through_a_short_urgent_burst():
+    s = Scheduler(MS_PER_TOKEN, SchedulerConfig(admission_control=True, urgent_reserve_window_s=5.0))
+    for k in range(60):
+        s._reserve.record("interactive", 1.0, 0.5, float(k))
+    for k in range(60, 65):
+        s._reserve.record("interactive", 1.0, 1.2, float(k))
+    batch = Request("b", [1] * 200, arrival_s=64.5, ttft_slo_s=60.0, slo_class="batch", sheddable=True)
+    assert not s.on_arrival(batch, 64.5).rejected  # over 60 s the urgent share is 0.56: 0.2 / 0.44 s fits
+    standard = Request("s", [1] * 200, arrival_s=64.5, ttft_slo_s=5.0, slo_class="standard", sheddable=True)
+    assert s.on_arrival(standard, 64.5).rejected == ("s",)  # its 5 s are inside the burst: 120% offered
 
 
 def _req(rid: str, tokens: int, slo: float, at: float) -> Request:
