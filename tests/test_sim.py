@@ -7,7 +7,8 @@ import random
 import pytest
 
 from bench.sim.cluster import ClusterSim, Router, RouterConfig, SimSetup
-from bench.sim.replica import ExecConfig, SimReplica, SimRequest, program_seconds
+from bench.sim.exec_model import ExecConfig, program_seconds
+from bench.sim.replica import SimReplica, SimRequest
 from bench.sim.sweep import SimBenchConfig, find_goodput
 from bench.sim.workload import SimWorkload, explicit_workload, tile_window
 from bench.traces import Trace, TraceRequest
@@ -265,7 +266,7 @@ def test_execution_calibration_scales_programs_and_charges_extra_sequences():
 
 
 def test_decode_curve_is_interpolated_and_extrapolated_by_its_last_slope():
-    from bench.sim.replica import decode_curve_seconds
+    from bench.sim.exec_model import decode_curve_seconds
 
     curve = ((1, 0.05), (2, 0.06), (4, 0.06), (8, 0.10))
     got = [decode_curve_seconds(curve, k) for k in (1, 2, 3, 6, 8, 12)]

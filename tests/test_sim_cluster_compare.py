@@ -17,7 +17,7 @@ from bench.sim.cluster_compare import (
     pair_points,
     sim_workload,
 )
-from bench.sim.replica import ExecConfig
+from bench.sim.exec_model import ExecConfig
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel
 from router.slo import SLOClass

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from bench.sim.cluster import ClusterSim, RouterConfig, SimSetup, meets_slos
+from bench.sim.exec_model import ExecConfig
 from bench.sim.kv_transfer import KVTransferCost, kv_bytes_per_token, model_kv_bytes_per_token
 from bench.sim.pd import DecodeRouter, PDConfig, parse_ratio, split_replicas
-from bench.sim.replica import ExecConfig
 from bench.sim.workload import explicit_workload
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel

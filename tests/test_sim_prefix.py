@@ -4,7 +4,7 @@ pricing replicas with their hits, and conversations kept where their prefix is."
 from __future__ import annotations
 
 from bench.sim.cluster import ClusterSim, RouterConfig, SimSetup
-from bench.sim.replica import ExecConfig
+from bench.sim.exec_model import ExecConfig
 from bench.sim.workload import from_trace, prefix_names, tile_window
 from bench.traces import Trace, TraceRequest
 from replicas.scheduler.config import SchedulerConfig

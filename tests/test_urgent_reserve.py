@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bench.sim.cluster import ClusterSim, SimSetup
-from bench.sim.replica import ExecConfig
+from bench.sim.exec_model import ExecConfig
 from bench.sim.router import RouterConfig
 from bench.sim.workload import explicit_workload
 from replicas.scheduler.config import SchedulerConfig

@@ -35,7 +35,7 @@ def parse_decode_curve(text: str) -> tuple[tuple[int, float], ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected batch:seconds, got {item!r}") from None
     try:
-        from bench.sim.replica import ExecConfig
+        from bench.sim.exec_model import ExecConfig
 
         ExecConfig(decode_curve=tuple(points))
     except ValueError as exc:

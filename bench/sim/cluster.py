@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from bench.sim.exec_model import ExecConfig
 from bench.sim.pd import DecodeRouter, PDConfig, SimDecodeReplica, SimPrefillReplica
-from bench.sim.replica import INF, ExecConfig, SimReplica, SimRequest
+from bench.sim.replica import INF, SimReplica, SimRequest
 from bench.sim.router import INDEX_TTL_S, ROUTER_POLICIES, Router, RouterConfig
 from bench.sim.workload import SimWorkload
 from replicas.scheduler.config import SchedulerConfig

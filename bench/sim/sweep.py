@@ -35,6 +35,7 @@ from tqdm import tqdm
 from bench.rate_search import ATTAINMENT_GOAL, search_rate_scale
 from bench.shared_prefix import reusable_fraction
 from bench.sim.cluster import ROUTER_POLICIES, ClusterSim, RouterConfig, RunResult, SimSetup
+from bench.sim.exec_model import ExecConfig, decode_curve_seconds, decode_token_seconds
 from bench.sim.floor import scheduler_floor
 from bench.sim.kv_transfer import (
     DEFAULT_BANDWIDTH_BYTES_PER_S,
@@ -43,7 +44,6 @@ from bench.sim.kv_transfer import (
     model_kv_bytes_per_token,
 )
 from bench.sim.pd import PDConfig, split_replicas
-from bench.sim.replica import ExecConfig, decode_curve_seconds, decode_token_seconds
 from bench.sim.sweep_report import plot_goodput, print_table, series_of, speeds
 from bench.sim.workload import SimWorkload, cluster_workload
 from bench.slo_classes import DEFAULT_REF_TOKENS

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench.sim.cluster import ClusterSim, RouterConfig, SimSetup
-from bench.sim.replica import ExecConfig, decode_token_seconds, program_seconds
+from bench.sim.exec_model import ExecConfig, decode_token_seconds, program_seconds
 from bench.sim.workload import explicit_workload
 from replicas.scheduler.config import SchedulerConfig
 
