@@ -9,7 +9,8 @@ import pytest
 from bench.sim.cluster import ClusterSim, Router, RouterConfig, SimSetup
 from bench.sim.exec_model import ExecConfig, program_seconds
 from bench.sim.replica import SimReplica, SimRequest
-from bench.sim.sweep import SimBenchConfig, find_goodput
+from bench.sim.sweep import find_goodput
+from bench.sim.sweep_config import SimBenchConfig
 from bench.sim.workload import SimWorkload, explicit_workload, tile_window
 from bench.traces import Trace, TraceRequest
 from replicas.engine_stats import EngineStats

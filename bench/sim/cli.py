@@ -156,7 +156,8 @@ def run_from_args(args: argparse.Namespace, stack: Callable[[], ServingStack] | 
             boundary_delay_s=args.boundary_delay_s, decode_step_s=args.decode_step_s, real_runs=args.validate_runs,
         )
     else:
-        from bench.sim.sweep import SimBenchConfig, plot_goodput, run_sweep
+        from bench.sim.sweep import plot_goodput, run_sweep
+        from bench.sim.sweep_config import SimBenchConfig
 
         pd_kw: dict[str, object] = {}
         if args.kv_bandwidth_mbps is not None:
