@@ -90,7 +90,8 @@ def _cmd_bench_handover(args: argparse.Namespace, stack: Callable[[], ServingSta
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve_bench import ServeBenchConfig, run_serve_bench
+    from bench.serve_bench import run_serve_bench
+    from bench.serve_config import ServeBenchConfig
     from bench.servers import parse_engine_settings
 
     cfg = ServeBenchConfig(

@@ -40,7 +40,7 @@ from bench.traces import Trace, load_trace
 from router.slo import SLOClass
 
 if TYPE_CHECKING:
-    from bench.serve_bench import ServeBenchConfig
+    from bench.serve_config import ServeBenchConfig
 
 IDLE_GAP_FRACTION = 0.25  # an idle gap longer than this share of the window ...
 IDLE_GAP_VS_MEDIAN = 10.0  # ... and this many median gaps gets a warning

@@ -21,7 +21,8 @@ from typing import Any
 
 from bench.loadgen import LoadConfig, LoadRequest, RequestResult, run_load
 from bench.outcomes import class_outcomes
-from bench.serve_bench import ServeBenchConfig, engine_overrides, slo_classes, warm_up
+from bench.serve_bench import engine_overrides, warm_up
+from bench.serve_config import ServeBenchConfig, slo_classes
 from bench.serve_workload import ServeWorkload, build_workload
 from bench.servers import ManagedServer, max_cost_scale, server_spec
 

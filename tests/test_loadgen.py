@@ -330,7 +330,7 @@ def test_fixed_rate_replays_one_scale_and_judges_it_on_the_median():
 
 
 def test_serve_bench_refuses_a_bad_fixed_rate():
-    from bench.serve_bench import ServeBenchConfig
+    from bench.serve_config import ServeBenchConfig
 
     with pytest.raises(ValueError, match="--fixed-rate"):
         ServeBenchConfig(trace="t.csv", systems=("flowprefill",), fixed_rate_rps=0.0)

@@ -12,7 +12,7 @@ import pytest
 
 from bench import cli, cli_args
 from bench.policy_bench import NOCACHE, PolicyBenchConfig, policy_configs
-from bench.serve_bench import ServeBenchConfig
+from bench.serve_config import ServeBenchConfig
 from bench.shared_prefix import PREFIX_MODES
 from replicas.engine_config import EngineConfig, EngineConfigError
 

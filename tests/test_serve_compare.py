@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serve_bench import ServeBenchConfig, expand_systems
 from bench.serve_compare import format_comparison, goodput_comparison
+from bench.serve_config import ServeBenchConfig, expand_systems
 from bench.servers import split_system
 
 

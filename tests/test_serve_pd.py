@@ -56,7 +56,7 @@ def test_the_report_gives_pd_goodput_over_two_colocated_replicas():
 
 
 def test_bench_serve_refuses_an_unknown_slo_mode():
-    from bench.serve_bench import ServeBenchConfig
+    from bench.serve_config import ServeBenchConfig
 
     with pytest.raises(ValueError, match="--slos"):
         ServeBenchConfig(trace="t.csv", systems=("flowprefill-pd",), slos="tpot")

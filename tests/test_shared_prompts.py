@@ -98,14 +98,15 @@ def _rows(reqs: list) -> list:
     ("ids", "083337c39f2b61b6475b68b74045cfabd918901b9ae9b90fc5aba601fa16d609"),
 ])
 def test_bench_serve_unique_mode_sends_what_it_sent_before(tok, fmt, digest):
-    from bench.serve_bench import ServeBenchConfig, build_requests, slo_classes
+    from bench.serve_bench import build_requests
+    from bench.serve_config import ServeBenchConfig, slo_classes
 
     cfg = ServeBenchConfig(trace=str(AZURE_CODE), systems=("flowprefill",), prompt_format=fmt, max_requests=12)
     assert hashlib.sha256(json.dumps(_rows(build_requests(cfg, tok, slo_classes()))).encode()).hexdigest() == digest
 
 
 def test_every_serve_run_sends_new_prompts_with_the_same_sharing(tok, tmp_path):
-    from bench.serve_bench import ServeBenchConfig, slo_classes
+    from bench.serve_config import ServeBenchConfig, slo_classes
     from bench.serve_workload import build_workload
 
     rows = [(1000 * i, 900 + 15 * i, [0, 100 + i] if i % 2 else [0, 1]) for i in range(8)]

@@ -154,7 +154,8 @@ def run_cluster_compare(cfg: ClusterCompareConfig, stack: ServingStack) -> dict[
     from tqdm import tqdm
 
     from bench.loadgen import LoadConfig, run_load_sync, summarize
-    from bench.serve_bench import ServeBenchConfig, at_scale, build_requests, engine_overrides, slo_classes, warm_up
+    from bench.serve_bench import at_scale, build_requests, engine_overrides, warm_up
+    from bench.serve_config import ServeBenchConfig, slo_classes
     from replicas.engine_config import EngineConfig
     from replicas.model.default_model import prepare_default_model
     from replicas.model.tokenizer import Tokenizer
