@@ -8,6 +8,7 @@ included, places requests by predicted TTFT.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -152,25 +153,39 @@ class AppConfig:
 
 
 def build(args: Mapping[str, Any]) -> Any:  # noqa: ANN401 (a Serve Application)
-    """The Serve application: the router ingress bound to the replica deployment."""
+    """The Serve application: the router ingress bound to the replica deployment.
+
+    Built by Serve's controller from a config (``serve deploy`` / ``serve run CONFIG``), it needs a
+    reachable ``REDIS_URL`` and keeps the replicas' listeners on loopback (cluster/deployed.py).
+    """
+    from cluster.deployed import built_by_serve, deployed_redis_url, deployment_env_vars
     from replicas.deployment import ReplicaServer
 
-    return build_app(AppConfig.from_args(args), ReplicaServer)
+    config = AppConfig.from_args(args)
+    if not built_by_serve():  # a driver (flowprefill serve, tests) brings its own Redis and setup hook
+        return build_app(config, ReplicaServer)
+    config = dataclasses.replace(config, redis_url=deployed_redis_url(config.redis_url))
+    return build_app(config, ReplicaServer, env_vars=deployment_env_vars())
 
 
-def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a Serve Application)
+def build_app(config: AppConfig, replica_cls: type,  # noqa: ANN401 (a Serve Application)
+              env_vars: Mapping[str, str] | None = None) -> Any:
     """The router ingress bound to a ``replica_cls`` deployment (the engine, or a model-free echo
-    replica for router benchmarks: any class with the same ``generate``/``tokenizer_info`` methods)."""
+    replica for router benchmarks: any class with the same ``generate``/``tokenizer_info`` methods).
+
+    ``env_vars`` go into every deployment's runtime env (over the application's own)."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
     from router.ingress import build_ingress_class
 
     model_dir, max_ongoing = config.engine_limits()
+    runtime_env = {"runtime_env": {"env_vars": dict(env_vars)}} if env_vars else {}
     options: dict[str, Any] = {
         "name": "FlowPrefillReplica",
         "ray_actor_options": {"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus,
-                              **({"resources": dict(config.replica_resources)} if config.replica_resources else {})},
+                              **({"resources": dict(config.replica_resources)} if config.replica_resources else {}),
+                              **runtime_env},
         "max_ongoing_requests": max_ongoing,
         "health_check_period_s": 5,
         # Serve's per-request access log costs CPU on the request path; /metrics counts requests.
@@ -198,7 +213,8 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
         decode = serve.deployment(replica_cls).options(
             name="FlowPrefillDecode", num_replicas=pool.num_replicas,
             ray_actor_options={"num_cpus": pool.replica_cpus, "num_gpus": pool.replica_gpus,  # same nodes rule
-                               **({"resources": dict(config.replica_resources)} if config.replica_resources else {})},
+                               **({"resources": dict(config.replica_resources)} if config.replica_resources else {}),
+                               **runtime_env},
             **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
             max_ongoing_requests=EngineConfig.from_dict(pool.engine).max_decoding * 2,
             health_check_period_s=5, logging_config={"enable_access_log": False},
@@ -213,7 +229,7 @@ def build_app(config: AppConfig, replica_cls: type) -> Any:  # noqa: ANN401 (a S
     replica_slots = max_ongoing * max(config.num_replicas, int((config.autoscaling or {}).get("max_replicas", 1)))
     ingress = serve.deployment(build_ingress_class()).options(
         name="FlowPrefillRouter", num_replicas=1,
-        ray_actor_options={"num_cpus": 0.25,
+        ray_actor_options={"num_cpus": 0.25, **runtime_env,
                            **({"resources": dict(config.router_resources)} if config.router_resources else {})},
         max_ongoing_requests=max(4096, replica_slots), logging_config={"enable_access_log": False})
     access = {"keys_file": config.api_keys_file, "protect_metrics": config.protect_metrics}

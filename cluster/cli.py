@@ -126,10 +126,33 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
     from cluster.multinode import LocalCluster
 
     cluster = LocalCluster.up(args.nodes, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus, port=args.port,
-                              state_file=Path(args.state_file) if args.state_file else None)
+                              state_file=Path(args.state_file) if args.state_file else None,
+                              dashboard_port=args.dashboard_port)
     print(f"local Ray cluster: head + {args.nodes - 1} worker nodes, state in {cluster.state_file}, logs under "
-          f"{cluster.temp_dir}", file=sys.stderr)
-    print(cluster.address, flush=True)
+          f"{cluster.temp_dir}\n  GCS (--address, RAY_ADDRESS): {cluster.address}\n  dashboard (serve deploy "
+          f"--address, RAY_DASHBOARD_ADDRESS): {cluster.dashboard_address}", file=sys.stderr)
+    print(cluster.dashboard_address)
+    print(cluster.address, flush=True)  # last: what scripts take as the head's address
+    return 0
+
+
+def _cmd_cluster_deploy_config(args: argparse.Namespace) -> int:
+    from cluster.deployed import render_deploy_config, write_deploy_config
+    from cluster.launcher import DEFAULT_CONFIG
+    from cluster.multinode import LocalCluster, placement_args
+
+    cluster = LocalCluster.load(Path(args.state_file) if args.state_file else None)
+    redis_url = args.redis_url or os.environ.get("REDIS_URL", "").strip()
+    data = render_deploy_config(Path(args.config or DEFAULT_CONFIG), redis_url,
+                                placement_args(cluster.custom_resources()), args.http_port)
+    if args.out:
+        write_deploy_config(data, Path(args.out))
+        print(f"wrote {args.out}; deploy it with: RAY_AUTH_MODE=token serve deploy {args.out} "
+              f"--address {cluster.dashboard_address}", file=sys.stderr)
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False), end="", flush=True)
     return 0
 
 
@@ -138,7 +161,8 @@ def _cmd_cluster_down(args: argparse.Namespace) -> int:
 
     cluster = LocalCluster.load(Path(args.state_file) if args.state_file else None)
     cluster.down()
-    print(f"stopped the local cluster at {cluster.address} ({len(cluster.nodes)} nodes)", file=sys.stderr)
+    print(f"stopped the local cluster at {cluster.address} ({len(cluster.nodes)} nodes; Serve apps on it went "
+          "with it)", file=sys.stderr)
     return 0
 
 
@@ -186,7 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-file", default=None,
                     help="where to record the processes (default: $FLOWPREFILL_CLUSTER_STATE or "
                          "~/.cache/flowprefill/cluster.json)")
+    up.add_argument("--dashboard-port", type=int, default=None,
+                    help="the head dashboard's port on 127.0.0.1, for `serve deploy --address` (default: a free one)")
     up.set_defaults(func=_cmd_cluster_up)
+    dep = csub.add_parser("deploy-config", help="write a Serve config for `serve deploy` onto the running local "
+                                                "cluster (REDIS_URL, HTTP proxy on loopback, one replica per worker)")
+    dep.add_argument("--config", default=None, help="the Serve config to start from (default: ray_config.yaml)")
+    dep.add_argument("--redis-url", default=None, help="Redis every node reaches (default: $REDIS_URL; required)")
+    dep.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port on 127.0.0.1 (default 8000)")
+    dep.add_argument("--out", "-o", default=None, help="file to write (owner-only; default: print it)")
+    dep.add_argument("--state-file", default=None)
+    dep.set_defaults(func=_cmd_cluster_deploy_config)
     down = csub.add_parser("down", help="stop exactly the nodes `cluster up` started")
     down.add_argument("--state-file", default=None)
     down.set_defaults(func=_cmd_cluster_down)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[1]
 HEAD_RESOURCE = "flowprefill_head"
 WORKER_RESOURCE = "flowprefill_worker"
 STATE_ENV = "FLOWPREFILL_CLUSTER_STATE"
@@ -64,6 +65,13 @@ def default_state_file() -> Path:
     from replicas.model.default_model import cache_root
 
     return Path(os.environ.get(STATE_ENV) or cache_root() / "cluster.json")
+
+
+def code_path(pythonpath: str | None) -> str:
+    """``PYTHONPATH`` with this checkout first: every process of a node (the Serve controller that
+    ``serve deploy`` asks to build ``cluster.app:build`` included) imports FlowPrefill from here."""
+    parts = [p for p in (pythonpath or "").split(os.pathsep) if p and p != str(REPO)]
+    return os.pathsep.join([str(REPO), *parts])
 
 
 def free_port() -> int:
@@ -135,15 +143,34 @@ class LocalCluster:
     nodes: list[NodeProcess] = field(default_factory=list)
     worker_cpus: float = 1.0
     state_file: str | None = None
+    dashboard_port: int | None = None  # None: a state file written before the head ran a dashboard
 
     @property
     def address(self) -> str:
         """The head's GCS address, ``127.0.0.1:PORT`` (what ``--address`` / ``RAY_ADDRESS`` take)."""
         return f"{HOST}:{self.port}"
 
+    @property
+    def dashboard_address(self) -> str:
+        """The head dashboard's REST API, ``http://127.0.0.1:PORT`` (``serve deploy --address`` /
+        ``RAY_DASHBOARD_ADDRESS``)."""
+        if self.dashboard_port is None:
+            raise ClusterError(f"the cluster at {self.address} was started without a dashboard: restart it with "
+                               "`flowprefill cluster down` and `flowprefill cluster up`")
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    def custom_resources(self) -> dict[str, float]:
+        """The custom resources of every recorded node, summed (as Ray's ``cluster_resources()`` shows them)."""
+        total: dict[str, float] = {}
+        for node in self.nodes:
+            for name, amount in node.resources.items():
+                total[name] = total.get(name, 0.0) + amount
+        return total
+
     @classmethod
     def up(cls, nodes: int = 3, *, head_cpus: float = 2.0, worker_cpus: float = 1.0, port: int | None = None,
-           state_file: Path | None = None, timeout_s: float = 300.0) -> LocalCluster:
+           state_file: Path | None = None, timeout_s: float = 300.0,
+           dashboard_port: int | None = None) -> LocalCluster:
         """Start a head and ``nodes - 1`` workers; returns once every node is alive in the GCS."""
         if nodes < 1:
             raise ClusterError(f"--nodes must be at least 1 (the head), got {nodes}")
@@ -154,7 +181,8 @@ class LocalCluster:
                 raise ClusterError(f"a local cluster from {path} is still running at {old.address}: "
                                    "run `flowprefill cluster down` first (or pass another --state-file)")
         port = port or free_port()
-        cluster = cls(port=port, temp_dir=f"/tmp/fpray-{port}", worker_cpus=worker_cpus, state_file=str(path))
+        cluster = cls(port=port, temp_dir=f"/tmp/fpray-{port}", worker_cpus=worker_cpus, state_file=str(path),
+                      dashboard_port=dashboard_port or free_port())
         try:
             for index in range(nodes):  # one at a time: a raylet that registers late is retried
                 extra = {HEAD_RESOURCE: 1.0} if index == 0 else {WORKER_RESOURCE: 1.0}
@@ -185,17 +213,21 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "cluster.raynode", "start", "--block", "--node-ip-address", HOST,
                f"--num-cpus={num_cpus:g}",
                f"--resources={json.dumps(resources)}", f"--object-store-memory={OBJECT_STORE_BYTES}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                "--disable-usage-stats", "--include-log-monitor=false"]
         if index == 0:
-            cmd += ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
-                    f"--ray-client-server-port={free_port()}"]
+            # The dashboard serves Ray's REST API (`serve deploy`, the job and state APIs) on loopback.
+            cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
+                    f"--ray-client-server-port={free_port()}", "--include-dashboard=true",
+                    f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port or free_port()}"]
         else:
             cmd += [f"--address={self.address}"]
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         log = Path(self.temp_dir) / f"node-{index}.log"
         env = {**AUTH_ENV, **os.environ, **NODE_ENV, **(FAST_FAILURE_DETECTION if index == 0 else {})}
         env.pop("RAY_ADDRESS", None)
+        env["PYTHONPATH"] = code_path(env.get("PYTHONPATH"))
         with open(log, "wb") as out:  # a fresh log per start: wait_for_nodes reads it
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
