@@ -48,8 +48,8 @@ from bench.rate_search import find_goodput as search_goodput
 from bench.rate_search import median_run, point_text
 from bench.replay import ReplayRequest, fresh_prompts, make_prompts, replay, summarize
 from bench.shared_prefix import (
-    PREFIX_MODES,
     apply_prefix_mode,
+    check_prefix_flags,
     resolve_prefix_mode,
     reusable_fraction,
     sample_prefix_groups,
@@ -85,12 +85,7 @@ class PolicyBenchConfig:
     prefix_groups: float = 1.0  # trace mode: keep this fraction of the prefix groups (whole trace, seeded)
 
     def __post_init__(self) -> None:
-        if self.prefix_mode is not None and self.prefix_mode not in PREFIX_MODES:
-            raise ValueError(f"--prefix-mode: expected one of {', '.join(PREFIX_MODES)}, got {self.prefix_mode!r}")
-        try:
-            self.multiturn()
-        except ValueError as exc:
-            raise ValueError(f"--multiturn-*: {exc}") from None
+        check_prefix_flags(self.prefix_mode, self.multiturn)
         if not 0.0 < self.prefix_groups <= 1.0:
             raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
         if self.repeats < 1:

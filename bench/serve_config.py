@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.multiturn import MultiTurnConfig
 from bench.servers import CHUNKED_PREFIX, NOCACHE, check_engine_settings, serve_app_args, split_system
-from bench.shared_prefix import PREFIX_MODES
+from bench.shared_prefix import check_prefix_flags
 from replicas.vllm_process import CPU_LIST
 from router.slo import SLOClass
 
@@ -68,12 +68,7 @@ class ServeBenchConfig:
             from replicas.engine_config import EngineConfig
 
             EngineConfig.from_dict({**self.engine_settings, "enable_prefix_caching": False}, prefix=NOCACHE)
-        if self.prefix_mode is not None and self.prefix_mode not in PREFIX_MODES:
-            raise ValueError(f"--prefix-mode: expected one of {', '.join(PREFIX_MODES)}, got {self.prefix_mode!r}")
-        try:
-            self.multiturn()
-        except ValueError as exc:
-            raise ValueError(f"--multiturn-*: {exc}") from None
+        check_prefix_flags(self.prefix_mode, self.multiturn)
         if self.prefix_groups is not None and not 0.0 < self.prefix_groups <= 1.0:
             raise ValueError(f"--prefix-groups: expected a fraction in (0, 1], got {self.prefix_groups!r}")
         if self.vllm_block_size is not None and (self.vllm_block_size < 1 or self.vllm_block_size % 16):

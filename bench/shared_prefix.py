@@ -33,12 +33,24 @@ et al., "Splitwise", ISCA 2024.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from bench.multiturn import MultiTurnConfig, multiturn_trace
 from bench.traces import Trace
 
 PREFIX_MODES = ("unique", "trace", "multiturn")
 SHARED_MODES = ("trace", "multiturn")
+
+
+def check_prefix_flags(mode: str | None, multiturn: Callable[[], MultiTurnConfig]) -> None:
+    """Validate ``--prefix-mode`` (None: decided from the trace) and the ``--multiturn-*`` settings
+    (``multiturn`` builds their :class:`MultiTurnConfig`); ValueError naming the flag."""
+    if mode is not None and mode not in PREFIX_MODES:
+        raise ValueError(f"--prefix-mode: expected one of {', '.join(PREFIX_MODES)}, got {mode!r}")
+    try:
+        multiturn()
+    except ValueError as exc:
+        raise ValueError(f"--multiturn-*: {exc}") from None
 
 
 def resolve_prefix_mode(mode: str | None, trace: Trace) -> str:
