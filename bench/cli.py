@@ -38,6 +38,22 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sampling(args: argparse.Namespace) -> int:
+    from bench.sampling_bench import SamplingBenchConfig, run_sampling_bench
+
+    def ints(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--batch-sizes: expected comma-separated integers, got {text!r}") from None
+
+    cfg = SamplingBenchConfig(batch_sizes=ints(args.batch_sizes), prompt_tokens=args.prompt_tokens,
+                              steps=args.steps, repeats=args.repeats,
+                              variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    _write_json(args.json, run_sampling_bench(model_dir(args.model), cfg, dtype=args.dtype, device=args.device))
+    return 0
+
+
 def _cmd_bench_policies(args: argparse.Namespace) -> int:
     from bench.policy_bench import PolicyBenchConfig, run_policy_bench
 
@@ -193,6 +209,16 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
                      help="dense bf16 peak for MFU (default: from the CUDA device name, bench/flops.py; none on CPU)")
     eng.add_argument("--json", default=None)
     eng.set_defaults(func=_cmd_bench_engine)
+    smp = bsub.add_parser("sampling", help="decode step time with logprobs, penalties, min_p + bias and a JSON "
+                          "grammar against plain greedy, same batch sizes")
+    add_engine_args(smp)
+    smp.add_argument("--batch-sizes", default="1,4,16")
+    smp.add_argument("--variants", default=",".join(("greedy", "logprobs", "penalties", "min_p_bias", "json", "all")))
+    smp.add_argument("--prompt-tokens", type=int, default=64)
+    smp.add_argument("--steps", type=int, default=12, help="decode steps per variant per repeat")
+    smp.add_argument("--repeats", type=int, default=5, help="round-robin repeats over the variants")
+    smp.add_argument("--json", default=None)
+    smp.set_defaults(func=_cmd_bench_sampling)
     pol = bsub.add_parser("policies", help="in-process goodput of flowprefill, chunked and fcfs on a trace "
                           "(and flowprefill without its prefix cache on shared-prefix traffic)")
     add_engine_args(pol)
