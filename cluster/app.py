@@ -8,10 +8,9 @@ included, places requests by predicted TTFT.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
@@ -164,7 +163,7 @@ def build(args: Mapping[str, Any]) -> Any:  # noqa: ANN401 (a Serve Application)
     config = AppConfig.from_args(args)
     if not built_by_serve():  # a driver (flowprefill serve, tests) brings its own Redis and setup hook
         return build_app(config, ReplicaServer)
-    config = dataclasses.replace(config, redis_url=deployed_redis_url(config.redis_url))
+    config = replace(config, redis_url=deployed_redis_url(config.redis_url))
     return build_app(config, ReplicaServer, env_vars=deployment_env_vars())
 
 

@@ -217,10 +217,13 @@ class LocalCluster:
                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                "--disable-usage-stats", "--include-log-monitor=false"]
         if index == 0:
-            # The dashboard serves Ray's REST API (`serve deploy`, the job and state APIs) on loopback.
+            # The dashboard serves Ray's REST API (`serve deploy`, the job and state APIs) on loopback;
+            # its port is recorded, so dashboard_address always names the one the head listens on.
+            if self.dashboard_port is None:
+                self.dashboard_port = free_port()
             cmd += ["--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
                     f"--ray-client-server-port={free_port()}", "--include-dashboard=true",
-                    f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port or free_port()}"]
+                    f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}"]
         else:
             cmd += [f"--address={self.address}"]
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
