@@ -1,15 +1,17 @@
 """OpenAI-compatible request parsing: ``POST /v1/completions`` and ``POST /v1/chat/completions``.
 
-``parse_completion_request`` / ``parse_chat_request`` turn a raw body and its headers into a
+``parse_completion_request`` / ``parse_chat_request`` validate a raw body into its pydantic model
+(:mod:`router.request_models`, errors from :mod:`router.api_model`), check what needs the deployment
+(served models, context length, vocabulary, ``max_tokens`` defaults) and build a
 :class:`GenerateRequest` (sampling parameters, resolved SLO, stream flags, the prompt as text /
-messages and, given a tokenizer, as token ids) or raise :class:`~router.api_errors.APIError`
+messages and, given a tokenizer, as token ids), or raise :class:`~router.api_errors.APIError`
 naming the offending field. Pure Python: no Ray, no FastAPI.
 
 Choices (status codes in :mod:`router.api_errors`):
 
 * Unknown top-level fields are a 400 naming them. Harmless OpenAI fields are accepted at their
   neutral value (empty ``suffix``, ``store`` false, the deprecated ``functions``/``function_call``
-  empty or none/auto); other values are 422 ``unsupported_parameter`` (:mod:`router.neutral_fields`).
+  empty or none/auto); other values are 422 ``unsupported_parameter`` (:mod:`router.request_models`).
   ``user``, ``metadata`` and ``service_tier`` are type-checked and ignored.
 * Chat ``tools`` / ``tool_choice`` (:mod:`router.tool_calls`) reach the prompt (:mod:`router.tool_prompt`);
   a forced choice sets ``SamplingParams.grammar`` (not with a JSON ``response_format``: 400 naming
@@ -52,31 +54,16 @@ import jinja2
 
 from replicas.errors import InvalidRequestError
 from replicas.prefix_hash import PrefixNaming
-from replicas.sampling_params import MAX_LOGPROBS, MAX_N, MAX_SEED, SamplingParams
+from replicas.sampling_params import SamplingParams
 from router.api_errors import APIError
-from router.chat_messages import parse_messages
-from router.neutral_fields import check_neutral_chat, check_neutral_common, check_neutral_completion
-from router.request_fields import MAX_INT, BodyFields, decode_json_object, is_int, type_name
-from router.response_format import response_format_schema
+from router.api_model import decode_json_object, validate_body
+from router.request_models import MAX_TOKEN_ID, ChatCompletionRequest, CompletionRequest, SamplingFields
 from router.slo import ResolvedSLO, SLOPolicy
 from router.tool_calls import ToolsRequest, parse_tools
 from router.tool_prompt import encode_chat_request
 from state.clock import WALL_CLOCK
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-MAX_TOKEN_ID = 2**31 - 1
-
-_COMMON_FIELDS = frozenset({
-    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-    "stop_token_ids", "ignore_eos", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "min_p", "logit_bias", "logprobs", "user", "priority", "slo_class", "service_tier", "min_tokens",
-    "prompt_logprobs",
-})
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix", "response_format"}
-CHAT_FIELDS = _COMMON_FIELDS | {
-    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
-    "parallel_tool_calls", "functions", "function_call", "store", "metadata", "modalities",
-}
 
 Endpoint = Literal["completions", "chat.completions"]
 
@@ -112,8 +99,21 @@ class ProtocolConfig:
             raise ValueError(f"served_models must be non-empty strings, got {self.served_models!r}")
         for name in ("max_body_bytes", "max_model_len", "vocab_size", "default_max_tokens", "max_tokens_limit"):
             value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` (None: not given) is served."""
+        if model is not None and model not in self.served_models:
+            raise APIError.model_not_found(model, list(self.served_models))
+
+    def check_token_ids(self, ids: list[int] | tuple[int, ...], param: str) -> tuple[int, ...]:
+        """``ids`` as a tuple if every one is in the vocabulary, else a 400 naming ``param``."""
+        hi = MAX_TOKEN_ID if self.vocab_size is None else self.vocab_size - 1
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= hi:
+                raise APIError.invalid(param, f"{param}[{i}] must be a token id in [0, {hi}], got {t!r}")
+        return tuple(ids)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class GenerateRequest:
     """A validated generation request, ready for placement and the engine.
 
     ``prompt`` (completions, when given as text) or ``messages`` (chat, validated by
-    :func:`router.chat_messages.parse_messages`) hold the input; ``tools`` (chat) its tools and tool choice;
+    :class:`router.chat_models.ChatMessage`) hold the input; ``tools`` (chat) its tools and tool choice;
     ``prompt_token_ids`` is set when a tokenizer was passed or the prompt was given as token ids.
     ``request_id`` doubles as the response ``id``; ``created`` is the response timestamp (s).
     """
@@ -159,15 +159,12 @@ def parse_completion_request(
     now: float | None = None,
 ) -> GenerateRequest:
     """Parse a ``POST /v1/completions`` body; raises :class:`APIError`."""
-    f = BodyFields(decode_json_object(body, config.max_body_bytes))
-    f.reject_unknown(COMPLETION_FIELDS)
-    model = _model(f, config)
-    text, ids = _prompt(f, config)
-    check_neutral_common(f, chat=False)
-    check_neutral_completion(f)
+    r = validate_body(CompletionRequest, decode_json_object(body, config.max_body_bytes))
+    config.check_model(r.model)
+    text, ids = (r.prompt, None) if isinstance(r.prompt, str) else (None, config.check_token_ids(r.prompt, "prompt"))
     if ids is None and tokenizer is not None and text is not None:
         ids = tuple(tokenizer.encode(text, add_special_tokens=True))
-    return _finish(f, headers, config, "completions", model, request_id, now, text=text, ids=ids, prompt_param="prompt")
+    return _finish(r, headers, config, "completions", request_id, now, text=text, ids=ids, prompt_param="prompt")
 
 
 def parse_chat_request(
@@ -180,94 +177,39 @@ def parse_chat_request(
     now: float | None = None,
 ) -> GenerateRequest:
     """Parse a ``POST /v1/chat/completions`` body; raises :class:`APIError`."""
-    f = BodyFields(decode_json_object(body, config.max_body_bytes))
-    f.reject_unknown(CHAT_FIELDS)
-    model = _model(f, config)
-    messages = parse_messages(f.data.get("messages"))
-    check_neutral_common(f, chat=True)
-    check_neutral_chat(f)
-    tools = parse_tools(f)
+    r = validate_body(ChatCompletionRequest, decode_json_object(body, config.max_body_bytes))
+    config.check_model(r.model)
+    messages = chat_messages(r)
+    tools = parse_tools(r)
     ids = None
     if tokenizer is not None:
         try:
             ids = tuple(encode_chat_request(tokenizer, messages, tools))
         except jinja2.TemplateError as exc:  # e.g. the template's raise_exception("roles must alternate")
             raise APIError.invalid("messages", f"messages rejected by the chat template: {exc}") from None
-    return _finish(
-        f, headers, config, "chat.completions", model, request_id, now,
-        messages=tuple(messages), ids=ids, prompt_param="messages", tools=tools,
-    )
+    return _finish(r, headers, config, "chat.completions", request_id, now,
+                   messages=tuple(messages), ids=ids, prompt_param="messages", tools=tools)
 
 
-def _model(f: BodyFields, config: ProtocolConfig) -> str:
-    model = f.string("model", required=True)
-    assert model is not None
-    if model not in config.served_models:
-        raise APIError.model_not_found(model, list(config.served_models))
-    return model
+def chat_messages(r: ChatCompletionRequest | Any) -> list[dict[str, Any]]:  # noqa: ANN401 (any model with messages)
+    """The request's messages as chat templates take them (string content, ``system`` for ``developer``)."""
+    from replicas.model.tokenizer import validate_messages
+
+    out = [m.template_dict() for m in r.messages]
+    try:
+        return validate_messages(out)
+    except ValueError as exc:  # pragma: no cover - the models are stricter
+        text = str(exc)
+        raise APIError.invalid(text.split(":", 1)[0], text) from None
 
 
-def _token_ids(value: list[Any], config: ProtocolConfig, param: str) -> tuple[int, ...]:
-    hi = MAX_TOKEN_ID if config.vocab_size is None else config.vocab_size - 1
-    for i, t in enumerate(value):
-        if not is_int(t) or not 0 <= t <= hi:
-            raise APIError.invalid(param, f"{param}[{i}] must be a token id in [0, {hi}], got {t!r}")
-    return tuple(value)
-
-
-def _prompt(f: BodyFields, config: ProtocolConfig) -> tuple[str | None, tuple[int, ...] | None]:
-    """The prompt as (text, None) or (None, token ids)."""
-    if not f.given("prompt"):
-        raise APIError.invalid("prompt", "prompt is required")
-    value = f.data["prompt"]
-    if isinstance(value, list) and value and all(isinstance(p, str | list) for p in value):
-        if len(value) > 1:
-            raise APIError.unsupported("prompt", "batched prompts unsupported: send one prompt per request")
-        value = value[0]
-    if isinstance(value, str):
-        return BodyFields({"prompt": value}).string("prompt", non_empty=True), None
-    if isinstance(value, list):
-        if not value:
-            raise APIError.invalid("prompt", "prompt must not be empty")
-        return None, _token_ids(value, config, "prompt")
-    raise APIError.invalid("prompt", f"prompt must be a string or an array of token ids, got {type_name(value)}")
-
-
-def _stream_flags(f: BodyFields) -> tuple[bool, bool]:
-    stream = bool(f.boolean("stream"))
-    options = f.obj("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
-        raise APIError.invalid("stream_options", "stream_options is only allowed when stream is true")
-    o = BodyFields(options, "stream_options.")
-    o.reject_unknown(frozenset({"include_usage", "continuous_usage_stats"}))
-    if o.boolean("continuous_usage_stats"):
-        param = "stream_options.continuous_usage_stats"
-        raise APIError.unsupported(param, f"{param} is not supported")
-    return stream, bool(o.boolean("include_usage"))
-
-
-def _stop(f: BodyFields) -> tuple[str, ...]:
-    value = f.data.get("stop")
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise APIError.invalid("stop", f"stop must be a string or an array of strings, got {type_name(value)}")
-    return tuple(BodyFields({"stop": s}).string("stop") or "" for s in items)
-
-
-def _max_tokens(f: BodyFields, config: ProtocolConfig, chat: bool, prompt_len: int | None) -> tuple[int, str, bool]:
+def _max_tokens(r: SamplingFields, config: ProtocolConfig, chat: bool, prompt_len: int | None
+                ) -> tuple[int, str, bool]:
     """(max_tokens, the field it came from, whether it was given explicitly)."""
-    key = "max_tokens"
-    value = f.integer("max_tokens", 1, MAX_INT)
-    if chat:
-        newer = f.integer("max_completion_tokens", 1, MAX_INT)
-        if newer is not None:
-            if value is not None and value != newer:
-                raise APIError.invalid("max_completion_tokens", "max_tokens and max_completion_tokens differ")
-            value, key = newer, "max_completion_tokens"
+    value, key = r.max_tokens, "max_tokens"
+    newer = getattr(r, "max_completion_tokens", None)
+    if newer is not None:
+        value, key = newer, "max_completion_tokens"
     limit = config.max_tokens_limit
     if value is not None:
         if limit is not None and value > limit:
@@ -280,11 +222,10 @@ def _max_tokens(f: BodyFields, config: ProtocolConfig, chat: bool, prompt_len: i
 
 
 def _finish(
-    f: BodyFields,
+    r: CompletionRequest | ChatCompletionRequest,
     headers: Mapping[str, str],
     config: ProtocolConfig,
     endpoint: Endpoint,
-    model: str,
     request_id: str | None,
     now: float | None,
     *,
@@ -295,38 +236,40 @@ def _finish(
     tools: ToolsRequest | None = None,
 ) -> GenerateRequest:
     chat = endpoint == "chat.completions"
-    stream, include_usage = _stream_flags(f)
+    stream = bool(r.stream)
+    include_usage = bool(r.stream_options and r.stream_options.include_usage)
     prompt_len = None if ids is None else len(ids)
-    max_tokens, max_key, explicit = _max_tokens(f, config, chat, prompt_len)
-    n = _n(f, chat)
-    echo = not chat and bool(f.boolean("echo"))
-    logprobs = _logprobs(f, chat)
-    wanted_prompt = f.integer("prompt_logprobs", 0, MAX_LOGPROBS)
-    scored = [k for k in (logprobs if echo else None, wanted_prompt) if k is not None]
+    max_tokens, max_key, explicit = _max_tokens(r, config, chat, prompt_len)
+    echo = isinstance(r, CompletionRequest) and bool(r.echo)
+    logprobs = r.logprob_count
+    scored = [k for k in (logprobs if echo else None, r.prompt_logprobs) if k is not None]
     _check_context(config, prompt_len, max_tokens, prompt_param, max_key if explicit else prompt_param)
-    json_schema = response_format_schema(f)
+    json_schema = r.response_format.schema_text() if r.response_format is not None else None
     grammar = tools.grammar() if tools is not None else None
     if grammar is not None and json_schema is not None:
         raise APIError.invalid("tool_choice", "a tool_choice that forces tool calls cannot be combined with a "
                                               "response_format that constrains the reply to JSON")
+    min_tokens = r.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise APIError.invalid("min_tokens", f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})")
     try:
         sampling = SamplingParams(
             max_tokens=max_tokens,
-            temperature=_default(f.number("temperature", 0.0, 2.0), 1.0),
-            top_p=_default(f.number("top_p", 0.0, 1.0, open_lo=True), 1.0),
-            top_k=_default(f.integer("top_k", -1, MAX_INT), 0),
-            seed=f.integer("seed", 0, MAX_SEED),
-            stop=_stop(f),
-            stop_token_ids=_token_ids(f.array("stop_token_ids") or [], config, "stop_token_ids"),
-            ignore_eos=bool(f.boolean("ignore_eos")),
-            presence_penalty=_default(f.number("presence_penalty", -2.0, 2.0), 0.0),
-            frequency_penalty=_default(f.number("frequency_penalty", -2.0, 2.0), 0.0),
-            repetition_penalty=_default(f.number("repetition_penalty", 0.0, float("inf"), open_lo=True), 1.0),
-            min_p=_default(f.number("min_p", 0.0, 1.0), 0.0),
-            logit_bias=f.obj("logit_bias") or {},
-            min_tokens=_min_tokens(f, max_tokens),
+            temperature=_default(r.temperature, 1.0),
+            top_p=_default(r.top_p, 1.0),
+            top_k=_default(r.top_k, 0),
+            seed=r.seed,
+            stop=r.stop_strings(),
+            stop_token_ids=config.check_token_ids(r.stop_token_ids or [], "stop_token_ids"),
+            ignore_eos=bool(r.ignore_eos),
+            presence_penalty=_default(r.presence_penalty, 0.0),
+            frequency_penalty=_default(r.frequency_penalty, 0.0),
+            repetition_penalty=_default(r.repetition_penalty, 1.0),
+            min_p=_default(r.min_p, 0.0),
+            logit_bias=r.logit_bias or {},
+            min_tokens=min_tokens,
             logprobs=logprobs,
-            n=n,
+            n=r.n or 1,
             prompt_logprobs=max(scored) if scored else None,
             json_schema=json_schema,
             grammar=grammar,
@@ -335,13 +278,13 @@ def _finish(
             sampling.check_vocab(config.vocab_size)
     except InvalidRequestError as exc:
         raise APIError.from_invalid_request(exc) from None
-    slo = config.slo_policy.resolve(headers, f.string("slo_class"), f.integer("priority"))
+    slo = config.slo_policy.resolve(headers, r.slo_class, r.priority)
     arrival = WALL_CLOCK() if now is None else now
     prefix = "chatcmpl" if chat else "cmpl"
     return GenerateRequest(
         request_id=request_id or f"{prefix}-{uuid.uuid4().hex}",
         endpoint=endpoint,
-        model=model,
+        model=r.model,
         sampling=sampling,
         slo=slo,
         stream=stream,
@@ -350,45 +293,15 @@ def _finish(
         prompt_token_ids=ids,
         messages=messages,
         tools=tools,
-        user=f.string("user"),
+        user=r.user,
         echo=echo,
-        prompt_logprobs=wanted_prompt,
+        prompt_logprobs=r.prompt_logprobs,
         created=int(arrival),
         arrival_time=arrival,
     )
 
 
-def _n(f: BodyFields, chat: bool) -> int:
-    """``n``, checked against completions' ``best_of`` (which may only repeat it)."""
-    n = f.integer("n", 1, MAX_N) or 1
-    best_of = None if chat else f.integer("best_of", 1, MAX_N)
-    if best_of is not None and best_of < n:
-        raise APIError.invalid("best_of", f"best_of ({best_of}) must be at least n ({n})")
-    if best_of is not None and best_of > n:
-        raise APIError.unsupported("best_of", f"best_of > n is not supported (best_of {best_of}, n {n}); vLLM's "
-                                              "V1 engine refuses it too: ask for n choices and rank them")
-    return n
-
-
-def _min_tokens(f: BodyFields, max_tokens: int) -> int:
-    value = f.integer("min_tokens", 0, MAX_INT) or 0
-    if value > max_tokens:
-        raise APIError.invalid("min_tokens", f"min_tokens ({value}) must be at most max_tokens ({max_tokens})")
-    return value
-
-
-def _logprobs(f: BodyFields, chat: bool) -> int | None:
-    """How many alternatives per token to return (None: no logprobs), from either endpoint's fields."""
-    if not chat:
-        return f.integer("logprobs", 0, MAX_LOGPROBS)
-    wanted = f.boolean("logprobs")
-    top = f.integer("top_logprobs", 0, MAX_LOGPROBS)
-    if top and not wanted:
-        raise APIError.invalid("top_logprobs", "top_logprobs requires logprobs to be true")
-    return (top or 0) if wanted else None
-
-
-def _default(value: Any, default: Any) -> Any:
+def _default(value: Any, default: Any) -> Any:  # noqa: ANN401
     return default if value is None else value
 
 

@@ -1,6 +1,7 @@
-"""``tools``, ``tool_choice`` and ``parallel_tool_calls`` of a chat request, validated into a
-:class:`ToolsRequest`: what the prompt shows the model (:mod:`router.tool_prompt`), which grammar
-forces a call (:mod:`replicas.tool_grammar`), and how the reply is parsed (:mod:`router.tool_parser`).
+"""``tools``, ``tool_choice`` and ``parallel_tool_calls`` of a chat request (validated by
+:class:`router.chat_models.ToolFields`) as a :class:`ToolsRequest`: what the prompt shows the model
+(:mod:`router.tool_prompt`), which grammar forces a call (:mod:`replicas.tool_grammar`), and how the
+reply is parsed (:mod:`router.tool_parser`).
 
 * ``tools``: a non-empty array of ``{"type": "function", "function": {"name", "description"?,
   "parameters"?, "strict"?}}``. ``name`` matches ``^[a-zA-Z0-9_-]{1,64}$`` (OpenAI's rule) and is
@@ -17,17 +18,12 @@ forces a call (:mod:`replicas.tool_grammar`), and how the reply is parsed (:mod:
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from router.api_errors import APIError
-from router.request_fields import BodyFields, type_name
+from router.chat_models import NO_PARAMETERS, NamedToolChoice, ToolFields
 
-NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-MAX_TOOLS = 128  # OpenAI's limit
 ToolMode = Literal["none", "auto", "required", "named"]
 
 
@@ -94,91 +90,28 @@ class ToolsRequest:
         return grammar
 
 
-def _parameters(value: object, param: str) -> dict[str, Any]:
-    if value is None:
-        return dict(NO_PARAMETERS)
-    if not isinstance(value, dict):
-        raise APIError.invalid(param, f"{param} must be a JSON schema object, got {type_name(value)}")
-    from replicas.json_grammar import schema_error  # llguidance: loaded only for tools
-
-    error = schema_error(json.dumps(value))
-    if error is not None:
-        raise APIError.invalid(param, f"{param} is not a usable JSON schema: {error}")
-    return value
-
-
-def _function(tool: object, where: str) -> ToolFunction:
-    if not isinstance(tool, dict):
-        raise APIError.invalid(where, f"{where} must be an object, got {type_name(tool)}")
-    t = BodyFields(tool, f"{where}.")
-    kind = t.string("type", required=True)
-    if kind != "function":
-        raise APIError.invalid(t.param("type"), f"{t.param('type')} must be 'function', got {kind!r}")
-    t.reject_unknown(frozenset({"type", "function"}))
-    spec = t.obj("function")
-    if spec is None:
-        raise APIError.invalid(t.param("function"), f"{t.param('function')} is required")
-    f = BodyFields(spec, f"{where}.function.")
-    f.reject_unknown(frozenset({"name", "description", "parameters", "strict"}))
-    name = f.string("name", required=True)
-    assert name is not None
-    if not NAME_PATTERN.match(name):
-        raise APIError.invalid(f.param("name"), f"{f.param('name')} must match {NAME_PATTERN.pattern} (letters, "
-                                                f"digits, '_' and '-', at most 64), got {name!r}")
-    return ToolFunction(name, _parameters(spec.get("parameters"), f.param("parameters")),
-                        f.string("description"), f.boolean("strict"))
-
-
-def _functions(f: BodyFields) -> tuple[ToolFunction, ...]:
-    tools = f.array("tools")
-    if not tools:
-        return ()
-    if len(tools) > MAX_TOOLS:
-        raise APIError.invalid("tools", f"tools allows at most {MAX_TOOLS} functions, got {len(tools)}")
-    out: list[ToolFunction] = []
-    for i, tool in enumerate(tools):
-        function = _function(tool, f"tools[{i}]")
-        if any(g.name == function.name for g in out):
-            param = f"tools[{i}].function.name"
-            raise APIError.invalid(param, f"{param}: the function name {function.name!r} is already used")
-        out.append(function)
-    return tuple(out)
-
-
-def _choice(value: object, functions: tuple[ToolFunction, ...]) -> tuple[ToolMode, str | None]:
-    if value is None:
-        return ("auto" if functions else "none"), None
-    if value in ("none", "auto"):
-        return value, None  # type: ignore[return-value]
-    if value == "required" or isinstance(value, dict):
-        if not functions:
-            raise APIError.invalid("tool_choice", f"tool_choice {value!r} needs tools")
-        if value == "required":
-            return "required", None
-        c = BodyFields(value, "tool_choice.")
-        c.reject_unknown(frozenset({"type", "function"}))
-        if c.string("type", required=True) != "function":
-            raise APIError.invalid("tool_choice.type", "tool_choice.type must be 'function'")
-        spec = c.obj("function")
-        if spec is None:
-            raise APIError.invalid("tool_choice.function", "tool_choice.function is required")
-        fn = BodyFields(spec, "tool_choice.function.")
-        fn.reject_unknown(frozenset({"name"}))
-        name = fn.string("name", required=True)
-        if name not in {f.name for f in functions}:
-            raise APIError.invalid("tool_choice", f"tool_choice names the function {name!r}, which is not in tools "
-                                                  f"({', '.join(f.name for f in functions)})")
-        return "named", name
-    shown = repr(value) if isinstance(value, str) else type_name(value)
-    raise APIError.invalid("tool_choice", f"tool_choice must be 'none', 'auto', 'required' or an object naming a "
-                                          f"function, got {shown}")
-
-
-def parse_tools(f: BodyFields) -> ToolsRequest | None:
-    """The request's :class:`ToolsRequest` (None: no ``tools`` and no tool choice that needs them)."""
-    functions = _functions(f)
-    mode, named = _choice(f.data.get("tool_choice"), functions)
-    parallel = f.boolean("parallel_tool_calls")
+def parse_tools(fields: ToolFields) -> ToolsRequest | None:
+    """The request's :class:`ToolsRequest` (None: no ``tools``); a 400 naming ``tool_choice`` when it
+    needs tools there are none of, or names a function not in ``tools``."""
+    functions = tuple(
+        ToolFunction(t.function.name, dict(NO_PARAMETERS) if t.function.parameters is None else t.function.parameters,
+                     t.function.description, t.function.strict)
+        for t in fields.tools or ())
+    choice = fields.tool_choice
+    mode: ToolMode
+    named = None
+    if choice is None:
+        mode = "auto" if functions else "none"
+    elif isinstance(choice, NamedToolChoice):
+        mode, named = "named", choice.function.name
+    else:
+        mode = choice
+    if mode in ("required", "named") and not functions:
+        shown = repr(choice) if isinstance(choice, str) else repr(choice.model_dump())  # type: ignore[union-attr]
+        raise APIError.invalid("tool_choice", f"tool_choice {shown} needs tools")
+    if named is not None and named not in {f.name for f in functions}:
+        raise APIError.invalid("tool_choice", f"tool_choice names the function {named!r}, which is not in tools "
+                                              f"({', '.join(f.name for f in functions)})")
     if not functions:
         return None
-    return ToolsRequest(functions, mode, named, parallel is not False)
+    return ToolsRequest(functions, mode, named, fields.parallel_tool_calls is not False)

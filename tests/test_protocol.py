@@ -20,13 +20,12 @@ from bench.slo_classes import classes_from_reference
 from replicas.sampling_params import SamplingParams
 from router.api_errors import APIError
 from router.protocol import (
-    CHAT_FIELDS,
-    COMPLETION_FIELDS,
     GenerateRequest,
     ProtocolConfig,
     parse_chat_request,
     parse_completion_request,
 )
+from router.request_models import CHAT_FIELDS, COMPLETION_FIELDS
 from router.responses import (
     SSE_DONE,
     StreamEncoder,

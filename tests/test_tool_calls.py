@@ -18,8 +18,9 @@ from replicas.model.tokenizer import Tokenizer
 from replicas.tool_grammar import tool_call_grammar
 from replicas.vllm_fields import sampling_fields
 from router.api_errors import APIError
+from router.api_model import validate_body
+from router.chat_models import ToolFields
 from router.protocol import ProtocolConfig
-from router.request_fields import BodyFields
 from router.responses import StreamEncoder, response_body
 from router.tool_calls import ToolsRequest, parse_tools
 from router.tool_parser import ToolCall, ToolCallStream, parse_reply
@@ -39,7 +40,7 @@ LONG = ProtocolConfig((MODEL,), max_model_len=4096)  # room for a real tokenizer
 
 
 def tools_of(**fields: Any) -> ToolsRequest | None:
-    return parse_tools(BodyFields({"tools": TOOLS, **fields}))
+    return parse_tools(validate_body(ToolFields, {"tools": TOOLS, **fields}))
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -80,7 +81,7 @@ def test_choices_and_what_they_force():
     assert tools_of().mode == "auto" and tools_of().grammar() is None and tools_of().parses
     none = tools_of(tool_choice="none")
     assert not none.parses and none.prompt_tools() is None
-    assert parse_tools(BodyFields({"tool_choice": "auto"})) is None
+    assert parse_tools(validate_body(ToolFields, {"tool_choice": "auto"})) is None
     named = tools_of(tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert (named.mode, named.named) == ("named", "get_time") and '"get_weather"' not in named.grammar()
     required = tools_of(tool_choice="required")
