@@ -28,6 +28,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from router.api_errors import APIError
+from state.config_model import field_path
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -115,14 +116,8 @@ Text = Annotated[str, AfterValidator(_utf8)]
 
 
 def param_path(loc: Sequence[str | int], prefix: str = "") -> str:
-    """``("messages", 1, "<parts>", 0, "text")`` -> ``messages[1].content[0].text`` style paths."""
-    path = prefix
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not part.startswith("<"):
-            path += f".{part}" if path else part
-    return path
+    """``("messages", 1, "content", "<parts>", 0, "text")`` -> ``messages[1].content[0].text``."""
+    return field_path(prefix, [p for p in loc if not (isinstance(p, str) and p.startswith("<"))])
 
 
 def _message(err: Any, param: str) -> str:  # noqa: ANN401 (pydantic's ErrorDetails)
