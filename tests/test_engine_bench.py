@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from bench.engine_bench import EngineBenchConfig, _timeline_latencies, measure_checkpoint_cost, run_engine_bench
+from bench.engine_bench import EngineBenchConfig, measure_checkpoint_cost, run_engine_bench
 from bench.flops import prefill_flops
+from bench.preemption_latency import _timeline_latencies
 from replicas.model.decoder import DecoderModel
 
 
@@ -85,7 +86,7 @@ def test_latency_runs_to_when_the_device_is_free_after_the_next_point():
 def test_point_clock_reads_when_the_device_finished_each_point():
     """On CUDA each point's event, read against the start event, says when the device got past it;
     the device is free after a point at the later of that and the host reaching the point."""
-    from bench.engine_bench import _PointClock
+    from bench.preemption_latency import _PointClock
 
     class FakeEvent:
         def __init__(self, ms: float) -> None:
