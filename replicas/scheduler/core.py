@@ -33,6 +33,7 @@ from replicas.scheduler.calibration import CostCalibration
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.events import IDLE, Abort, Arrival, BatchPlan, Decision, Event, Finish, PrefillComplete
+from replicas.scheduler.expiry import find_hopeless
 from replicas.scheduler.policies import SchedulingPolicy, make_policy
 from replicas.scheduler.queues import Queues
 from replicas.scheduler.request import Request, RequestState
@@ -340,39 +341,24 @@ class Scheduler:
         return self._q.view(now, self.cost_model, self.memory)
 
     def _expire_hopeless(self, now: float) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        """Refuse work already older than ``late_reject_factor`` times its TTFT SLO; returns the
-        refused request ids and the suspended batches dropped with them.
-
-        Waiting requests (no prefill started): admission would refuse them now, and serving them
-        only delays work that can still make its deadline (after an overload, such a backlog kept
-        the replica late). Suspended batches whose every member is that old, and partly prefilled
-        requests that old: slack-gated EDF runs them after all feasible work, so after a burst
-        they stayed suspended for good, and at ``max_suspended_batches`` of them no urgent arrival
-        could preempt again. Their programs are dropped and their KV freed.
-        """
+        """Refuse the work :func:`~replicas.scheduler.expiry.find_hopeless` picks; returns the refused
+        request ids and the suspended batches dropped with them (their KV freed)."""
         factor = self.config.late_reject_factor
         q = self._q
         if factor is None or not (q.waiting or q.suspended or q.partial or q.deferred):
             return (), ()
-
-        def old(r: Request) -> bool:
-            return now - r.arrival_s > factor * r.ttft_slo_s
-
+        hopeless = find_hopeless(q, factor, now)
         refused: list[str] = []
-        for r in [r for r in (*q.waiting.values(), *q.deferred.values()) if old(r)]:
+        for r in hopeless.waiting:
             self._expire(r, S.WAITING, f"no prefill within {factor:g} x", factor, now)
             refused.append(r.request_id)
-        started = [r for r in q.partial.values() if old(r)]
-        dropped: list[int] = []
-        for batch in [b for b in q.suspended.values() if all(old(r) for r in b.requests)]:
-            started += batch.requests
+        for batch in hopeless.batches:
             self._release(batch.zombies)  # the program that would have freed them is dropped
-            dropped.append(batch.batch_id)
-        for r in started:
+        for r in hopeless.started:
             self._expire(r, S.SUSPENDED, f"prefill not finished within {factor:g} x", factor, now)
             refused.append(r.request_id)
-        self._release([r.request_id for r in started])
-        return tuple(refused), tuple(dropped)
+        self._release([r.request_id for r in hopeless.started])
+        return tuple(refused), tuple(b.batch_id for b in hopeless.batches)
 
     def _expire(self, r: Request, state: RequestState, what: str, factor: float, now: float) -> None:
         self._q.remove(r, state)
