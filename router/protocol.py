@@ -163,7 +163,7 @@ def parse_completion_request(
     config.check_model(r.model)
     text, ids = (r.prompt, None) if isinstance(r.prompt, str) else (None, config.check_token_ids(r.prompt, "prompt"))
     if ids is None and tokenizer is not None and text is not None:
-        ids = tuple(tokenizer.encode(text, add_special_tokens=True))
+        ids = tuple(tokenizer.encode(text, add_special_tokens=r.add_special_tokens is not False))
     return _finish(r, headers, config, "completions", request_id, now, text=text, ids=ids, prompt_param="prompt")
 
 
@@ -184,7 +184,7 @@ def parse_chat_request(
     ids = None
     if tokenizer is not None:
         try:
-            ids = tuple(encode_chat_request(tokenizer, messages, tools))
+            ids = tuple(encode_chat_request(tokenizer, messages, tools, r.add_generation_prompt is not False))
         except jinja2.TemplateError as exc:  # e.g. the template's raise_exception("roles must alternate")
             raise APIError.invalid("messages", f"messages rejected by the chat template: {exc}") from None
     return _finish(r, headers, config, "chat.completions", request_id, now,

@@ -34,6 +34,7 @@ from router.api_model import (
     unsupported,
 )
 from router.chat_models import ChatMessage, ToolFields
+from router.vllm_extras import ChatVLLMExtras, CompletionVLLMExtras
 
 MAX_INT = 2**63 - 1
 MAX_TOKEN_ID = 2**31 - 1
@@ -160,11 +161,13 @@ class SamplingFields(APIModel):
         return tuple(self.stop or ())
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, CompletionVLLMExtras):
     """``POST /v1/completions``; ``prompt`` is one string or one list of token ids (a one-element list
-    of those is the same prompt; several prompts are 422)."""
+    of those is the same prompt; several prompts are 422). vLLM's ``add_special_tokens`` (default true)
+    adds the tokenizer's special tokens (BOS) to a text prompt."""
 
     prompt: Any
+    add_special_tokens: bool | None = None
     echo: bool | None = None
     best_of: Choices | None = None
     logprobs: LogprobCount | None = None
@@ -216,10 +219,12 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
-class ChatCompletionRequest(SamplingFields, ToolFields):
-    """``POST /v1/chat/completions``."""
+class ChatCompletionRequest(SamplingFields, ToolFields, ChatVLLMExtras):
+    """``POST /v1/chat/completions``. vLLM's ``add_generation_prompt`` (default true) ends the rendered
+    prompt with the assistant turn's opening."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool | None = None
     max_completion_tokens: Count | None = None
     logprobs: bool | None = None
     top_logprobs: LogprobCount | None = None

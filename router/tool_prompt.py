@@ -101,9 +101,9 @@ def prompt_inputs(messages: Sequence[dict[str, Any]], tools: ToolsRequest | None
 
 
 def encode_chat_request(tokenizer: ChatEncoder, messages: Sequence[dict[str, Any]],
-                        tools: ToolsRequest | None) -> list[int]:
+                        tools: ToolsRequest | None, add_generation_prompt: bool = True) -> list[int]:
     """The prompt's token ids: the chat template over :func:`prompt_inputs`."""
     rendered, definitions = prompt_inputs(messages, tools, bool(getattr(tokenizer, "template_uses_tools", False)))
     if definitions:
-        return tokenizer.encode_chat(rendered, tools=definitions)
-    return tokenizer.encode_chat(rendered)
+        return tokenizer.encode_chat(rendered, add_generation_prompt, tools=definitions)
+    return tokenizer.encode_chat(rendered, add_generation_prompt)
