@@ -15,6 +15,7 @@ emitted and the request finishes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -80,10 +81,11 @@ class OutputStream:
 
     A request finishes with ``"stop"`` on an end-of-sequence token (unless ``ignore_eos``), on one
     of ``stop_token_ids``, or when a stop string appears in the text; otherwise with ``"length"``
-    once ``max_tokens`` tokens were appended. Stop tokens and stop strings are not part of the text,
-    but every appended token is part of ``token_ids``. Before ``min_tokens`` tokens were appended,
-    neither stop tokens nor stop strings finish the request (as vLLM; the sampler masks the stop
-    tokens until then).
+    once ``max_tokens`` tokens were appended. Stop tokens and stop strings are not part of the text
+    (a stop string is, at its end, with ``include_stop_str_in_output``), but every appended token is
+    part of ``token_ids``. Special tokens are decoded into the text only with ``skip_special_tokens``
+    false. Before ``min_tokens`` tokens were appended, neither stop tokens nor stop strings finish
+    the request (as vLLM; the sampler masks the stop tokens until then).
     """
 
     def __init__(
@@ -96,7 +98,8 @@ class OutputStream:
         self._stop_ids = frozenset(stop_ids)
         self._stops = params.stop
         self._max_stop = max((len(s) for s in self._stops), default=0)
-        self._decoder = IncrementalDecoder(decode)
+        self._decoder = IncrementalDecoder(decode if params.skip_special_tokens
+                                           else functools.partial(decode, skip_special_tokens=False))
         self._ids: list[int] = []
         self._chunks: list[str] = []
         self._pending = ""  # decoded text held back as a possible stop-string prefix
@@ -154,9 +157,10 @@ class OutputStream:
         self._pending = ""
         if not self._stops or not check:
             return buf, False
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, len(s)) for s, i in ((s, buf.find(s)) for s in self._stops) if i >= 0]
         if hits:
-            return buf[: min(hits)], True
+            at, length = min(hits)  # the earliest stop string; at one place, the shortest (it completed first)
+            return buf[: at + length if self._params.include_stop_str_in_output else at], True
         if final:
             return buf, False
         hold = self._stop_prefix_len(buf)

@@ -124,6 +124,8 @@ class SamplingParams:
     (:mod:`replicas.structured_output`; ``json_object`` is ``{"type": "object"}``). ``grammar`` (a Lark
     grammar in llguidance's dialect, which vLLM reads too) constrains it to that grammar instead:
     the router sets it for a forced ``tool_choice`` (:mod:`replicas.tool_grammar`). At most one of the two.
+    vLLM's ``skip_special_tokens`` (default true) leaves special tokens out of the text, and
+    ``include_stop_str_in_output`` (default false) keeps a matched stop string at the end of it.
     """
 
     max_tokens: int = 16
@@ -145,6 +147,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     json_schema: str | None = None
     grammar: str | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -161,8 +165,9 @@ class SamplingParams:
         s = self.seed
         if s is not None and (not _is_int(s) or not 0 <= s <= MAX_SEED):
             raise InvalidRequestError("seed", f"seed must be an integer in [0, 2**63 - 1] or null, got {s!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        for flag in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidRequestError(flag, f"{flag} must be a boolean, got {getattr(self, flag)!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             object.__setattr__(self, name, _check_range(name, getattr(self, name), -2.0, 2.0))
         object.__setattr__(self, "repetition_penalty",

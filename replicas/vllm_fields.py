@@ -34,6 +34,10 @@ def sampling_fields(params: SamplingParams) -> dict[str, Any]:
                           ("min_p", 0.0), ("min_tokens", 0)):
         if getattr(params, name) != neutral:
             body[name] = getattr(params, name)
+    if not params.skip_special_tokens:
+        body["skip_special_tokens"] = False
+    if params.include_stop_str_in_output:
+        body["include_stop_str_in_output"] = True
     if params.logit_bias:
         body["logit_bias"] = {str(t): b for t, b in params.logit_bias}
     if params.logprobs is not None:

@@ -131,6 +131,8 @@ class SamplingFields(APIModel):
     stop: Any = None
     stop_token_ids: list[Any] | None = None
     ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
     n: Choices | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None

@@ -8,7 +8,8 @@ what this server does with it is in the README (OpenAI API fields).
 
 vLLM's extras that FlowPrefill implements are ordinary fields of :mod:`router.request_models`
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-``prompt_logprobs``, ``priority``, ``add_special_tokens``, chat's ``add_generation_prompt``).
+``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``, ``priority``,
+``add_special_tokens``, chat's ``add_generation_prompt``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ _REASONING = "FlowPrefill has no reasoning parser"
 
 #: field -> (the values accepted: vLLM's default, and null; why another value is refused)
 COMMON_NEUTRAL: dict[str, tuple[tuple[object, ...], str]] = {
-    "skip_special_tokens": ((True,), "special tokens are always left out of the output text"),
-    "spaces_between_special_tokens": ((True,), "special tokens are always left out of the output text"),
-    "include_stop_str_in_output": ((False,), "a matched stop string is always cut from the output"),
+    "spaces_between_special_tokens": ((True,), "special tokens are decoded as the tokenizer joins them"),
     "use_beam_search": ((False,), "beam search is not implemented: use n with a seed"),
     "length_penalty": ((1.0, 1), "it applies to beam search, which is not implemented"),
     "bad_words": (([],), "use logit_bias with -100 for the words' token ids"),
@@ -91,9 +90,7 @@ def check_neutral(name: str, value: object, table: dict[str, tuple[tuple[object,
 class CommonVLLMExtras(APIModel):
     """vLLM's extras of both endpoints, at their defaults only (see the module docstring)."""
 
-    skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
-    include_stop_str_in_output: Any = None
     use_beam_search: Any = None
     length_penalty: Any = None
     bad_words: Any = None

@@ -162,6 +162,28 @@ def test_stop_string_truncates_exactly(tok, text, stops, expected):
     assert stream.finished and len(stream.token_ids) == len(steps)
 
 
+@pytest.mark.parametrize(
+    ("text", "stops", "expected"),
+    [
+        ("Hello world. STOP here", ["STOP"], "Hello world. STOP"),
+        ("前日本語の", ["日本"], "前日本"),
+        ("aaa STOP bbb ST", ["STOP", "ST"], "aaa ST"),  # both start there: "ST" completed first
+        ("one\n\ntwo", ["\n\n", "one"], "one"),
+    ],
+)
+def test_include_stop_str_in_output_keeps_the_stop_string(tok, text, stops, expected):
+    stream, steps = _stream(tok, tok.encode(text).ids, stop=stops, include_stop_str_in_output=True)
+    assert steps[-1].finish_reason == "stop"
+    assert _joined(steps) == stream.text == expected
+
+
+def test_skip_special_tokens_false_decodes_them_into_the_text(tok):
+    ids = [*tok.encode("hi").ids, EOS, *tok.encode(" there").ids]
+    skipped, _ = _stream(tok, ids, eos=(), max_tokens=len(ids))
+    kept, _ = _stream(tok, ids, eos=(), max_tokens=len(ids), skip_special_tokens=False)
+    assert (skipped.text, kept.text) == ("hi there", "hi<eos> there")
+
+
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
 @settings(max_examples=60, deadline=None)
 @given(text=UNICODE_TEXT, stop=st.text(alphabet=st.sampled_from(list("ab é日本🎉STOP")), min_size=1, max_size=4))

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from replicas.model.tokenizer import Tokenizer
+from replicas.vllm_fields import sampling_fields
 from router.api_errors import APIError
 from router.protocol import GenerateRequest, ProtocolConfig, parse_chat_request, parse_completion_request
 from router.request_models import CHAT_FIELDS, COMPLETION_FIELDS
@@ -88,7 +89,7 @@ def test_chat_extras_at_vllm_defaults_change_nothing(config, name, value):
 
 
 OTHER_VALUES: dict[str, object] = {
-    "skip_special_tokens": False, "include_stop_str_in_output": True, "use_beam_search": True,
+    "use_beam_search": True,
     "length_penalty": 0.8, "bad_words": ["foo"], "allowed_token_ids": [1, 2], "truncate_prompt_tokens": 8,
     "cache_salt": "tenant-a", "kv_transfer_params": {"do_remote_decode": True}, "structured_outputs": {"json": {}},
     "request_id": "abc", "mm_payload": "none", "routed_experts_prompt_start": 3, "vllm_xargs": {"k": 1},
@@ -110,6 +111,8 @@ def test_other_values_are_422_saying_why(config, endpoint, name, value):
 
 @pytest.mark.parametrize(("endpoint", "name", "value", "param"), [
     ("completion", "skip_special_tokens", "yes", "skip_special_tokens"),
+    ("chat", "include_stop_str_in_output", 1, "include_stop_str_in_output"),
+    ("chat", "spaces_between_special_tokens", "no", "spaces_between_special_tokens"),
     ("completion", "length_penalty", True, "length_penalty"),
     ("completion", "add_special_tokens", 1, "add_special_tokens"),
     ("chat", "add_generation_prompt", "no", "add_generation_prompt"),
@@ -137,3 +140,11 @@ def test_add_special_tokens_and_add_generation_prompt_shape_the_prompt(config, t
     unprompted = _chat(config, tok, add_generation_prompt=False).prompt_token_ids
     assert unprompted == tuple(tok.encode_chat(messages, False)) and unprompted != prompted
     assert _chat(config, tok, add_generation_prompt=True).prompt_token_ids == prompted
+
+
+def test_special_tokens_and_stop_strings_reach_the_sampling_params(config):
+    default = _completion(config).sampling
+    assert (default.skip_special_tokens, default.include_stop_str_in_output) == (True, False)
+    s = _chat(config, skip_special_tokens=False, include_stop_str_in_output=True, stop=["."]).sampling
+    assert (s.skip_special_tokens, s.include_stop_str_in_output, s.stop) == (False, True, (".",))
+    assert sampling_fields(s) == {"skip_special_tokens": False, "include_stop_str_in_output": True}  # to vLLM
