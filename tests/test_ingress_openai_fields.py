@@ -172,3 +172,39 @@ def test_tokenize_detokenize_and_models(model_dir):
         assert card.model_extra["max_model_len"] == ingress.protocol.max_model_len
 
     _run(model_dir, scenario)
+
+
+def test_vllm_extras_through_the_client(model_dir):
+    """vLLM's fields that work change the output as in vLLM; one held at its default is a 422 that says why."""
+
+    async def scenario(client: openai.AsyncOpenAI, http: httpx.AsyncClient, ingress: RouterIngress) -> None:
+        forced = ingress.tokenizer.encode("a")[0]
+        stop = ingress.token_text(forced)
+        common = {"model": MODEL, "prompt": "hello there", "logit_bias": {str(forced): 100}, **GREEDY}
+        cut = await client.completions.create(stop=[stop], **common)
+        kept = await client.completions.create(stop=[stop], extra_body={"include_stop_str_in_output": True},
+                                               **common)
+        assert (cut.choices[0].text, kept.choices[0].text) == ("", stop)
+        assert kept.choices[0].finish_reason == cut.choices[0].finish_reason == "stop"
+        streamed = [c.choices[0].text async for c in await client.completions.create(
+            stop=[stop], stream=True, extra_body={"include_stop_str_in_output": True}, **common)]
+        assert "".join(streamed) == stop
+        eos = ingress.tokenizer.eos_token_ids[0]
+        eos_text = ingress.tokenizer.decode([eos], skip_special_tokens=False)
+        shown = await client.completions.create(
+            model=MODEL, prompt="hi", logit_bias={str(eos): 100}, **GREEDY,
+            extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        hidden = await client.completions.create(model=MODEL, prompt="hi", logit_bias={str(eos): 100}, **GREEDY,
+                                                 extra_body={"ignore_eos": True})
+        assert eos_text and (shown.choices[0].text, hidden.choices[0].text) == (eos_text * 6, "")
+        bare = await client.completions.create(model=MODEL, prompt="hi", **GREEDY,
+                                               extra_body={"add_special_tokens": False})
+        assert bare.usage.prompt_tokens == len(ingress.tokenizer.encode("hi", add_special_tokens=False))
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            await client.chat.completions.create(model=MODEL, messages=MSGS, extra_body={"use_beam_search": True})
+        assert refused.value.param == "use_beam_search" and "beam search is not implemented" in refused.value.message
+        ok = await client.chat.completions.create(model=MODEL, messages=MSGS, **GREEDY,
+                                                  extra_body={"use_beam_search": False, "length_penalty": 1.0})
+        assert ok.choices[0].message.role == "assistant"
+
+    _run(model_dir, scenario)
