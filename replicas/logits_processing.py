@@ -1,6 +1,7 @@
 """Per-request token history and the batched logits processors applied before sampling.
 
-vLLM's order and semantics (``vllm/v1/sample/sampler.py``): ``logit_bias`` is added and
+vLLM's order and semantics (``vllm/v1/sample/sampler.py``): ``allowed_token_ids`` masks every
+other token, ``logit_bias`` is added and
 ``min_tokens`` masks the stop tokens (end-of-sequence unless ``ignore_eos``, and ``stop_token_ids``)
 while fewer than ``min_tokens`` tokens were generated; then the penalties: ``repetition_penalty``
 over every token seen in the prompt or the output (a positive logit is divided by it, a negative one
@@ -68,6 +69,8 @@ def process_logits(logits: torch.Tensor, histories: Sequence[TokenHistory]) -> t
     out = logits.float().clone()
     batch_rows, vocab = out.shape
     device = out.device
+    _mask_disallowed(out, [(i, histories[i].params.allowed_token_ids) for i in rows
+                           if histories[i].params.allowed_token_ids])
     bias_at: list[tuple[int, int]] = []
     bias_by: list[float] = []
     mask_at: list[tuple[int, int]] = []
@@ -90,6 +93,16 @@ def process_logits(logits: torch.Tensor, histories: Sequence[TokenHistory]) -> t
     if penalised:
         _apply_penalties(out, penalised, [histories[i] for i in penalised])
     return out
+
+
+def _mask_disallowed(out: torch.Tensor, rows: list[tuple[int, tuple[int, ...]]]) -> None:
+    """Set every token but a row's ``allowed_token_ids`` to -inf (ids outside the vocabulary ignored)."""
+    vocab = out.shape[1]
+    for i, allowed in rows:
+        keep = torch.tensor([t for t in allowed if t < vocab], dtype=torch.int64, device=out.device)
+        kept = out[i, keep].clone()
+        out[i].fill_(float("-inf"))
+        out[i, keep] = kept
 
 
 def _apply_penalties(out: torch.Tensor, rows: list[int], histories: list[TokenHistory]) -> None:

@@ -47,16 +47,12 @@ def _normalise_stop(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _normalise_stop_token_ids(value: object) -> tuple[int, ...]:
+def _normalise_token_ids(value: object, name: str = "stop_token_ids") -> tuple[int, ...]:
     if not isinstance(value, list | tuple):
-        raise InvalidRequestError(
-            "stop_token_ids", f"stop_token_ids must be a list of integers, got {_type_name(value)}"
-        )
+        raise InvalidRequestError(name, f"{name} must be a list of integers, got {_type_name(value)}")
     for i, t in enumerate(value):
         if not _is_int(t) or t < 0:
-            raise InvalidRequestError(
-                "stop_token_ids", f"stop_token_ids[{i}] must be a non-negative integer, got {t!r}"
-            )
+            raise InvalidRequestError(name, f"{name}[{i}] must be a non-negative integer, got {t!r}")
     return tuple(value)
 
 
@@ -125,7 +121,9 @@ class SamplingParams:
     grammar in llguidance's dialect, which vLLM reads too) constrains it to that grammar instead:
     the router sets it for a forced ``tool_choice`` (:mod:`replicas.tool_grammar`). At most one of the two.
     vLLM's ``skip_special_tokens`` (default true) leaves special tokens out of the text, and
-    ``include_stop_str_in_output`` (default false) keeps a matched stop string at the end of it.
+    ``include_stop_str_in_output`` (default false) keeps a matched stop string at the end of it;
+    ``allowed_token_ids`` (empty: all) restricts sampling to those tokens (every other one masked
+    before the bias and penalties).
     """
 
     max_tokens: int = 16
@@ -149,6 +147,7 @@ class SamplingParams:
     grammar: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -200,7 +199,8 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(p))
         object.__setattr__(self, "top_k", max(k, 0))
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
-        object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", _normalise_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "allowed_token_ids", _normalise_token_ids(self.allowed_token_ids, "allowed_token_ids"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> SamplingParams:
@@ -231,20 +231,27 @@ class SamplingParams:
 
     @property
     def processes_logits(self) -> bool:
-        """True when logits change before sampling: penalties, ``logit_bias`` or ``min_tokens``."""
-        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        """True when logits change before sampling: penalties, ``logit_bias``, ``min_tokens`` or
+        ``allowed_token_ids``."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or bool(self.allowed_token_ids)
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise :class:`InvalidRequestError` for a ``logit_bias`` key outside ``[0, vocab_size)``."""
+        """Raise :class:`InvalidRequestError` for a ``logit_bias`` key or an ``allowed_token_ids`` entry
+        outside ``[0, vocab_size)``."""
         bad = next((t for t, _ in self.logit_bias if t >= vocab_size), None)
         if bad is not None:
             raise InvalidRequestError("logit_bias", f"logit_bias key {bad} is not a token id of the vocabulary "
                                                     f"(size {vocab_size})")
+        bad = next((t for t in self.allowed_token_ids if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("allowed_token_ids", f"allowed_token_ids entry {bad} is not a token id of the "
+                                                           f"vocabulary (size {vocab_size})")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (what :meth:`from_dict` parses); ``logit_bias`` keys become strings."""
         out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["stop"], out["stop_token_ids"] = list(self.stop), list(self.stop_token_ids)
+        out["allowed_token_ids"] = list(self.allowed_token_ids)
         out["logit_bias"] = {str(t): b for t, b in self.logit_bias}
         return out
 

@@ -38,6 +38,8 @@ def sampling_fields(params: SamplingParams) -> dict[str, Any]:
         body["skip_special_tokens"] = False
     if params.include_stop_str_in_output:
         body["include_stop_str_in_output"] = True
+    if params.allowed_token_ids:
+        body["allowed_token_ids"] = list(params.allowed_token_ids)
     if params.logit_bias:
         body["logit_bias"] = {str(t): b for t, b in params.logit_bias}
     if params.logprobs is not None:

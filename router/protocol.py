@@ -34,7 +34,8 @@ Choices (status codes in :mod:`router.api_errors`):
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``,
-  ``ignore_eos``, ``skip_special_tokens`` and ``include_stop_str_in_output`` are accepted; vLLM's
+  ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output`` and ``allowed_token_ids``
+  are accepted; vLLM's
   other fields only at their defaults (:mod:`router.vllm_extras`).
 * ``max_tokens`` defaults to ``config.default_max_tokens`` (16, as OpenAI completions); for chat
   (``max_tokens`` or ``max_completion_tokens``) it defaults to the rest of the context when the
@@ -265,6 +266,7 @@ def _finish(
             ignore_eos=bool(r.ignore_eos),
             skip_special_tokens=r.skip_special_tokens is not False,
             include_stop_str_in_output=bool(r.include_stop_str_in_output),
+            allowed_token_ids=config.check_token_ids(r.allowed_token_ids or [], "allowed_token_ids"),
             presence_penalty=_default(r.presence_penalty, 0.0),
             frequency_penalty=_default(r.frequency_penalty, 0.0),
             repetition_penalty=_default(r.repetition_penalty, 1.0),

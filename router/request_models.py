@@ -133,6 +133,7 @@ class SamplingFields(APIModel):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    allowed_token_ids: Annotated[list[Any], Field(min_length=1)] | None = None
     n: Choices | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None

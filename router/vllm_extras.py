@@ -8,7 +8,7 @@ what this server does with it is in the README (OpenAI API fields).
 
 vLLM's extras that FlowPrefill implements are ordinary fields of :mod:`router.request_models`
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``, ``priority``,
+``skip_special_tokens``, ``include_stop_str_in_output``, ``allowed_token_ids``, ``prompt_logprobs``, ``priority``,
 ``add_special_tokens``, chat's ``add_generation_prompt``).
 """
 
@@ -31,7 +31,6 @@ COMMON_NEUTRAL: dict[str, tuple[tuple[object, ...], str]] = {
     "use_beam_search": ((False,), "beam search is not implemented: use n with a seed"),
     "length_penalty": ((1.0, 1), "it applies to beam search, which is not implemented"),
     "bad_words": (([],), "use logit_bias with -100 for the words' token ids"),
-    "allowed_token_ids": ((), "use logit_bias"),
     "logprob_token_ids": ((), "logprobs return the sampled token and the top_logprobs alternatives"),
     "return_token_ids": ((False,), _TEXT),
     "return_tokens_as_token_ids": ((False,), _TEXT),
@@ -94,7 +93,6 @@ class CommonVLLMExtras(APIModel):
     use_beam_search: Any = None
     length_penalty: Any = None
     bad_words: Any = None
-    allowed_token_ids: Any = None
     logprob_token_ids: Any = None
     return_token_ids: Any = None
     return_tokens_as_token_ids: Any = None

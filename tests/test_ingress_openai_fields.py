@@ -197,6 +197,10 @@ def test_vllm_extras_through_the_client(model_dir):
         hidden = await client.completions.create(model=MODEL, prompt="hi", logit_bias={str(eos): 100}, **GREEDY,
                                                  extra_body={"ignore_eos": True})
         assert eos_text and (shown.choices[0].text, hidden.choices[0].text) == (eos_text * 6, "")
+        allowed = [ingress.tokenizer.encode(w)[0] for w in ("b", "c")]
+        only = await client.completions.create(model=MODEL, prompt="hi", logprobs=0, **GREEDY,
+                                               extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+        assert set(only.choices[0].logprobs.tokens) <= {ingress.token_text(t) for t in allowed}
         bare = await client.completions.create(model=MODEL, prompt="hi", **GREEDY,
                                                extra_body={"add_special_tokens": False})
         assert bare.usage.prompt_tokens == len(ingress.tokenizer.encode("hi", add_special_tokens=False))

@@ -58,6 +58,9 @@ def test_normalisation_roundtrip_and_vocab_check():
 def _hand_process(logits, prompt, out, p: SamplingParams, stop_ids):
     """The reference: vLLM's processing as plain per-token arithmetic."""
     row = logits.clone().float()
+    if p.allowed_token_ids:
+        row = torch.where(torch.isin(torch.arange(row.shape[0]), torch.tensor(p.allowed_token_ids)), row,
+                          torch.tensor(float("-inf")))
     for t, b in p.logit_bias:
         row[t] += b
     if len(out) < p.min_tokens:
@@ -93,6 +96,27 @@ def test_process_logits_matches_a_hand_computation_per_row():
         torch.testing.assert_close(got[row], _hand_process(logits[row], prompt, out, p, stop_ids))
     assert torch.isinf(got[3, [0, 1]]).all()
     assert process_logits(logits, [TokenHistory(SamplingParams())] * 4) is logits  # no copy when unused
+
+
+def test_allowed_token_ids_mask_every_other_token_before_bias_and_penalties():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40) * 3
+    cases = [(SamplingParams(allowed_token_ids=[3, 5, 39], logit_bias={"5": 2, "6": 50}, presence_penalty=1.0), [5]),
+             (SamplingParams(), []), (SamplingParams(allowed_token_ids=[0]), [])]
+    histories = []
+    for p, out in cases:
+        h = TokenHistory(p, [1, 2])
+        for t in out:
+            h.record(t)
+        histories.append(h)
+    got = process_logits(logits, histories)
+    for row, (p, out) in enumerate(cases):
+        torch.testing.assert_close(got[row], _hand_process(logits[row], [1, 2], out, p, ()))
+    assert torch.isfinite(got[0]).sum() == 3 and int(got[2].argmax()) == 0 and torch.isfinite(got[2]).sum() == 1
+    with pytest.raises(InvalidRequestError, match="allowed_token_ids entry 39") as err:
+        cases[0][0].check_vocab(39)
+    assert err.value.field == "allowed_token_ids"
+    assert SamplingParams.from_dict(cases[0][0].to_dict()) == cases[0][0]
 
 
 def test_counts_are_updated_incrementally_after_first_use():
@@ -227,6 +251,7 @@ def test_penalties_and_bias_on_the_decode_path_match_the_reference(model_dir, re
         "frequency": (PROMPT_B, SamplingParams(frequency_penalty=1.5, **g)),
         "repetition": (PROMPT_A, SamplingParams(repetition_penalty=3.0, **g)),
         "bias": (PROMPT_B, SamplingParams(logit_bias={"33": 3.0, "34": -100}, presence_penalty=0.5, **g)),
+        "allowed": (PROMPT_A, SamplingParams(allowed_token_ids=[7, 33, 90], presence_penalty=0.5, **g)),
     }
     outs = _run_engine(model_dir, cases)
     for rid, (prompt, p) in cases.items():
@@ -235,6 +260,7 @@ def test_penalties_and_bias_on_the_decode_path_match_the_reference(model_dir, re
     plain = _tokens(outs["plain"])
     assert _tokens(outs["presence"]) != plain and _tokens(outs["repetition"]) != plain  # the test bites
     assert len(set(_tokens(outs["presence"]))) == len(_tokens(outs["presence"]))  # presence 2: no repeats here
+    assert set(_tokens(outs["allowed"])) <= {7, 33, 90}
 
 
 def test_min_tokens_masks_eos_until_reached(model_dir, reference):

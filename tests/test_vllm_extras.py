@@ -90,7 +90,7 @@ def test_chat_extras_at_vllm_defaults_change_nothing(config, name, value):
 
 OTHER_VALUES: dict[str, object] = {
     "use_beam_search": True,
-    "length_penalty": 0.8, "bad_words": ["foo"], "allowed_token_ids": [1, 2], "truncate_prompt_tokens": 8,
+    "length_penalty": 0.8, "bad_words": ["foo"], "truncate_prompt_tokens": 8,
     "cache_salt": "tenant-a", "kv_transfer_params": {"do_remote_decode": True}, "structured_outputs": {"json": {}},
     "request_id": "abc", "mm_payload": "none", "routed_experts_prompt_start": 3, "vllm_xargs": {"k": 1},
 }
@@ -148,3 +148,9 @@ def test_special_tokens_and_stop_strings_reach_the_sampling_params(config):
     s = _chat(config, skip_special_tokens=False, include_stop_str_in_output=True, stop=["."]).sampling
     assert (s.skip_special_tokens, s.include_stop_str_in_output, s.stop) == (False, True, (".",))
     assert sampling_fields(s) == {"skip_special_tokens": False, "include_stop_str_in_output": True}  # to vLLM
+    allowed = _completion(config, allowed_token_ids=[3, 4]).sampling
+    assert allowed.allowed_token_ids == (3, 4) and sampling_fields(allowed) == {"allowed_token_ids": [3, 4]}
+    for bad in ([], [config.vocab_size], [-1], [True], "3"):
+        with pytest.raises(APIError) as info:
+            _completion(config, allowed_token_ids=bad)
+        assert (info.value.status, info.value.param) == (400, "allowed_token_ids"), info.value.message
