@@ -6,8 +6,9 @@ probabilities (5 alternatives), (c) one completion chunk (``completion_chunk`` +
 (d) one non-streaming chat body with one choice, JSON-encoded as Starlette's ``JSONResponse`` does.
 
 ``--against DIR`` runs the same measurements, in a subprocess, on the ``router`` package of another
-checkout (e.g. ``main`` in a second worktree) and prints both side by side. Only ``router`` and
-``replicas`` are imported, so the file runs by path against any checkout::
+checkout (e.g. ``main`` in a second worktree) and prints both side by side; ``--rounds`` alternates
+the two that many times and reports each side's median round (a shared machine drifts). Only
+``router`` and ``replicas`` are imported, so the file runs by path against any checkout::
 
     python bench/protocol_cost.py --against /work/wt/respbase
 """
@@ -72,18 +73,28 @@ def _run_against(root: str, number: int) -> dict[str, float]:
     return json.loads(done.stdout)
 
 
+def _median_round(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the JSON of the measurements, then (unless ``--json``) a table, old beside new."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", help="another checkout's root, measured in a subprocess as the baseline")
     parser.add_argument("--number", type=int, default=20000, help="calls per repeat")
+    parser.add_argument("--rounds", type=int, default=3, help="baseline/this alternations (median reported)")
     parser.add_argument("--json", action="store_true", help="print only this checkout's JSON")
     args = parser.parse_args(argv)
     if args.json:
         print(json.dumps(measure(args.number)))
         return 0
-    base = _run_against(args.against, args.number) if args.against else None
-    here = measure(args.number)
+    bases, heres = [], []
+    for _ in range(args.rounds):
+        if args.against:
+            bases.append(_run_against(args.against, args.number))
+        heres.append(measure(args.number))
+    here = _median_round(heres)
+    base = _median_round(bases) if bases else None
     print(json.dumps({"baseline": base, "this": here}, indent=1))
     print("| op | baseline µs | this µs | ratio |\n|---|---|---|---|")
     for name, value in here.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
+from pydantic_core import PydanticSerializationError
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
@@ -148,7 +149,28 @@ class FlowPrefillExtra(BaseModel):
 
 
 class _Chunk(BaseModel):
-    """A stream chunk: ``usage`` is dumped only when it was set (null included)."""
+    """A stream chunk's fields, in JSON order (a subclass narrows ``object`` and ``choices`` in place):
+    ``usage`` is dumped only when it was set (null included)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Any]
+    flowprefill: FlowPrefillExtra | None = Field(default=None, exclude_if=_is_none)
+    usage: Usage | None = None
+
+    def json_bytes(self) -> bytes | None:
+        """The compact JSON when it is byte-identical to ``json.dumps(self.model_dump(),
+        ensure_ascii=False, separators=(",", ":"))``, else None: pydantic writes some floats
+        differently (``1e-05`` as ``0.00001``, ``1e-07`` as ``1e-7``), so a chunk with logprobs or
+        ``flowprefill`` gets None, as does text that cannot be UTF-8 (a lone surrogate)."""
+        if self.flowprefill is not None or any(c.logprobs is not None for c in self.choices):
+            return None
+        try:
+            return self.__pydantic_serializer__.to_json(self)
+        except PydanticSerializationError:
+            return None
 
     @model_serializer(mode="wrap")
     def _usage_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -170,13 +192,8 @@ class CompletionStreamChoice(BaseModel):
 class CompletionChunk(_Chunk):
     """One event of a completion stream (the usage chunk: empty ``choices`` and ``usage``)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionStreamChoice]
-    flowprefill: FlowPrefillExtra | None = Field(default=None, exclude_if=_is_none)
-    usage: Usage | None = None
 
 
 class ChatDelta(BaseModel):
@@ -199,13 +216,8 @@ class ChatStreamChoice(BaseModel):
 class ChatCompletionChunk(_Chunk):
     """One event of a chat completion stream (the usage chunk: empty ``choices`` and ``usage``)."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
-    flowprefill: FlowPrefillExtra | None = Field(default=None, exclude_if=_is_none)
-    usage: Usage | None = None
 
 
 StreamChunk = CompletionChunk | ChatCompletionChunk

@@ -202,8 +202,13 @@ def usage_chunk(req: GenerateRequest, prompt_tokens: int, completion_tokens: int
 
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
-    """``data: <json>\\n\\n`` (compact JSON, UTF-8) of a response model or a dict. The JSON is
-    ``json.dumps``' (not pydantic's, which writes ``1e-05`` as ``0.00001``), the same bytes as before."""
+    """``data: <json>\\n\\n`` (compact JSON, UTF-8) of a response model or a dict: the bytes of
+    ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``, pydantic's own JSON where that is
+    the same (:meth:`~router.response_models.StreamChunk.json_bytes`: a chunk without floats)."""
+    if isinstance(payload, (CompletionChunk, ChatCompletionChunk)):
+        fast = payload.json_bytes()
+        if fast is not None:
+            return b"data: " + fast + b"\n\n"
     data = payload.model_dump() if isinstance(payload, BaseModel) else payload
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + text.encode("utf-8", "replace") + b"\n\n"
