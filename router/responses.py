@@ -1,5 +1,8 @@
 """OpenAI response bodies and Server-Sent Events for completions and chat completions.
 
+The bodies and chunks are built as the pydantic models of :mod:`router.response_models` (which
+fix their JSON: key order, the nulls kept, the keys left out) and handed on as dicts (bodies, for
+``JSONResponse``) or SSE bytes (chunks, :func:`sse_event`); a bad ``finish_reason`` is a ValueError.
 Non-streaming bodies come from :func:`completion_body` / :func:`chat_body`. A stream is built with
 :class:`StreamEncoder`: ``start()`` (chat: the assistant-role chunk), ``delta(text)`` per piece of
 text, then ``finish(reason, usage)`` (the chunk carrying ``finish_reason``, the usage chunk when
@@ -36,7 +39,6 @@ from router.api_errors import APIError
 from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText
 from router.protocol import GenerateRequest
 from router.response_models import (
-    FINISH_REASONS,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -59,9 +61,6 @@ from router.response_models import (
 )
 from router.tool_parser import ToolCall, ToolCallStream, parse_reply
 
-__all__ = ["FINISH_REASONS", "SSE_DONE", "Choice", "FinishReason", "StreamEncoder", "body_logprobs", "chat_body",
-           "chat_chunk", "chat_choice", "choices_body", "choices_response", "completion_body", "completion_chunk",
-           "response_body", "sse_error", "sse_event", "usage_chunk", "usage_dict"]
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -93,6 +92,11 @@ def chat_choice(req: GenerateRequest, text: str, finish_reason: FinishReason,
     return Choice(content, reason, logprobs, tuple(calls))
 
 
+def _message(choice: Choice) -> ChatMessageOut:
+    calls = [ToolCallOut.model_validate(call.to_dict()) for call in choice.tool_calls] if choice.tool_calls else None
+    return ChatMessageOut(content=choice.text, tool_calls=calls)
+
+
 def choices_response(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int,
                      prompt_logprobs: PromptLogprobs | None = None) -> ResponseBody:
     """The body model of a finished non-streaming request with ``choices`` in index order; ``usage``
@@ -101,10 +105,8 @@ def choices_response(req: GenerateRequest, choices: Sequence[Choice], prompt_tok
     usage = Usage.of(prompt_tokens, completion_tokens)
     try:
         if req.endpoint == "chat.completions":
-            items = [ChatChoice(index=index, message=ChatMessageOut(
-                content=c.text, tool_calls=[ToolCallOut.model_validate(call.to_dict()) for call in c.tool_calls]
-                if c.tool_calls else None), logprobs=c.logprobs, finish_reason=c.finish_reason)
-                for index, c in enumerate(choices)]
+            items = [ChatChoice(index=index, message=_message(c), logprobs=c.logprobs, finish_reason=c.finish_reason)
+                     for index, c in enumerate(choices)]
             return ChatCompletionResponse(id=req.request_id, created=req.created, model=req.model, choices=items,
                                           usage=usage, prompt_logprobs=prompt_logprobs)
         texts = [CompletionChoice(index=index, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
