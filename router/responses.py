@@ -206,7 +206,7 @@ def usage_chunk(req: GenerateRequest, prompt_tokens: int, completion_tokens: int
 def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
     """``data: <json>\\n\\n`` (compact JSON, UTF-8) of a response model or a dict: the bytes of
     ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``, pydantic's own JSON where that is
-    the same (:meth:`~router.response_models.StreamChunk.json_bytes`: a chunk without floats)."""
+    the same (``json_bytes()`` of a chunk without floats)."""
     if isinstance(payload, (CompletionChunk, ChatCompletionChunk)):
         fast = payload.json_bytes()
         if fast is not None:
