@@ -84,12 +84,7 @@ class ChoiceCollector:
             if self.prompt_text is not None:
                 text = self.prompt_text + text
             choices.append(chat_choice(self.req, text, c.finish_reason, logprobs))  # type: ignore[arg-type]
-        body = choices_body(self.req, choices, prompt_tokens, self.completion_tokens)
+        scored = None
         if self.req.prompt_logprobs is not None:  # vLLM's field: per choice for completions, once for chat
             scored = vllm_prompt_logprobs(self.prompt_logprobs, self.token_text, self.req.prompt_logprobs)
-            if self.req.endpoint == "chat.completions":
-                body["prompt_logprobs"] = scored
-            else:
-                for choice in body["choices"]:
-                    choice["prompt_logprobs"] = scored
-        return body
+        return choices_body(self.req, choices, prompt_tokens, self.completion_tokens, scored)

@@ -1,5 +1,8 @@
 """OpenAI response bodies and Server-Sent Events for completions and chat completions.
 
+The bodies and chunks are built as the pydantic models of :mod:`router.response_models` (which
+fix their JSON: key order, the nulls kept, the keys left out) and handed on as dicts (bodies, for
+``JSONResponse``) or SSE bytes (chunks, :func:`sse_event`); a bad ``finish_reason`` is a ValueError.
 Non-streaming bodies come from :func:`completion_body` / :func:`chat_body`. A stream is built with
 :class:`StreamEncoder`: ``start()`` (chat: the assistant-role chunk), ``delta(text)`` per piece of
 text, then ``finish(reason, usage)`` (the chunk carrying ``finish_reason``, the usage chunk when
@@ -28,35 +31,33 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from router.api_errors import APIError
 from router.logprobs_format import LogprobEntry, LogprobsFormatter, TokenText
 from router.protocol import GenerateRequest
+from router.response_models import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+    FinishReason,
+    PromptLogprobs,
+    ResponseBody,
+    StreamChunk,
+    Usage,
+    invalid,
+)
 from router.tool_parser import ToolCall, ToolCallStream, parse_reply
 
-FinishReason = Literal["stop", "length", "tool_calls"]
-FINISH_REASONS = ("stop", "length", "tool_calls")
 SSE_DONE = b"data: [DONE]\n\n"
-FLOWPREFILL_FIELD = "flowprefill"  # the top-level field of FlowPrefill's own additions to a chunk
-
-
-def _check_reason(reason: str | None) -> None:
-    if reason is not None and reason not in FINISH_REASONS:
-        raise ValueError(f"finish_reason must be one of {FINISH_REASONS} or None, got {reason!r}")
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     """``{"prompt_tokens", "completion_tokens", "total_tokens"}``."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _envelope(req: GenerateRequest, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": req.request_id, "object": obj, "created": req.created, "model": req.model, "choices": choices}
+    return Usage.of(prompt_tokens, completion_tokens).model_dump()
 
 
 @dataclass(frozen=True)
@@ -82,25 +83,36 @@ def chat_choice(req: GenerateRequest, text: str, finish_reason: FinishReason,
     return Choice(content, reason, logprobs, tuple(calls))
 
 
-def choices_body(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens: int,
-                 completion_tokens: int) -> dict[str, Any]:
-    """The body of a finished non-streaming request with ``choices`` in index order; ``usage`` counts
-    the prompt once and the completion tokens of every choice (as vLLM's server)."""
+def choices_response(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int,
+                     prompt_logprobs: PromptLogprobs | None = None) -> ResponseBody:
+    """The body model of a finished non-streaming request with ``choices`` in index order; ``usage``
+    counts the prompt once and the completion tokens of every choice (as vLLM's server).
+    ``prompt_logprobs`` (vLLM's field) goes on every choice for completions, once on a chat body.
+    (Validated from one dict, like the chunks: cheaper than a constructor per nested model.)"""
     chat = req.endpoint == "chat.completions"
     items = []
     for index, c in enumerate(choices):
-        _check_reason(c.finish_reason)
+        item: dict[str, Any] = {"index": index, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
         if chat:
-            message: dict[str, Any] = {"role": "assistant", "content": c.text}
-            if c.tool_calls:
-                message["tool_calls"] = [call.to_dict() for call in c.tool_calls]
-            content: dict[str, Any] = {"message": message}
+            calls = [call.to_dict() for call in c.tool_calls] if c.tool_calls else None
+            item["message"] = {"content": c.text, "tool_calls": calls}
         else:
-            content = {"text": c.text}
-        items.append({"index": index, **content, "logprobs": c.logprobs, "finish_reason": c.finish_reason})
-    body = _envelope(req, "chat.completion" if chat else "text_completion", items)
-    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
-    return body
+            item.update(text=c.text, prompt_logprobs=prompt_logprobs)
+        items.append(item)
+    fields: dict[str, Any] = {"id": req.request_id, "created": req.created, "model": req.model, "choices": items,
+                              "usage": Usage.of(prompt_tokens, completion_tokens)}
+    try:
+        if chat:
+            return ChatCompletionResponse.model_validate({**fields, "prompt_logprobs": prompt_logprobs})
+        return CompletionResponse.model_validate(fields)
+    except ValidationError as err:
+        raise invalid(err) from None
+
+
+def choices_body(req: GenerateRequest, choices: Sequence[Choice], prompt_tokens: int, completion_tokens: int,
+                 prompt_logprobs: PromptLogprobs | None = None) -> dict[str, Any]:
+    """:func:`choices_response` as the JSON-ready dict."""
+    return choices_response(req, choices, prompt_tokens, completion_tokens, prompt_logprobs).model_dump()
 
 
 def completion_body(
@@ -139,45 +151,63 @@ def body_logprobs(
     return LogprobsFormatter(token_text, req.endpoint == "chat.completions", req.sampling.logprobs).format(entries)
 
 
+def _chunk_fields(req: GenerateRequest, choice: dict[str, Any], ttft_parts: Mapping[str, float] | None,
+                  include_usage: bool) -> dict[str, Any]:
+    """A chunk's fields for ``model_validate``: one validation of the whole chunk costs less than a
+    constructor per nested model, and this runs once per streamed piece of text."""
+    fields: dict[str, Any] = {"id": req.request_id, "created": req.created, "model": req.model, "choices": [choice]}
+    if ttft_parts is not None:
+        fields["flowprefill"] = {"ttft_parts": ttft_parts}
+    if include_usage:
+        fields["usage"] = None
+    return fields
+
+
 def completion_chunk(req: GenerateRequest, text: str, finish_reason: FinishReason | None = None,
-                     logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
-    """One streamed ``text_completion`` chunk of choice ``index``."""
-    _check_reason(finish_reason)
-    return _envelope(req, "text_completion", [
-        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    ])
+                     logprobs: dict[str, Any] | None = None, index: int = 0, *,
+                     ttft_parts: Mapping[str, float] | None = None, include_usage: bool = False) -> CompletionChunk:
+    """One streamed ``text_completion`` chunk of choice ``index``; ``ttft_parts`` adds FlowPrefill's
+    ``"flowprefill": {"ttft_parts": {...}}``, ``include_usage`` its ``"usage": null``."""
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    try:
+        return CompletionChunk.model_validate(_chunk_fields(req, choice, ttft_parts, include_usage))
+    except ValidationError as err:
+        raise invalid(err) from None
 
 
 def chat_chunk(
     req: GenerateRequest, content: str | None = None, finish_reason: FinishReason | None = None, *, role: bool = False,
     logprobs: dict[str, Any] | None = None, index: int = 0, tool_calls: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+    ttft_parts: Mapping[str, float] | None = None, include_usage: bool = False,
+) -> ChatCompletionChunk:
     """One streamed ``chat.completion.chunk`` of choice ``index``; ``role`` adds ``"role": "assistant"``
-    to the delta, ``tool_calls`` its ``delta.tool_calls`` items."""
-    _check_reason(finish_reason)
-    delta: dict[str, Any] = {}
-    if role:
-        delta["role"] = "assistant"
-    if content is not None:
-        delta["content"] = content
-    if tool_calls:
-        delta["tool_calls"] = tool_calls
-    return _envelope(req, "chat.completion.chunk", [
-        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    ])
+    to the delta, ``tool_calls`` its ``delta.tool_calls`` items (``ttft_parts``, ``include_usage``: as
+    :func:`completion_chunk`)."""
+    delta = {"role": "assistant" if role else None, "content": content, "tool_calls": tool_calls or None}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    try:
+        return ChatCompletionChunk.model_validate(_chunk_fields(req, choice, ttft_parts, include_usage))
+    except ValidationError as err:
+        raise invalid(err) from None
 
 
-def usage_chunk(req: GenerateRequest, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(req: GenerateRequest, prompt_tokens: int, completion_tokens: int) -> StreamChunk:
     """The final usage chunk of a stream (empty ``choices``) for ``stream_options.include_usage``."""
-    obj = "chat.completion.chunk" if req.endpoint == "chat.completions" else "text_completion"
-    body = _envelope(req, obj, [])
-    body["usage"] = usage_dict(prompt_tokens, completion_tokens)
-    return body
+    chunk = ChatCompletionChunk if req.endpoint == "chat.completions" else CompletionChunk
+    return chunk(id=req.request_id, created=req.created, model=req.model, choices=[],
+                 usage=Usage.of(prompt_tokens, completion_tokens))
 
 
-def sse_event(payload: dict[str, Any]) -> bytes:
-    """``data: <json>\\n\\n`` (compact JSON, UTF-8)."""
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
+    """``data: <json>\\n\\n`` (compact JSON, UTF-8) of a response model or a dict: the bytes of
+    ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``, pydantic's own JSON where that is
+    the same (``json_bytes()`` of a chunk without floats)."""
+    if isinstance(payload, (CompletionChunk, ChatCompletionChunk)):
+        fast = payload.json_bytes()
+        if fast is not None:
+            return b"data: " + fast + b"\n\n"
+    data = payload.model_dump() if isinstance(payload, BaseModel) else payload
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + text.encode("utf-8", "replace") + b"\n\n"
 
 
@@ -210,6 +240,7 @@ class StreamEncoder:
         self.req = req
         self.chat = req.endpoint == "chat.completions"
         self.done = False
+        self._usage = req.include_usage  # every chunk but the usage chunk carries "usage": null
         self._token_text = token_text if req.sampling.logprobs is not None else None
         self._echo_text = echo_text
         self._prompt_entries: list[LogprobEntry] = []
@@ -225,11 +256,6 @@ class StreamEncoder:
             if self.chat and tools is not None and tools.parses:
                 state.tools = ToolCallStream(tools)
         return state
-
-    def _event(self, payload: dict[str, Any]) -> bytes:
-        if self.req.include_usage:
-            payload["usage"] = None
-        return sse_event(payload)
 
     def _take_logprobs(self, state: _ChoiceStream, entries: Iterable[LogprobEntry] | None,
                        final: bool) -> dict[str, Any] | None:
@@ -253,14 +279,16 @@ class StreamEncoder:
             return b""
         state.echoed = True
         lp = state.formatter.format(self._prompt_entries) if state.formatter is not None else None
-        return self._event(completion_chunk(self.req, self._echo_text, logprobs=lp, index=index))
+        chunk = completion_chunk(self.req, self._echo_text, logprobs=lp, index=index, include_usage=self._usage)
+        return sse_event(chunk)
 
     def start(self) -> bytes:
         """The opening events: for chat the assistant-role chunk of every choice, with empty content;
         else nothing."""
         if not self.chat:
             return b""
-        return b"".join(self._event(chat_chunk(self.req, "", role=True, index=i)) for i in range(self.req.sampling.n))
+        return b"".join(sse_event(chat_chunk(self.req, "", role=True, index=i, include_usage=self._usage))
+                        for i in range(self.req.sampling.n))
 
     def delta(self, text: str, logprobs: Iterable[LogprobEntry] | None = None, index: int = 0) -> bytes:
         """A chunk carrying ``text`` and the log probabilities of the tokens so far unsent (nothing for
@@ -274,9 +302,9 @@ class StreamEncoder:
         if state.tools is not None:
             return echo + self._tool_events(state, state.tools.feed(text), logprobs, index)
         lp = self._take_logprobs(state, logprobs, final=False)
-        chunk = (chat_chunk(self.req, text, logprobs=lp, index=index) if self.chat
-                 else completion_chunk(self.req, text, logprobs=lp, index=index))
-        return echo + self._event(chunk)
+        chunk = (chat_chunk(self.req, text, logprobs=lp, index=index, include_usage=self._usage) if self.chat
+                 else completion_chunk(self.req, text, logprobs=lp, index=index, include_usage=self._usage))
+        return echo + sse_event(chunk)
 
     def _tool_events(self, state: _ChoiceStream, events: list[str | ToolCall],
                      logprobs: Iterable[LogprobEntry] | None, index: int, final: bool = False) -> bytes:
@@ -288,11 +316,12 @@ class StreamEncoder:
         for event in events:
             lp = None if final else self._take_logprobs(state, None, final=False)
             if isinstance(event, ToolCall):
-                chunk = chat_chunk(self.req, logprobs=lp, index=index, tool_calls=[event.to_delta(state.calls_sent)])
+                chunk = chat_chunk(self.req, logprobs=lp, index=index, tool_calls=[event.to_delta(state.calls_sent)],
+                                   include_usage=self._usage)
                 state.calls_sent += 1
             else:
-                chunk = chat_chunk(self.req, event, logprobs=lp, index=index)
-            out += self._event(chunk)
+                chunk = chat_chunk(self.req, event, logprobs=lp, index=index, include_usage=self._usage)
+            out += sse_event(chunk)
         return out
 
     def finish(self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, text: str = "",
@@ -309,13 +338,12 @@ class StreamEncoder:
             if state.tools.calls and finish_reason == "stop":
                 finish_reason = "tool_calls"
         lp = self._take_logprobs(state, logprobs, final=True)
-        if self.chat:
-            chunk = chat_chunk(self.req, text or None, finish_reason, logprobs=lp, index=index)
+        extras: dict[str, Any] = {"ttft_parts": ttft_parts, "include_usage": self._usage}
+        if self.chat:  # ttft_parts: an extra top-level field, OpenAI clients keep and ignore it
+            chunk: StreamChunk = chat_chunk(self.req, text or None, finish_reason, logprobs=lp, index=index, **extras)
         else:
-            chunk = completion_chunk(self.req, text, finish_reason, logprobs=lp, index=index)
-        if ttft_parts is not None:  # an extra top-level field: OpenAI clients keep and ignore it
-            chunk[FLOWPREFILL_FIELD] = {"ttft_parts": dict(ttft_parts)}
-        out = echo + self._event(chunk)
+            chunk = completion_chunk(self.req, text, finish_reason, logprobs=lp, index=index, **extras)
+        out = echo + sse_event(chunk)
         if not last:
             return out
         if self.req.include_usage:
