@@ -1,9 +1,11 @@
-"""What building and encoding one OpenAI response costs in the router, in microseconds per operation.
+"""What parsing one OpenAI request and building one response cost in the router, in microseconds.
 
-Times (``timeit``, median of 5 repeats) the response side of :mod:`router.responses` as the ingress
-uses it: (a) one streamed chat chunk through ``StreamEncoder.delta``, (b) the same with log
-probabilities (5 alternatives), (c) one completion chunk (``completion_chunk`` + ``sse_event``) and
-(d) one non-streaming chat body with one choice, JSON-encoded as Starlette's ``JSONResponse`` does.
+Times (``timeit``, median of 5 repeats) the request side of :mod:`router.protocol` and the response
+side of :mod:`router.responses` as the ingress uses them: (a) parsing a four-message streamed chat
+request with sampling fields and logprobs, (b) a completion request with ``n``, ``stop`` and
+``logprobs``, (c) one streamed chat chunk through ``StreamEncoder.delta``, (d) the same with log
+probabilities (5 alternatives), (e) one completion chunk (``completion_chunk`` + ``sse_event``) and
+(f) one non-streaming chat body with one choice, JSON-encoded as Starlette's ``JSONResponse`` does.
 
 ``--against DIR`` runs the same measurements, in a subprocess, on the ``router`` package of another
 checkout (e.g. ``main`` in a second worktree) and prints both side by side; ``--rounds`` alternates
@@ -44,11 +46,23 @@ def _ops() -> dict[str, Callable[[], object]]:
     lp_enc = StreamEncoder(lp_req, token_text=lambda t: f"t{t}")
     entry = [TokenLogprob(token_id=7, logprob=-0.1, top=[(7, -0.1), (8, -2.5), (9, -3.0), (10, -4.0), (11, -1e-05)])]
 
+    chat_raw = json.dumps({
+        "model": CONFIG_MODEL, "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hello there"}]},
+            {"role": "assistant", "content": "hi"}, {"role": "user", "content": "tell me more"}],
+        "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "stream": True, "stream_options": {"include_usage": True},
+        "seed": 3, "stop": ["\n\n"], "presence_penalty": 0.5, "logprobs": True, "top_logprobs": 2}).encode()
+    completion_raw = json.dumps({"model": CONFIG_MODEL, "prompt": "once upon a time", "max_tokens": 16,
+                                 "temperature": 0.0, "stop": "x", "n": 2, "logprobs": 1}).encode()
+
     def body() -> bytes:
         payload = response_body(chat_req, "hello world", "stop", 3, 2)
         return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
     return {
+        "chat_request_parse": lambda: parse_chat_request(chat_raw, {}, config),
+        "completion_request_parse": lambda: parse_completion_request(completion_raw, {}, config),
         "chat_stream_delta": lambda: enc.delta("hello"),
         "chat_stream_delta_logprobs": lambda: lp_enc.delta("hello", entry),
         "completion_chunk": lambda: sse_event(completion_chunk(comp_req, "hello")),
