@@ -20,8 +20,10 @@ same length, three variants run in a rotating order:
 ``idle`` and ``handover``) to the next prompt's first token, so ``serial - idle`` is the transfer's
 cost on the critical path and ``overlap = (serial - handover) / (serial - idle)``, clamped to [0, 1],
 is the part of it hidden (1: fully hidden, 0: as slow as serial; None where ``serial <= idle``, i.e.
-nothing measurable to hide). ``handover_ms`` is the transfer alone (put + get + admission: ``idle``'s
-and ``serial``'s), ``in_flight_ms`` the same transfer while the prefill computes.
+nothing measurable to hide), from the three variants' medians; ``paired_overlap_fraction`` is the
+median of each repeat's own fraction (its three variants ran back to back: less exposed to load
+that drifts over the run). ``transfer_ms`` is the handover's transfer alone (put + get + admission:
+``idle``'s and ``serial``'s), ``in_flight_ms`` the same transfer while the prefill computes.
 
 Everything runs in this process: the transfer on a thread running an asyncio loop (the replica's
 event loop), the admission on the decode engine's compute thread. The decode engine's loop is not
@@ -196,12 +198,14 @@ def _summarise(length: int, spec: Any, repeats: list[dict[str, Any]], nbytes: in
              for p in ("put_ms", "get_ms", "admit_ms") if p in repeats[0]["idle"]}
     for r in repeats:
         r["overlap_fraction"] = overlap_fraction(*(r[v]["next_prefill_ms"] for v in VARIANTS))
+    paired = [r["overlap_fraction"] for r in repeats if r["overlap_fraction"] is not None]
     return {
         "length": length, "blocks": blocks, "bytes": nbytes, "bytes_per_token": nbytes // (blocks * spec.block_size),
-        "n": len(repeats), "next_prefill_ms": nxt, "handover_ms": spread(alone),
+        "n": len(repeats), "next_prefill_ms": nxt, "transfer_ms": spread(alone),
         "in_flight_ms": spread([r["handover"]["transfer_ms"] for r in repeats]), "parts_ms": parts,
         "gather_ms": spread([r[v]["gather_ms"] for r in repeats for v in VARIANTS]),
-        "overlap_fraction": overlap_fraction(*(nxt[v]["median"] for v in VARIANTS)), "repeats": repeats,
+        "overlap_fraction": overlap_fraction(*(nxt[v]["median"] for v in VARIANTS)),
+        "paired_overlap_fraction": statistics.median(paired) if paired else None, "repeats": repeats,
     }
 
 
@@ -252,12 +256,15 @@ def format_overlap_table(report: dict[str, Any]) -> str:
     def cell(s: dict[str, float]) -> str:
         return f"{s['median']:.1f} [{s['min']:.1f}, {s['max']:.1f}]"
 
-    head = ["tokens", "bytes", *(f"{v} ms" for v in VARIANTS), "handover ms", "in flight ms", "gather ms", "overlap"]
+    def frac(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    head = ["tokens", "bytes", *(f"next, {v} ms" for v in VARIANTS), "transfer ms", "in flight ms", "gather ms",
+            "overlap", "paired"]
     lines = [head]
     for row in report["rows"]:
-        frac = row["overlap_fraction"]
         lines.append([str(row["length"]), f"{row['bytes']:,}", *(cell(row["next_prefill_ms"][v]) for v in VARIANTS),
-                      cell(row["handover_ms"]), cell(row["in_flight_ms"]), cell(row["gather_ms"]),
-                      "n/a" if frac is None else f"{frac:.2f}"])
+                      cell(row["transfer_ms"]), cell(row["in_flight_ms"]), cell(row["gather_ms"]),
+                      frac(row["overlap_fraction"]), frac(row["paired_overlap_fraction"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
