@@ -68,3 +68,25 @@ def test_bench_handover_overlap_report(tiny_checkpoint_factory, tmp_path, capsys
         assert kv["free_blocks"] == kv["num_blocks"] and kv["live"] == 0 and kv["hit_tokens"] == 0, role
     table = capsys.readouterr().out
     assert "next, serial ms" in table and "in flight ms" in table and f"{report['rows'][1]['bytes']:,}" in table
+
+
+def test_bench_handover_overlap_through_ray(tiny_checkpoint_factory, tmp_path):
+    """With Ray (a local single-node one the CLI starts and stops): every transfer is a put and a get
+    through the object store on the event-loop thread, then the admission."""
+    model = tiny_checkpoint_factory("llama", seed=5, num_layers=2, hidden_size=64, intermediate_size=128)
+    out = tmp_path / "overlap-ray.json"
+    rc = main(["bench", "handover", "--overlap", "--model", str(model), "--lengths", "24", "--repeats", "1",
+               "--kv-cache-mib", "4", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    (rep,) = row["repeats"]
+    for variant in VARIANTS:
+        got = rep[variant]
+        assert got["put_ms"] > 0 and got["get_ms"] > 0, variant
+        assert got["put_ms"] + got["get_ms"] + got["admit_ms"] <= got["transfer_ms"], variant
+    assert set(row["parts_ms"]) == {"put_ms", "get_ms", "admit_ms"}
+    transport = report["transport"]
+    moved = 1 + len(VARIANTS)  # the warm-up's serial transfer, then one per variant
+    assert transport["sent"] == transport["received"] == moved
+    assert transport["bytes_sent"] == transport["bytes_received"] == moved * row["bytes"]
