@@ -42,6 +42,7 @@ import statistics
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,9 +154,9 @@ class _Rig:
         row.update(admit_ms=(done - admit_from) * 1e3, transfer_ms=(done - started) * 1e3)
         return row
 
-    def transfer_async(self, h: KVHandover) -> asyncio.Future[dict[str, float]]:
+    def transfer_async(self, h: KVHandover) -> Future[dict[str, float]]:
         """Start moving ``h`` on the event-loop thread; a future of its timings."""
-        return asyncio.run_coroutine_threadsafe(self._transfer(h), self.loop)  # type: ignore[return-value]
+        return asyncio.run_coroutine_threadsafe(self._transfer(h), self.loop)
 
     def release(self, rid: str) -> None:
         """Free an admitted handover's KV on the decode engine (its decode is not measured)."""
