@@ -96,11 +96,16 @@ def _cmd_bench_handover(args: argparse.Namespace, stack: Callable[[], ServingSta
 
         stack().start_ray(num_cpus=2)
     try:
-        report = run_handover_bench(path, cfg)
+        if args.overlap:
+            from bench.handover_overlap import format_overlap_table, run_overlap_bench
+
+            report = run_overlap_bench(path, cfg)
+        else:
+            report = run_handover_bench(path, cfg)
     finally:
         if args.ray:
             ray.shutdown()
-    print(format_table(report))
+    print(format_overlap_table(report) if args.overlap else format_table(report))
     _write_json(args.json, report)
     return 0
 
@@ -265,6 +270,10 @@ def register(bsub: argparse._SubParsersAction, stack: Callable[[], ServingStack]
     hov.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True,
                      help="move each handover through a local Ray's object store (put/get), as the deployment does")
     hov.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache of each engine")
+    hov.add_argument("--overlap", action="store_true",
+                     help="instead: the next prefill's time to first token alone, with the previous handover in "
+                          "flight, and after it (serial), and the fraction of the handover hidden "
+                          "(bench/handover_overlap.py)")
     hov.add_argument("--seed", type=int, default=0)
     hov.add_argument("--json", default=None)
     hov.set_defaults(func=partial(_cmd_bench_handover, stack=stack))

@@ -127,11 +127,20 @@ def _blocked(layer: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def gather_kv(cache: PagedKVCache, blocks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of ``blocks``' keys and values on the CPU, ``[layers, len(blocks), block_size, H, D]``."""
+    """Copies of ``blocks``' keys and values on the CPU, ``[layers, len(blocks), block_size, H, D]``.
+
+    Each of keys and values is allocated once, at its final shape, and every layer's blocks are
+    selected straight into their slice of it (no per-layer tensors stacked afterwards: one copy of
+    the KV instead of two). On a GPU the buffers are filled there and copied to the CPU in one go."""
     bs = cache.spec.block_size
-    index = torch.tensor(list(blocks), dtype=torch.int64, device=cache.keys[0].device)
-    keys = torch.stack([_blocked(k, bs).index_select(0, index) for k in cache.keys])
-    values = torch.stack([_blocked(v, bs).index_select(0, index) for v in cache.values])
+    first = cache.keys[0]
+    index = torch.tensor(list(blocks), dtype=torch.int64, device=first.device)
+    shape = (len(cache.keys), len(index), bs, *first.shape[1:])
+    keys = torch.empty(shape, dtype=first.dtype, device=first.device)
+    values = torch.empty(shape, dtype=first.dtype, device=first.device)
+    for layer, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        torch.index_select(_blocked(k, bs), 0, index, out=keys[layer])
+        torch.index_select(_blocked(v, bs), 0, index, out=values[layer])
     return keys.to("cpu"), values.to("cpu")
 
 
