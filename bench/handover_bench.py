@@ -69,24 +69,31 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
 
 
+def build_engine_pair(model_dir: Path, cfg: HandoverBenchConfig, *, prefix_caching: bool = True
+                      ) -> dict[str, ReplicaEngine]:
+    """A ``prefill`` and a ``decode`` engine (not started) sharing one loaded model and tokenizer."""
+    from replicas.engine import ReplicaEngine
+    from replicas.engine_config import EngineConfig
+    from replicas.model.decoder import DecoderModel
+    from replicas.model.tokenizer import Tokenizer
+    from replicas.scheduler.cost_model import CostModel
+
+    model = DecoderModel.load(str(model_dir), dtype=cfg.dtype, device=cfg.device)
+    tokenizer = Tokenizer.from_dir(str(model_dir))
+    cost = CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=max(8192, max(cfg.lengths) * 2))
+    engines: dict[str, ReplicaEngine] = {}
+    for role in ("prefill", "decode"):
+        config = EngineConfig(model=str(model_dir), role=role, dtype=cfg.dtype, device=cfg.device,
+                              kv_cache_bytes=cfg.kv_cache_bytes, enable_prefix_caching=prefix_caching)
+        engines[role] = ReplicaEngine(config, model=model, tokenizer=tokenizer, cost_model=cost)
+    return engines
+
+
 class _Pair:
     """A prefill engine and a decode engine; the decode engine's admissions are timestamped."""
 
     def __init__(self, model_dir: Path, cfg: HandoverBenchConfig) -> None:
-        from replicas.engine import ReplicaEngine
-        from replicas.engine_config import EngineConfig
-        from replicas.model.decoder import DecoderModel
-        from replicas.model.tokenizer import Tokenizer
-        from replicas.scheduler.cost_model import CostModel
-
-        model = DecoderModel.load(str(model_dir), dtype=cfg.dtype, device=cfg.device)
-        tokenizer = Tokenizer.from_dir(str(model_dir))
-        cost = CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=max(8192, max(cfg.lengths) * 2))
-        self.engines: dict[str, ReplicaEngine] = {}
-        for role in ("prefill", "decode"):
-            config = EngineConfig(model=str(model_dir), role=role, dtype=cfg.dtype, device=cfg.device,
-                                  kv_cache_bytes=cfg.kv_cache_bytes)
-            self.engines[role] = ReplicaEngine(config, model=model, tokenizer=tokenizer, cost_model=cost)
+        self.engines = build_engine_pair(model_dir, cfg)
         self.prefill, self.decode = self.engines["prefill"], self.engines["decode"]
         self.admissions: list[tuple[float, int]] = []  # (perf_counter, handover_admit_us so far)
         self._admitted = threading.Condition()

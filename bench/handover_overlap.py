@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from bench.handover_bench import HandoverBenchConfig, _prompt
+from bench.handover_bench import HandoverBenchConfig, _prompt, build_engine_pair
 
 if TYPE_CHECKING:
     from replicas.engine_types import RequestOutput
@@ -99,21 +99,9 @@ class _Rig:
     """A started prefill engine, a decode engine driven on its compute thread, an event-loop thread."""
 
     def __init__(self, model_dir: Path, cfg: HandoverBenchConfig) -> None:
-        from replicas.engine import ReplicaEngine
-        from replicas.engine_config import EngineConfig
         from replicas.handover_transport import HandoverStats
-        from replicas.model.decoder import DecoderModel
-        from replicas.model.tokenizer import Tokenizer
-        from replicas.scheduler.cost_model import CostModel
 
-        model = DecoderModel.load(str(model_dir), dtype=cfg.dtype, device=cfg.device)
-        tokenizer = Tokenizer.from_dir(str(model_dir))
-        cost = CostModel.from_coefficients(1e-3, 2e-5, max_profiled_tokens=max(8192, max(cfg.lengths) * 2))
-        self.engines: dict[str, ReplicaEngine] = {}
-        for role in ("prefill", "decode"):
-            config = EngineConfig(model=str(model_dir), role=role, dtype=cfg.dtype, device=cfg.device,
-                                  kv_cache_bytes=cfg.kv_cache_bytes, enable_prefix_caching=False)
-            self.engines[role] = ReplicaEngine(config, model=model, tokenizer=tokenizer, cost_model=cost)
+        self.engines = build_engine_pair(model_dir, cfg, prefix_caching=False)
         self.prefill, self.decode = self.engines["prefill"], self.engines["decode"]
         self.prefill.start()  # the decode engine's loop stays off: admissions run via run_on_compute_thread
         self.transport = HandoverStats() if cfg.ray else None

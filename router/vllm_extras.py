@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import ValidationInfo, create_model, field_validator
 
 from router.api_model import APIModel, invalid, type_name, unsupported
 
@@ -86,67 +86,22 @@ def check_neutral(name: str, value: object, table: dict[str, tuple[tuple[object,
     raise unsupported(f"is accepted only at vLLM's default ({neutral}): {reason}")
 
 
-class CommonVLLMExtras(APIModel):
-    """vLLM's extras of both endpoints, at their defaults only (see the module docstring)."""
+def _extras_model(name: str, table: dict[str, tuple[tuple[object, ...], str]],
+                  base: type[APIModel] = APIModel) -> type[APIModel]:
+    """A model with one optional field per entry of ``table``, each checked by :func:`check_neutral`."""
 
-    spaces_between_special_tokens: Any = None
-    use_beam_search: Any = None
-    length_penalty: Any = None
-    bad_words: Any = None
-    logprob_token_ids: Any = None
-    return_token_ids: Any = None
-    return_tokens_as_token_ids: Any = None
-    return_token_offsets: Any = None
-    truncate_prompt_tokens: Any = None
-    truncation_side: Any = None
-    cache_salt: Any = None
-    kv_transfer_params: Any = None
-    ec_transfer_params: Any = None
-    mm_payload: Any = None
-    return_mm_kwargs: Any = None
-    thinking_token_budget: Any = None
-    repetition_detection: Any = None
-    stream_interval: Any = None
-    structured_outputs: Any = None
-    request_id: Any = None
-    session_id: Any = None
-    routed_experts_prompt_start: Any = None
-    vllm_xargs: Any = None
-    watermarking: Any = None
+    def neutral(cls: type[APIModel], value: object, info: ValidationInfo) -> object:
+        return check_neutral(str(info.field_name), value, table)
 
-    @field_validator(*COMMON_NEUTRAL)
-    @classmethod
-    def _common(cls, value: object, info: ValidationInfo) -> object:
-        return check_neutral(str(info.field_name), value, COMMON_NEUTRAL)
+    validator = field_validator(*table)(classmethod(neutral))  # type: ignore[arg-type]
+    fields: dict[str, Any] = {field: (Any, None) for field in table}
+    return create_model(name, __base__=base, __doc__=f"vLLM's extras: {', '.join(table)}, at their defaults only.",
+                        __validators__={f"_neutral_{name}": validator}, **fields)
 
 
-class ChatVLLMExtras(CommonVLLMExtras):
-    """vLLM's chat-only extras, at their defaults only."""
-
-    continue_final_message: Any = None
-    echo: Any = None
-    chat_template: Any = None
-    chat_template_kwargs: Any = None
-    documents: Any = None
-    include_reasoning: Any = None
-    reasoning_effort: Any = None
-    media_io_kwargs: Any = None
-    mm_processor_kwargs: Any = None
-    return_prompt_text: Any = None
-    add_special_tokens: Any = None
-
-    @field_validator(*CHAT_NEUTRAL)
-    @classmethod
-    def _chat(cls, value: object, info: ValidationInfo) -> object:
-        return check_neutral(str(info.field_name), value, CHAT_NEUTRAL)
-
-
-class CompletionVLLMExtras(CommonVLLMExtras):
-    """vLLM's completions-only extras, at their defaults only."""
-
-    prompt_embeds: Any = None
-
-    @field_validator(*COMPLETION_NEUTRAL)
-    @classmethod
-    def _completion(cls, value: object, info: ValidationInfo) -> object:
-        return check_neutral(str(info.field_name), value, COMPLETION_NEUTRAL)
+#: vLLM's extras of both endpoints, at their defaults only (see the module docstring).
+CommonVLLMExtras = _extras_model("CommonVLLMExtras", COMMON_NEUTRAL)
+#: vLLM's chat-only extras.
+ChatVLLMExtras = _extras_model("ChatVLLMExtras", CHAT_NEUTRAL, CommonVLLMExtras)
+#: vLLM's completions-only extras.
+CompletionVLLMExtras = _extras_model("CompletionVLLMExtras", COMPLETION_NEUTRAL, CommonVLLMExtras)
