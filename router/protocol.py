@@ -34,8 +34,9 @@ Choices (status codes in :mod:`router.api_errors`):
 * ``prompt`` is one string or one list of token ids; a one-element list of those is the same
   prompt; several prompts are 422 ("batched prompts unsupported").
 * ``temperature`` is limited to [0, 2] as in OpenAI; vLLM extensions ``top_k``, ``stop_token_ids``,
-  ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output`` and ``allowed_token_ids``
-  are accepted; vLLM's
+  ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``allowed_token_ids`` and
+  ``truncate_prompt_tokens`` / ``truncation_side`` (the tokenized prompt cut before the context
+  check) are accepted; vLLM's
   other fields only at their defaults (:mod:`router.vllm_extras`).
 * ``max_tokens`` defaults to ``config.default_max_tokens`` (16, as OpenAI completions); for chat
   (``max_tokens`` or ``max_completion_tokens``) it defaults to the rest of the context when the
@@ -238,6 +239,9 @@ def _finish(
     tools: ToolsRequest | None = None,
 ) -> GenerateRequest:
     chat = endpoint == "chat.completions"
+    cut = _truncate(r, ids, config)
+    if cut != ids:
+        ids, text = cut, None  # echo decodes what was kept
     stream = bool(r.stream)
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
     prompt_len = None if ids is None else len(ids)
@@ -304,6 +308,20 @@ def _finish(
         created=int(arrival),
         arrival_time=arrival,
     )
+
+
+def _truncate(r: SamplingFields, ids: tuple[int, ...] | None, config: ProtocolConfig) -> tuple[int, ...] | None:
+    """The prompt ids after vLLM's ``truncate_prompt_tokens`` (unchanged without it)."""
+    param = "truncate_prompt_tokens"
+    if r.truncate_prompt_tokens is None:
+        if r.truncation_side is not None:
+            raise APIError.invalid("truncation_side", "truncation_side needs truncate_prompt_tokens")
+        return ids
+    if ids is None:
+        raise APIError.unsupported(param, f"{param} needs the prompt's token ids (a router with the tokenizer)")
+    if r.truncate_prompt_tokens == -1 and config.max_model_len is None:
+        raise APIError.unsupported(param, f"{param} -1 needs a known max_model_len")
+    return r.truncated(ids, config.max_model_len)
 
 
 def _default(value: Any, default: Any) -> Any:  # noqa: ANN401

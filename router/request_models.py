@@ -134,6 +134,8 @@ class SamplingFields(APIModel):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     allowed_token_ids: Annotated[list[Any], Field(min_length=1)] | None = None
+    truncate_prompt_tokens: integer_in(-1, MAX_INT) | None = None
+    truncation_side: Literal["left", "right"] | None = None
     n: Choices | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
@@ -148,6 +150,13 @@ class SamplingFields(APIModel):
     slo_class: Text | None = None
     service_tier: Text | None = None
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise invalid("must be -1 (the context length) or at least 1, got 0")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: object) -> list[str] | None:
@@ -158,6 +167,16 @@ class SamplingFields(APIModel):
         if self.stream_options is not None and not self.stream:
             raise located(("stream_options",), "is only allowed when stream is true")
         return self
+
+    def truncated(self, ids: tuple[int, ...], max_model_len: int | None) -> tuple[int, ...]:
+        """``ids`` cut to ``truncate_prompt_tokens`` (-1: ``max_model_len``) as vLLM does: the last
+        tokens kept (``truncation_side`` ``left``, the default) or the first (``right``)."""
+        keep = self.truncate_prompt_tokens
+        if keep == -1:
+            keep = max_model_len
+        if keep is None or len(ids) <= keep:
+            return ids
+        return ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep:]
 
     def stop_strings(self) -> tuple[str, ...]:
         """``stop`` as a tuple (one string is one stop string)."""

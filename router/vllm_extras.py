@@ -8,7 +8,8 @@ what this server does with it is in the README (OpenAI API fields).
 
 vLLM's extras that FlowPrefill implements are ordinary fields of :mod:`router.request_models`
 (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-``skip_special_tokens``, ``include_stop_str_in_output``, ``allowed_token_ids``, ``prompt_logprobs``, ``priority``,
+``skip_special_tokens``, ``include_stop_str_in_output``, ``allowed_token_ids``, ``truncate_prompt_tokens``
+and ``truncation_side``, ``prompt_logprobs``, ``priority``,
 ``add_special_tokens``, chat's ``add_generation_prompt``).
 """
 
@@ -35,9 +36,6 @@ COMMON_NEUTRAL: dict[str, tuple[tuple[object, ...], str]] = {
     "return_token_ids": ((False,), _TEXT),
     "return_tokens_as_token_ids": ((False,), _TEXT),
     "return_token_offsets": ((False,), _TEXT),
-    "truncate_prompt_tokens": ((), "prompts are never truncated: one over the context is a 400 "
-                                   "context_length_exceeded"),
-    "truncation_side": ((), "prompts are never truncated"),
     "cache_salt": ((), "the prefix cache is shared by every request of a model; it is not salted per request"),
     "kv_transfer_params": ((), "FlowPrefill's own prefill/decode roles hand KV over between its replicas"),
     "ec_transfer_params": ((), _MEDIA),

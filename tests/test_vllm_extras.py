@@ -90,7 +90,7 @@ def test_chat_extras_at_vllm_defaults_change_nothing(config, name, value):
 
 OTHER_VALUES: dict[str, object] = {
     "use_beam_search": True,
-    "length_penalty": 0.8, "bad_words": ["foo"], "truncate_prompt_tokens": 8,
+    "length_penalty": 0.8, "bad_words": ["foo"],
     "cache_salt": "tenant-a", "kv_transfer_params": {"do_remote_decode": True}, "structured_outputs": {"json": {}},
     "request_id": "abc", "mm_payload": "none", "routed_experts_prompt_start": 3, "vllm_xargs": {"k": 1},
 }
@@ -154,3 +154,41 @@ def test_special_tokens_and_stop_strings_reach_the_sampling_params(config):
         with pytest.raises(APIError) as info:
             _completion(config, allowed_token_ids=bad)
         assert (info.value.status, info.value.param) == (400, "allowed_token_ids"), info.value.message
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens_or_the_first(config, tok):
+    ids = tuple(tok.encode("hello world", add_special_tokens=True))
+    assert len(ids) > 3
+    left = _completion(config, tok, truncate_prompt_tokens=3, echo=True)
+    assert left.prompt_token_ids == ids[-3:] and left.prompt is None  # echo decodes what was kept
+    right = _completion(config, tok, truncate_prompt_tokens=3, truncation_side="right")
+    assert right.prompt_token_ids == ids[:3]
+    assert _completion(config, tok, truncate_prompt_tokens=len(ids) + 5).prompt_token_ids == ids
+    assert _completion(config, tok, truncate_prompt_tokens=len(ids)).prompt == "hello world"  # nothing cut
+    prompted = _chat(config, tok).prompt_token_ids
+    assert _chat(config, tok, truncate_prompt_tokens=4).prompt_token_ids == prompted[-4:]
+    small = ProtocolConfig((MODEL,), max_model_len=len(ids) - 1, vocab_size=tok.vocab_size)
+    with pytest.raises(APIError) as info:  # -1: the context length, which then leaves no room to generate
+        _completion(small, tok, truncate_prompt_tokens=-1, max_tokens=1)
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    long = ProtocolConfig((MODEL,), max_model_len=len(ids) + 16, vocab_size=tok.vocab_size)
+    assert _completion(long, tok, truncate_prompt_tokens=-1).prompt_token_ids == ids
+
+
+@pytest.mark.parametrize(("fields", "status", "param"), [
+    ({"truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": "3"}, 400, "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": 3, "truncation_side": "middle"}, 400, "truncation_side"),
+    ({"truncation_side": "left"}, 400, "truncation_side"),
+])
+def test_bad_truncation_is_400_naming_the_field(config, tok, fields, status, param):
+    with pytest.raises(APIError) as info:
+        _completion(config, tok, **fields)
+    assert (info.value.status, info.value.param) == (status, param), info.value.message
+
+
+def test_truncation_without_token_ids_says_why(config):
+    with pytest.raises(APIError) as info:  # no tokenizer: a text prompt has no ids to cut
+        _completion(config, truncate_prompt_tokens=2)
+    assert (info.value.status, info.value.param) == (422, "truncate_prompt_tokens")
