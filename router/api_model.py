@@ -103,7 +103,8 @@ def integer_in(lo: int, hi: int) -> Any:  # noqa: ANN401 (a typing form)
     return Annotated[int, AfterValidator(check)]
 
 
-def _utf8(value: str) -> str:
+def check_utf8(value: str) -> str:
+    """``value`` if it can be encoded as UTF-8, else a 400 naming the first unpaired surrogate."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -112,7 +113,7 @@ def _utf8(value: str) -> str:
 
 
 #: A string that can be encoded as UTF-8 (no lone surrogates from ``\\ud800`` escapes).
-Text = Annotated[str, AfterValidator(_utf8)]
+Text = Annotated[str, AfterValidator(check_utf8)]
 
 
 def param_path(loc: Sequence[str | int], prefix: str = "") -> str:

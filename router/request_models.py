@@ -25,6 +25,7 @@ from router.api_model import (
     UNSUPPORTED,
     APIModel,
     Text,
+    check_utf8,
     integer_in,
     invalid,
     located,
@@ -106,15 +107,8 @@ def _stop_list(value: object) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise invalid(f"must be a string or an array of strings, got {type_name(value)}")
     for s in items:
-        _check_utf8(s)
+        check_utf8(s)
     return items
-
-
-def _check_utf8(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise invalid(f"contains an unpaired surrogate escape at index {exc.start}") from None
 
 
 class SamplingFields(APIModel):
@@ -197,7 +191,7 @@ class CompletionRequest(SamplingFields, CompletionVLLMExtras):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: object) -> str | list[int]:
+    def _one_prompt(cls, value: object) -> str | list[Any]:
         if value is None:
             raise invalid("is required")
         if isinstance(value, list) and value and all(isinstance(p, str | list) for p in value):
@@ -207,16 +201,13 @@ class CompletionRequest(SamplingFields, CompletionVLLMExtras):
         if isinstance(value, str):
             if not value:
                 raise invalid("must not be empty")
-            _check_utf8(value)
+            check_utf8(value)
             return value
         if not isinstance(value, list):
             raise invalid(f"must be a string or an array of token ids, got {type_name(value)}")
         if not value:
             raise invalid("must not be empty")
-        for i, t in enumerate(value):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_TOKEN_ID:
-                raise invalid(f"[{i}] must be a token id in [0, {MAX_TOKEN_ID}], got {shown(t)}")
-        return value
+        return value  # token ids: checked against the vocabulary by ProtocolConfig.check_token_ids
 
     @field_validator("suffix")
     @classmethod
