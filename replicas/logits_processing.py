@@ -34,6 +34,7 @@ class TokenHistory:
         self.output_ids: list[int] = []
         self._counts: torch.Tensor | None = None
         self._prompt_mask: torch.Tensor | None = None
+        self._allowed: torch.Tensor | None = None
 
     def record(self, token_id: int) -> None:
         """Append a sampled token."""
@@ -60,6 +61,14 @@ class TokenHistory:
         return self._prompt_mask
 
 
+    def allowed_index(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """int64 ids of ``allowed_token_ids`` inside the vocabulary (built once per request)."""
+        if self._allowed is None or self._allowed.device != device:
+            self._allowed = torch.tensor([t for t in self.params.allowed_token_ids if t < vocab],
+                                         dtype=torch.int64, device=device)
+        return self._allowed
+
+
 def process_logits(logits: torch.Tensor, histories: Sequence[TokenHistory]) -> torch.Tensor:
     """``logits`` [B, V] with each row's bias, ``min_tokens`` mask and penalties applied (float32 copy),
     or ``logits`` itself when no row asks for any. Token ids outside the vocabulary are ignored."""
@@ -69,7 +78,7 @@ def process_logits(logits: torch.Tensor, histories: Sequence[TokenHistory]) -> t
     out = logits.float().clone()
     batch_rows, vocab = out.shape
     device = out.device
-    _mask_disallowed(out, [(i, histories[i].params.allowed_token_ids) for i in rows
+    _mask_disallowed(out, [(i, histories[i].allowed_index(vocab, device)) for i in rows
                            if histories[i].params.allowed_token_ids])
     bias_at: list[tuple[int, int]] = []
     bias_by: list[float] = []
@@ -95,11 +104,9 @@ def process_logits(logits: torch.Tensor, histories: Sequence[TokenHistory]) -> t
     return out
 
 
-def _mask_disallowed(out: torch.Tensor, rows: list[tuple[int, tuple[int, ...]]]) -> None:
-    """Set every token but a row's ``allowed_token_ids`` to -inf (ids outside the vocabulary ignored)."""
-    vocab = out.shape[1]
-    for i, allowed in rows:
-        keep = torch.tensor([t for t in allowed if t < vocab], dtype=torch.int64, device=out.device)
+def _mask_disallowed(out: torch.Tensor, rows: list[tuple[int, torch.Tensor]]) -> None:
+    """Set every token of row ``i`` but the ids in ``keep`` to -inf."""
+    for i, keep in rows:
         kept = out[i, keep].clone()
         out[i].fill_(float("-inf"))
         out[i, keep] = kept
