@@ -6,18 +6,50 @@ at operator boundaries, and the cluster simulator (``bench/sim/replica.py``) ask
 
 The rule: a step runs as late as the TPOT target allows (the gap since the last step plus one
 step's time reaches the target) and not while the running prefill is urgent (a step now would
-push the earliest deadline of its members past), unless decoding has already waited
-:data:`MAX_DECODE_GAP_FACTOR` times its target: TTFT first, TPOT bounded.
+push its predicted end past the earliest finish-by time of its members: their deadlines less the
+batching margin, :meth:`~replicas.scheduler.request.Request.finish_by`), unless decoding has
+already waited :data:`MAX_DECODE_GAP_FACTOR` times its target: TTFT first, TPOT bounded. Steps
+may not spend the margin: SLO-aware batching packs a batch up to it, so a step that did would
+leave nothing for the cost model's error and the return path, and the batch's interactive
+members reached their client 20-120 ms after their deadline (``bench serve --fixed-rate`` replays,
+the misses of README's "Where the run-to-run spread comes from").
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 #: Decode never waits longer than this multiple of the TPOT target, however urgent prefill is.
 MAX_DECODE_GAP_FACTOR = 2.0
 #: Weight of the newest step in the smoothed step time.
 STEP_EMA_WEIGHT = 0.2
+
+
+@dataclass(frozen=True)
+class DecodeForecast:
+    """The decode steps the cadence will force into urgent prefill from now on.
+
+    A step is forced at ``next_forced_s`` and then every ``max_gap_s`` after the previous one
+    ended, each taking ``step_s``, however urgent the prefill: SLO-aware batching counts them so
+    that a batch packed up to its head's margin still makes it (README: Where the run-to-run spread
+    comes from).
+    """
+
+    next_forced_s: float
+    max_gap_s: float
+    step_s: float
+
+    def seconds_within(self, start: float, work_s: float) -> float:
+        """Seconds of forced steps inside ``work_s`` seconds of prefill that runs from ``start``."""
+        if self.step_s <= 0.0:
+            return 0.0
+        total, at, end = 0.0, max(self.next_forced_s, start), start + work_s
+        while at < end:  # each step pushes the prefill's end out by its own length
+            total += self.step_s
+            end += self.step_s
+            at += self.step_s + self.max_gap_s
+        return total
 
 
 class DecodeCadence:
@@ -34,14 +66,19 @@ class DecodeCadence:
         self.step_ema_s = took if self.step_ema_s == 0 else (1 - STEP_EMA_WEIGHT) * self.step_ema_s \
             + STEP_EMA_WEIGHT * took
 
-    def urgent_after(self, deadline: float, remaining_s: float) -> float:
-        """The time after which a running prefill with this earliest ``deadline`` and ``remaining_s``
-        predicted seconds is urgent: one more decode step would make it miss (``inf``: never)."""
-        return deadline - remaining_s - self.step_ema_s
+    def forecast(self, tpot_target_s: float) -> DecodeForecast:
+        """The steps this cadence forces into urgent prefill while requests decode at this target."""
+        gap = MAX_DECODE_GAP_FACTOR * tpot_target_s
+        return DecodeForecast(self.last_step_end + gap, gap, self.step_ema_s)
 
-    def prefill_urgent(self, now: float, deadline: float, remaining_s: float) -> bool:
-        """Whether a decode step at ``now`` would push that prefill past its deadline."""
-        return now > self.urgent_after(deadline, remaining_s)
+    def urgent_after(self, finish_by: float, remaining_s: float) -> float:
+        """The time after which a running prefill with this earliest ``finish_by`` and ``remaining_s``
+        predicted seconds is urgent: one more decode step would make it late (``inf``: never)."""
+        return finish_by - remaining_s - self.step_ema_s
+
+    def prefill_urgent(self, now: float, finish_by: float, remaining_s: float) -> bool:
+        """Whether a decode step at ``now`` would push that prefill past ``finish_by``."""
+        return now > self.urgent_after(finish_by, remaining_s)
 
     def due(self, now: float, tpot_target_s: float, prefill_urgent: bool) -> bool:
         """Whether a step should interleave with the running prefill at ``now`` (module docstring)."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from replicas.compute_thread import ComputeThread
+from replicas.decode_cadence import DecodeForecast
 from replicas.detokenize import OutputStream
 from replicas.engine_config import EngineConfig, cpu_threads_of
 from replicas.engine_decode import DecodeBatcher
@@ -122,6 +123,7 @@ class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
             ),
             memory=self.memory,
         )
+        self.scheduler.decode_forecast = self._decode_forecast
         self.on_state_change = on_state_change
         self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model.config.eos_token_ids)))
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -290,14 +292,20 @@ class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
         return self.decoder.due(now, self._tpot_target(), self._prefill_urgent(now))
 
     def _prefill_urgent(self, now: float) -> bool:
-        """Whether a decode step now would push a member of the running batch past its deadline."""
+        """Whether a decode step now would push a member of the running batch past its finish-by time
+        (its deadline less the batching margin, :meth:`Request.finish_by`)."""
         plan = self._plans.get(self._current) if self._current is not None else None
         if plan is None:
             return False
         remaining = self.scheduler.cost_model.predict_ranges(plan.ranges)
-        deadline = min((self.live[rid].request.deadline for rid in plan.request_ids if rid in self.live),
-                       default=float("inf"))
-        return self.decoder.cadence.prefill_urgent(now, deadline, remaining)
+        alpha = self.scheduler.config.alpha
+        finish_by = min((self.live[rid].request.finish_by(alpha) for rid in plan.request_ids if rid in self.live),
+                        default=float("inf"))
+        return self.decoder.cadence.prefill_urgent(now, finish_by, remaining)
+
+    def _decode_forecast(self) -> DecodeForecast | None:
+        """The steps the decode cadence will force into prefill (None while nothing decodes)."""
+        return self.decoder.cadence.forecast(self._tpot_target()) if self.decoder.active else None
 
     def _tpot_target(self) -> float:
         slos = [lr.request.tpot_slo_s for lr in self.decoder.active.values() if lr.request.tpot_slo_s]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.decode_cadence import MAX_DECODE_GAP_FACTOR, DecodeCadence
+from replicas.decode_cadence import MAX_DECODE_GAP_FACTOR, DecodeCadence, DecodeForecast
 
 
 def _cadence(last: float, ema: float) -> DecodeCadence:
@@ -48,7 +48,7 @@ def test_an_urgent_prefill_delays_decode_to_twice_the_target_and_never_longer():
     c = _cadence(10.0, 0.05)
     assert c.due_at(0.5) == pytest.approx(10.45)  # as late as the target allows: gap + one step = target
     assert c.due_at(0.5, urgent_after=10.2) == pytest.approx(11.0)  # urgent from before then: 2 x target
-    assert c.prefill_urgent(10.3, deadline=10.6, remaining_s=0.28) and not c.prefill_urgent(10.2, 10.6, 0.28)
+    assert c.prefill_urgent(10.3, finish_by=10.6, remaining_s=0.28) and not c.prefill_urgent(10.2, 10.6, 0.28)
     assert c.due(11.0, 0.5, prefill_urgent=True) and not c.due(10.9, 0.5, prefill_urgent=True)
 
 
@@ -58,3 +58,18 @@ def test_the_step_time_is_smoothed_after_the_first_step():
     c.record_step(0.0, 0.1)
     c.record_step(1.0, 1.2)
     assert c.step_ema_s == pytest.approx(0.8 * 0.1 + 0.2 * 0.2) and c.last_step_end == 1.2
+
+
+def test_the_forecast_counts_each_forced_step_and_the_time_it_adds():
+    f = DecodeForecast(next_forced_s=1.0, max_gap_s=1.0, step_s=0.1)
+    assert f.seconds_within(0.0, 0.5) == 0.0  # done before the first forced step
+    assert f.seconds_within(0.0, 1.5) == pytest.approx(0.1)  # one step at 1.0; the next is due at 2.1
+    assert f.seconds_within(0.0, 2.05) == pytest.approx(0.2)  # the first step pushed the end past 2.1
+    assert f.seconds_within(5.0, 0.5) == pytest.approx(0.1)  # overdue: a step right at the start
+    assert DecodeForecast(1.0, 1.0, 0.0).seconds_within(0.0, 10.0) == 0.0  # no step measured yet
+
+
+def test_the_cadence_forecasts_its_longest_gap_and_smoothed_step():
+    c = _cadence(10.0, 0.05)
+    assert c.forecast(0.5) == DecodeForecast(next_forced_s=10.0 + MAX_DECODE_GAP_FACTOR * 0.5,
+                                             max_gap_s=MAX_DECODE_GAP_FACTOR * 0.5, step_s=pytest.approx(0.05))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.scheduler_bench import bench_scheduling_pass
+from replicas.decode_cadence import DecodeForecast
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.core import Scheduler
 from replicas.scheduler.cost_model import CostModel
@@ -114,6 +115,19 @@ def test_batching_stops_at_the_margin():
     assert d.run is not None
     assert d.run.request_ids == ("H", "o5", "o4", "o3")  # earliest deadlines first
     assert d.run.ranges == ((0, 100), (0, 200), (0, 200), (0, 200))
+
+
+def test_batching_counts_the_decode_steps_the_engine_will_force_into_the_batch():
+    """Same queue as above, but requests are decoding: a 0.2 s step is forced 0.4 s from now and
+    every 0.5 s after one ends. The head and three companions (0.7 s) plus that step would end at
+    now + 0.9, past the head's limit (now + 0.85), so only two fit (0.5 s + the step = 0.7 s)."""
+    s = make(max_suspended_batches=0)
+    now = 1.0
+    s.decode_forecast = lambda: DecodeForecast(next_forced_s=now + 0.4, max_gap_s=0.5, step_s=0.2)
+    head = req("H", 100, now - 0.05, 1.0)
+    others = [req(f"o{i}", 200, 0.01 * (i + 1), 10.0 + (5 - i)) for i in range(6)]
+    d = queue_behind_blocker(s, [*others, head], now)
+    assert d.run is not None and d.run.request_ids == ("H", "o5", "o4")
 
 
 def test_batching_stops_at_token_budget_and_long_head_alone():

@@ -100,6 +100,20 @@ def test_decode_interleaves_a_long_prefill_at_the_tpot_cadence():
     assert run.ttft_s[1] == pytest.approx(cost.predict(10) + step + cost.predict(3000) + 2 * step - 0.02, abs=1e-9)
 
 
+def test_a_decode_step_may_not_spend_the_batching_margin_of_a_running_prefill():
+    """A step due 0.40 s into a 0.42 s interactive prefill would still end before its deadline
+    (0.35 + 1.0 s) but not before its finish-by time (deadline less alpha x SLO = 0.1 s): it waits
+    until the first token, so the prefill keeps its margin for what the replica cannot see."""
+    cost = CostModel.from_coefficients(0.1, 1e-3)  # a decode step of one sequence: 0.101 s
+    wl = explicit_workload([0.0, 0.35], [100, 320], [10.0, 1.0], cost.predict, max_tokens=[20, 1])
+    run = ClusterSim(SimSetup(cost, SchedulerConfig(), ExecConfig(boundary_delay_s=DELAY, default_tpot_slo_s=0.5)),
+                     1).run(wl)
+    first, step = cost.predict(100), 0.1 + (cost.predict(101) - cost.predict(100))
+    started = first + 2 * step  # the interactive one waits for the decode step in flight when it arrives
+    assert run.ttft_s[1] == pytest.approx(started + cost.predict(320) - 0.35)  # no step inside its prefill
+    assert started + cost.predict(320) > started + 0.5 - step  # ... where the TPOT cadence had one due
+    assert run.decode_steps == 19  # deferred, not dropped
+
 def test_queue_snapshot_matches_the_published_state_the_router_reads():
     wakes: list[float] = []
     rep = SimReplica(0, "r0", MS_PER_TOKEN, SchedulerConfig(max_suspended_batches=8), ExecConfig(),

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from bench.sim.exec_model import ExecConfig, decode_curve_seconds, decode_token_seconds, program_seconds
 from bench.sim.snapshot import queue_snapshot
-from replicas.decode_cadence import DecodeCadence
+from replicas.decode_cadence import DecodeCadence, DecodeForecast
 from replicas.kv_blocks import BlockAllocator
 from replicas.prefix_hash import BlockName
 from replicas.prefix_tracker import PrefixTracker
@@ -101,8 +101,9 @@ class SimReplica:
         self.decode_token_s = 0.0  # sum of the decoding requests' per-token seconds
         self.tpot_decoding = 0  # decoding requests with their own TPOT SLO
         self.cadence = DecodeCadence()
+        self.sched.decode_forecast = self._decode_forecast
         self._due: tuple[float, float] | None = None  # cached (TPOT target, urgent after) of the current program
-        self._urgency: tuple[float, float] | None = None  # (predicted batch s, min deadline) of the current plan
+        self._urgency: tuple[float, float] | None = None  # (predicted batch s, min finish-by) of the current plan
         self.wake_at = INF
         self.ver = 0
         self.event_at = 0.0  # time of the last published state (after every scheduler event; 0: at start)
@@ -355,21 +356,29 @@ class SimReplica:
         tpot, urgent_after = self._due_params()
         return self.cadence.due(t, tpot, t > urgent_after)
 
+    def _tpot_target(self) -> float:
+        if self.tpot_decoding:
+            return min(sr.tpot_s for sr in self.decoding.values() if sr.tpot_s)  # type: ignore[type-var]
+        return self.cfg.default_tpot_slo_s
+
+    def _decode_forecast(self) -> DecodeForecast | None:
+        """``ReplicaEngine._decode_forecast``: the steps the cadence will force into prefill."""
+        return self.cadence.forecast(self._tpot_target()) if self.decoding else None
+
     def _due_params(self) -> tuple[float, float]:
         """The TPOT target and the time after which the current program is urgent (``inf``: none runs)."""
         if self._due is not None:
             return self._due
-        tpot = self.cfg.default_tpot_slo_s
-        if self.tpot_decoding:
-            tpot = min(sr.tpot_s for sr in self.decoding.values() if sr.tpot_s)  # type: ignore[type-var]
+        tpot = self._tpot_target()
         urgent_after = INF
         if self.cur is not None:
             if self._urgency is None:
                 plan = self.plans[self.cur]
-                deadlines = [self.live[r].request.deadline for r in plan.request_ids if r in self.live]
-                self._urgency = (self.cost.predict_ranges(plan.ranges), min(deadlines, default=INF))
-            remaining, deadline = self._urgency
-            urgent_after = self.cadence.urgent_after(deadline, remaining)
+                alpha = self.sched.config.alpha
+                finish_by = [self.live[r].request.finish_by(alpha) for r in plan.request_ids if r in self.live]
+                self._urgency = (self.cost.predict_ranges(plan.ranges), min(finish_by, default=INF))
+            remaining, finish_by_s = self._urgency
+            urgent_after = self.cadence.urgent_after(finish_by_s, remaining)
         self._due = (tpot, urgent_after)
         return self._due
 

@@ -29,6 +29,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from replicas.decode_cadence import DecodeForecast
 from replicas.scheduler.calibration import CostCalibration
 from replicas.scheduler.config import SchedulerConfig
 from replicas.scheduler.cost_model import CostModel
@@ -79,6 +80,8 @@ class Scheduler:
         self.preemptions = 0
         self.terminal_counts: Counter[str] = Counter()
         self.pass_durations: deque[float] = deque(maxlen=max_pass_samples)
+        #: Set by the engine: the decode steps it will force into prefill (policies pack around them).
+        self.decode_forecast: Callable[[], DecodeForecast | None] | None = None
 
     # ------------------------------------------------------------------ events
     def handle(self, event: Event) -> Decision:
@@ -138,7 +141,7 @@ class Scheduler:
         published = r.cached_tokens + r.shared_tokens
         after = self.cost_model.predict_suffix(r.num_prompt_tokens - published, published)
         finish = view.now + ahead + view.predicted_remaining(owner) + after
-        return finish <= r.deadline - self.config.alpha * r.ttft_slo_s
+        return finish <= r.finish_by(self.config.alpha)
 
     def set_cached(self, request_id: str, cached_tokens: int) -> None:
         """A deferred request's prefix grew in the cache (its owner published it): it now starts at
@@ -338,7 +341,8 @@ class Scheduler:
         return self.base_cost_model.predict_ranges(batch.range_list())
 
     def _view(self, now: float) -> SchedulerView:
-        return self._q.view(now, self.cost_model, self.memory)
+        forecast = self.decode_forecast
+        return self._q.view(now, self.cost_model, self.memory, forecast() if forecast is not None else None)
 
     def _expire_hopeless(self, now: float) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Refuse the work :func:`~replicas.scheduler.expiry.find_hopeless` picks; returns the refused

@@ -46,7 +46,8 @@ class FlowPrefillPolicy(SchedulingPolicy):
 
     The head (most urgent request anywhere) runs: if it is in the running batch nothing changes;
     if it is in a suspended batch that batch is resumed; if it is queued a new batch starts with
-    it (plus other short queued requests while the head keeps its ``alpha * ttft_slo`` margin),
+    it (plus other short queued requests while the head keeps its ``alpha * ttft_slo`` margin, the
+    decode steps the engine will force into the batch counted),
     preempting the running batch unless ``max_suspended_batches`` are already suspended. When KV
     memory cannot hold the new batch, the most urgent already-admitted batch runs instead.
     """
@@ -88,10 +89,10 @@ class FlowPrefillPolicy(SchedulingPolicy):
             return None
         members = [(head, total)]
         short = cfg.short_threshold
-        margin = cfg.alpha * head.ttft_slo_s
-        if total > short or view.slack(head) < margin:  # short: its uncached tokens (a cache hit is short work)
+        if total > short or view.slack(head) < cfg.alpha * head.ttft_slo_s:  # short: uncached tokens (a hit is short)
             return members
-        limit = head.deadline - margin
+        limit = head.finish_by(cfg.alpha)
+        decode = view.decode  # steps forced into the batch however urgent it is: they delay every member
         others = [kr for kr in queued if kr[1] is not head and kr[1].remaining_tokens <= short]
         heapq.heapify(others)  # pop in priority order; usually only a few are taken
         ranges = [(head.prefilled, head.prefilled + total)]
@@ -102,7 +103,10 @@ class FlowPrefillPolicy(SchedulingPolicy):
                 break
             need = view.kv_tokens(req, n)
             slice_ = (req.prefilled, req.prefilled + n)
-            if now + view.cost_model.predict_ranges([*ranges, slice_]) > limit or not memory.can_admit(kv + need):
+            work = view.cost_model.predict_ranges([*ranges, slice_])
+            if decode is not None:
+                work += decode.seconds_within(now, work)
+            if now + work > limit or not memory.can_admit(kv + need):
                 break
             members.append((req, n))
             ranges.append(slice_)

@@ -6,6 +6,7 @@ when they happen (events) and :mod:`~replicas.scheduler.policies` what should ru
 
 from __future__ import annotations
 
+from replicas.decode_cadence import DecodeForecast
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.events import BatchPlan
 from replicas.scheduler.request import Request, RequestState
@@ -26,7 +27,8 @@ class Queues:
         self.predicted: dict[str, float] = {}
         self.next_batch_id = 0
 
-    def view(self, now: float, cost_model: CostModel, memory: MemoryView) -> SchedulerView:
+    def view(self, now: float, cost_model: CostModel, memory: MemoryView,
+             decode: DecodeForecast | None = None) -> SchedulerView:
         """Snapshot for a policy pass."""
         return SchedulerView(
             now=now,
@@ -39,6 +41,7 @@ class Queues:
             next_batch_id=self.next_batch_id,
             predicted_total=self.predicted,
             deferred=list(self.deferred.values()),
+            decode=decode,
         )
 
     def has_pending(self) -> bool:

@@ -106,6 +106,15 @@ class Request:
         """Absolute TTFT deadline: ``arrival_s + ttft_slo_s``."""
         return self.arrival_s + self.ttft_slo_s
 
+    def finish_by(self, alpha: float) -> float:
+        """When its prefill should be done: its deadline less the margin ``alpha * ttft_slo_s``.
+
+        The margin is what SLO-aware batching keeps and what decode steps interleaved with its
+        prefill may not spend: it covers what the replica cannot see (the ingress before the
+        arrival stamp, the return path) and the cost model's error.
+        """
+        return self.deadline - alpha * self.ttft_slo_s
+
     @property
     def num_prompt_tokens(self) -> int:
         """Prompt length in tokens."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from replicas.decode_cadence import DecodeForecast
 from replicas.scheduler.cost_model import CostModel
 from replicas.scheduler.events import BatchPlan
 from replicas.scheduler.priority import PriorityKey
@@ -154,7 +155,8 @@ class SchedulerView:
     preempted programs by batch id. ``predicted_total``: cached predictions of each request's
     whole prefill (its uncached tokens after its cached ones). ``deferred``: waiting requests
     held back until another request's prefill publishes their shared prefix; policies do not plan
-    them, but they count as queued work.
+    them, but they count as queued work. ``decode``: the decode steps the engine will force into
+    prefill from now on (None: nothing decodes, or the engine does not say).
     """
 
     now: float
@@ -167,6 +169,7 @@ class SchedulerView:
     next_batch_id: int
     predicted_total: Mapping[str, float]
     deferred: list[Request] = field(default_factory=list)
+    decode: DecodeForecast | None = None
 
     def batch_of(self, req: Request) -> Batch | None:
         """The running or suspended batch ``req`` belongs to."""
