@@ -52,33 +52,59 @@ class DecodeForecast:
         return total
 
 
+def _smoothed(mean: float, sample: float) -> float:
+    return sample if mean == 0 else (1 - STEP_EMA_WEIGHT) * mean + STEP_EMA_WEIGHT * sample
+
+
 class DecodeCadence:
     """The last decode step's end and the smoothed step time, and the rule that reads them."""
 
     def __init__(self) -> None:
         self.last_step_end = -math.inf
         self.step_ema_s = 0.0  # smoothed duration of a decode step (0 until the first one)
+        self._by_size: dict[int, float] = {}  # sequences in a step -> smoothed duration of such steps
 
-    def record_step(self, started: float, ended: float) -> None:
-        """A decode step ran from ``started`` to ``ended``."""
+    def record_step(self, started: float, ended: float, sequences: int = 0) -> None:
+        """A decode step of ``sequences`` sequences (0: not said) ran from ``started`` to ``ended``."""
         took = ended - started
         self.last_step_end = ended
-        self.step_ema_s = took if self.step_ema_s == 0 else (1 - STEP_EMA_WEIGHT) * self.step_ema_s \
-            + STEP_EMA_WEIGHT * took
+        self.step_ema_s = _smoothed(self.step_ema_s, took)
+        if sequences > 0:
+            self._by_size[sequences] = _smoothed(self._by_size.get(sequences, 0.0), took)
 
-    def forecast(self, tpot_target_s: float) -> DecodeForecast:
-        """The steps this cadence forces into urgent prefill while requests decode at this target."""
+    def step_s(self, sequences: int = 0) -> float:
+        """The next step's predicted time for ``sequences`` sequences: the smoothed time of steps of
+        that size, interpolated between the sizes seen, beyond the largest proportionally (a step
+        grows less than linearly), below the smallest as the smallest; 0 (or no sizes seen): the
+        smoothed time of any step. A burst that doubles the decoding batch makes the next step
+        longer at once, where the overall mean follows it only over several steps."""
+        known = self._by_size
+        if sequences <= 0 or not known:
+            return self.step_ema_s
+        if sequences in known:
+            return known[sequences]
+        below = max((n for n in known if n < sequences), default=None)
+        above = min((n for n in known if n > sequences), default=None)
+        if above is None:
+            return known[below] * sequences / below  # type: ignore[index,operator]
+        if below is None:
+            return known[above]
+        w = (sequences - below) / (above - below)
+        return (1.0 - w) * known[below] + w * known[above]
+
+    def forecast(self, tpot_target_s: float, sequences: int = 0) -> DecodeForecast:
+        """The steps this cadence forces into urgent prefill while ``sequences`` decode at this target."""
         gap = MAX_DECODE_GAP_FACTOR * tpot_target_s
-        return DecodeForecast(self.last_step_end + gap, gap, self.step_ema_s)
+        return DecodeForecast(self.last_step_end + gap, gap, self.step_s(sequences))
 
-    def urgent_after(self, finish_by: float, remaining_s: float) -> float:
+    def urgent_after(self, finish_by: float, remaining_s: float, sequences: int = 0) -> float:
         """The time after which a running prefill with this earliest ``finish_by`` and ``remaining_s``
-        predicted seconds is urgent: one more decode step would make it late (``inf``: never)."""
-        return finish_by - remaining_s - self.step_ema_s
+        predicted seconds is urgent: one more step of ``sequences`` would make it late (``inf``: never)."""
+        return finish_by - remaining_s - self.step_s(sequences)
 
-    def prefill_urgent(self, now: float, finish_by: float, remaining_s: float) -> bool:
-        """Whether a decode step at ``now`` would push that prefill past ``finish_by``."""
-        return now > self.urgent_after(finish_by, remaining_s)
+    def prefill_urgent(self, now: float, finish_by: float, remaining_s: float, sequences: int = 0) -> bool:
+        """Whether a decode step of ``sequences`` at ``now`` would push that prefill past ``finish_by``."""
+        return now > self.urgent_after(finish_by, remaining_s, sequences)
 
     def due(self, now: float, tpot_target_s: float, prefill_urgent: bool) -> bool:
         """Whether a step should interleave with the running prefill at ``now`` (module docstring)."""

@@ -301,11 +301,13 @@ class ReplicaEngine(PrefillRunner, OutputEmitter, HandoverRole):
         alpha = self.scheduler.config.alpha
         finish_by = min((self.live[rid].request.finish_by(alpha) for rid in plan.request_ids if rid in self.live),
                         default=float("inf"))
-        return self.decoder.cadence.prefill_urgent(now, finish_by, remaining)
+        return self.decoder.cadence.prefill_urgent(now, finish_by, remaining, self.decoder.next_step_sequences)
 
     def _decode_forecast(self) -> DecodeForecast | None:
         """The steps the decode cadence will force into prefill (None while nothing decodes)."""
-        return self.decoder.cadence.forecast(self._tpot_target()) if self.decoder.active else None
+        if not self.decoder.active:
+            return None
+        return self.decoder.cadence.forecast(self._tpot_target(), self.decoder.next_step_sequences)
 
     def _tpot_target(self) -> float:
         slos = [lr.request.tpot_slo_s for lr in self.decoder.active.values() if lr.request.tpot_slo_s]

@@ -50,6 +50,11 @@ class DecodeBatcher:
         """The most recently added request (the one to drop when memory runs out)."""
         return next(reversed(self.active.values()))
 
+    @property
+    def next_step_sequences(self) -> int:
+        """How many sequences the next step takes."""
+        return min(len(self.active), self.max_batch)
+
     def due(self, now: float, tpot_target_s: float, prefill_urgent: bool) -> bool:
         """Whether a step should interleave with a running prefill now (:meth:`DecodeCadence.due`)."""
         return self.cadence.due(now, tpot_target_s, prefill_urgent)
@@ -73,7 +78,7 @@ class DecodeBatcher:
             # round-robin when more sequences decode than fit in one step
             self.active[live.key] = self.active.pop(live.key)
         ended = self.clock()
-        self.cadence.record_step(started, ended)
+        self.cadence.record_step(started, ended, len(batch))
         if self._busy_since_step is not None:
             gap = ended - self._busy_since_step
             self.step_interval_s = gap if self.step_interval_s == 0 else \

@@ -73,3 +73,18 @@ def test_the_cadence_forecasts_its_longest_gap_and_smoothed_step():
     c = _cadence(10.0, 0.05)
     assert c.forecast(0.5) == DecodeForecast(next_forced_s=10.0 + MAX_DECODE_GAP_FACTOR * 0.5,
                                              max_gap_s=MAX_DECODE_GAP_FACTOR * 0.5, step_s=pytest.approx(0.05))
+
+
+def test_the_step_time_is_kept_per_batch_size_and_a_larger_batch_is_predicted_longer():
+    c = DecodeCadence()
+    assert c.step_s(4) == 0.0  # nothing measured
+    c.record_step(0.0, 0.05, sequences=1)
+    c.record_step(1.0, 1.15, sequences=5)
+    assert c.step_s(1) == pytest.approx(0.05) and c.step_s(5) == pytest.approx(0.15)
+    assert c.step_s(3) == pytest.approx(0.10)  # between two sizes seen: interpolated
+    assert c.step_s(10) == pytest.approx(0.30)  # past the largest: proportionally, an upper bound
+    assert c.step_s(0) == pytest.approx(c.step_ema_s)  # size not said: any step's mean
+    # the burst case: the mean still remembers the small steps, the size table does not
+    assert c.step_ema_s < c.step_s(5)
+    assert c.urgent_after(10.0, 1.0, sequences=5) == pytest.approx(10.0 - 1.0 - 0.15)
+    assert c.forecast(0.5, sequences=10).step_s == pytest.approx(0.30)

@@ -336,7 +336,7 @@ class SimReplica:
         self.step_start, self.step_end = t, t + took
 
     def _end_step(self, t: float) -> None:
-        self.cadence.record_step(self.step_start, t)
+        self.cadence.record_step(self.step_start, t, self._step_sequences(self.step_batch))
         self.decode_steps += 1
         self._due = None
         batch = self.step_batch if self.step_batch is not None else self.decoding.values()
@@ -356,6 +356,10 @@ class SimReplica:
         tpot, urgent_after = self._due_params()
         return self.cadence.due(t, tpot, t > urgent_after)
 
+    def _step_sequences(self, batch: list[SimRequest] | None = None) -> int:
+        """Sequences in a step: ``batch`` when a step took a subset, else the next step's."""
+        return len(batch) if batch is not None else min(len(self.decoding), self.cfg.max_decoding)
+
     def _tpot_target(self) -> float:
         if self.tpot_decoding:
             return min(sr.tpot_s for sr in self.decoding.values() if sr.tpot_s)  # type: ignore[type-var]
@@ -363,7 +367,7 @@ class SimReplica:
 
     def _decode_forecast(self) -> DecodeForecast | None:
         """``ReplicaEngine._decode_forecast``: the steps the cadence will force into prefill."""
-        return self.cadence.forecast(self._tpot_target()) if self.decoding else None
+        return self.cadence.forecast(self._tpot_target(), self._step_sequences()) if self.decoding else None
 
     def _due_params(self) -> tuple[float, float]:
         """The TPOT target and the time after which the current program is urgent (``inf``: none runs)."""
@@ -378,7 +382,7 @@ class SimReplica:
                 finish_by = [self.live[r].request.finish_by(alpha) for r in plan.request_ids if r in self.live]
                 self._urgency = (self.cost.predict_ranges(plan.ranges), min(finish_by, default=INF))
             remaining, finish_by_s = self._urgency
-            urgent_after = self.cadence.urgent_after(finish_by_s, remaining)
+            urgent_after = self.cadence.urgent_after(finish_by_s, remaining, self._step_sequences())
         self._due = (tpot, urgent_after)
         return self._due
 
