@@ -11,8 +11,8 @@ batching margin, :meth:`~replicas.scheduler.request.Request.finish_by`), unless 
 already waited :data:`MAX_DECODE_GAP_FACTOR` times its target: TTFT first, TPOT bounded. Steps
 may not spend the margin: SLO-aware batching packs a batch up to it, so a step that did would
 leave nothing for the cost model's error and the return path, and the batch's interactive
-members reached their client 20-120 ms after their deadline (``bench serve --fixed-rate`` replays,
-the misses of README's "Where the run-to-run spread comes from").
+members reached their client just after their deadline (``bench serve --fixed-rate`` replays: most
+misses under 150 ms late, README's "Where the run-to-run spread comes from").
 """
 
 from __future__ import annotations
