@@ -65,6 +65,20 @@ def test_a_batch_request_is_admitted_through_a_short_urgent_burst():
     assert s.on_arrival(standard, 64.5).rejected == ("s",)  # its 5 s are inside the burst: 120% offered
 
 
+def test_a_burst_that_has_stopped_no_longer_reserves_capacity():
+    """30 s of urgent work offering 1.2 s per second: a batch request is refused inside it; 5 s after
+    the last urgent arrival the recent window is empty and the same request is admitted."""
+    s = Scheduler(MS_PER_TOKEN, SchedulerConfig(admission_control=True, urgent_reserve_window_s=5.0))
+    for k in range(30):
+        s._reserve.record("interactive", 1.0, 1.2, float(k))
+    assert s._reserve.share_above("batch", 60.0, 29.5) == pytest.approx(min(30 * 1.2 / 29.5, 5 * 1.2 / 5.0))
+    inside = Request("b1", [1] * 200, arrival_s=29.5, ttft_slo_s=60.0, slo_class="batch", sheddable=True)
+    assert s.on_arrival(inside, 29.5).rejected == ("b1",)  # the urgent classes fill the replica
+    assert s._reserve.share_above("batch", 60.0, 35.0) == 0.0  # nothing urgent arrived in the last 5 s
+    after = Request("b2", [1] * 200, arrival_s=35.0, ttft_slo_s=60.0, slo_class="batch", sheddable=True)
+    assert not s.on_arrival(after, 35.0).rejected
+
+
 def _req(rid: str, tokens: int, slo: float, at: float) -> Request:
     return Request(rid, [1] * tokens, arrival_s=at, ttft_slo_s=slo, slo_class="interactive" if slo < 1 else "standard")
 

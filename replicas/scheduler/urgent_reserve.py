@@ -25,7 +25,11 @@ than ``window_s`` nor longer than :data:`MAX_HORIZON_S` (and no longer than the 
 replica has): a burst of urgent work shorter than a request's SLO passes while it waits. Averaged
 over 5 s alone, urgent bursts of a multi-turn window at FlowPrefill's goodput offered 99-132% of
 the replica and refused batch requests whose 60 s SLO they could have met (2026-12-04: 4 of 25
-batch requests in every replay, `bench serve --fixed-rate 2.2`).
+batch requests in every replay, `bench serve --fixed-rate 2.2`). And a burst that has stopped no
+longer arrives: the share is the smaller of that mean and the mean over the last ``window_s``, so
+the urgent work a burst left in the queue counts (as work ahead) but its arrivals do not, once
+``window_s`` has passed without them. Over the horizon alone, `bench overload` refused every batch
+request of the 30 s after a 10x burst (0 of 18).
 """
 
 from __future__ import annotations
@@ -63,18 +67,20 @@ class UrgentReserve:
         return max(min(horizon, history), self.window_s)
 
     def share_above(self, slo_class: str, ttft_slo_s: float, now: float) -> float:
-        """Offered work per second, over :meth:`horizon_s`, of other classes' arrivals with an SLO
-        tighter than ``ttft_slo_s``."""
+        """Offered work per second of other classes' arrivals with an SLO tighter than ``ttft_slo_s``:
+        the smaller of its mean over :meth:`horizon_s` and over the last ``window_s`` (module docstring)."""
         self._expire(now)
         horizon = self.horizon_s(ttft_slo_s, now)
-        start = now - horizon
-        offered = 0.0
+        start, recent_start = now - horizon, now - self.window_s
+        offered = recent = 0.0
         for at, c, slo, p in reversed(self._offered):
             if at < start:
                 break
             if slo < ttft_slo_s and c != slo_class:
                 offered += p
-        return offered / horizon
+                if at >= recent_start:
+                    recent += p
+        return min(offered / horizon, recent / self.window_s)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.keep_s
