@@ -98,6 +98,10 @@ def test_decode_steps_inside_a_running_prefill_are_its_decode_interleave(model_d
     assert engine.counters["decode_steps"] > 0
     assert long.decode_interleave_s > 0
     assert long.suspended_s == 0.0
+    # the engine tells the cadence each step's size (one or two sequences here): a step of 64 is
+    # predicted from those, scaled up, not as the mean of any step
+    cadence = engine.decoder.cadence
+    assert cadence.step_s(1) > 0 and cadence.step_s(64) > 10 * cadence.step_ema_s
 
 
 def test_timer_marks_by_hand():
